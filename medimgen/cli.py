@@ -1,0 +1,106 @@
+"""Command line: parse arguments, call one library function, print one line on bad input."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from medimgen import __version__
+from medimgen.errors import MedimgenError
+
+
+def friendly_errors(fn):
+    """Turn MedimgenError into `Error: <one line>` on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MedimgenError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__, prog_name="medimgen")
+def main() -> None:
+    """medimgen: hyperparameter-free 2D/3D medical image generation planned by nnU-Net."""
+
+
+_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+    help="Override a config value (YAML syntax), e.g. --set 3d.train_ddpm.epochs=5; repeatable.")
+
+
+@main.command("plan")
+@click.option("-d", "--dataset", "dataset_id", required=True, help="nnU-Net dataset id (e.g. 1 or 001) or name.")
+@click.option("--gpu-memory", type=float, default=None, help="GPU memory target in GB (default: detected GPU, else 8).")
+@click.option("--force", is_flag=True, help="Re-plan over a hand-edited config (it is backed up first).")
+@click.option("--plans", "plans_identifier", default="nnUNetPlans", show_default=True, help="nnU-Net plans identifier.")
+@_set_option
+@friendly_errors
+def plan_cmd(dataset_id, gpu_memory, force, plans_identifier, overrides):
+    """Turn nnU-Net's nnUNetPlans.json into medimgen_config.yaml (2d and 3d sections)."""
+    from medimgen.planning import plan_dataset
+
+    result = plan_dataset(dataset_id, gpu_memory_gb=gpu_memory, overrides=overrides, force=force,
+                          plans_identifier=plans_identifier)
+    if result.backup:
+        click.echo(f"backed up the edited config to {result.backup}")
+    verb = "re-planned" if result.replaced else "wrote"
+    click.echo(f"{verb} {result.path} ({', '.join(result.config.configs)})")
+
+
+@main.command("demo-data")
+@click.option("-d", "--dataset", "dataset_id", type=int, required=True, help="Dataset id to create.")
+@click.option("--name", default="Phantom", show_default=True)
+@click.option("--cases", "num_cases", type=int, default=10, show_default=True)
+@click.option("--shape", default="48,48,32", show_default=True, help="Voxels x,y[,z]; two values make a 2D dataset.")
+@click.option("--spacing", default=None, help="mm per voxel x,y[,z] (default 1 each).")
+@click.option("--channels", type=int, default=1, show_default=True)
+@click.option("--modality", type=click.Choice(["MRI", "CT"]), default="MRI", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly_errors
+def demo_data_cmd(dataset_id, name, num_cases, shape, spacing, channels, modality, seed):
+    """Write a synthetic phantom dataset in nnU-Net raw format into $nnUNet_raw."""
+    from medimgen.paths import nnunet_raw
+    from medimgen.synthetic import make_synthetic_dataset
+
+    dims = _ints(shape, "--shape")
+    space = _floats(spacing, "--spacing") if spacing else (1.0,) * len(dims)
+    folder = make_synthetic_dataset(nnunet_raw(), dataset_id, name, num_cases, dims, space, channels, modality, seed)
+    click.echo(f"wrote {folder}")
+
+
+@main.command("demo")
+@click.option("--workspace", default="demo_workspace", show_default=True,
+              help="Folder for nnUNet_raw/preprocessed/results and medimgen_results when those variables are unset.")
+@friendly_errors
+def demo_cmd(workspace):
+    """Run the whole pipeline on a synthetic dataset (the README's demo)."""
+    from medimgen.demo import run_demo
+
+    run_demo(workspace)
+
+
+def _ints(text: str, opt: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise MedimgenError(f"{opt} must be comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str, opt: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise MedimgenError(f"{opt} must be comma-separated numbers, got {text!r}") from None
+
+
+def plan_entry() -> None:
+    """`medimgen_plan -d ID`, as the seed README spells it."""
+    plan_cmd(prog_name="medimgen_plan")

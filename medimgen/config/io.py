@@ -1,0 +1,333 @@
+"""YAML round-trip, validation and command-line overrides for the typed configs.
+
+Unknown or mistyped keys are rejected with one line naming the key (and the closest
+valid key); YAML is always read with ``yaml.safe_load``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import types
+
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from medimgen.config.schema import DatasetInfo, GenerationConfig, MedimgenConfig
+from medimgen.errors import MedimgenError
+
+DIMS = ("2d", "3d")
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
+def to_dict(obj: Any) -> Any:
+    """Plain YAML-able data (tuples become lists)."""
+    if isinstance(obj, MedimgenConfig):
+        out = {"medimgen_version": obj.medimgen_version, "dataset": to_dict(obj.dataset)}
+        for dim in DIMS:
+            if dim in obj.configs:
+                out[dim] = to_dict(obj.configs[dim])
+        return out
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} values"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    bad = MedimgenError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise bad
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except MedimgenError:
+                continue
+        raise bad
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise bad
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    raise MedimgenError(f"config key '{key}': unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _unknown_key(key: str, name: str, valid: list[str]) -> MedimgenError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(valid)})"
+    return MedimgenError(f"unknown config key '{key}'{hint}")
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data, rejecting unknown, missing and mistyped keys."""
+    if not isinstance(data, dict):
+        raise MedimgenError(f"config section '{where or cls.__name__}' must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in fields:
+            raise _unknown_key(f"{where}.{k}" if where else str(k), str(k), list(fields))
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise MedimgenError(f"config key '{key}' is missing")
+    return cls(**kwargs)
+
+
+def medimgen_config_from_dict(data: Any) -> MedimgenConfig:
+    if not isinstance(data, dict):
+        raise MedimgenError("a medimgen config must be a mapping with 'dataset' and '2d'/'3d' sections")
+    valid = ["medimgen_version", "dataset", *DIMS]
+    for k in data:
+        if k not in valid:
+            raise _unknown_key(str(k), str(k), valid)
+    if "dataset" not in data:
+        raise MedimgenError("config key 'dataset' is missing")
+    configs = {dim: from_dict(GenerationConfig, data[dim], dim) for dim in DIMS if data.get(dim) is not None}
+    if not configs:
+        raise MedimgenError("the config has neither a '2d' nor a '3d' section")
+    return MedimgenConfig(
+        dataset=from_dict(DatasetInfo, data["dataset"], "dataset"),
+        configs=configs,
+        medimgen_version=str(data.get("medimgen_version", "unknown")),
+    )
+
+
+# ----------------------------------------------------------------------------- overrides
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise MedimgenError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise MedimgenError(f"override {text!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(data: dict, parts: list[str], value: Any, full: str) -> None:
+    node = data
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict):
+            raise MedimgenError(f"override '{full}': '{'.'.join(parts[:i])}' is not a section")
+        if part not in node:
+            raise _unknown_key(full, part, list(node))
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """Return a new config with ``section.key=value`` overrides applied (values parsed as YAML).
+
+    For a whole MedimgenConfig, a key may start with ``2d.``/``3d.`` to target one
+    dimensionality; otherwise it applies to every dimensionality present.
+    """
+    if not overrides:
+        return cfg
+    data = to_dict(cfg)
+    for text in overrides:
+        parts, value = parse_override(text)
+        if isinstance(cfg, MedimgenConfig) and parts[0] not in ("dataset", "medimgen_version", *DIMS):
+            targets = [d for d in DIMS if d in data]
+            for d in targets:
+                _set_path(data, [d, *parts], value, text)
+        else:
+            _set_path(data, parts, value, text)
+    if isinstance(cfg, MedimgenConfig):
+        return medimgen_config_from_dict(data)
+    return from_dict(type(cfg), data)
+
+
+# ----------------------------------------------------------------------------- YAML with comments
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip().removesuffix("...").strip()
+
+
+def _emit(obj: Any, data: dict, indent: int, lines: list[str]) -> None:
+    pad = "  " * indent
+    docs = {f.name: f.metadata.get("doc") for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+    for key, value in data.items():
+        sub = getattr(obj, key, None) if dataclasses.is_dataclass(obj) else None
+        comment = docs.get(key)
+        if dataclasses.is_dataclass(sub):
+            lines.append(f"{pad}{key}:")
+            _emit(sub, value, indent + 1, lines)
+            continue
+        line = f"{pad}{key}: {_flow(value)}"
+        if comment:
+            line += f"  # {comment}"
+        lines.append(line)
+
+
+def render_yaml(cfg: MedimgenConfig, header: str = "") -> str:
+    data = to_dict(cfg)
+    lines: list[str] = []
+    lines.append(f"medimgen_version: {_flow(cfg.medimgen_version)}")
+    lines.append("dataset:")
+    _emit(cfg.dataset, data["dataset"], 1, lines)
+    for dim in DIMS:
+        if dim in cfg.configs:
+            lines.append("")
+            lines.append(f"{dim}:")
+            _emit(cfg.configs[dim], data[dim], 1, lines)
+    body = "\n".join(lines) + "\n"
+    head = "".join(f"# {h}\n" if h else "#\n" for h in header.splitlines())
+    return head + f"# medimgen-checksum: {body_checksum(body)}\n" + body
+
+
+def body_checksum(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def split_checksum(text: str) -> tuple[str | None, str]:
+    """(recorded checksum or None, body after the checksum line)."""
+    marker = "# medimgen-checksum: "
+    idx = text.find(marker)
+    if idx < 0:
+        return None, text
+    end = text.find("\n", idx)
+    return text[idx + len(marker):end].strip(), text[end + 1:]
+
+
+def is_user_edited(path: Path) -> bool:
+    recorded, body = split_checksum(path.read_text())
+    return recorded is None or recorded != body_checksum(body)
+
+
+def load_yaml(path: Path | str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise MedimgenError(f"config file {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise MedimgenError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def load_config(path: Path | str) -> MedimgenConfig:
+    try:
+        return medimgen_config_from_dict(load_yaml(path))
+    except MedimgenError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise MedimgenError(f"{path}: {e}") from None
+
+
+def save_config(cfg: MedimgenConfig, path: Path | str, header: str = "") -> Path:
+    """Write atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_yaml(cfg, header))
+    tmp.replace(path)
+    return path
+
+
+def save_generation_config(cfg: GenerationConfig, path: Path | str) -> Path:
+    """The resolved config of one run (written beside checkpoints)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    lines: list[str] = []
+    _emit(cfg, to_dict(cfg), 0, lines)
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_generation_config(path: Path | str) -> GenerationConfig:
+    return from_dict(GenerationConfig, load_yaml(path))
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"section.key": value}`` for MLflow params."""
+    data = to_dict(cfg) if not isinstance(cfg, dict) else cfg
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+__all__ = [
+    "apply_overrides", "flatten", "from_dict", "is_user_edited", "load_config", "load_generation_config",
+    "medimgen_config_from_dict", "render_yaml", "save_config", "save_generation_config", "to_dict",
+]
+

@@ -1,0 +1,193 @@
+"""Typed, frozen configuration sections.
+
+Every field carries a ``doc`` (written as a comment into medimgen_config.yaml) so the
+file explains itself. Axis order of every per-axis value is nnU-Net's preprocessed
+(transposed) order, i.e. the order of the arrays in nnUNet_preprocessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+_REQUIRED = object()
+
+
+def doc(text: str, default=_REQUIRED, **kwargs):
+    """A dataclass field with documentation attached (and an optional default)."""
+    if default is _REQUIRED:
+        return field(metadata={"doc": text}, **kwargs)
+    return field(default=default, metadata={"doc": text}, **kwargs)
+
+
+AmpMode = Literal["auto", "bf16", "fp16", "off"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    nnunet_configuration: str = doc("nnU-Net configuration whose preprocessed cases are used ('2d' or '3d_fullres')")
+    spatial_dims: int = doc("2 or 3")
+    in_channels: int = doc("image channels (nnU-Net channel_names of dataset.json)")
+    channel_names: tuple[str, ...] = doc("names of the channels, from dataset.json")
+    image_size: tuple[int, ...] = doc(
+        "generated image size (voxels): nnU-Net's median preprocessed shape rounded up to a multiple of "
+        "the total downsampling of the networks (size_divisor); samples cover the typical whole image")
+    size_divisor: tuple[int, ...] = doc("per-axis total downsampling the image size must be divisible by (derived)")
+    spacing: tuple[float, ...] = doc("voxel spacing of the preprocessed data (nnU-Net target spacing), mm")
+    median_image_size: tuple[int, ...] = doc("nnU-Net's median image size after preprocessing, voxels")
+    nnunet_patch_size: tuple[int, ...] = doc("nnU-Net's segmentation patch size (for reference and patch training)")
+    nnunet_batch_size: int = doc("nnU-Net's batch size for its patch size (for reference)")
+    normalization_schemes: tuple[str, ...] = doc("nnU-Net normalisation per channel (ZScoreNormalization, CTNormalization, ...)")
+    intensity_range: tuple[float, float] = doc("range the model sees; nnU-Net-normalised intensities are mapped linearly into it", (-1.0, 1.0))
+    intensity_low: tuple[float, ...] = doc(
+        "per channel, the nnU-Net-normalised value mapped to intensity_range[0] (0.5th percentile: CT from the fingerprint, exact; else of the preprocessed voxels)",
+        default_factory=tuple)
+    intensity_high: tuple[float, ...] = doc(
+        "per channel, the nnU-Net-normalised value mapped to intensity_range[1] (99.5th percentile, as intensity_low)",
+        default_factory=tuple)
+    intensity_mean: tuple[float, ...] = doc("per channel foreground mean in original units (fingerprint), to map samples back", default_factory=tuple)
+    intensity_std: tuple[float, ...] = doc("per channel foreground std in original units (fingerprint), to map samples back", default_factory=tuple)
+    oversample_foreground_percent: float = doc("fraction of samples centred on foreground, as nnU-Net does", 0.33)
+    augmentation: Literal["none", "mild", "nnunet"] = doc(
+        "nnU-Net augmentation strength: 'mild' (no large rotations; they hurt generation), 'nnunet' (segmentation defaults), 'none'", "mild")
+    num_workers: int = doc("background workers for loading/augmentation (0 = in the main process)", 4)
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    channels: tuple[int, ...] = doc("filters per level; few suffice for good reconstructions (seed: 32)")
+    strides: tuple[tuple[int, ...], ...] = doc(
+        "per-axis downsampling of each level transition: nnU-Net's first pooling strides, so an anisotropic axis "
+        "is not downsampled where nnU-Net does not downsample it; 2-3 downsamplings at most")
+    latent_channels: int = doc("channels of the latent space (3 for 3D, 4 for 2D as in common LDMs)")
+    num_res_blocks: int = doc("residual blocks per level", 2)
+    attention_levels: tuple[bool, ...] = doc("self-attention per level (off: too costly at full resolution)", default_factory=tuple)
+    norm_num_groups: int = doc("group-norm groups (must divide every channel count)", 32)
+    activation_checkpointing: bool = doc("recompute activations in backward to save memory", False)
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    channels: int = doc("filters of the first patch-discriminator layer", 64)
+    num_layers: int = doc("strided layers of the patch discriminator", 3)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    channels: tuple[int, ...] = doc("filters per level, from nnU-Net's features_per_stage")
+    strides: tuple[tuple[int, ...], ...] = doc("per-axis downsampling between levels, from nnU-Net's pooling strides")
+    attention_levels: tuple[bool, ...] = doc(
+        "self-attention where a level has at most 32^2 (2D) / 16^3 (3D) positions, never at the first level")
+    num_res_blocks: int = doc("residual blocks per level", 2)
+    num_head_channels: int = doc("channels per attention head", 32)
+    norm_num_groups: int = doc("group-norm groups (must divide every channel count)", 32)
+    activation_checkpointing: bool = doc("recompute block activations in backward to save memory", False)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_train_timesteps: int = doc("diffusion steps in training", 1000)
+    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = doc("beta schedule", "linear_beta")
+    beta_start: float = doc("first beta", 1e-4)
+    beta_end: float = doc("last beta", 2e-2)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = doc("what the UNet predicts", "epsilon")
+    sampler: Literal["ddpm", "ddim"] = doc("sampler used for validation plots and sampling", "ddim")
+    num_inference_steps: int = doc("sampling steps (DDIM); DDPM always uses num_train_timesteps", 50)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    reconstruction: Literal["l1", "l2"] = doc("autoencoder reconstruction loss", "l1")
+    kl_weight: float = doc("KL weight of the autoencoder", 1e-6)
+    perceptual_weight: float = doc("perceptual loss weight (seed's experiments: 1.0 beats 0.01)", 1.0)
+    adversarial_weight: float = doc("adversarial loss weight (seed's experiments: 0.25 beats 0.1)", 0.25)
+    perceptual_network: str = doc(
+        "alex | vgg | squeeze | radimagenet_resnet50 | medicalnet_resnet10_23datasets | medicalnet_resnet50_23datasets | none "
+        "(pretrained weights must be in the torch hub cache; 'none' disables the perceptual loss)", "alex")
+    perceptual_fake_3d: bool = doc("3D: apply a 2D network on slices along the three axes", True)
+    perceptual_fake_3d_ratio: float = doc("3D fake-3D: fraction of slices used", 0.2)
+    adversarial_warmup_epochs: int = doc("epochs of autoencoder training before the discriminator joins", 0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = doc("training epochs; planned so the run makes about target_steps optimiser steps")
+    batch_size: int = doc("micro-batch size per step")
+    grad_accumulation_steps: int = doc("micro-batches per optimiser step (effective batch = batch_size * this)", 1)
+    iterations_per_epoch: int = doc("micro-batches per epoch (about one pass over the training cases)", 1)
+    learning_rate: float = doc("Adam learning rate", 1e-4)
+    disc_learning_rate: Optional[float] = doc("discriminator learning rate (autoencoder only)", None)
+    weight_decay: float = doc("AdamW weight decay", 0.0)
+    lr_schedule: Literal["constant", "cosine", "poly"] = doc("learning-rate schedule over epochs", "constant")
+    amp: AmpMode = doc("mixed precision: auto (bf16 where supported, else fp16 with GradScaler; off on CPU)", "auto")
+    grad_clip: Optional[float] = doc("max gradient norm (null: no clipping)", 1.0)
+    ema_decay: Optional[float] = doc("EMA of the weights for sampling (null: off)", None)
+    val_interval: int = doc("validate every N epochs", 1)
+    val_plot_interval: int = doc("save sample/reconstruction plots every N epochs", 10)
+    seed: int = doc("random seed", 12345)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment_name: Optional[str] = doc("MLflow experiment (null: the dataset name)", None)
+    tracking_uri: Optional[str] = doc("MLflow tracking URI (null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)", None)
+    log_models: bool = doc("log trained samplers as MLflow pyfunc models", True)
+    register_models: bool = doc("register logged models as DatasetXXX_<model>_<dim>", True)
+    output_mode: Literal["print", "log"] = doc("print progress to the terminal, or write it to log.txt", "print")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    target_gb: float = doc("GPU memory the plan must fit (detected GPU, else 8 GB like nnU-Net)", 8.0)
+    fitted: bool = doc("whether the memory fitter adjusted this plan", False)
+    predicted_peak_gb: dict = doc("predicted peak training memory per model, GB (filled by the fitter)", default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Everything needed to train and sample one dimensionality (2d or 3d) of a dataset."""
+
+    data: DataConfig
+    autoencoder: AutoencoderConfig
+    discriminator: DiscriminatorConfig
+    ddpm_unet: UNetConfig
+    ldm_unet: UNetConfig
+    ddpm_scheduler: SchedulerConfig
+    ldm_scheduler: SchedulerConfig
+    losses: LossConfig
+    train_autoencoder: TrainConfig
+    train_ddpm: TrainConfig
+    train_ldm: TrainConfig
+    tracking: TrackingConfig
+    memory: MemoryConfig
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    id: int = doc("nnU-Net dataset id")
+    name: str = doc("nnU-Net dataset folder name")
+    num_training: int = doc("training cases (dataset.json numTraining)")
+    labels: dict = doc("label names -> values, from dataset.json")
+    file_ending: str = doc("image file ending of the raw dataset")
+    transpose_forward: tuple[int, ...] = doc("nnU-Net's axis transposition of raw to preprocessed arrays")
+    transpose_backward: tuple[int, ...] = doc("inverse of transpose_forward")
+    original_median_spacing: tuple[float, ...] = doc("median spacing of the raw data (transposed order), mm")
+    plans_identifier: str = doc("nnU-Net plans used", "nnUNetPlans")
+
+
+@dataclass(frozen=True)
+class MedimgenConfig:
+    """The whole medimgen_config.yaml: dataset facts plus a 2d and (for 3D data) a 3d section."""
+
+    dataset: DatasetInfo
+    configs: dict  # {"2d": GenerationConfig, "3d": GenerationConfig}
+    medimgen_version: str = "0.1.0"
+
+    def get(self, dim: str) -> GenerationConfig:
+        from medimgen.errors import MedimgenError
+
+        if dim not in self.configs:
+            raise MedimgenError(
+                f"no '{dim}' section in the configuration of {self.dataset.name} (available: {', '.join(sorted(self.configs))})")
+        return self.configs[dim]

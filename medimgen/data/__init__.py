@@ -1,0 +1,1 @@
+"""Datasets over nnU-Net preprocessed cases."""

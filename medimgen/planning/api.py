@@ -1,0 +1,87 @@
+"""`medimgen plan`: read nnU-Net's plans, apply the heuristics, fit memory, write medimgen_config.yaml."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from medimgen import __version__
+from medimgen.config.io import apply_overrides, is_user_edited, save_config
+from medimgen.config.schema import DatasetInfo, MedimgenConfig
+from medimgen.errors import MedimgenError
+from medimgen.planning.heuristics import plan_generation
+from medimgen.planning.intensity import intensity_bounds
+from medimgen.planning.memory import detect_gpu_memory_gb, fit_to_memory
+from medimgen.plans import DatasetPlans
+
+CONFIG_NAME = "medimgen_config.yaml"
+
+HEADER = """medimgen generation config for {name}, planned from {plans}.json by medimgen {version}.
+Edit freely: values are validated when read, and `medimgen plan` will not overwrite an
+edited file without --force (it keeps a backup). Axis order is nnU-Net's preprocessed order."""
+
+
+@dataclass
+class PlanResult:
+    path: Path
+    config: MedimgenConfig
+    backup: Path | None
+    replaced: bool
+
+
+def config_path(dataset_id: int | str) -> Path:
+    return DatasetPlans.from_id(dataset_id).folder / CONFIG_NAME
+
+
+def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None) -> MedimgenConfig:
+    target = float(gpu_memory_gb) if gpu_memory_gb else detect_gpu_memory_gb()
+    pm = plans.manager
+    info = DatasetInfo(
+        id=plans.dataset_id,
+        name=plans.name,
+        num_training=plans.num_training,
+        labels=plans.labels,
+        file_ending=plans.file_ending,
+        transpose_forward=tuple(pm.transpose_forward),
+        transpose_backward=tuple(pm.transpose_backward),
+        original_median_spacing=tuple(float(s) for s in pm.original_median_spacing_after_transp),
+        plans_identifier=plans.plans_identifier,
+    )
+    configs = {}
+    for dim in plans.available_dims:
+        low, high = intensity_bounds(plans, dim)
+        configs[dim] = fit_to_memory(plan_generation(plans, dim, low, high, target), target)
+    return MedimgenConfig(dataset=info, configs=configs, medimgen_version=__version__)
+
+
+def plan_dataset(
+    dataset_id: int | str,
+    gpu_memory_gb: float | None = None,
+    overrides: Sequence[str] = (),
+    force: bool = False,
+    plans_identifier: str = "nnUNetPlans",
+) -> PlanResult:
+    """Plan DatasetXXX and write nnUNet_preprocessed/DatasetXXX/medimgen_config.yaml.
+
+    An existing file that was edited by hand is never overwritten silently: without
+    ``force`` this raises; with ``force`` the edited file is first copied to a
+    timestamped backup beside it.
+    """
+    plans = DatasetPlans.from_id(dataset_id, plans_identifier)
+    path = plans.folder / CONFIG_NAME
+    edited = path.exists() and is_user_edited(path)
+    if edited and not force:
+        raise MedimgenError(
+            f"{path} was edited by hand; not overwriting it. Re-run with --force to re-plan "
+            f"(your file is kept as a backup), or use --set to change single values")
+    cfg = apply_overrides(build_config(plans, gpu_memory_gb), list(overrides))
+    backup = None
+    if edited:
+        backup = path.with_name(f"{CONFIG_NAME}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+        shutil.copy2(path, backup)
+    replaced = path.exists()
+    save_config(cfg, path, HEADER.format(name=plans.name, plans=plans_identifier, version=__version__))
+    return PlanResult(path=path, config=cfg, backup=backup, replaced=replaced)

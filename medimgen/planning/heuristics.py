@@ -1,0 +1,209 @@
+"""nnU-Net plans -> generation config: the rules for what nnU-Net does not decide.
+
+Every rule lives in one small function so it can be read, tested and tuned on its own;
+docs/heuristics.md lists them in words.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from medimgen.config.schema import (
+    AutoencoderConfig,
+    DataConfig,
+    DiscriminatorConfig,
+    GenerationConfig,
+    LossConfig,
+    MemoryConfig,
+    SchedulerConfig,
+    TrackingConfig,
+    TrainConfig,
+    UNetConfig,
+)
+from medimgen.plans import NNUNET_CONFIGURATION, DatasetPlans
+
+# --- constants of the rules (documented in docs/heuristics.md)
+AE_DOWNSAMPLINGS = {2: 3, 3: 2}  # seed: 2-3 downsamplings at most, else details are lost
+AE_BASE_CHANNELS = 32  # seed: few filters (e.g. 32) reconstruct well enough
+LATENT_CHANNELS = {2: 4, 3: 3}
+MAX_DDPM_LEVELS = 4
+MAX_LDM_LEVELS = 3
+ATTENTION_MAX_POSITIONS = {2: 32 * 32, 3: 16 * 16 * 16}
+TARGET_STEPS = {"autoencoder": 50_000, "ddpm": 100_000, "ldm": 100_000}
+EPOCH_RANGE = (50, 2000)
+PLOTS_PER_RUN = 20
+VALIDATION_FRACTION = 0.2  # train-val-test keeps 70/10/20; 5-fold 80/20: plan for ~80 % of the cases
+
+
+def total_stride(strides: Sequence[Sequence[int]], dims: int) -> tuple[int, ...]:
+    out = [1] * dims
+    for s in strides:
+        out = [a * b for a, b in zip(out, s)]
+    return tuple(out)
+
+
+def autoencoder_strides(nnunet_strides: Sequence[Sequence[int]], dims: int) -> tuple[tuple[int, ...], ...]:
+    """The first 2 (3D) or 3 (2D) of nnU-Net's pooling strides (nnU-Net's stage 0 does not pool)."""
+    pooling = [tuple(int(v) for v in s) for s in nnunet_strides[1:]]
+    return tuple(pooling[: AE_DOWNSAMPLINGS[dims]])
+
+
+def autoencoder_channels(n_down: int) -> tuple[int, ...]:
+    return (AE_BASE_CHANNELS,) + (2 * AE_BASE_CHANNELS,) * n_down
+
+
+def unet_levels(features: Sequence[int], nnunet_strides: Sequence[Sequence[int]], start: int, max_levels: int):
+    """Channels and strides of a diffusion UNet that reuses nnU-Net's encoder from stage ``start`` on."""
+    channels = [int(f) for f in features[start:start + max_levels]]
+    strides = [tuple(int(v) for v in s) for s in nnunet_strides[start + 1:start + len(channels)]]
+    if not channels:  # latent already smaller than nnU-Net's bottleneck: one level at the deepest width
+        channels = [int(features[-1])]
+    return tuple(channels), tuple(strides)
+
+
+def attention_levels(size: Sequence[int], strides: Sequence[Sequence[int]], dims: int) -> tuple[bool, ...]:
+    """Attention where a level has few enough positions (cost ~ positions^2), never at the first level."""
+    out = []
+    current = list(size)
+    for level in range(len(strides) + 1):
+        if level > 0:
+            current = [math.ceil(c / s) for c, s in zip(current, strides[level - 1])]
+        out.append(level > 0 and int(np.prod(current)) <= ATTENTION_MAX_POSITIONS[dims])
+    return tuple(out)
+
+
+def round_up(size: Sequence[float], divisor: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(math.ceil(round(float(s)) / d) * d) for s, d in zip(size, divisor))
+
+
+def norm_groups(channels: Sequence[int]) -> int:
+    g = 32
+    while any(c % g for c in channels):
+        g //= 2
+    return max(g, 1)
+
+
+def generation_batch_size(nnunet_batch: int, nnunet_patch: Sequence[int], image_size: Sequence[int]) -> int:
+    """nnU-Net's batch size, scaled by how many more voxels a generated image has than its patch."""
+    ratio = float(np.prod(nnunet_patch)) / float(np.prod(image_size))
+    return max(1, int(nnunet_batch * min(ratio, 1.0)))
+
+
+def epochs_for(model: str, samples_per_epoch: int, batch_size: int) -> tuple[int, int]:
+    """(epochs, iterations per epoch): about TARGET_STEPS optimiser steps, epochs kept in EPOCH_RANGE."""
+    iterations = max(1, math.ceil(samples_per_epoch / batch_size))
+    epochs = int(np.clip(round(TARGET_STEPS[model] / iterations), *EPOCH_RANGE))
+    return epochs, iterations
+
+
+def plan_generation(
+    plans: DatasetPlans,
+    dim: str,
+    intensity_low: Sequence[float],
+    intensity_high: Sequence[float],
+    target_gb: float = 8.0,
+) -> GenerationConfig:
+    """The complete generation config for ``dim`` ('2d' or '3d') of a preprocessed dataset."""
+    cm = plans.configuration(dim)
+    arch = cm.network_arch_init_kwargs
+    dims = len(cm.patch_size)
+    nn_strides = [list(s) for s in arch["strides"]]
+    features = list(arch["features_per_stage"])
+
+    ae_strides = autoencoder_strides(nn_strides, dims)
+    n_ae = len(ae_strides)
+    ae_factor = total_stride(ae_strides, dims)
+    ddpm_channels, ddpm_strides = unet_levels(features, nn_strides, 0, MAX_DDPM_LEVELS)
+    ldm_channels, ldm_strides = unet_levels(features, nn_strides, n_ae, MAX_LDM_LEVELS)
+    ddpm_factor = total_stride(ddpm_strides, dims)
+    ldm_factor = tuple(a * b for a, b in zip(ae_factor, total_stride(ldm_strides, dims)))
+    divisor = tuple(int(np.lcm(a, b)) for a, b in zip(ddpm_factor, ldm_factor))
+
+    median = [float(v) for v in cm.median_image_size_in_voxels]
+    image_size = round_up(median, divisor)
+    latent_size = tuple(s // f for s, f in zip(image_size, ae_factor))
+
+    batch = generation_batch_size(cm.batch_size, cm.patch_size, image_size)
+    n_train_cases = max(1, round(plans.num_training * (1 - VALIDATION_FRACTION)))
+    # 2D trains on slices: an epoch draws one slice per case and per ~8 slices of depth
+    if dims == 2:
+        depth = plans.manager.get_configuration(NNUNET_CONFIGURATION["3d"]).median_image_size_in_voxels[0] \
+            if "3d" in plans.available_dims else 1
+        samples = n_train_cases * max(1, int(round(float(depth) / 8)))
+    else:
+        samples = n_train_cases
+
+    fg = plans.foreground_intensity_properties
+    data = DataConfig(
+        nnunet_configuration=NNUNET_CONFIGURATION[dim],
+        spatial_dims=dims,
+        in_channels=plans.num_channels,
+        channel_names=plans.channel_names,
+        image_size=image_size,
+        size_divisor=divisor,
+        spacing=tuple(float(s) for s in cm.spacing),
+        median_image_size=tuple(int(round(m)) for m in median),
+        nnunet_patch_size=tuple(int(p) for p in cm.patch_size),
+        nnunet_batch_size=int(cm.batch_size),
+        normalization_schemes=tuple(cm.normalization_schemes),
+        intensity_low=tuple(float(v) for v in intensity_low),
+        intensity_high=tuple(float(v) for v in intensity_high),
+        intensity_mean=tuple(float(p["mean"]) for p in fg),
+        intensity_std=tuple(float(p["std"]) for p in fg),
+    )
+    ae_channels = autoencoder_channels(n_ae)
+    autoencoder = AutoencoderConfig(
+        channels=ae_channels,
+        strides=ae_strides,
+        latent_channels=LATENT_CHANNELS[dims],
+        attention_levels=(False,) * len(ae_channels),
+        norm_num_groups=norm_groups(ae_channels),
+    )
+    ddpm_unet = UNetConfig(
+        channels=ddpm_channels,
+        strides=ddpm_strides,
+        attention_levels=attention_levels(image_size, ddpm_strides, dims),
+        norm_num_groups=norm_groups(ddpm_channels),
+    )
+    ldm_unet = UNetConfig(
+        channels=ldm_channels,
+        strides=ldm_strides,
+        attention_levels=attention_levels(latent_size, ldm_strides, dims),
+        norm_num_groups=norm_groups(ldm_channels),
+    )
+
+    def train(model: str, lr: float, disc_lr: float | None = None, ema: float | None = None) -> TrainConfig:
+        epochs, iterations = epochs_for(model, samples, batch)
+        return TrainConfig(
+            epochs=epochs,
+            batch_size=batch,
+            iterations_per_epoch=iterations,
+            learning_rate=lr,
+            disc_learning_rate=disc_lr,
+            ema_decay=ema,
+            val_plot_interval=max(1, epochs // PLOTS_PER_RUN),
+        )
+
+    train_ae = train("autoencoder", 1e-4, disc_lr=5e-4)
+    return GenerationConfig(
+        data=data,
+        autoencoder=autoencoder,
+        discriminator=DiscriminatorConfig(),
+        ddpm_unet=ddpm_unet,
+        ldm_unet=ldm_unet,
+        # DDPM in image space: Ho et al.'s linear schedule; LDM on latents: Rombach/Pinaya's scaled linear
+        ddpm_scheduler=SchedulerConfig(schedule="linear_beta", beta_start=1e-4, beta_end=2e-2),
+        ldm_scheduler=SchedulerConfig(schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195),
+        losses=LossConfig(
+            perceptual_fake_3d=dims == 3,
+            adversarial_warmup_epochs=max(1, train_ae.epochs // 10),
+        ),
+        train_autoencoder=train_ae,
+        train_ddpm=train("ddpm", 1e-4, ema=0.999),
+        train_ldm=train("ldm", 2.5e-5, ema=0.999),
+        tracking=TrackingConfig(),
+        memory=MemoryConfig(target_gb=float(target_gb)),
+    )

@@ -1,0 +1,115 @@
+"""Read-only view of a preprocessed nnU-Net dataset: plans, dataset.json, fingerprint.
+
+Wraps nnunetv2's own PlansManager/ConfigurationManager instead of re-parsing the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from medimgen.errors import MedimgenError
+from medimgen.paths import preprocessed_dataset_dir
+
+# medimgen's dimensionality name -> nnU-Net configuration name
+NNUNET_CONFIGURATION = {"2d": "2d", "3d": "3d_fullres"}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise MedimgenError(f"{path} is missing: re-run nnUNetv2_plan_and_preprocess for this dataset")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MedimgenError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+@dataclass
+class DatasetPlans:
+    """nnU-Net's view of one preprocessed dataset."""
+
+    folder: Path
+    plans_identifier: str = "nnUNetPlans"
+
+    @classmethod
+    def from_id(cls, dataset_id: int | str, plans_identifier: str = "nnUNetPlans") -> "DatasetPlans":
+        return cls(preprocessed_dataset_dir(dataset_id), plans_identifier)
+
+    @property
+    def plans_file(self) -> Path:
+        return self.folder / f"{self.plans_identifier}.json"
+
+    @cached_property
+    def plans_dict(self) -> dict:
+        return _read_json(self.plans_file)
+
+    @cached_property
+    def manager(self):
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        return PlansManager(self.plans_dict)
+
+    @cached_property
+    def dataset_json(self) -> dict:
+        return _read_json(self.folder / "dataset.json")
+
+    @cached_property
+    def fingerprint(self) -> dict:
+        return _read_json(self.folder / "dataset_fingerprint.json")
+
+    # ------------------------------------------------------------------ dataset facts
+    @property
+    def name(self) -> str:
+        return self.manager.dataset_name
+
+    @property
+    def dataset_id(self) -> int:
+        return int(self.name[len("Dataset"):len("Dataset") + 3])
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        names = self.dataset_json.get("channel_names") or self.dataset_json.get("modality")
+        return tuple(names[k] for k in sorted(names, key=int))
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def num_training(self) -> int:
+        return int(self.dataset_json["numTraining"])
+
+    @property
+    def labels(self) -> dict:
+        return dict(self.dataset_json.get("labels", {}))
+
+    @property
+    def file_ending(self) -> str:
+        return self.dataset_json.get("file_ending", ".nii.gz")
+
+    @property
+    def foreground_intensity_properties(self) -> list[dict]:
+        props = self.manager.foreground_intensity_properties_per_channel
+        return [props[str(c)] for c in range(self.num_channels)]
+
+    # ------------------------------------------------------------------ configurations
+    @property
+    def available_dims(self) -> list[str]:
+        have = set(self.manager.available_configurations)
+        return [dim for dim, conf in NNUNET_CONFIGURATION.items() if conf in have]
+
+    def configuration(self, dim: str):
+        """nnunetv2 ConfigurationManager for '2d' or '3d' (3d_fullres)."""
+        name = NNUNET_CONFIGURATION[dim]
+        if name not in self.manager.available_configurations:
+            raise MedimgenError(f"{self.name} has no nnU-Net '{name}' configuration (2D data has only '2d')")
+        return self.manager.get_configuration(name)
+
+    def preprocessed_folder(self, dim: str) -> Path:
+        folder = self.folder / self.configuration(dim).data_identifier
+        if not folder.is_dir():
+            raise MedimgenError(
+                f"{folder} is missing: run `nnUNetv2_preprocess -d {self.dataset_id} -c {NNUNET_CONFIGURATION[dim]}`")
+        return folder
