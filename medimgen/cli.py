@@ -76,6 +76,27 @@ def demo_data_cmd(dataset_id, name, num_cases, shape, spacing, channels, modalit
     click.echo(f"wrote {folder}")
 
 
+@main.command("import")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.option("-d", "--dataset", "dataset_id", type=int, required=True, help="nnU-Net dataset id to create.")
+@click.option("--name", required=True, help="Dataset name (folder becomes DatasetXXX_NAME).")
+@click.option("--labels", type=click.Path(file_okay=False), default=None,
+              help="Folder of label files named like the cases (default: SOURCE/labelsTr if present, else masks are generated).")
+@click.option("--modality", default="MRI", show_default=True, help="Channel name(s) for dataset.json; CT selects nnU-Net's CT normalisation.")
+@click.option("--channel-names", default=None, help="Comma-separated names, one per channel (overrides --modality).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing raw dataset with this id and name.")
+@click.option("-p", "--progress", is_flag=True, help="Show a progress bar.")
+@friendly_errors
+def import_cmd(source, dataset_id, name, labels, modality, channel_names, overwrite, progress):
+    """Turn a folder of NIfTI images (or an MSD task) into an nnU-Net raw dataset, making foreground masks where no labels exist."""
+    from medimgen.importer import import_dataset
+    from medimgen.paths import nnunet_raw
+
+    names = channel_names.split(",") if channel_names else None
+    folder = import_dataset(source, nnunet_raw(), dataset_id, name, labels, modality, names, overwrite, progress)
+    click.echo(f"wrote {folder}; next: nnUNetv2_plan_and_preprocess -d {dataset_id} --verify_dataset_integrity")
+
+
 @main.command("demo")
 @click.option("--workspace", default="demo_workspace", show_default=True,
               help="Folder for nnUNet_raw/preprocessed/results and medimgen_results when those variables are unset.")

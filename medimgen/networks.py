@@ -1,0 +1,132 @@
+"""MONAI networks built from the config (they know nothing of diffusion or training).
+
+MONAI's DiffusionModelUNet and AutoencoderKL downsample by 2 on every axis. nnU-Net plans
+per-axis strides (e.g. [1, 2, 2] for an anisotropic axis), so after building the MONAI
+network its down/upsampling layers are set to the planned per-axis strides:
+convolution strides and paddings of the downsamplers, scale factors of the upsamplers.
+Weights and state-dict keys stay MONAI's.
+
+Activation checkpointing: AutoencoderKL has MONAI's ``use_checkpoint``; the diffusion UNet
+has none, so each of its down/middle/up blocks is wrapped (its forward recomputed in
+backward via torch.utils.checkpoint), again without changing state-dict keys.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from medimgen.config.schema import AutoencoderConfig, DiscriminatorConfig, UNetConfig
+from medimgen.errors import MedimgenError
+
+
+def _check_groups(channels: Sequence[int], groups: int, what: str) -> None:
+    bad = [c for c in channels if c % groups]
+    if bad:
+        raise MedimgenError(f"{what}.norm_num_groups={groups} does not divide channels {list(channels)}")
+
+
+def _set_upsample_scale(module: nn.Module, stride: Sequence[int]) -> None:
+    ups = [m for m in module.modules() if isinstance(m, nn.Upsample)]
+    if len(ups) != 1:  # pragma: no cover - MONAI layout changed
+        raise RuntimeError("expected exactly one nn.Upsample in a MONAI upsampler")
+    ups[0].scale_factor = tuple(float(s) for s in stride)
+
+
+def _checkpointed(forward):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run
+
+
+def enable_unet_checkpointing(unet: nn.Module) -> None:
+    for block in [*unet.down_blocks, unet.middle_block, *unet.up_blocks]:
+        block.forward = _checkpointed(block.forward)
+
+
+def build_unet(cfg: UNetConfig, spatial_dims: int, in_channels: int, out_channels: int | None = None) -> nn.Module:
+    """MONAI DiffusionModelUNet with nnU-Net's per-axis strides."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    levels = len(cfg.channels)
+    if len(cfg.strides) != levels - 1 or len(cfg.attention_levels) != levels:
+        raise MedimgenError(
+            f"UNet config: {levels} channel levels need {levels - 1} strides and {levels} attention_levels, "
+            f"got {len(cfg.strides)} and {len(cfg.attention_levels)}")
+    _check_groups(cfg.channels, cfg.norm_num_groups, "unet")
+    unet = DiffusionModelUNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels or in_channels,
+        channels=tuple(cfg.channels),
+        attention_levels=tuple(cfg.attention_levels),
+        num_res_blocks=cfg.num_res_blocks,
+        num_head_channels=cfg.num_head_channels,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+    for level, stride in enumerate(cfg.strides):
+        down = unet.down_blocks[level].downsampler
+        conv = [m for m in down.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))][0]
+        conv.stride = tuple(int(s) for s in stride)
+        up = unet.up_blocks[levels - 2 - level].upsampler
+        _set_upsample_scale(up, stride)
+    if cfg.activation_checkpointing:
+        enable_unet_checkpointing(unet)
+    return unet
+
+
+def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: int) -> nn.Module:
+    """MONAI AutoencoderKL with nnU-Net's per-axis strides."""
+    from monai.networks.nets import AutoencoderKL
+    from monai.networks.nets.autoencoderkl import AEKLDownsample
+
+    levels = len(cfg.channels)
+    if len(cfg.strides) != levels - 1:
+        raise MedimgenError(f"autoencoder config: {levels} channel levels need {levels - 1} strides, got {len(cfg.strides)}")
+    _check_groups(cfg.channels, cfg.norm_num_groups, "autoencoder")
+    ae = AutoencoderKL(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        channels=tuple(cfg.channels),
+        latent_channels=cfg.latent_channels,
+        num_res_blocks=cfg.num_res_blocks,
+        attention_levels=tuple(cfg.attention_levels) or (False,) * levels,
+        norm_num_groups=cfg.norm_num_groups,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+        use_checkpoint=cfg.activation_checkpointing,
+    )
+    downs = [m for m in ae.encoder.blocks if isinstance(m, AEKLDownsample)]
+    ups = [m for m in ae.decoder.blocks if any(isinstance(x, nn.Upsample) for x in m.modules())]
+    if len(downs) != levels - 1 or len(ups) != levels - 1:  # pragma: no cover - MONAI layout changed
+        raise RuntimeError("unexpected MONAI AutoencoderKL layout")
+    for stride, down in zip(cfg.strides, downs):
+        down.conv.conv.stride = tuple(int(s) for s in stride)
+        # kernel 3: stride 2 pads (0, 1) as MONAI does, stride 1 pads (1, 1) to keep the size
+        pad: list[int] = []
+        for s in reversed(stride):
+            pad += [0, 1] if s == 2 else [1, 1]
+        down.pad.pad = tuple(pad)
+    for stride, up in zip(reversed(cfg.strides), ups):
+        _set_upsample_scale(up, stride)
+    return ae
+
+
+def build_discriminator(cfg: DiscriminatorConfig, spatial_dims: int, in_channels: int) -> nn.Module:
+    from monai.networks.nets import PatchDiscriminator
+
+    return PatchDiscriminator(spatial_dims=spatial_dims, num_layers_d=cfg.num_layers, channels=cfg.channels,
+                              in_channels=in_channels, out_channels=1)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
