@@ -42,17 +42,77 @@ _set_option = click.option(
 @click.option("--force", is_flag=True, help="Re-plan over a hand-edited config (it is backed up first).")
 @click.option("--plans", "plans_identifier", default="nnUNetPlans", show_default=True, help="nnU-Net plans identifier.")
 @_set_option
+@click.option("--overrides", "override_text", default="", metavar="'K=V K=V'",
+              help="Space-separated overrides in one string (for MLproject).")
 @friendly_errors
-def plan_cmd(dataset_id, gpu_memory, force, plans_identifier, overrides):
+def plan_cmd(dataset_id, gpu_memory, force, plans_identifier, overrides, override_text):
     """Turn nnU-Net's nnUNetPlans.json into medimgen_config.yaml (2d and 3d sections)."""
     from medimgen.planning import plan_dataset
 
-    result = plan_dataset(dataset_id, gpu_memory_gb=gpu_memory, overrides=overrides, force=force,
+    sets = [*overrides, *override_text.split()]
+    result = plan_dataset(dataset_id, gpu_memory_gb=gpu_memory or None, overrides=sets, force=force,
                           plans_identifier=plans_identifier)
     if result.backup:
         click.echo(f"backed up the edited config to {result.backup}")
     verb = "re-planned" if result.replaced else "wrote"
     click.echo(f"{verb} {result.path} ({', '.join(result.config.configs)})")
+
+
+def _train_command(model: str | None):
+    """Build `medimgen train MODEL ...` (model None) or `medimgen_train_<model> ...`."""
+
+    @click.argument("dataset_id")
+    @click.argument("splitting", type=click.Choice(["train-val-test", "5-fold"]))
+    @click.argument("model_type", type=click.Choice(["2d", "3d"]))
+    @click.option("-p", "--progress", is_flag=True, help="Show progress bars.")
+    @click.option("-c", "--continue", "resume", is_flag=True, help="Continue the run from its last checkpoint.")
+    @click.option("-f", "--fold", type=int, default=0, show_default=True, help="Fold for 5-fold splitting.")
+    @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                  help="Config YAML (default: the dataset's medimgen_config.yaml).")
+    @click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available).")
+    @_set_option
+    @click.option("--overrides", "override_text", default="", metavar="'K=V K=V'",
+                  help="Space-separated overrides in one string (for MLproject).")
+    @friendly_errors
+    def command(dataset_id, splitting, model_type, progress, resume, fold, config_path, device, overrides,
+                override_text, model=model):
+        from medimgen.training.api import train
+
+        sets = [*overrides, *override_text.split()]
+        try:
+            result = train(model, dataset_id, splitting, model_type, fold, progress, resume, sets, config_path, device)
+        except KeyboardInterrupt:
+            click.echo("interrupted: the last finished epoch is saved; continue with -c", err=True)
+            sys.exit(130)
+        state = "finished" if result.completed else f"stopped after epoch {result.epoch}"
+        click.echo(f"{model} {state}: {result.run_dir}" + (f" (MLflow run {result.mlflow_run_id})" if result.mlflow_run_id else ""))
+
+    return command
+
+
+@main.group("train")
+def train_group() -> None:
+    """Train a model: ddpm, autoencoder (for LDM) or ldm."""
+
+
+for _model in ("ddpm", "autoencoder", "ldm"):
+    train_group.command(_model, help=f"Train the {_model} of DATASET_ID (SPLITTING: train-val-test or 5-fold; MODEL_TYPE: 2d or 3d).")(
+        _train_command(_model))
+
+
+def train_ddpm_entry() -> None:
+    """`medimgen_train_ddpm DATASET_ID SPLITTING MODEL_TYPE -p`, as the seed README spells it."""
+    click.command(help="Train a DDPM.")(_train_command("ddpm"))(prog_name="medimgen_train_ddpm")
+
+
+def train_autoencoder_entry() -> None:
+    click.command(help="Train the KL-autoencoder for latent diffusion.")(_train_command("autoencoder"))(
+        prog_name="medimgen_train_autoencoder")
+
+
+def train_ldm_entry() -> None:
+    click.command(help="Train a latent diffusion model on a trained autoencoder.")(_train_command("ldm"))(
+        prog_name="medimgen_train_ldm")
 
 
 @main.command("demo-data")

@@ -70,7 +70,7 @@ class AutoencoderConfig:
 @dataclass(frozen=True)
 class DiscriminatorConfig:
     channels: int = doc("filters of the first patch-discriminator layer", 64)
-    num_layers: int = doc("strided layers of the patch discriminator", 3)
+    num_layers: int = doc("strided layers of the patch discriminator (at most what the smallest image axis allows)", 3)
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,8 @@ class TrainConfig:
     val_interval: int = doc("validate every N epochs", 1)
     val_plot_interval: int = doc("save sample/reconstruction plots every N epochs", 10)
     seed: int = doc("random seed", 12345)
+    latent_scale_factor: Optional[float] = doc(
+        "LDM only: 1/std of the autoencoder latents, computed once when LDM training starts (null until then)", None)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,11 @@ def norm_groups(channels: Sequence[int]) -> int:
     return max(g, 1)
 
 
+def discriminator_layers(image_size: Sequence[int], max_layers: int = 3) -> int:
+    """Patch-discriminator depth that the smallest image axis can take (each layer halves it)."""
+    return int(max(1, min(max_layers, math.floor(math.log2(max(2, min(image_size)))) - 2)))
+
+
 def generation_batch_size(nnunet_batch: int, nnunet_patch: Sequence[int], image_size: Sequence[int]) -> int:
     """nnU-Net's batch size, scaled by how many more voxels a generated image has than its patch."""
     ratio = float(np.prod(nnunet_patch)) / float(np.prod(image_size))
@@ -191,7 +196,7 @@ def plan_generation(
     return GenerationConfig(
         data=data,
         autoencoder=autoencoder,
-        discriminator=DiscriminatorConfig(),
+        discriminator=DiscriminatorConfig(num_layers=discriminator_layers(image_size)),
         ddpm_unet=ddpm_unet,
         ldm_unet=ldm_unet,
         # DDPM in image space: Ho et al.'s linear schedule; LDM on latents: Rombach/Pinaya's scaled linear

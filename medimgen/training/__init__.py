@@ -1,0 +1,3 @@
+"""One training loop with hooks, and the DDPM / autoencoder / LDM tasks that plug into it."""
+
+MODELS = ("ddpm", "autoencoder", "ldm")

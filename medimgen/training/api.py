@@ -1,0 +1,165 @@
+"""`medimgen train {ddpm,autoencoder,ldm}`: one library call from config to a finished, tracked run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from medimgen import __version__
+from medimgen.config import apply_overrides, flatten, load_config, load_generation_config, save_generation_config
+from medimgen.config.schema import GenerationConfig
+from medimgen.data.cases import open_cases
+from medimgen.data.loader import TrainBatches, validation_batches
+from medimgen.data.splits import get_split
+from medimgen.errors import MedimgenError
+from medimgen.paths import medimgen_results
+from medimgen.planning.api import CONFIG_NAME
+from medimgen.plans import DatasetPlans
+from medimgen.tracking import Tracker, git_commit
+from medimgen.training import MODELS
+from medimgen.training.loop import LoopOptions, Trainer, amp_dtype, seed_everything
+from medimgen.training.outputs import RunDir
+
+DIMS = ("2d", "3d")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    completed: bool
+    epoch: int
+    mlflow_run_id: str | None
+    config: GenerationConfig
+
+
+def run_dir_for(plans: DatasetPlans, model: str, dim: str, split_name: str) -> RunDir:
+    return RunDir.for_run(medimgen_results(), plans.name, model, dim, split_name)
+
+
+def _echo_for(cfg: GenerationConfig, run: RunDir, echo: Callable[[str], None]) -> Callable[[str], None]:
+    if cfg.tracking.output_mode != "log":
+        return echo
+
+    def to_log(msg: str) -> None:
+        with open(run.log, "a") as f:
+            f.write(msg + "\n")
+
+    return to_log
+
+
+def resolve_config(plans: DatasetPlans, run: RunDir, dim: str, resume: bool, overrides: Sequence[str],
+                   config_path: Path | str | None) -> GenerationConfig:
+    """Resume: the run's own saved config (+ overrides). New run: the dataset's medimgen_config.yaml section."""
+    if resume:
+        return apply_overrides(load_generation_config(run.config), list(overrides))
+    path = Path(config_path) if config_path else plans.folder / CONFIG_NAME
+    if not path.is_file():
+        raise MedimgenError(f"{path} does not exist: run `medimgen plan -d {plans.dataset_id}` first")
+    return apply_overrides(load_config(path).get(dim), list(overrides))
+
+
+def build_task(model: str, cfg: GenerationConfig, device: torch.device, plans: DatasetPlans, split_name: str):
+    if model == "ddpm":
+        from medimgen.training.ddpm import DiffusionTask
+
+        return DiffusionTask(cfg, device)
+    if model == "autoencoder":
+        from medimgen.training.autoencoder import AutoencoderTask
+
+        return AutoencoderTask(cfg, device)
+    from medimgen.training.ldm import LatentDiffusionTask
+
+    dim = "2d" if cfg.data.spatial_dims == 2 else "3d"
+    return LatentDiffusionTask(cfg, device, run_dir_for(plans, "autoencoder", dim, split_name))
+
+
+def train(
+    model: str,
+    dataset_id: int | str,
+    splitting: str = "train-val-test",
+    model_type: str = "3d",
+    fold: int = 0,
+    progress: bool = False,
+    resume: bool = False,
+    overrides: Sequence[str] = (),
+    config_path: Path | str | None = None,
+    device: str | None = None,
+    stop_after_epoch: int | None = None,
+    echo: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train ``model`` ('ddpm' | 'autoencoder' | 'ldm') on a planned dataset; see README 'Training'."""
+    if model not in MODELS:
+        raise MedimgenError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+    if model_type not in DIMS:
+        raise MedimgenError(f"MODEL_TYPE must be 2d or 3d, got {model_type!r}")
+    plans = DatasetPlans.from_id(dataset_id)
+    identifiers = open_cases(plans.preprocessed_folder(model_type)).identifiers
+    split = get_split(plans.folder, identifiers, splitting, fold)
+    run = run_dir_for(plans, model, model_type, split.name)
+    if resume and not run.last.is_file():
+        raise MedimgenError(f"nothing to continue: no checkpoint at {run.last} (drop -c to start a new run)")
+    if not resume and run.last.exists():
+        raise MedimgenError(f"a {model} run already exists at {run.root}: pass -c to continue it, "
+                            f"or move/delete that folder to start over")
+    cfg = resolve_config(plans, run, model_type, resume, overrides, config_path)
+    tcfg = getattr(cfg, f"train_{model}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    seed_everything(tcfg.seed)
+    task = build_task(model, cfg, dev, plans, split.name)
+    batches = TrainBatches(cfg, plans, split.train, tcfg.batch_size, seed=tcfg.seed)
+    tracker = Tracker()
+    completed = False
+    try:
+        if model == "ldm" and not resume:
+            scale = task.compute_scale_factor(batches)
+            cfg = dataclasses.replace(cfg, train_ldm=dataclasses.replace(cfg.train_ldm, latent_scale_factor=scale))
+        if model == "ldm":
+            cfg = dataclasses.replace(cfg, autoencoder=task.cfg.autoencoder)
+        run.make()
+        save_generation_config(cfg, run.config)
+        run.copy_nnunet_files(plans.folder, plans.plans_identifier)
+        val_ids = split.val or split.train[:1]
+        trainer = Trainer(
+            task, tcfg, run, tracker, dev, batches,
+            val_batches=lambda: validation_batches(cfg, plans, val_ids, tcfg.batch_size),
+            plot_batch=lambda: next(validation_batches(cfg, plans, val_ids[:1], 1)),
+            options=LoopOptions(progress=progress, echo=_echo_for(cfg, run, echo), stop_after_epoch=stop_after_epoch),
+            config_yaml=run.config.read_text(),
+        )
+        previous_run_id = trainer.load(run.last)["mlflow_run_id"] if resume else None
+        dim_split = f"{model_type}_{split.name}"
+        tracker.start(
+            experiment=cfg.tracking.experiment_name or plans.name,
+            run_name=f"{model}_{dim_split}",
+            tracking_uri=cfg.tracking.tracking_uri,
+            run_id=previous_run_id,
+            tags={
+                "medimgen.model": model, "medimgen.dim": model_type, "medimgen.split": split.name,
+                "medimgen.dataset": plans.name, "medimgen.version": __version__, "git_commit": git_commit(),
+                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "amp_dtype": str(amp_dtype(tcfg.amp, dev)).replace("torch.", "") if amp_dtype(tcfg.amp, dev) else "off",
+                "perceptual_network": cfg.losses.perceptual_network if model == "autoencoder" else None,
+                "medimgen.run_dir": str(run.root),
+            },
+        )
+        tracker.log_params({"dataset": plans.name, "model": model, "dim": model_type, "split": split.name,
+                            **flatten(cfg)})
+        result = trainer.fit()
+        completed = result["completed"]
+        tracker.log_artifacts([run.config, run.loss_dict, run.root / "dataset.json",
+                               run.root / f"{plans.plans_identifier}.json"], "run")
+        if completed:
+            tracker.log_artifacts([run.best, run.last], "checkpoints")
+        return TrainResult(run.root, completed, result["epoch"], tracker.run_id, cfg)
+    except BaseException:
+        tracker.end("KILLED")
+        raise
+    finally:
+        batches.close()
+        if tracker.run_id:
+            tracker.end("FINISHED")

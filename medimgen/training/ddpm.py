@@ -1,0 +1,119 @@
+"""Diffusion tasks: DDPM in image space, and the same objective on autoencoder latents (LDM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medimgen.config.schema import GenerationConfig, SchedulerConfig, UNetConfig
+from medimgen.diffusion import sampling_scheduler, target_for, training_scheduler
+from medimgen.networks import build_unet
+from medimgen.training.outputs import save_images
+
+VAL_SEED = 1234
+PLOT_SEED = 4321
+
+
+class DiffusionTask:
+    """Noise-prediction training of a DiffusionModelUNet on ``encode(images)``."""
+
+    name = "ddpm"
+    ema_module = "unet"
+
+    def __init__(self, cfg: GenerationConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.unet = build_unet(self.unet_config, cfg.data.spatial_dims, self.in_channels).to(device)
+        self.modules: dict[str, nn.Module] = {"unet": self.unet}
+        self.phase_modules = {"diffusion": ["unet"]}
+        self.scheduler = training_scheduler(self.scheduler_config)
+        self.num_plot_samples = 4 if cfg.data.spatial_dims == 2 else 1
+
+    # -- what differs between DDPM and LDM
+    @property
+    def unet_config(self) -> UNetConfig:
+        return self.cfg.ddpm_unet
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        return self.cfg.ddpm_scheduler
+
+    @property
+    def in_channels(self) -> int:
+        return self.cfg.data.in_channels
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def sample_shape(self, n: int) -> tuple[int, ...]:
+        return (n, self.cfg.data.in_channels, *self.cfg.data.image_size)
+
+    # -- loop hooks
+    def active_phases(self, epoch: int) -> list[str]:
+        return ["diffusion"]
+
+    def _diffusion_loss(self, unet: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None):
+        if generator is None:
+            noise = torch.randn_like(x)
+            t = torch.randint(0, self.scheduler.num_train_timesteps, (x.shape[0],), device=x.device)
+        else:
+            noise = torch.randn(x.shape, generator=generator).to(x.device)
+            t = torch.randint(0, self.scheduler.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
+        noisy = self.scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
+        pred = unet(noisy, timesteps=t)
+        target = target_for(self.scheduler, self.scheduler_config.prediction_type, x, noise, t)
+        return F.mse_loss(pred.float(), target.float())
+
+    def loss(self, phase: str, batch: dict, state: dict):
+        with torch.no_grad():
+            x = self.encode(batch["image"])
+        loss = self._diffusion_loss(self.unet, x)
+        return loss, {"loss": loss.item()}
+
+    def validate(self, batches: Iterator[dict], model: Callable[[str], nn.Module]) -> dict[str, float]:
+        gen = torch.Generator().manual_seed(VAL_SEED)  # same noise and timesteps every validation
+        total, count = 0.0, 0
+        for batch in batches:
+            x = self.encode(batch["image"].to(self.device))
+            total += self._diffusion_loss(model("unet"), x, gen).item() * x.shape[0]
+            count += x.shape[0]
+        return {"loss": total / max(1, count)}
+
+    @torch.no_grad()
+    def sample(self, unet: nn.Module, n: int, seed: int, sampler: str | None = None, steps: int | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """n images in the model range, reproducible for a seed (the global RNG is left untouched)."""
+        scheduler = sampling_scheduler(self.scheduler_config, sampler, steps)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            x = torch.randn(self.sample_shape(n), device=self.device)
+            for t in _progress(scheduler.timesteps, progress):
+                out = unet(x, timesteps=torch.full((n,), int(t), device=self.device, dtype=torch.long))
+                x, _ = scheduler.step(out, t, x)
+        lo, hi = self.cfg.data.intensity_range
+        return self.decode(x).float().clamp(lo, hi)
+
+    def plot(self, stem: Path, batch: dict, model: Callable[[str], nn.Module]) -> Path | None:
+        images = self.sample(model("unet"), self.num_plot_samples, PLOT_SEED)
+        return save_images(list(images), stem, tuple(self.cfg.data.intensity_range))
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
+def _progress(timesteps, progress: bool):
+    if not progress:
+        return timesteps
+    from tqdm import tqdm
+
+    return tqdm(timesteps, desc="sampling", leave=False)

@@ -1,0 +1,284 @@
+"""The one training loop shared by every model kind.
+
+A task (DDPM, autoencoder, LDM) supplies modules, optimiser *phases* (e.g. generator and
+discriminator) and a loss per phase; the loop owns everything else: AMP (bf16 where the
+GPU supports it, else fp16 with a GradScaler per phase; off on CPU), gradient accumulation
+(loss divided by the number of micro-batches), gradient clipping, EMA, learning-rate
+schedule, validation, plots, loss history, atomic checkpoints with exact resume (model,
+optimisers, scalers, EMA, LR schedulers, epoch, RNG states, history) and MLflow logging.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from medimgen.config.schema import TrainConfig
+from medimgen.errors import MedimgenError
+from medimgen.tracking import Tracker
+from medimgen.training.outputs import RunDir, atomic_pickle, atomic_torch_save, plot_losses
+
+CHECKPOINT_FORMAT = 1
+
+
+class Task(Protocol):
+    name: str
+    modules: dict[str, nn.Module]  # everything saved in checkpoints
+    phase_modules: dict[str, list[str]]  # optimiser phase -> names of the modules it trains
+    ema_module: str | None  # module that gets an EMA copy (used for validation/sampling)
+
+    def active_phases(self, epoch: int) -> list[str]: ...
+    def loss(self, phase: str, batch: dict, state: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def validate(self, batches: Iterator[dict], model: Callable[[str], nn.Module]) -> dict[str, float]: ...
+    def plot(self, stem: Path, batch: dict, model: Callable[[str], nn.Module]) -> Path | None: ...
+    def extra_state(self) -> dict: ...
+    def load_extra_state(self, state: dict) -> None: ...
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lr_lambda(schedule: str, epochs: int) -> Callable[[int], float]:
+    if schedule == "cosine":
+        return lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / max(1, epochs)))
+    if schedule == "poly":
+        return lambda e: (1 - min(e, epochs) / max(1, epochs)) ** 0.9
+    return lambda e: 1.0
+
+
+@dataclass
+class LoopOptions:
+    progress: bool = False
+    echo: Callable[[str], None] = print
+    stop_after_epoch: int | None = None  # for tests and tuning: leave early, as if interrupted
+
+
+class Trainer:
+    def __init__(self, task: Task, cfg: TrainConfig, run: RunDir, tracker: Tracker, device: torch.device,
+                 train_batches: Iterator[dict], val_batches: Callable[[], Iterator[dict]],
+                 plot_batch: Callable[[], dict], options: LoopOptions, config_yaml: str):
+        self.task, self.cfg, self.run, self.tracker, self.device = task, cfg, run, tracker, device
+        self.train_batches, self.val_batches, self.plot_batch = train_batches, val_batches, plot_batch
+        self.opt = options
+        self.config_yaml = config_yaml
+        self.dtype = amp_dtype(cfg.amp, device)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        self.scalers: dict[str, torch.amp.GradScaler] = {}
+        for phase, names in task.phase_modules.items():
+            params = [p for n in names for p in task.modules[n].parameters()]
+            lr = cfg.disc_learning_rate if phase == "discriminator" and cfg.disc_learning_rate else cfg.learning_rate
+            self.optimizers[phase] = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+            self.schedulers[phase] = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizers[phase], lr_lambda(cfg.lr_schedule, cfg.epochs))
+            self.scalers[phase] = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.ema = None
+        if cfg.ema_decay and task.ema_module:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(task.modules[task.ema_module], multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+        self.history: dict[str, list] = defaultdict(list)
+        self.best_val = float("inf")
+        self.start_epoch = 0
+
+    # ------------------------------------------------------------------ model access (EMA for evaluation)
+    def eval_model(self, name: str) -> nn.Module:
+        if self.ema is not None and name == self.task.ema_module:
+            return self.ema.module
+        return self.task.modules[name]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self, epoch: int) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.task.name,
+            "epoch": epoch,
+            "modules": {k: m.state_dict() for k, m in self.task.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "lr_schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "scalers": {k: s.state_dict() for k, s in self.scalers.items()},
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "history": dict(self.history),
+            "best_val": self.best_val,
+            "mlflow_run_id": self.tracker.run_id,
+            "rng": rng_state(),
+            "extra": self.task.extra_state(),
+            "config": self.config_yaml,
+        }
+
+    def load(self, path: Path) -> dict:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise MedimgenError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
+        if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("model") != self.task.name:
+            raise MedimgenError(f"{path} is not a medimgen {self.task.name} checkpoint")
+        for k, m in self.task.modules.items():
+            m.load_state_dict(ckpt["modules"][k])
+        for group in ("optimizers", "lr_schedulers", "scalers"):
+            for k, obj in getattr(self, group if group != "lr_schedulers" else "schedulers").items():
+                obj.load_state_dict(ckpt[group][k])
+        if self.ema is not None and ckpt["ema"] is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.history = defaultdict(list, ckpt["history"])
+        self.best_val = ckpt["best_val"]
+        self.start_epoch = ckpt["epoch"]
+        self.task.load_extra_state(ckpt["extra"])
+        set_rng_state(ckpt["rng"])
+        return ckpt
+
+    # ------------------------------------------------------------------ one optimiser step
+    @contextmanager
+    def _only_trains(self, phase: str):
+        """Freeze the other phases' parameters so a phase's loss only reaches its own optimiser."""
+        own = {id(p) for n in self.task.phase_modules[phase] for p in self.task.modules[n].parameters()}
+        frozen = [p for other, names in self.task.phase_modules.items() if other != phase
+                  for n in names for p in self.task.modules[n].parameters() if id(p) not in own and p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _optimizer_step(self, phases: list[str]) -> None:
+        for phase in phases:
+            opt, scaler = self.optimizers[phase], self.scalers[phase]
+            if self.cfg.grad_clip:
+                scaler.unscale_(opt)
+                params = [p for g in opt.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.task.modules[self.task.ema_module])
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        from tqdm import tqdm
+
+        for m in self.task.modules.values():
+            m.train()
+        sums: dict[str, float] = defaultdict(float)
+        accum = max(1, self.cfg.grad_accumulation_steps)
+        n = self.cfg.iterations_per_epoch
+        phases = self.task.active_phases(epoch)
+        bar = tqdm(range(n), desc=f"{self.task.name} epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                   disable=not self.opt.progress)
+        for it in bar:
+            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in next(self.train_batches).items()}
+            state: dict = {"phases": phases}
+            for phase in phases:
+                with self._only_trains(phase):
+                    with self._autocast():
+                        loss, logs = self.task.loss(phase, batch, state)
+                    if not torch.isfinite(loss):
+                        raise MedimgenError(f"{self.task.name} {phase} loss is {loss.item()} at epoch {epoch + 1}: "
+                                            f"lower the learning rate or disable AMP (train_*.amp=off)")
+                    self.scalers[phase].scale(loss / accum).backward()
+                for k, v in logs.items():
+                    sums[k] += v
+            if (it + 1) % accum == 0 or it == n - 1:
+                self._optimizer_step(phases)
+            if self.opt.progress:
+                bar.set_postfix({k: f"{v / (it + 1):.4f}" for k, v in list(sums.items())[:3]})
+        for phase in phases:  # a phase that did not train yet (GAN warm-up) keeps its schedule
+            self.schedulers[phase].step()
+        return {f"train_{k}": v / n for k, v in sums.items()}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.run.make()
+        t_start = time.time()
+        for epoch in range(self.start_epoch, cfg.epochs):
+            t0 = time.time()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            metrics = self.train_epoch(epoch)
+            if (epoch + 1) % cfg.val_interval == 0 or epoch == cfg.epochs - 1:
+                for m in self.task.modules.values():
+                    m.eval()
+                with torch.no_grad(), self._autocast():
+                    metrics.update({f"val_{k}": v for k, v in self.task.validate(self.val_batches(), self.eval_model).items()})
+            metrics["epoch_seconds"] = time.time() - t0
+            if self.device.type == "cuda":
+                metrics["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.history["epoch"].append(epoch + 1)
+            for k in set(self.history) - {"epoch"} | set(metrics):
+                if k != "epoch":
+                    self.history[k] = self.history.get(k, [None] * (len(self.history["epoch"]) - 1))
+                    self.history[k].append(metrics.get(k))
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=epoch + 1)
+            atomic_pickle(dict(self.history), self.run.loss_dict)
+            plot_losses(self.history, self.run.plots / "loss.png")
+            if (epoch + 1) % cfg.val_plot_interval == 0 or epoch == cfg.epochs - 1:
+                for m in self.task.modules.values():
+                    m.eval()
+                with torch.no_grad(), self._autocast():
+                    path = self.task.plot(self.run.plots / f"epoch_{epoch + 1:04d}", self.plot_batch(), self.eval_model)
+                if path is not None:
+                    self.tracker.log_artifact(path, "plots")
+            val = metrics.get("val_loss")
+            state = self.state(epoch + 1)
+            atomic_torch_save(state, self.run.last)
+            if val is not None and val < self.best_val:
+                self.best_val = val
+                state["best_val"] = val
+                atomic_torch_save(state, self.run.best)
+                atomic_torch_save(self.state(epoch + 1), self.run.last)  # keep best_val in last too
+            self.opt.echo(f"{self.task.name} epoch {epoch + 1}/{cfg.epochs} "
+                          + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
+            if self.opt.stop_after_epoch is not None and epoch + 1 >= self.opt.stop_after_epoch and epoch + 1 < cfg.epochs:
+                self.opt.echo(f"stopped after epoch {epoch + 1}; continue with -c")
+                return {"completed": False, "epoch": epoch + 1}
+        self.tracker.log_artifact(self.run.plots / "loss.png", "plots")
+        return {"completed": True, "epoch": cfg.epochs, "best_val": self.best_val, "seconds": time.time() - t_start}
