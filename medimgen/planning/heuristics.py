@@ -86,6 +86,14 @@ def norm_groups(channels: Sequence[int]) -> int:
     return max(g, 1)
 
 
+PERCEPTUAL_MIN_SIZE = 32  # AlexNet (LPIPS) features need slices of at least 31 voxels per side
+
+
+def perceptual_network(image_size: Sequence[int]) -> str:
+    """'alex' (LPIPS) where every slice is large enough for AlexNet's features, else 'none'."""
+    return "alex" if min(image_size) >= PERCEPTUAL_MIN_SIZE else "none"
+
+
 def discriminator_layers(image_size: Sequence[int], max_layers: int = 3) -> int:
     """Patch-discriminator depth that the smallest image axis can take (each layer halves it)."""
     return int(max(1, min(max_layers, math.floor(math.log2(max(2, min(image_size)))) - 2)))
@@ -203,6 +211,7 @@ def plan_generation(
         ddpm_scheduler=SchedulerConfig(schedule="linear_beta", beta_start=1e-4, beta_end=2e-2),
         ldm_scheduler=SchedulerConfig(schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195),
         losses=LossConfig(
+            perceptual_network=perceptual_network(image_size),
             perceptual_fake_3d=dims == 3,
             adversarial_warmup_epochs=max(1, train_ae.epochs // 10),
         ),

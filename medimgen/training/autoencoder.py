@@ -44,7 +44,7 @@ class AutoencoderTask:
         self.perceptual = None
         if cfg.losses.perceptual_weight > 0:
             self.perceptual = build_perceptual_loss(cfg.losses.perceptual_network, nd, cfg.losses.perceptual_fake_3d,
-                                                    cfg.losses.perceptual_fake_3d_ratio)
+                                                    cfg.losses.perceptual_fake_3d_ratio, tuple(cfg.data.image_size))
             if self.perceptual is not None:
                 self.perceptual.to(device)
 

@@ -59,10 +59,18 @@ def check_weights_available(network: str) -> None:
             f"{repo.parent} (run torch.hub.load once on a machine with internet and copy the hub folder), {off}")
 
 
-def build_perceptual_loss(network: str, spatial_dims: int, fake_3d: bool, fake_3d_ratio: float):
+MIN_SIZE = {"alex": 31, "squeeze": 16, "vgg": 16}
+
+
+def build_perceptual_loss(network: str, spatial_dims: int, fake_3d: bool, fake_3d_ratio: float,
+                          image_size: tuple[int, ...] | None = None):
     """MONAI PerceptualLoss in eval mode with frozen weights, or None for 'none'."""
     if network == "none":
         return None
+    need = MIN_SIZE.get(network)
+    if need and image_size is not None and min(image_size) < need:
+        raise MedimgenError(f"perceptual network '{network}' needs images (slices) of at least {need} voxels per side, "
+                            f"data.image_size is {list(image_size)}: set losses.perceptual_network=none")
     check_weights_available(network)
     from monai.losses import PerceptualLoss
 
