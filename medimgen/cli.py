@@ -115,6 +115,92 @@ def train_ldm_entry() -> None:
         prog_name="medimgen_train_ldm")
 
 
+_sample_options = [
+    click.option("--model", default="auto", show_default=True,
+                 help="ldm, ddpm, auto (LDM if trained, else DDPM), a run folder, or an MLflow URI "
+                      "(models:/NAME@alias, models:/NAME/3, runs:/ID/model)."),
+    click.option("--splitting", default="train-val-test", type=click.Choice(["train-val-test", "5-fold"]), show_default=True),
+    click.option("-f", "--fold", type=int, default=0, show_default=True),
+    click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True),
+    click.option("--scheduler", type=click.Choice(["ddim", "ddpm"]), default=None,
+                 help="ddim (fast, default from the config) or ddpm (all training timesteps)."),
+    click.option("--steps", type=int, default=None, help="DDIM steps (default: the config's num_inference_steps)."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--batch-size", type=int, default=None, help="Images per forward pass (default: all)."),
+    click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)."),
+    click.option("--amp", is_flag=True, help="Mixed precision on a GPU."),
+    click.option("--resample", is_flag=True, help="Resample to the dataset's original median spacing (nnU-Net's resampling)."),
+    click.option("-p", "--progress", is_flag=True, help="Show progress bars."),
+]
+
+
+def _with(options):
+    def deco(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return deco
+
+
+def _sample_command():
+    @click.argument("dataset_id")
+    @click.argument("model_type", type=click.Choice(["2d", "3d"]))
+    @click.argument("num_images", type=int)
+    @click.argument("save_path", type=click.Path(file_okay=False))
+    @_with(_sample_options)
+    @friendly_errors
+    def command(dataset_id, model_type, num_images, save_path, model, splitting, fold, checkpoint, scheduler, steps,
+                seed, batch_size, device, amp, resample, progress):
+        from medimgen.sampling import sample_to_folder
+
+        files = sample_to_folder(save_path, num_images, model, dataset_id, model_type, splitting, fold, checkpoint,
+                                 scheduler, steps, seed, batch_size, device, amp, resample, progress)
+        click.echo(f"wrote {len(files)} NIfTI file(s) to {save_path}")
+
+    return command
+
+
+main.command("sample", help="Sample NUM_IMAGES images of DATASET_ID into SAVE_PATH as NIfTI (+ JSON sidecars).")(_sample_command())
+
+
+def sample_entry() -> None:
+    """`medimgen_sample DATASET_ID MODEL_TYPE NUM_IMAGES SAVE_PATH -p`, as the seed README spells it."""
+    click.command(help="Sample images as NIfTI.")(_sample_command())(prog_name="medimgen_sample")
+
+
+@main.command("export-dataset")
+@click.argument("dataset_id")
+@click.argument("model_type", type=click.Choice(["2d", "3d"]))
+@click.argument("num_images", type=int)
+@click.option("-t", "--target-id", type=int, required=True, help="Id of the new nnU-Net dataset.")
+@click.option("--name", default=None, help="Name of the new dataset (default: <source name>Synth).")
+@_with(_sample_options)
+@friendly_errors
+def export_cmd(dataset_id, model_type, num_images, target_id, name, model, splitting, fold, checkpoint, scheduler,
+               steps, seed, batch_size, device, amp, resample, progress):
+    """Sample NUM_IMAGES images into a new nnU-Net raw dataset (imagesTr, labelsTr masks, dataset.json)."""
+    from medimgen.export import export_dataset
+
+    out = export_dataset(dataset_id, model_type, num_images, target_id, name, model, splitting, fold, scheduler, steps,
+                         seed, batch_size, device, progress)
+    click.echo(f"wrote {out}; next: nnUNetv2_plan_and_preprocess -d {target_id} --verify_dataset_integrity")
+
+
+@main.command("register")
+@click.argument("run_folder", type=click.Path(file_okay=False, exists=True))
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--alias", default=None, help="Registry alias to point at the new version (e.g. champion).")
+@friendly_errors
+def register_cmd(run_folder, checkpoint, alias):
+    """Log a trained DDPM/LDM run as an MLflow pyfunc model and register it as DatasetXXX_<model>_<dim>."""
+    from medimgen.registry import register_run
+
+    reg = register_run(run_folder, checkpoint, alias)
+    click.echo(f"registered {reg.name} version {reg.version}" + (f" (alias {alias})" if alias else "")
+               + f": models:/{reg.name}/{reg.version}")
+
+
 @main.command("demo-data")
 @click.option("-d", "--dataset", "dataset_id", type=int, required=True, help="Dataset id to create.")
 @click.option("--name", default="Phantom", show_default=True)

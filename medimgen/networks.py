@@ -6,9 +6,11 @@ network its down/upsampling layers are set to the planned per-axis strides:
 convolution strides and paddings of the downsamplers, scale factors of the upsamplers.
 Weights and state-dict keys stay MONAI's.
 
-Activation checkpointing: AutoencoderKL has MONAI's ``use_checkpoint``; the diffusion UNet
-has none, so each of its down/middle/up blocks is wrapped (its forward recomputed in
-backward via torch.utils.checkpoint), again without changing state-dict keys.
+Activation checkpointing: each block of the UNet (down/middle/up) and of the autoencoder's
+encoder and decoder is wrapped so its forward is recomputed in backward
+(torch.utils.checkpoint), without changing state-dict keys. MONAI's UNet has no option;
+AutoencoderKL's ``use_checkpoint`` checkpoints the whole encoder/decoder, so backward would
+recompute half the network at once (measured in benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -103,7 +105,6 @@ def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: in
         norm_num_groups=cfg.norm_num_groups,
         with_encoder_nonlocal_attn=False,
         with_decoder_nonlocal_attn=False,
-        use_checkpoint=cfg.activation_checkpointing,
     )
     downs = [m for m in ae.encoder.blocks if isinstance(m, AEKLDownsample)]
     ups = [m for m in ae.decoder.blocks if any(isinstance(x, nn.Upsample) for x in m.modules())]
@@ -118,6 +119,11 @@ def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: in
         down.pad.pad = tuple(pad)
     for stride, up in zip(reversed(cfg.strides), ups):
         _set_upsample_scale(up, stride)
+    if cfg.activation_checkpointing:
+        # per block rather than MONAI's use_checkpoint (whole encoder/decoder): backward then recomputes
+        # one block at a time instead of a whole half of the network
+        for block in [*ae.encoder.blocks, *ae.decoder.blocks]:
+            block.forward = _checkpointed(block.forward)
     return ae
 
 

@@ -32,6 +32,14 @@ def git_commit() -> str | None:
         return None
 
 
+def start_existing_run(run_id: str):
+    """Re-open a run; the process's active experiment is switched to the run's (MLflow requires it)."""
+    import mlflow
+
+    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
+    return mlflow.start_run(run_id=run_id)
+
+
 class Tracker:
     """One MLflow run. Every method is safe to call when tracking is off or broken."""
 
@@ -57,8 +65,8 @@ class Tracker:
 
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             mlflow.set_tracking_uri(resolve_uri(tracking_uri))
-            if run_id:  # resume our own run
-                run = mlflow.start_run(run_id=run_id)
+            if run_id:  # resume our own run (in its own experiment)
+                run = start_existing_run(run_id)
             elif os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` created the run: attach, don't set an experiment
                 run = mlflow.start_run()
             else:

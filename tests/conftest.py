@@ -41,9 +41,12 @@ def nnunet_roots(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def nnunet_env(nnunet_roots, monkeypatch) -> dict[str, Path]:
-    """The session folders, with the env vars guaranteed set for this test."""
+    """The session folders, with the nnU-Net env vars guaranteed set for this test.
+
+    medimgen_results is left as it is: the session-wide training workspace may have moved it."""
     for k, v in nnunet_roots.items():
-        monkeypatch.setenv(k, str(v))
+        if k != "medimgen_results":
+            monkeypatch.setenv(k, str(v))
     return nnunet_roots
 
 
@@ -55,3 +58,38 @@ def empty_env(tmp_path, monkeypatch) -> dict[str, Path]:
         p.mkdir()
         monkeypatch.setenv(k, str(p))
     return roots
+
+
+@pytest.fixture(scope="session")
+def workspace(nnunet_roots, tmp_path_factory):
+    """Own medimgen_results, MLflow database and cwd (./mlruns) for the training/sampling tests."""
+    from medimgen.planning import plan_dataset
+
+    base = tmp_path_factory.mktemp("train")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("medimgen_results", str(base / "results"))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base / 'mlflow.db'}")
+    mp.chdir(base)
+    cfg = plan_dataset(ANISO_3D, force=True).config
+    yield {"base": base, "config": cfg}
+    mp.undo()
+
+
+def _flow(dim: str, workspace):
+    from medimgen.training.api import train
+    from tests.training_helpers import tiny_overrides
+
+    sets = tiny_overrides(workspace["config"].get(dim))
+    return {model: train(model, ANISO_3D, "train-val-test", dim, overrides=sets, echo=lambda *_: None)
+            for model in ("autoencoder", "ldm", "ddpm")}
+
+
+@pytest.fixture(scope="session")
+def flow_3d(workspace):
+    """The seed's flow on the 3D dataset: autoencoder -> LDM, and DDPM (tiny networks, 2 epochs)."""
+    return _flow("3d", workspace)
+
+
+@pytest.fixture(scope="session")
+def flow_2d(workspace):
+    return _flow("2d", workspace)

@@ -24,37 +24,6 @@ from tests.training_helpers import tiny_overrides
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def workspace(nnunet_roots, tmp_path_factory):
-    """Own medimgen_results, MLflow database and cwd (./mlruns) for this module."""
-    base = tmp_path_factory.mktemp("train")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("medimgen_results", str(base / "results"))
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base / 'mlflow.db'}")
-    mp.chdir(base)
-    cfg = plan_dataset(ANISO_3D, force=True).config
-    yield {"base": base, "config": cfg}
-    mp.undo()
-
-
-def _flow(dim: str, workspace):
-    sets = tiny_overrides(workspace["config"].get(dim))
-    runs = {}
-    for model in ("autoencoder", "ldm", "ddpm"):
-        runs[model] = train(model, ANISO_3D, "train-val-test", dim, overrides=sets, echo=lambda *_: None)
-    return runs
-
-
-@pytest.fixture(scope="module")
-def flow_3d(workspace):
-    return _flow("3d", workspace)
-
-
-@pytest.fixture(scope="module")
-def flow_2d(workspace):
-    return _flow("2d", workspace)
-
-
 def _check_outputs(result, dim: str, epochs: int = 2):
     root = result.run_dir
     assert result.completed

@@ -77,6 +77,22 @@ def build_task(model: str, cfg: GenerationConfig, device: torch.device, plans: D
     return LatentDiffusionTask(cfg, device, run_dir_for(plans, "autoencoder", dim, split_name))
 
 
+def _log_model(run: RunDir, cfg: GenerationConfig, tracker: Tracker, echo) -> None:
+    """Log the trained sampler as a pyfunc model in this run (and register it); never fails training."""
+    import warnings
+
+    from medimgen.registry import log_sampler
+    from medimgen.sampling import from_run
+
+    try:
+        reg = log_sampler(from_run(run.root), run_id=tracker.run_id, register=cfg.tracking.register_models,
+                          tracking_uri=cfg.tracking.tracking_uri)
+        echo(f"logged model {reg.model_uri}" + (f", registered as {reg.name} version {reg.version}" if reg.name else ""))
+    except Exception as e:
+        warnings.warn(f"could not log the model to MLflow ({type(e).__name__}: {e}); "
+                      f"`medimgen register {run.root}` can do it later", stacklevel=2)
+
+
 def train(
     model: str,
     dataset_id: int | str,
@@ -155,6 +171,8 @@ def train(
                                run.root / f"{plans.plans_identifier}.json"], "run")
         if completed:
             tracker.log_artifacts([run.best, run.last], "checkpoints")
+            if model in ("ddpm", "ldm") and cfg.tracking.log_models and tracker.enabled:
+                _log_model(run, cfg, tracker, echo)
         return TrainResult(run.root, completed, result["epoch"], tracker.run_id, cfg)
     except BaseException:
         tracker.end("KILLED")
