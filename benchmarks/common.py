@@ -12,7 +12,7 @@ import torch
 def demo_dataset(workspace: str = "demo_workspace") -> int:
     from medimgen.demo import DEMO_ID, run_demo
 
-    run_demo(Path(workspace), echo=lambda *_: None)
+    run_demo(Path(workspace), echo=lambda *_: None, train_models=False)
     return DEMO_ID
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def log_sampler(sampler: Sampler, run_id: str | None = None, register: bool = Tr
         if not run_id and active is None:
             mlflow.set_experiment(sampler.dataset)
             ctx = mlflow.start_run(run_name=f"register_{sampler.kind}_{dim}")
-        with ctx:
+        with ctx, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(code), artifacts={"sampler": str(folder)},
                 pip_requirements=["medimgen"], registered_model_name=name,

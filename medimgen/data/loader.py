@@ -14,6 +14,7 @@ Padded voxels of ``image`` hold the background value (the lower end of the range
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -175,6 +176,7 @@ class TrainBatches:
             oversample_foreground_percent=cfg.data.oversample_foreground_percent,
             transforms=training_transforms(cfg, plans))
         workers = cfg.data.num_workers if num_workers is None else num_workers
+        workers = min(workers, os.cpu_count() or 1)  # a plan made for a bigger machine
         self._loader = torch.utils.data.DataLoader(
             _Stream(loader), batch_size=None, num_workers=workers,
             worker_init_fn=_seed_worker(seed) if workers > 0 else None,
