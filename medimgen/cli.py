@@ -40,12 +40,13 @@ _set_option = click.option(
 @click.option("-d", "--dataset", "dataset_id", required=True, help="nnU-Net dataset id (e.g. 1 or 001) or name.")
 @click.option("--gpu-memory", type=float, default=None, help="GPU memory target in GB (default: detected GPU, else 8).")
 @click.option("--force", is_flag=True, help="Re-plan over a hand-edited config (it is backed up first).")
+@click.option("--explain", is_flag=True, help="Print the predicted memory per model (params, activations, total vs target).")
 @click.option("--plans", "plans_identifier", default="nnUNetPlans", show_default=True, help="nnU-Net plans identifier.")
 @_set_option
 @click.option("--overrides", "override_text", default="", metavar="'K=V K=V'",
               help="Space-separated overrides in one string (for MLproject).")
 @friendly_errors
-def plan_cmd(dataset_id, gpu_memory, force, plans_identifier, overrides, override_text):
+def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, overrides, override_text):
     """Turn nnU-Net's nnUNetPlans.json into medimgen_config.yaml (2d and 3d sections)."""
     from medimgen.planning import plan_dataset
 
@@ -56,6 +57,12 @@ def plan_cmd(dataset_id, gpu_memory, force, plans_identifier, overrides, overrid
         click.echo(f"backed up the edited config to {result.backup}")
     verb = "re-planned" if result.replaced else "wrote"
     click.echo(f"{verb} {result.path} ({', '.join(result.config.configs)})")
+    for dim, cfg in result.config.configs.items():
+        peaks = ", ".join(f"{m} {gb:.2f}" for m, gb in cfg.memory.predicted_peak_gb.items())
+        state = "fits" if cfg.memory.fitted else "DOES NOT FIT"
+        click.echo(f"  {dim}: predicted peak GB {peaks} -> {state} {cfg.memory.target_gb:g} GB")
+    if explain:
+        click.echo(result.explain())
 
 
 def _train_command(model: str | None):

@@ -99,3 +99,7 @@ def test_flatten_gives_dotted_params(planned):
     flat = flatten(planned.get("3d"))
     assert flat["train_ddpm.epochs"] == planned.get("3d").train_ddpm.epochs
     assert "autoencoder.channels" in flat
+
+
+def test_unquoted_off_in_yaml_means_off(planned):
+    assert apply_overrides(planned, ["train_ddpm.amp=off"]).get("3d").train_ddpm.amp == "off"

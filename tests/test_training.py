@@ -183,7 +183,7 @@ def test_mlflow_run_attaches_to_its_run(workspace, tmp_path):
     """`mlflow run . -e train_ldm -P dataset=N --env-manager local` uses the run MLflow created."""
     from mlflow import MlflowClient
 
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
     env["medimgen_results"] = str(tmp_path / "results")
     sets = " ".join(tiny_overrides(workspace["config"].get("2d"), epochs=1))
     exe = Path(sys.executable).parent

@@ -62,6 +62,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted off/on/no/yes as a boolean
+            value = {False: "off", True: "on"}[value]
         if value not in get_args(tp):
             raise bad
         return value

@@ -52,6 +52,12 @@ class DataConfig:
     augmentation: Literal["none", "mild", "nnunet"] = doc(
         "nnU-Net augmentation strength: 'mild' (no large rotations; they hurt generation), 'nnunet' (segmentation defaults), 'none'", "mild")
     num_workers: int = doc("background workers for loading/augmentation (0 = in the main process)", 4)
+    crop_size: tuple[int, ...] = doc(
+        "native voxels cropped per image before resampling to image_size; set by the memory fitter only when "
+        "the planned size cannot fit the GPU (empty: same as image_size)", default_factory=tuple)
+    native_spacing: tuple[float, ...] = doc(
+        "nnU-Net spacing of the preprocessed data when the memory fitter coarsened `spacing` (empty: unchanged)",
+        default_factory=tuple)
 
 
 @dataclass(frozen=True)

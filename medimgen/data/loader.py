@@ -76,6 +76,32 @@ class ToModelRange(_bg_base()):
         return data_dict
 
 
+class ResizeTo(_bg_base()):
+    """Resample a crop of ``crop_size`` native voxels to the generated ``image_size`` (coarser spacing)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size = tuple(int(s) for s in size)
+
+    def apply(self, data_dict, **params):
+        mode = "trilinear" if len(self.size) == 3 else "bilinear"
+        data_dict["image"] = torch.nn.functional.interpolate(data_dict["image"][None].float(), self.size, mode=mode,
+                                                             align_corners=False)[0]
+        seg = data_dict.get("segmentation")
+        if seg is not None:
+            data_dict["segmentation"] = torch.nn.functional.interpolate(
+                seg[None].float(), self.size, mode="nearest")[0].to(seg.dtype)
+        return data_dict
+
+
+def crop_size(cfg: GenerationConfig) -> tuple[int, ...]:
+    return tuple(cfg.data.crop_size) or tuple(cfg.data.image_size)
+
+
+def _maybe_resize(cfg: GenerationConfig) -> list:
+    return [ResizeTo(cfg.data.image_size)] if crop_size(cfg) != tuple(cfg.data.image_size) else []
+
+
 def check_cases(folder: Path, identifiers: list[str]) -> None:
     """Fail early, naming the case, when a preprocessed case's files are missing."""
     for i in identifiers:
@@ -96,11 +122,11 @@ def training_transforms(cfg: GenerationConfig, plans: DatasetPlans):
 
     data = cfg.data
     imap = IntensityMap.from_config(data)
-    size = tuple(data.image_size)
+    size = crop_size(cfg)
     mode = data.augmentation
     dummy_2d = data.spatial_dims == 3 and is_anisotropic(data.spacing)
     if mode == "none":
-        return ComposeTransforms([ToModelRange(imap)])
+        return ComposeTransforms([ToModelRange(imap), *_maybe_resize(cfg)])
     if mode == "mild":
         spatial_size = size[1:] if dummy_2d else size
         rot = math.radians(MILD_ROTATION_DEG)
@@ -113,7 +139,7 @@ def training_transforms(cfg: GenerationConfig, plans: DatasetPlans):
         if dummy_2d:
             ts.append(Convert2DTo3DTransform())
         ts.append(ToModelRange(imap))
-        return ComposeTransforms(ts)
+        return ComposeTransforms(ts + _maybe_resize(cfg))
     # nnU-Net's segmentation augmentation, unchanged, with the range mapping before label clean-up
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -126,7 +152,7 @@ def training_transforms(cfg: GenerationConfig, plans: DatasetPlans):
     idx = next(i for i, t in enumerate(ts) if type(t).__name__.startswith("RemoveLabel"))
     ts.insert(idx, ToModelRange(imap))
     del ts[idx + 1]  # keep -1 as the padding marker in the label
-    return ComposeTransforms(ts)
+    return ComposeTransforms(ts + _maybe_resize(cfg))
 
 
 def _as_batch(raw: dict) -> dict:
@@ -170,7 +196,7 @@ class TrainBatches:
         folder = plans.preprocessed_folder("2d" if cfg.data.spatial_dims == 2 else "3d")
         check_cases(folder, identifiers)
         ds = CheckedCases(open_cases(folder, identifiers))
-        size = list(cfg.data.image_size)
+        size = list(crop_size(cfg))
         loader = nnUNetDataLoader(
             ds, batch_size, size, size, plans.manager.get_label_manager(plans.dataset_json),
             oversample_foreground_percent=cfg.data.oversample_foreground_percent,
@@ -212,7 +238,8 @@ def validation_samples(cfg: GenerationConfig, plans: DatasetPlans, identifiers: 
     check_cases(folder, identifiers)
     ds = open_cases(folder, identifiers)
     imap = IntensityMap.from_config(cfg.data)
-    size = tuple(cfg.data.image_size)
+    size = crop_size(cfg)
+    resize = _maybe_resize(cfg)
     for ident in identifiers:
         data, seg, _ = load_case(ds, ident)
         if cfg.data.spatial_dims == 2:
@@ -228,6 +255,9 @@ def validation_samples(cfg: GenerationConfig, plans: DatasetPlans, identifiers: 
             image = imap.to_model(torch.from_numpy(np.ascontiguousarray(d)).float(), channel_axis=0)
             label = torch.from_numpy(np.ascontiguousarray(s)).to(torch.int16)
             image[:, label[0] < 0] = torch.as_tensor(imap.background())[:, None]
+            if resize:
+                out = resize[0](image=image, segmentation=label)
+                image, label = out["image"], out["segmentation"]
             yield {"image": image, "label": label, "key": key}
 
 

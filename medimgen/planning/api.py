@@ -31,12 +31,18 @@ class PlanResult:
     backup: Path | None
     replaced: bool
 
+    def explain(self) -> str:
+        from medimgen.planning.memory import explain
+
+        return "\n".join(explain(cfg, dim) for dim, cfg in self.config.configs.items())
+
 
 def config_path(dataset_id: int | str) -> Path:
     return DatasetPlans.from_id(dataset_id).folder / CONFIG_NAME
 
 
-def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None) -> MedimgenConfig:
+def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overrides: Sequence[str] = ()) -> MedimgenConfig:
+    """Heuristics, then the user's overrides, then the memory fitter (which sees the overridden values)."""
     target = float(gpu_memory_gb) if gpu_memory_gb else detect_gpu_memory_gb()
     pm = plans.manager
     info = DatasetInfo(
@@ -53,8 +59,10 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None) -> Med
     configs = {}
     for dim in plans.available_dims:
         low, high = intensity_bounds(plans, dim)
-        configs[dim] = fit_to_memory(plan_generation(plans, dim, low, high, target), target)
-    return MedimgenConfig(dataset=info, configs=configs, medimgen_version=__version__)
+        configs[dim] = plan_generation(plans, dim, low, high, target)
+    cfg = apply_overrides(MedimgenConfig(dataset=info, configs=configs, medimgen_version=__version__), list(overrides))
+    fitted = {dim: fit_to_memory(c, target) for dim, c in cfg.configs.items()}
+    return MedimgenConfig(dataset=cfg.dataset, configs=fitted, medimgen_version=cfg.medimgen_version)
 
 
 def plan_dataset(
@@ -77,7 +85,7 @@ def plan_dataset(
         raise MedimgenError(
             f"{path} was edited by hand; not overwriting it. Re-run with --force to re-plan "
             f"(your file is kept as a backup), or use --set to change single values")
-    cfg = apply_overrides(build_config(plans, gpu_memory_gb), list(overrides))
+    cfg = build_config(plans, gpu_memory_gb, overrides)
     backup = None
     if edited:
         backup = path.with_name(f"{CONFIG_NAME}.{time.strftime('%Y%m%d-%H%M%S')}.bak")

@@ -172,7 +172,7 @@ def train(
         if completed:
             tracker.log_artifacts([run.best, run.last], "checkpoints")
             if model in ("ddpm", "ldm") and cfg.tracking.log_models and tracker.enabled:
-                _log_model(run, cfg, tracker, echo)
+                _log_model(run, cfg, tracker, _echo_for(cfg, run, echo))
         return TrainResult(run.root, completed, result["epoch"], tracker.run_id, cfg)
     except BaseException:
         tracker.end("KILLED")
