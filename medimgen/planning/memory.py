@@ -129,29 +129,36 @@ def _unet_forward(unet, channels, size, batch: int = 1):
     return lambda: unet(x, timesteps=t)
 
 
+def _fit_probes(make_fn, sizes, exclude, regions=(), amp: bool = False) -> tuple[Scaling, Scaling]:
+    """Scalings of (total saved, largest region) from probes at (batch 1, V1), (batch 1, V2), (batch 2, V1)."""
+    results = []
+    for size, batch in ((sizes[0], 1), (sizes[1], 1), (sizes[0], 2)):
+        with _autocast(amp):
+            results.append(saved_bytes(make_fn(size, batch), exclude=exclude, regions=regions))
+    v1, v2 = math.prod(sizes[0]), math.prod(sizes[1])
+    (t1, r1), (t2, r2), (t1b, r1b) = results
+    total = fit_scaling(v1, t1, v2, t2, t1b)
+    region = fit_scaling(v1, r1, v2, r2, r1b) if regions else Scaling(0.0, 0.0)
+    return total, region
+
+
+def _unet_blocks(unet):
+    return [*unet.down_blocks, unet.middle_block, *unet.up_blocks]
+
+
 @lru_cache(maxsize=64)
 def _probe_unet(unet_cfg, spatial_dims: int, channels: int, divisor: tuple, amp: bool, ckpt: bool):
     from medimgen.networks import build_unet
 
+    sizes = probe_sizes(divisor)
     unet = build_unet(dataclasses.replace(unet_cfg, activation_checkpointing=ckpt), spatial_dims, channels)
-    regions = [*unet.down_blocks, unet.middle_block, *unet.up_blocks]
-    out = []
-    for size in probe_sizes(divisor):
-        with _autocast(amp):
-            saved, _ = saved_bytes(_unet_forward(unet, channels, size), exclude=[unet])
-        region = 0
-        if ckpt:  # what backward recomputes at once: the largest block, measured without checkpointing
-            plain = build_unet(dataclasses.replace(unet_cfg, activation_checkpointing=False), spatial_dims, channels)
-            with _autocast(amp):
-                _, region = saved_bytes(_unet_forward(plain, channels, size), exclude=[plain],
-                                        regions=[*plain.down_blocks, plain.middle_block, *plain.up_blocks])
-        out.append((math.prod(size), saved, region))
-    with _autocast(amp):
-        s1_b2, _ = saved_bytes(_unet_forward(unet, channels, probe_sizes(divisor)[0], 2), exclude=[unet])
-    params = sum(p.numel() for p in unet.parameters())
-    del regions
-    (v1, s1, r1), (v2, s2, r2) = out
-    return params, fit_scaling(v1, s1, v2, s2, s1_b2), fit_scaling(v1, r1 or 1, v2, r2 or 1) if ckpt else Scaling(0, 0)
+    total, _ = _fit_probes(lambda size, b: _unet_forward(unet, channels, size, b), sizes, [unet], amp=amp)
+    region = Scaling(0.0, 0.0)
+    if ckpt:  # what backward recomputes at once: the largest block, measured without checkpointing
+        plain = build_unet(dataclasses.replace(unet_cfg, activation_checkpointing=False), spatial_dims, channels)
+        _, region = _fit_probes(lambda size, b: _unet_forward(plain, channels, size, b), sizes, [plain],
+                                _unet_blocks(plain), amp)
+    return sum(p.numel() for p in unet.parameters()), total, region
 
 
 @lru_cache(maxsize=64)
@@ -161,44 +168,39 @@ def _probe_autoencoder(ae_cfg, disc_cfg, spatial_dims: int, channels: int, divis
 
     ae = build_autoencoder(dataclasses.replace(ae_cfg, activation_checkpointing=ckpt), spatial_dims, channels)
     disc = build_discriminator(disc_cfg, spatial_dims, channels) if adversarial else None
-    min_side = 2 ** (disc_cfg.num_layers + 2) if adversarial else 8
-    out = []
+    sizes = probe_sizes(divisor, 2 ** (disc_cfg.num_layers + 2) if adversarial else 8)
 
-    def fwd_for(x):
+    def make(size, batch):
+        x = torch.randn(batch, channels, *size)
+
         def fwd():
             recon = ae(x)[0]
             return disc(recon)[-1] if disc is not None else recon
 
         return fwd
 
-    frozen = [ae] + ([disc] if disc is not None else [])
-    p1 = probe_sizes(divisor, min_side)[0]
-    with _autocast(amp):
-        s1_b2, _ = saved_bytes(fwd_for(torch.randn(2, channels, *p1)), exclude=frozen)
-    for size in probe_sizes(divisor, min_side):
-        x = torch.randn(1, channels, *size)
-        with _autocast(amp):
-            saved, _ = saved_bytes(fwd_for(x), exclude=frozen)
-        region = 0
-        if ckpt:
-            plain = build_autoencoder(dataclasses.replace(ae_cfg, activation_checkpointing=False), spatial_dims, channels)
-            with _autocast(amp):
-                _, region = saved_bytes(lambda: plain(x)[0], exclude=[plain],
-                                        regions=[*plain.encoder.blocks, *plain.decoder.blocks])
-        out.append((math.prod(size), saved, region))
-    (v1, s1, r1), (v2, s2, r2) = out
+    total, _ = _fit_probes(make, sizes, [ae] + ([disc] if disc is not None else []), amp=amp)
+    region = Scaling(0.0, 0.0)
+    if ckpt:
+        plain = build_autoencoder(dataclasses.replace(ae_cfg, activation_checkpointing=False), spatial_dims, channels)
+        _, region = _fit_probes(lambda size, b: (lambda x=torch.randn(b, channels, *size): plain(x)[0]), sizes,
+                                [plain], [*plain.encoder.blocks, *plain.decoder.blocks], amp)
     params = sum(p.numel() for p in ae.parameters())
     dparams = sum(p.numel() for p in disc.parameters()) if disc is not None else 0
-    return params, dparams, fit_scaling(v1, s1, v2, s2, s1_b2), fit_scaling(v1, r1 or 1, v2, r2 or 1) if ckpt else Scaling(0, 0)
+    return params, dparams, total, region
 
 
 @lru_cache(maxsize=16)
 def _probe_perceptual(spatial_dims: int, image_size: tuple, fake_3d: bool, ratio: float, amp: bool):
     """(parameters, saved bytes per sample) of LPIPS-AlexNet on this image size (random weights: only
     sizes matter, nothing is downloaded)."""
+    import warnings
+
     import lpips
 
-    net = lpips.LPIPS(pretrained=True, net="alex", pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():  # lpips uses torchvision's deprecated 'pretrained' argument
+        warnings.simplefilter("ignore")
+        net = lpips.LPIPS(pretrained=True, net="alex", pnet_rand=True, verbose=False)
     if spatial_dims == 2:
         shapes = [(1, 3, *image_size)]
     else:  # MONAI's fake 3D: a fraction of the slices along each axis, as 2D images of the other two axes
@@ -262,7 +264,7 @@ def estimate(cfg: GenerationConfig, model: str) -> Estimate:
         static = params * 4 * (4 + (1 if train.ema_decay else 0))
         if model == "ldm":
             static += _ae_params(cfg) * 4  # the frozen autoencoder
-        activations = act(v, batch) + region(v, batch)
+        activations = act(v, batch) + (region(v, batch) if unet_cfg.activation_checkpointing else 0)
         ckpt = unet_cfg.activation_checkpointing
     else:
         adversarial = cfg.losses.adversarial_weight > 0
@@ -271,7 +273,7 @@ def estimate(cfg: GenerationConfig, model: str) -> Estimate:
             cfg.autoencoder, cfg.discriminator, nd, ch, divisor, amp, cfg.autoencoder.activation_checkpointing,
             adversarial)
         static = (params + dparams) * 4 * 4
-        activations = act(voxels, batch) + region(voxels, batch)
+        activations = act(voxels, batch) + (region(voxels, batch) if cfg.autoencoder.activation_checkpointing else 0)
         if cfg.losses.perceptual_network != "none" and cfg.losses.perceptual_weight > 0:
             pparams, pact = _probe_perceptual(nd, tuple(cfg.data.image_size), cfg.losses.perceptual_fake_3d,
                                               cfg.losses.perceptual_fake_3d_ratio, amp)
