@@ -26,53 +26,17 @@ from common import device_name  # noqa: E402
 from medimgen.config.schema import AutoencoderConfig, SchedulerConfig, TrainConfig, UNetConfig  # noqa: E402
 from medimgen.diffusion import training_scheduler  # noqa: E402
 from medimgen.networks import build_autoencoder, build_unet  # noqa: E402
+from medimgen.planning.memory import saved_bytes  # noqa: E402
+
+
+def region_bytes(model, regions, fn) -> int:
+    return saved_bytes(fn, exclude=[model], regions=regions)[1]
 
 SIZE_3D = (16, 32, 32)  # small enough for a CPU; pass --size for real sizes on a GPU
 UNET = UNetConfig(channels=(32, 64, 128), strides=((1, 2, 2), (2, 2, 2)), attention_levels=(False, False, True),
                   num_res_blocks=2, num_head_channels=32, norm_num_groups=32)
 AE = AutoencoderConfig(channels=(32, 64, 64), strides=((1, 2, 2), (2, 2, 2)), latent_channels=3, num_res_blocks=2,
                        norm_num_groups=32)
-
-
-def saved_bytes(fn) -> int:
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        try:
-            key = t.untyped_storage().data_ptr()
-            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-        except Exception:
-            pass
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    out.sum().backward()
-    return sum(seen.values())
-
-
-def region_bytes(model, regions, fn) -> int:
-    """Largest saved-activation bytes of one region (module) in a non-checkpointed forward: what backward
-    recomputes at once when that region is checkpointed."""
-    current = {"r": None}
-    per: dict = {}
-    handles = []
-    for i, m in enumerate(regions):
-        handles.append(m.register_forward_pre_hook(lambda mod, inp, i=i: current.__setitem__("r", i)))
-        handles.append(m.register_forward_hook(lambda mod, inp, out: current.__setitem__("r", None)))
-
-    def pack(t):
-        if current["r"] is not None:
-            key = t.untyped_storage().data_ptr()
-            per.setdefault(current["r"], {})[key] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    out.sum().backward()
-    for h in handles:
-        h.remove()
-    return max(sum(d.values()) for d in per.values())
 
 
 def activation_table(dev):
@@ -87,7 +51,7 @@ def activation_table(dev):
             plain = build_unet(UNET, 3, 1).to(dev)
             recompute = region_bytes(plain, [*plain.down_blocks, plain.middle_block, *plain.up_blocks],
                                      lambda: plain(x, t))
-        rows.append(("DDPM UNet", ckpt, saved_bytes(lambda: unet(x, t)), recompute))
+        rows.append(("DDPM UNet", ckpt, saved_bytes(lambda: unet(x, t), exclude=[unet])[0], recompute))
     for ckpt in (False, True):
         torch.manual_seed(0)
         ae = build_autoencoder(AutoencoderConfig(**{**AE.__dict__, "activation_checkpointing": ckpt}), 3, 1).to(dev)
@@ -95,7 +59,7 @@ def activation_table(dev):
         if ckpt:
             plain = build_autoencoder(AE, 3, 1).to(dev)
             recompute = region_bytes(plain, [*plain.encoder.blocks, *plain.decoder.blocks], lambda: plain(x)[0])
-        rows.append(("KL autoencoder", ckpt, saved_bytes(lambda: ae(x)[0]), recompute))
+        rows.append(("KL autoencoder", ckpt, saved_bytes(lambda: ae(x)[0], exclude=[ae])[0], recompute))
     return rows
 
 

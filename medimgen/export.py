@@ -46,9 +46,7 @@ def export_dataset(
         raise MedimgenError(f"dataset id {int(target_id):03d} is taken ({taken[0]}): choose another target id")
     sampler = resolve_sampler(model, dataset_id, model_type, splitting, fold)
     sampler.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sched_cfg = sampler.cfg.ldm_scheduler if sampler.kind == "ldm" else sampler.cfg.ddpm_scheduler
-    sched = scheduler or sched_cfg.sampler
-    n_steps = sched_cfg.num_train_timesteps if sched == "ddpm" else int(steps or sched_cfg.num_inference_steps)
+    sched, n_steps = sampler.schedule(scheduler, steps)
     images = sampler.sample(num_images, seed, sched, n_steps, batch_size, progress=progress)
     try:
         files = save_samples(images, sampler, out / "imagesTr", seed, sched, n_steps, prefix="synth",

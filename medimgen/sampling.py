@@ -99,6 +99,12 @@ class Sampler:
 
         return _Decode()
 
+    def schedule(self, scheduler: str | None, steps: int | None) -> tuple[str, int]:
+        """(sampler name, number of steps) after defaults: the config's sampler; DDPM uses every timestep."""
+        cfg = self.cfg.ldm_scheduler if self.kind == "ldm" else self.cfg.ddpm_scheduler
+        name = scheduler or cfg.sampler
+        return name, cfg.num_train_timesteps if name == "ddpm" else int(steps or cfg.num_inference_steps)
+
     @torch.no_grad()
     def sample(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
                batch_size: int | None = None, amp: bool = False, progress: bool = False) -> np.ndarray:
@@ -349,8 +355,6 @@ def sample_to_folder(
     """Sample ``num_images`` and write them (NIfTI + JSON sidecars) into ``save_path``."""
     sampler = resolve_sampler(model, dataset_id, model_type, splitting, fold, checkpoint)
     sampler.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sched_cfg = sampler.cfg.ldm_scheduler if sampler.kind == "ldm" else sampler.cfg.ddpm_scheduler
-    name = scheduler or sched_cfg.sampler
-    n_steps = sched_cfg.num_train_timesteps if name == "ddpm" else int(steps or sched_cfg.num_inference_steps)
+    name, n_steps = sampler.schedule(scheduler, steps)
     images = sampler.sample(num_images, seed, name, n_steps, batch_size, amp, progress)
     return save_samples(images, sampler, save_path, seed, name, n_steps, resample)

@@ -88,7 +88,7 @@ def test_plan_2d_only_ct(nnunet_env):
     plans, cfg = _plans(nnunet_env, name), _yaml(nnunet_env, name)
     assert "3d_fullres" not in plans["configurations"]
     assert "3d" not in cfg and "2d" in cfg
-    c2, nn2 = cfg["2d"], plans["configurations"]["2d"]
+    c2 = cfg["2d"]
     assert c2["data"]["spatial_dims"] == 2 and len(c2["data"]["image_size"]) == 2
     assert all(s % d == 0 for s, d in zip(c2["data"]["image_size"], c2["data"]["size_divisor"]))
     assert c2["data"]["normalization_schemes"] == ["CTNormalization"]

@@ -74,7 +74,9 @@ def saved_bytes(fn: Callable[[], torch.Tensor], exclude: Sequence[nn.Module] = (
             total[key] = max(total.get(key, 0), storage.nbytes())
             if current["r"] is not None:
                 per_region.setdefault(current["r"], {})[key] = storage.nbytes()
-        return t
+        # detached: returning the tensor itself would tie saved outputs to their own grad_fn in a
+        # reference cycle that Python's GC cannot see, and every probe's graph would leak
+        return t.detach()
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -111,11 +113,18 @@ def fit_scaling(v1: float, a1: float, v2: float, a2: float, a1_batch2: float | N
     return Scaling(p1 / v1 - c * v1, c, a0)
 
 
-def probe_sizes(divisor: Sequence[int], min_side: int = 8) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Two small valid sizes (multiples of ``divisor``), the second with 2x the first per axis."""
-    m = max(1, math.ceil(min_side / min(divisor)))
-    p1 = tuple(int(d * m) for d in divisor)
-    return p1, tuple(2 * s for s in p1)
+def probe_sizes(divisor: Sequence[int], min_side: int = 16,
+                target: Sequence[int] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Two small valid sizes: multiples of ``divisor`` with every axis >= min_side, and twice that per axis;
+    never larger than ``target`` (the real size), so a probe costs at most one real forward."""
+    p1 = [int(d * max(1, math.ceil(min_side / d))) for d in divisor]
+    p2 = [2 * s for s in p1]
+    if target is not None:
+        p2 = [min(a, int(t)) for a, t in zip(p2, target)]
+        p1 = [min(a, b) for a, b in zip(p1, p2)]
+        if math.prod(p1) == math.prod(p2):  # real size is tiny: halve where the divisor allows
+            p1 = [max(d, (s // 2) // d * d) for s, d in zip(p2, divisor)]
+    return tuple(p1), tuple(p2)
 
 
 def _autocast(amp: bool):
@@ -129,12 +138,25 @@ def _unet_forward(unet, channels, size, batch: int = 1):
     return lambda: unet(x, timesteps=t)
 
 
+def release_memory() -> None:
+    """Give freed probe memory back to the OS (glibc keeps it otherwise, and many probes add up)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _fit_probes(make_fn, sizes, exclude, regions=(), amp: bool = False) -> tuple[Scaling, Scaling]:
     """Scalings of (total saved, largest region) from probes at (batch 1, V1), (batch 1, V2), (batch 2, V1)."""
     results = []
     for size, batch in ((sizes[0], 1), (sizes[1], 1), (sizes[0], 2)):
         with _autocast(amp):
             results.append(saved_bytes(make_fn(size, batch), exclude=exclude, regions=regions))
+        release_memory()
     v1, v2 = math.prod(sizes[0]), math.prod(sizes[1])
     (t1, r1), (t2, r2), (t1b, r1b) = results
     total = fit_scaling(v1, t1, v2, t2, t1b)
@@ -147,10 +169,11 @@ def _unet_blocks(unet):
 
 
 @lru_cache(maxsize=64)
-def _probe_unet(unet_cfg, spatial_dims: int, channels: int, divisor: tuple, amp: bool, ckpt: bool):
+def _probe_unet(unet_cfg, spatial_dims: int, channels: int, divisor: tuple, amp: bool, ckpt: bool,
+                target: tuple | None = None):
     from medimgen.networks import build_unet
 
-    sizes = probe_sizes(divisor)
+    sizes = probe_sizes(divisor, target=target)
     unet = build_unet(dataclasses.replace(unet_cfg, activation_checkpointing=ckpt), spatial_dims, channels)
     total, _ = _fit_probes(lambda size, b: _unet_forward(unet, channels, size, b), sizes, [unet], amp=amp)
     region = Scaling(0.0, 0.0)
@@ -163,12 +186,12 @@ def _probe_unet(unet_cfg, spatial_dims: int, channels: int, divisor: tuple, amp:
 
 @lru_cache(maxsize=64)
 def _probe_autoencoder(ae_cfg, disc_cfg, spatial_dims: int, channels: int, divisor: tuple, amp: bool, ckpt: bool,
-                       adversarial: bool):
+                       adversarial: bool, target: tuple | None = None):
     from medimgen.networks import build_autoencoder, build_discriminator
 
     ae = build_autoencoder(dataclasses.replace(ae_cfg, activation_checkpointing=ckpt), spatial_dims, channels)
     disc = build_discriminator(disc_cfg, spatial_dims, channels) if adversarial else None
-    sizes = probe_sizes(divisor, 2 ** (disc_cfg.num_layers + 2) if adversarial else 8)
+    sizes = probe_sizes(divisor, 2 ** (disc_cfg.num_layers + 2) if adversarial else 16, target)
 
     def make(size, batch):
         x = torch.randn(batch, channels, *size)
@@ -259,7 +282,8 @@ def estimate(cfg: GenerationConfig, model: str) -> Estimate:
             channels, size, divisor = ch, cfg.data.image_size, _unet_divisor(unet_cfg, nd)
         else:
             channels, size, divisor = cfg.autoencoder.latent_channels, latent_size(cfg), _unet_divisor(unet_cfg, nd)
-        params, act, region = _probe_unet(unet_cfg, nd, channels, divisor, amp, unet_cfg.activation_checkpointing)
+        params, act, region = _probe_unet(unet_cfg, nd, channels, divisor, amp, unet_cfg.activation_checkpointing,
+                                          tuple(size))
         v = math.prod(size)
         static = params * 4 * (4 + (1 if train.ema_decay else 0))
         if model == "ldm":
@@ -271,7 +295,7 @@ def estimate(cfg: GenerationConfig, model: str) -> Estimate:
         divisor = _ae_divisor(cfg)
         params, dparams, act, region = _probe_autoencoder(
             cfg.autoencoder, cfg.discriminator, nd, ch, divisor, amp, cfg.autoencoder.activation_checkpointing,
-            adversarial)
+            adversarial, tuple(cfg.data.image_size))
         static = (params + dparams) * 4 * 4
         activations = act(voxels, batch) + (region(voxels, batch) if cfg.autoencoder.activation_checkpointing else 0)
         if cfg.losses.perceptual_network != "none" and cfg.losses.perceptual_weight > 0:

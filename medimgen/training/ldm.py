@@ -9,7 +9,6 @@ stored in the LDM checkpoint and the run's config, and reused on resume and at s
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 

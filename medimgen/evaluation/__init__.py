@@ -1,0 +1,1 @@
+"""Generation quality: Fréchet distances on named feature extractors, MS-SSIM diversity (groundwork of `medimgen evaluate`)."""
