@@ -60,9 +60,7 @@ def test_nnunet_encoder_extractor_loads_nnunet_checkpoint(nnunet_env, tmp_path):
     cm = pm.get_configuration("3d_fullres")
     heads = pm.get_label_manager(json.loads((folder / "dataset.json").read_text())).num_segmentation_heads
     torch.manual_seed(0)
-    net = nnUNetTrainer.build_network_architecture(
-        cm.network_arch_class_name, cm.network_arch_init_kwargs, cm.network_arch_init_kwargs_req_import, 2, heads,
-        enable_deep_supervision=True)
+    net = nnUNetTrainer.build_network_architecture(pm, cm, 2, heads, enable_deep_supervision=True)
     torch.save({"network_weights": net.state_dict(), "init_args": {"configuration": "3d_fullres", "fold": 0},
                 "trainer_name": "nnUNetTrainer", "current_epoch": 1}, folder / "fold_0" / "checkpoint_final.pth")
     extractor = NnUNetEncoderFeatures(folder, fold=0)

@@ -120,10 +120,10 @@ def probe_sizes(divisor: Sequence[int], min_side: int = 16,
     p1 = [int(d * max(1, math.ceil(min_side / d))) for d in divisor]
     p2 = [2 * s for s in p1]
     if target is not None:
-        p2 = [min(a, int(t)) for a, t in zip(p2, target)]
-        p1 = [min(a, b) for a, b in zip(p1, p2)]
-        if math.prod(p1) == math.prod(p2):  # real size is tiny: halve where the divisor allows
-            p1 = [max(d, (s // 2) // d * d) for s, d in zip(p2, divisor)]
+        c2 = [min(a, int(t)) for a, t in zip(p2, target)]
+        c1 = [min(a, b) for a, b in zip(p1, c2)]
+        if math.prod(c1) < math.prod(c2):  # capping keeps two distinct valid probes (else: the image is tiny anyway)
+            p1, p2 = c1, c2
     return tuple(p1), tuple(p2)
 
 
