@@ -263,10 +263,7 @@ def _amp_on(train: TrainConfig) -> bool:
 
 
 def latent_size(cfg: GenerationConfig) -> tuple[int, ...]:
-    factor = [1] * cfg.data.spatial_dims
-    for s in cfg.autoencoder.strides:
-        factor = [a * b for a, b in zip(factor, s)]
-    return tuple(s // f for s, f in zip(cfg.data.image_size, factor))
+    return tuple(s // f for s, f in zip(cfg.data.image_size, _ae_divisor(cfg)))
 
 
 def estimate(cfg: GenerationConfig, model: str) -> Estimate:
@@ -310,17 +307,15 @@ def estimate(cfg: GenerationConfig, model: str) -> Estimate:
 
 
 def _unet_divisor(unet_cfg, nd):
-    total = [1] * nd
-    for s in unet_cfg.strides:
-        total = [a * b for a, b in zip(total, s)]
-    return tuple(total)
+    from medimgen.planning.heuristics import total_stride
+
+    return total_stride(unet_cfg.strides, nd)
 
 
 def _ae_divisor(cfg):
-    total = [1] * cfg.data.spatial_dims
-    for s in cfg.autoencoder.strides:
-        total = [a * b for a, b in zip(total, s)]
-    return tuple(total)
+    from medimgen.planning.heuristics import total_stride
+
+    return total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims)
 
 
 def _ae_params(cfg: GenerationConfig) -> int:
