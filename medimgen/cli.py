@@ -194,6 +194,46 @@ def export_cmd(dataset_id, model_type, num_images, target_id, name, model, split
     click.echo(f"wrote {out}; next: nnUNetv2_plan_and_preprocess -d {target_id} --verify_dataset_integrity")
 
 
+_extractor_option = click.option(
+    "--extractor", default="auto", show_default=True,
+    help="Features for FID/MMD: nnunet (the dataset's trained nnU-Net encoder), nnunet:/path/to/model_folder, "
+         "radimagenet_resnet50 (2D/2.5D), medicalnet_resnet10_23datasets / medicalnet_resnet50_23datasets (3D), "
+         "inception_v3 or another torchvision classifier, none; auto: the first of these with weights on disk.")
+_weights_option = click.option("--weights", default=None, type=click.Path(exists=True),
+                               help="Weights file (torchvision) or torch.hub repository folder (RadImageNet/MedicalNet).")
+
+
+@main.command("evaluate")
+@click.argument("dataset_id", required=False)
+@click.option("--model", default="auto", show_default=True,
+              help="ldm, ddpm, autoencoder, auto (LDM if trained, else DDPM), a run folder, or an MLflow model URI.")
+@click.option("-t", "--model-type", type=click.Choice(["2d", "3d"]), default="3d", show_default=True)
+@click.option("-k", "--num-samples", type=int, default=16, show_default=True, help="Images to generate.")
+@click.option("--real", type=click.Choice(["val", "test", "train", "all"]), default="test", show_default=True,
+              help="Which real cases of the split to compare with.")
+@_extractor_option
+@_weights_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="JSON file (default: evaluation_<kind>_<dim>_<real>.json in the run folder).")
+@click.option("--no-mlflow", is_flag=True, help="Do not log an evaluation run to MLflow.")
+@_with(_sample_options[1:9] + _sample_options[-1:])  # splitting .. device, and --progress
+@friendly_errors
+def evaluate_cmd(dataset_id, model, model_type, num_samples, real, extractor, weights, output, no_mlflow, splitting,
+                 fold, checkpoint, scheduler, steps, seed, batch_size, device, progress):
+    """Score a trained model: FID/MMD (named extractor), MS-SSIM diversity vs real, reconstruction metrics."""
+    from medimgen.evaluation.api import evaluate
+
+    report = evaluate(model, dataset_id, model_type, splitting, fold, checkpoint, real, num_samples, extractor,
+                      weights, seed, scheduler, steps, batch_size, device, output, not no_mlflow, progress)
+    click.echo(f"{report['kind']} {report['dim']} of {report['dataset']} vs {report['real']['images']} real "
+               f"{real} image(s); features: {report['feature_extractor'] or 'none'}")
+    for k, v in report["scores"].items():
+        click.echo(f"  {k} = {v:.6g}")
+    for note in report["notes"]:
+        click.echo(f"  note: {note}")
+    click.echo(f"wrote {report['json']}" + (f"; MLflow run {report['mlflow_run_id']}" if report["mlflow_run_id"] else ""))
+
+
 @main.command("register")
 @click.argument("run_folder", type=click.Path(file_okay=False, exists=True))
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)

@@ -109,6 +109,14 @@ class Sampler:
     def sample(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
                batch_size: int | None = None, amp: bool = False, progress: bool = False) -> np.ndarray:
         """(N, C, *image_size) float32 in the dataset's intensity units; same seed -> same images."""
+        model_range = self.sample_model_range(num_images, seed, sampler, steps, batch_size, amp, progress)
+        imap = IntensityMap.from_config(self.cfg.data)
+        return imap.to_original(model_range, channel_axis=1).numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def sample_model_range(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
+                           batch_size: int | None = None, amp: bool = False, progress: bool = False) -> torch.Tensor:
+        """(N, C, *image_size) float32 CPU tensor in the model's range (what the evaluation compares)."""
         if num_images < 1:
             raise MedimgenError("NUM_IMAGES must be at least 1")
         task = self._task()
@@ -121,9 +129,7 @@ class Sampler:
             with ctx:
                 images = task.sample(self.unet, n, seed + start, sampler, steps, progress)
             out.append(images.float().cpu())
-        model_range = torch.cat(out)
-        imap = IntensityMap.from_config(self.cfg.data)
-        return imap.to_original(model_range, channel_axis=1).numpy().astype(np.float32)
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ packaging (registry)
     def save(self, folder: Path | str) -> Path:

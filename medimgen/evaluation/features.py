@@ -1,13 +1,27 @@
-"""Feature extractors for Fréchet distances; pretrained weights only from local files, never downloaded.
+"""Feature extractors for Fréchet distances and MMD; pretrained weights only from local files, never downloaded.
 
-- ``NnUNetEncoderFeatures``: the encoder of a trained nnU-Net of the same dataset (from
-  nnUNet_results), global-average-pooled deepest features; the most dataset-specific choice.
-- ``TorchvisionFeatures``: ImageNet backbones (e.g. InceptionV3) applied slice-wise (2D, or 2.5D:
-  central slices of three planes for volumes), with weights from the torch hub cache or a path.
+Every extractor takes images in the model's range ([-1, 1], (N, C, *spatial)) and returns
+(N, F) features; ``name`` identifies the network *and* its weights and goes with every score.
+
+- ``nnunet``: the encoder of a trained nnU-Net of the same dataset and dimensionality (from
+  nnUNet_results), global-average-pooled deepest features. The most dataset-specific choice.
+- ``radimagenet_resnet50`` (2D / 2.5D) and ``medicalnet_resnet10_23datasets`` /
+  ``medicalnet_resnet50_23datasets`` (3D): MONAI's torch.hub repository
+  Project-MONAI/perceptual-models (the networks of MONAI's perceptual loss), loaded from the
+  torch hub cache with downloads switched off.
+- any torchvision classifier (``inception_v3`` is the classic FID network, ``resnet50``, ...):
+  ImageNet weights from the torch hub checkpoints folder or a given file.
+
+2D networks on volumes are applied 2.5D: to the central slice of each of the three planes, features averaged.
+Multi-channel images: each channel goes through the network on its own, features are averaged over channels.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -15,14 +29,66 @@ from torch import nn
 
 from medimgen.errors import MedimgenError
 
+HUB_REPO = "Project-MONAI_perceptual-models_main"
+HUB_NETWORKS = {"radimagenet_resnet50": 2, "medicalnet_resnet10_23datasets": 3, "medicalnet_resnet50_23datasets": 3}
+NNUNET_CONFIGURATION = {2: "2d", 3: "3d_fullres"}
 
-class NnUNetEncoderFeatures(nn.Module):
-    """Encoder features of a trained nnU-Net (checkpoint written by nnU-Net's trainer)."""
 
-    def __init__(self, model_folder: Path | str, fold: int | str = 0, checkpoint: str = "checkpoint_final.pth"):
+def _key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+class FeatureExtractor(nn.Module):
+    """Base: batching and the 2.5D / per-channel handling; subclasses implement ``_features``."""
+
+    name: str = "features"
+    key: str = "features"  # short form for metric names, e.g. fid.radimagenet_resnet50
+    spatial_dims: tuple[int, ...] = (2, 3)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:  # (N, 1 or C, *spatial) -> (N, F)
+        raise NotImplementedError
+
+    per_channel = True  # single-channel networks see one channel at a time
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        nd = images.ndim - 2
+        if nd not in self.spatial_dims:
+            raise MedimgenError(f"feature extractor '{self.name}' works on {' or '.join(f'{d}D' for d in self.spatial_dims)} "
+                                f"images, not {nd}D: choose another --extractor")
+        if nd == 3 and 3 not in self._native_dims():
+            d, h, w = images.shape[2:]
+            planes = [images[:, :, d // 2], images[:, :, :, h // 2], images[:, :, :, :, w // 2]]
+            return torch.stack([self._channels(p) for p in planes]).mean(0)
+        return self._channels(images)
+
+    def _native_dims(self) -> tuple[int, ...]:
+        return self.spatial_dims
+
+    def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.per_channel:
+            return self._features(x).float()
+        return torch.stack([self._features(x[:, c:c + 1]).float() for c in range(x.shape[1])]).mean(0)
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor, batch_size: int = 8, device: torch.device | str = "cpu") -> torch.Tensor:
+        self.to(device)
+        out = [self(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
+        return torch.cat(out).double()
+
+
+class NnUNetEncoderFeatures(FeatureExtractor):
+    """Encoder features of a trained nnU-Net (checkpoint written by nnU-Net's trainer).
+
+    ``intensity_map`` (medimgen's IntensityMap) converts model-range images back to nnU-Net's
+    normalisation first; without it, inputs are taken as nnU-Net-normalised.
+    """
+
+    per_channel = False
+
+    def __init__(self, model_folder: Path | str, fold: int | str = 0, checkpoint: str = "checkpoint_final.pth",
+                 intensity_map=None):
         super().__init__()
-        import json
-
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -44,13 +110,32 @@ class NnUNetEncoderFeatures(nn.Module):
                                      allow_init=True, deep_supervision=False)
         net.load_state_dict(ckpt["network_weights"])
         self.encoder = net.encoder.eval()
+        self.imap = intensity_map
+        self.spatial_dims = (len(cm.patch_size),)
         self.name = f"nnunet-encoder:{folder.name}/fold_{fold}"
+        self.key = "nnunet_encoder"
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: nnU-Net-normalised (N, C, *spatial) -> (N, F)."""
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.imap is not None:
+            images = self.imap.to_normalized(images.float(), channel_axis=1)
         deepest = self.encoder(images)[-1]
         return deepest.flatten(2).mean(-1)
+
+
+def find_nnunet_model(dataset: str, spatial_dims: int, plans_identifier: str = "nnUNetPlans") -> tuple[Path, str] | None:
+    """(model folder, fold) of a finished nnU-Net training of ``dataset`` with the matching configuration."""
+    from medimgen.paths import nnunet_results
+
+    try:
+        root = nnunet_results() / dataset
+    except MedimgenError:
+        return None
+    configuration = NNUNET_CONFIGURATION[spatial_dims]
+    for folder in sorted(root.glob(f"*__{plans_identifier}__{configuration}")):
+        for fold in ("0", "1", "2", "3", "4", "all"):
+            if (folder / f"fold_{fold}" / "checkpoint_final.pth").is_file():
+                return folder, fold
+    return None
 
 
 def torchvision_weights_path(arch: str, weights_path: Path | str | None = None) -> Path:
@@ -59,17 +144,22 @@ def torchvision_weights_path(arch: str, weights_path: Path | str | None = None) 
     if weights_path:
         path = Path(weights_path)
     else:
-        enum = tvm.get_model_weights(arch).DEFAULT
+        try:
+            enum = tvm.get_model_weights(arch).DEFAULT
+        except (ValueError, KeyError):
+            raise MedimgenError(f"unknown feature extractor {arch!r}: use nnunet, radimagenet_resnet50, "
+                                f"medicalnet_resnet10_23datasets, medicalnet_resnet50_23datasets, inception_v3 "
+                                f"or another torchvision classifier") from None
         path = Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[-1]
     if not path.is_file():
         raise MedimgenError(f"feature extractor '{arch}' needs pretrained weights {path.name} in {path.parent} "
-                            f"(copy it there from a machine with internet, or pass a weights path), "
-                            f"or use the nnU-Net encoder extractor")
+                            f"(copy it there from a machine with internet, or pass --weights FILE), "
+                            f"or use the nnU-Net encoder extractor (--extractor nnunet)")
     return path
 
 
-class TorchvisionFeatures(nn.Module):
-    """ImageNet backbone (pooled penultimate features) on 2D slices; 2.5D (three central planes) for volumes."""
+class TorchvisionFeatures(FeatureExtractor):
+    """ImageNet classifier (pooled penultimate features) on 2D slices (ImageNet mean/std normalisation)."""
 
     def __init__(self, arch: str = "inception_v3", weights_path: Path | str | None = None):
         super().__init__()
@@ -78,22 +168,110 @@ class TorchvisionFeatures(nn.Module):
         path = torchvision_weights_path(arch, weights_path)
         kwargs = {"aux_logits": True, "init_weights": False} if arch == "inception_v3" else {}
         net = tvm.get_model(arch, weights=None, **kwargs)
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        net.fc = nn.Identity() if hasattr(net, "fc") else net.fc
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise MedimgenError(f"cannot load {arch} weights from {path} ({type(e).__name__}: {str(e)[:200]})") from None
+        if hasattr(net, "fc"):
+            net.fc = nn.Identity()
         self.net = net.eval()
+        self.size = 299 if arch == "inception_v3" else 224
+        self.spatial_dims = (2, 3)
         self.name = f"{arch}:{path.name}"
+        self.key = _key(arch)
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images in [-1, 1], (N, C, H, W) or (N, C, D, H, W) -> (N, F)."""
-        if images.ndim == 5:
-            d, h, w = images.shape[2:]
-            planes = [images[:, :, d // 2], images[:, :, :, h // 2], images[:, :, :, :, w // 2]]
-            return torch.stack([self._2d(p) for p in planes]).mean(0)
-        return self._2d(images)
+    def _native_dims(self):
+        return (2,)
 
-    def _2d(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :1].repeat(1, 3, 1, 1)
-        x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        out = self.net(x)
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x + 1) / 2).clamp(0, 1).repeat(1, 3, 1, 1)
+        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+        out = self.net((x - mean) / std)
         return out.logits if hasattr(out, "logits") else out
+
+
+@contextlib.contextmanager
+def _offline():
+    """No downloads while loading hub networks: Hugging Face Hub offline mode."""
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+class HubFeatures(FeatureExtractor):
+    """RadImageNet / MedicalNet networks from MONAI's torch.hub repository, with the same input
+    preprocessing as MONAI's perceptual loss; spatially pooled last feature map."""
+
+    def __init__(self, network: str, repo_dir: Path | str | None = None):
+        super().__init__()
+        repo = Path(repo_dir) if repo_dir else Path(torch.hub.get_dir()) / HUB_REPO
+        if not (repo / "hubconf.py").is_file():
+            raise MedimgenError(
+                f"feature extractor '{network}' needs the torch.hub repository {HUB_REPO} with its weights in "
+                f"{repo.parent} (run torch.hub.load('Project-MONAI/perceptual-models', '{network}') once on a machine "
+                f"with internet and copy the hub folder, or pass --weights REPO_DIR), or use --extractor nnunet")
+        try:
+            with _offline():
+                self.net = torch.hub.load(str(repo), network, source="local", verbose=False).eval()
+        except Exception as e:
+            raise MedimgenError(f"cannot load '{network}' from {repo} without downloading ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]}): put its weights file in the torch hub cache") from None
+        self.network = network
+        self.medicalnet = network.startswith("medicalnet")
+        self.spatial_dims = (3,) if self.medicalnet else (2, 3)
+        self.name = f"{network}:{repo.name}"
+        self.key = network
+
+    def _native_dims(self):
+        return (3,) if self.medicalnet else (2,)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        from monai.losses.perceptual import medicalnet_intensity_normalisation, subtract_mean
+
+        if self.medicalnet:
+            fmap = self.net(medicalnet_intensity_normalisation(x))
+        else:
+            x = ((x + 1) / 2).clamp(0, 1).repeat(1, 3, 1, 1)[:, [2, 1, 0]]
+            fmap = self.net(subtract_mean(x))
+        return fmap.flatten(2).mean(-1)
+
+
+def build_extractor(name: str = "auto", weights: Path | str | None = None, dataset: str | None = None,
+                    spatial_dims: int = 3, intensity_map=None, plans_identifier: str = "nnUNetPlans"
+                    ) -> FeatureExtractor | None:
+    """A named extractor; 'auto': the dataset's nnU-Net if trained, else RadImageNet (2D) / MedicalNet (3D),
+    else InceptionV3, whichever has weights on disk; None when nothing is available ('none' too)."""
+    if name == "none":
+        return None
+    if name == "auto":
+        for candidate in ("nnunet", "radimagenet_resnet50" if spatial_dims == 2 else "medicalnet_resnet10_23datasets",
+                          "inception_v3"):
+            try:
+                return build_extractor(candidate, None, dataset, spatial_dims, intensity_map, plans_identifier)
+            except MedimgenError:
+                continue
+        return None
+    if name == "nnunet" or name.startswith("nnunet:"):
+        if name.startswith("nnunet:"):
+            folder, fold = Path(name.split(":", 1)[1]), "0"
+            if folder.name.startswith("fold_"):
+                folder, fold = folder.parent, folder.name[5:]
+        else:
+            found = find_nnunet_model(dataset or "", spatial_dims, plans_identifier)
+            if found is None:
+                raise MedimgenError(f"no trained nnU-Net ({NNUNET_CONFIGURATION[spatial_dims]}, checkpoint_final.pth) "
+                                    f"for {dataset} in nnUNet_results: train one, pass --extractor nnunet:/path/to/"
+                                    f"model_folder, or choose another extractor")
+            folder, fold = found
+        return NnUNetEncoderFeatures(folder, fold, intensity_map=intensity_map)
+    if name in HUB_NETWORKS:
+        return HubFeatures(name, weights)
+    return TorchvisionFeatures(name, weights)

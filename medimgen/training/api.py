@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,6 +36,20 @@ class TrainResult:
     config: GenerationConfig
 
 
+@dataclass
+class RunSetup:
+    """How a run is placed when it is not the dataset's standard run (tuning trials use this)."""
+
+    config: GenerationConfig | None = None  # the resolved config (instead of medimgen_config.yaml + overrides)
+    run_root: Path | None = None  # run folder (instead of medimgen_results/Dataset/model/dim/split)
+    autoencoder_run: Path | None = None  # LDM: the autoencoder run to build on (instead of the dataset's)
+    tracker: Tracker | None = None  # lets the caller see the MLflow run id even when training fails
+    run_name: str | None = None
+    parent_run_id: str | None = None  # nest the MLflow run under this one
+    tags: dict = field(default_factory=dict)
+    on_epoch: Callable[[int, dict], None] | None = None  # after every epoch (may raise to stop, e.g. pruning)
+
+
 def run_dir_for(plans: DatasetPlans, model: str, dim: str, split_name: str) -> RunDir:
     return RunDir.for_run(medimgen_results(), plans.name, model, dim, split_name)
 
@@ -62,7 +76,8 @@ def resolve_config(plans: DatasetPlans, run: RunDir, dim: str, resume: bool, ove
     return apply_overrides(load_config(path).get(dim), list(overrides))
 
 
-def build_task(model: str, cfg: GenerationConfig, device: torch.device, plans: DatasetPlans, split_name: str):
+def build_task(model: str, cfg: GenerationConfig, device: torch.device, plans: DatasetPlans, split_name: str,
+               autoencoder_run: Path | None = None):
     if model == "ddpm":
         from medimgen.training.ddpm import DiffusionTask
 
@@ -74,7 +89,8 @@ def build_task(model: str, cfg: GenerationConfig, device: torch.device, plans: D
     from medimgen.training.ldm import LatentDiffusionTask
 
     dim = "2d" if cfg.data.spatial_dims == 2 else "3d"
-    return LatentDiffusionTask(cfg, device, run_dir_for(plans, "autoencoder", dim, split_name))
+    ae_run = RunDir(Path(autoencoder_run)) if autoencoder_run else run_dir_for(plans, "autoencoder", dim, split_name)
+    return LatentDiffusionTask(cfg, device, ae_run)
 
 
 def _log_model(run: RunDir, cfg: GenerationConfig, tracker: Tracker, echo) -> None:
@@ -106,6 +122,7 @@ def train(
     device: str | None = None,
     stop_after_epoch: int | None = None,
     echo: Callable[[str], None] = print,
+    setup: RunSetup | None = None,
 ) -> TrainResult:
     """Train ``model`` ('ddpm' | 'autoencoder' | 'ldm') on a planned dataset; see README 'Training'."""
     if model not in MODELS:
@@ -115,20 +132,24 @@ def train(
     plans = DatasetPlans.from_id(dataset_id)
     identifiers = open_cases(plans.preprocessed_folder(model_type)).identifiers
     split = get_split(plans.folder, identifiers, splitting, fold)
-    run = run_dir_for(plans, model, model_type, split.name)
+    setup = setup or RunSetup()
+    run = RunDir(Path(setup.run_root)) if setup.run_root else run_dir_for(plans, model, model_type, split.name)
     if resume and not run.last.is_file():
         raise MedimgenError(f"nothing to continue: no checkpoint at {run.last} (drop -c to start a new run)")
     if not resume and run.last.exists():
         raise MedimgenError(f"a {model} run already exists at {run.root}: pass -c to continue it, "
                             f"or move/delete that folder to start over")
-    cfg = resolve_config(plans, run, model_type, resume, overrides, config_path)
+    if setup.config is not None and not resume:
+        cfg = apply_overrides(setup.config, list(overrides))
+    else:
+        cfg = resolve_config(plans, run, model_type, resume, overrides, config_path)
     tcfg = getattr(cfg, f"train_{model}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     seed_everything(tcfg.seed)
-    task = build_task(model, cfg, dev, plans, split.name)
+    task = build_task(model, cfg, dev, plans, split.name, setup.autoencoder_run)
     batches = TrainBatches(cfg, plans, split.train, tcfg.batch_size, seed=tcfg.seed)
-    tracker = Tracker()
+    tracker = setup.tracker or Tracker()
     completed = False
     try:
         if model == "ldm" and not resume:
@@ -144,14 +165,15 @@ def train(
             task, tcfg, run, tracker, dev, batches,
             val_batches=lambda: validation_batches(cfg, plans, val_ids, tcfg.batch_size),
             plot_batch=lambda: next(validation_batches(cfg, plans, val_ids[:1], 1)),
-            options=LoopOptions(progress=progress, echo=_echo_for(cfg, run, echo), stop_after_epoch=stop_after_epoch),
+            options=LoopOptions(progress=progress, echo=_echo_for(cfg, run, echo), stop_after_epoch=stop_after_epoch,
+                                on_epoch=setup.on_epoch),
             config_yaml=run.config.read_text(),
         )
         previous_run_id = trainer.load(run.last)["mlflow_run_id"] if resume else None
         dim_split = f"{model_type}_{split.name}"
         tracker.start(
             experiment=cfg.tracking.experiment_name or plans.name,
-            run_name=f"{model}_{dim_split}",
+            run_name=setup.run_name or f"{model}_{dim_split}",
             tracking_uri=cfg.tracking.tracking_uri,
             run_id=previous_run_id,
             tags={
@@ -161,6 +183,8 @@ def train(
                 "amp_dtype": str(amp_dtype(tcfg.amp, dev)).replace("torch.", "") if amp_dtype(tcfg.amp, dev) else "off",
                 "perceptual_network": cfg.losses.perceptual_network if model == "autoencoder" else None,
                 "medimgen.run_dir": str(run.root),
+                "mlflow.parentRunId": setup.parent_run_id,
+                **setup.tags,
             },
         )
         tracker.log_params({"dataset": plans.name, "model": model, "dim": model_type, "split": split.name,

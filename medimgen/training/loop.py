@@ -92,6 +92,7 @@ class LoopOptions:
     progress: bool = False
     echo: Callable[[str], None] = print
     stop_after_epoch: int | None = None  # for tests and tuning: leave early, as if interrupted
+    on_epoch: Callable[[int, dict], None] | None = None  # called after each epoch's checkpoint (tuning: pruning)
 
 
 class Trainer:
@@ -277,6 +278,8 @@ class Trainer:
                 atomic_torch_save(self.state(epoch + 1), self.run.last)  # keep best_val in last too
             self.opt.echo(f"{self.task.name} epoch {epoch + 1}/{cfg.epochs} "
                           + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
+            if self.opt.on_epoch is not None:
+                self.opt.on_epoch(epoch + 1, metrics)
             if self.opt.stop_after_epoch is not None and epoch + 1 >= self.opt.stop_after_epoch and epoch + 1 < cfg.epochs:
                 self.opt.echo(f"stopped after epoch {epoch + 1}; continue with -c")
                 return {"completed": False, "epoch": epoch + 1}

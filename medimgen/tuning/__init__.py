@@ -1,0 +1,1 @@
+"""Optuna tuning of the planner's heuristic values (`medimgen tune`)."""
