@@ -234,6 +234,53 @@ def evaluate_cmd(dataset_id, model, model_type, num_samples, real, extractor, we
     click.echo(f"wrote {report['json']}" + (f"; MLflow run {report['mlflow_run_id']}" if report["mlflow_run_id"] else ""))
 
 
+@main.command("tune")
+@click.option("-d", "--dataset", "dataset_id", required=True, help="nnU-Net dataset id (e.g. 1 or 001) or name.")
+@click.option("--model", type=click.Choice(["autoencoder", "ldm", "ddpm"]), required=True, help="Model to tune.")
+@click.option("-t", "--model-type", type=click.Choice(["2d", "3d"]), default="3d", show_default=True)
+@click.option("--trials", type=int, default=20, show_default=True, help="Trials to run now (added to the study's).")
+@click.option("--space", "space_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Search-space YAML (default: tuning/default.yaml).")
+@click.option("--storage", default=None,
+              help="Optuna storage: a journal file (*.log / journal:PATH, several workers on one machine), an sqlite "
+                   "file (*.db) or an RDB URL (postgresql://..., several machines). Default: "
+                   "medimgen_results/DatasetXXX/tuning/optuna.db.")
+@click.option("--objective", type=click.Choice(["pareto", "scalar"]), default="pareto", show_default=True,
+              help="pareto: FID and MS-SSIM gap, NSGA-II, Pareto front; scalar: fid + w * gap, TPE with pruning.")
+@click.option("--study-name", default=None, help="Default: DatasetXXX_Name/<model>/<dim>/<objective>.")
+@click.option("--splitting", default="train-val-test", type=click.Choice(["train-val-test", "5-fold"]), show_default=True)
+@click.option("-f", "--fold", type=int, default=0, show_default=True)
+@_extractor_option
+@_weights_option
+@click.option("--autoencoder", "autoencoder_run", type=click.Path(file_okay=False, exists=True), default=None,
+              help="LDM: the autoencoder run folder to build on (default: the dataset's autoencoder run).")
+@click.option("--apply-best", is_flag=True, help="Write the best trial's values into medimgen_config.yaml (backed up first).")
+@click.option("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds.")
+@click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available).")
+@click.option("--no-mlflow", is_flag=True, help="Do not track trials in MLflow.")
+@_set_option
+@click.option("--overrides", "override_text", default="", metavar="'K=V K=V'",
+              help="Space-separated overrides in one string (for MLproject).")
+@click.option("-p", "--progress", is_flag=True, help="Show a progress bar over trials.")
+@friendly_errors
+def tune_cmd(dataset_id, model, model_type, trials, space_path, storage, objective, study_name, splitting, fold,
+             extractor, weights, autoencoder_run, apply_best, timeout, device, no_mlflow, overrides, override_text,
+             progress):
+    """Tune the planner's values with Optuna; every trial is a short training run scored by FID and MS-SSIM."""
+    from medimgen.tuning.api import tune
+
+    result = tune(dataset_id, model, model_type, trials, space_path, storage, objective, study_name, splitting, fold,
+                  extractor, weights, autoencoder_run, [*overrides, *override_text.split()], apply_best, device,
+                  timeout, not no_mlflow, progress, echo=click.echo)
+    click.echo(f"study {result.study_name}: {result.trials} trial(s), {result.completed} complete"
+               + (f"; MLflow parent run {result.parent_run_id}" if result.parent_run_id else ""))
+    for b in result.best:
+        click.echo(f"  best trial {b['number']}: values {', '.join(f'{v:.4g}' for v in b['values'])}; {b['params']}")
+    if result.applied:
+        click.echo(f"wrote the values of trial {result.best[0]['number']} to {result.applied}"
+                   + (f" (previous file kept as {result.backup})" if result.backup else ""))
+
+
 @main.command("register")
 @click.argument("run_folder", type=click.Path(file_okay=False, exists=True))
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)

@@ -209,6 +209,10 @@ def score_target(target: Target, real: torch.Tensor, num_samples: int, extractor
     return generation_scores(generated, real, extractor, dev)
 
 
+def objective_names(kind: str) -> tuple[str, str]:
+    return ("rfid", "ms_ssim_loss") if kind == "autoencoder" else ("fid", "ms_ssim_gap")
+
+
 def objective_values(scores: dict[str, float], kind: str) -> dict[str, float]:
     """The two tuning objectives, both minimised. DDPM/LDM: 'fid' and 'ms_ssim_gap' (diversity gap to real data);
     autoencoder: 'rfid' (reconstructions vs originals) and 'ms_ssim_loss' (1 - MS-SSIM of reconstructions)."""
