@@ -335,6 +335,10 @@ def tune(
             real_cache[key] = real_images(cfg, plans.name, space.budget["real"], splitting, fold)[0]
         return real_cache[key]
 
+    if trials > 0 and len(real_for(base)) < 2:
+        raise MedimgenError(f"only {len(real_for(base))} real image in the '{space.budget['real']}' cases of the split: "
+                            f"FID needs at least 2; set budget.real to train or all in {space.path}")
+
     def run_trial(trial) -> float | tuple[float, float]:
         values = space.sample(trial)
         config_sets = [*overrides, *space.overrides(base, values)]

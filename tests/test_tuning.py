@@ -1,0 +1,209 @@
+"""`medimgen tune`: search-space files, a 3-trial CPU study with resume and --apply-best, failed trials,
+two worker processes on one journal file.
+
+Trials are scored with features of an nnU-Net stand-in whose weights are RANDOM (made here with
+nnU-Net's own network builder, tests/nnunet_helpers.py): the numbers exercise the tuning
+machinery; they are not FIDs of any meaning.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from medimgen.cli import main
+from medimgen.config import is_user_edited, load_config
+from medimgen.errors import MedimgenError
+from medimgen.tuning.space import load_space
+from tests.training_helpers import tiny_overrides
+
+TUNE_2D = 203
+
+SPACE = """
+budget: {epochs: 2, num_samples: 4, real: val, sampling_steps: 2}
+pruner: {n_startup_trials: 1, n_warmup_steps: 0}
+autoencoder:
+  losses.kl_weight: {type: float, low: 1.0e-8, high: 1.0e-4, log: true}
+  autoencoder.latent_channels: {type: categorical, choices: [3, 4]}
+  autoencoder.depth: {type: int, low: 1, high: 2}
+  train_autoencoder.learning_rate: {type: float, low: 1.0e-4, high: 1.0e-3, log: true}
+"""
+
+
+@pytest.fixture(scope="module")
+def tune_env(nnunet_roots, tmp_path_factory):
+    """A small 2D CT dataset of its own (planned and preprocessed by nnU-Net), own results, MLflow DB and cwd."""
+    from medimgen.nnunet import plan_and_preprocess
+    from medimgen.planning import plan_dataset
+    from medimgen.synthetic import make_synthetic_dataset
+    from tests.nnunet_helpers import make_nnunet_model
+
+    base = tmp_path_factory.mktemp("tune")
+    mp = pytest.MonkeyPatch()
+    for k, v in nnunet_roots.items():
+        mp.setenv(k, str(v))
+    mp.setenv("medimgen_results", str(base / "results"))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base / 'mlflow.db'}")
+    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    mp.chdir(base)
+    make_synthetic_dataset(nnunet_roots["nnUNet_raw"], TUNE_2D, "Tune", num_cases=20, shape=(48, 48),
+                           spacing=(0.7, 0.7), channels=1, modality="CT", seed=3)
+    plan_and_preprocess(TUNE_2D, configurations=("2d",), quiet=True)
+    cfg = plan_dataset(TUNE_2D, force=True).config.get("2d")
+    pre = nnunet_roots["nnUNet_preprocessed"] / "Dataset203_Tune"
+    extractor = make_nnunet_model(base / "nnunet_model", pre, "2d")
+    space = base / "space.yaml"
+    space.write_text(SPACE)
+    yield {"base": base, "pre": pre, "cfg": cfg, "space": space,
+           "args": ["-d", str(TUNE_2D), "--model", "autoencoder", "-t", "2d", "--space", str(space),
+                    "--extractor", f"nnunet:{extractor}", "--overrides", " ".join(tiny_overrides(cfg, epochs=3))]}
+    mp.undo()
+
+
+def _runs(filter_string: str):
+    import mlflow
+
+    return mlflow.search_runs(experiment_names=["Dataset203_Tune"], filter_string=filter_string)
+
+
+# ---------------------------------------------------------------------- search-space files
+@pytest.mark.parametrize("text, message", [
+    ("autoencoder:\n  losses.kl_weight: {type: float, low: 1.0e-8, hihg: 1.0}\n", "unknown key 'hihg'.*did you mean 'high'"),
+    ("autoencodr:\n  losses.kl_weight: {type: float, low: 0.1, high: 1.0}\n", "unknown section 'autoencodr'.*'autoencoder'"),
+    ("autoencoder:\n  losses.kl_weight: {type: float, low: 0.0, high: 1.0, log: true}\n", "log-scale range needs low > 0"),
+    ("autoencoder:\n  losses.kl_weight: {type: float, low: 1e-8, high: 1.0}\n", "'low' must be a number.*1.0e-5"),
+    ("autoencoder:\n  autoencoder.channels: {type: categorical, choices: [[8, 16], [16, 32]]}\n", "channel_multiplier"),
+    ("ldm:\n  train_ldm.learning_rate: {type: float, low: 0.1, high: 1.0}\n", "no search space for 'autoencoder'"),
+    ("budget: {real: test}\nautoencoder:\n  losses.kl_weight: {type: float, low: 0.1, high: 1.0}\n", "would leak"),
+])
+def test_space_file_errors_are_one_line(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(MedimgenError, match=message):
+        load_space(path, "autoencoder")
+
+
+def test_space_keys_are_checked_against_the_config_and_derived_values_apply(tune_env, tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("autoencoder:\n  losses.kl_wieght: {type: float, low: 0.1, high: 1.0}\n")
+    with pytest.raises(MedimgenError, match="did you mean 'kl_weight'"):
+        load_space(path, "autoencoder").validate(tune_env["cfg"])
+    from medimgen.tuning.api import tune
+
+    with pytest.raises(MedimgenError, match="tuning the LDM needs a trained autoencoder"):
+        tune(TUNE_2D, "ldm", "2d", 1, space_path=None, track=False)
+    default = load_space(None, "autoencoder")  # the shipped tuning/default.yaml
+    assert default.path.name == "default.yaml" and default.budget["real"] == "val"
+    for model in ("ldm", "ddpm"):
+        load_space(None, model).validate(tune_env["cfg"])
+    default.validate(tune_env["cfg"])
+    from medimgen.config import apply_overrides
+
+    cfg = tune_env["cfg"]
+    sets = default.overrides(cfg, {"autoencoder.depth": 1, "autoencoder.channel_multiplier": 2.0,
+                                   "losses.kl_weight": 1e-5})
+    tuned = apply_overrides(cfg, sets)
+    assert tuned.autoencoder.strides == cfg.autoencoder.strides[:1]
+    assert tuned.autoencoder.channels == tuple(2 * c for c in cfg.autoencoder.channels[:2])
+    assert tuned.losses.kl_weight == 1e-5
+
+
+# ---------------------------------------------------------------------- a real study
+def test_tune_three_trials_resume_and_apply_best(tune_env):
+    runner = CliRunner()
+    first = runner.invoke(main, ["tune", *tune_env["args"], "--trials", "3"])
+    assert first.exit_code == 0, first.output
+    db = tune_env["base"] / "results" / "Dataset203_Tune" / "tuning" / "optuna.db"
+    assert db.is_file()
+    name = "Dataset203_Tune/autoencoder/2d/pareto"
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert all(len(t.values) == 2 for t in study.trials)
+
+    parents = _runs("tags.`medimgen.tuning_parent` = 'true'")
+    assert len(parents) == 1
+    parent = parents.run_id[0]
+    children = _runs(f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(children["tags.optuna.trial_number"].astype(int)) == [0, 1, 2]
+    by_number = {int(r["tags.optuna.trial_number"]): r for _, r in children.iterrows()}
+    for t in study.trials:
+        row = by_number[t.number]
+        assert row["metrics.objective.rfid"] == pytest.approx(t.values[0])
+        assert row["metrics.objective.ms_ssim_loss"] == pytest.approx(t.values[1])
+        assert float(row["params.losses.kl_weight"]) == pytest.approx(t.params["losses.kl_weight"])
+    assert "metrics.train_loss" in children.columns  # the trial's own training curves
+    assert "metrics.trials_complete" in parents.columns
+
+    config_path = tune_env["pre"] / "medimgen_config.yaml"
+    second = runner.invoke(main, ["tune", *tune_env["args"], "--trials", "2", "--apply-best"])
+    assert second.exit_code == 0, second.output
+    assert "3 trial(s) so far" in second.output
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
+    assert len(_runs("tags.`medimgen.tuning_parent` = 'true'")) == 1  # the same parent goes on
+    assert len(_runs(f"tags.mlflow.parentRunId = '{parent}'")) == 5
+
+    best = min(study.best_trials, key=lambda t: tuple(t.values))
+    applied = load_config(config_path).get("2d")  # valid: it reads back through the typed config
+    assert applied.losses.kl_weight == pytest.approx(best.params["losses.kl_weight"])
+    assert applied.autoencoder.latent_channels == best.params["autoencoder.latent_channels"]
+    assert len(applied.autoencoder.strides) == min(best.params["autoencoder.depth"], len(tune_env["cfg"].autoencoder.strides))
+    # the user's --overrides are part of the tuned config (3 epochs), the per-trial budget (2 epochs) is not
+    assert applied.train_autoencoder.epochs == 3
+    from medimgen.config import load_generation_config
+
+    assert load_generation_config(Path(best.user_attrs["run_dir"]) / "config.yaml").train_autoencoder.epochs == 2
+    assert f"trial {best.number}" in config_path.read_text()
+    assert is_user_edited(config_path) and list(config_path.parent.glob("medimgen_config.yaml.*.bak"))
+    replan = runner.invoke(main, ["plan", "-d", str(TUNE_2D)])
+    assert replan.exit_code == 2 and "edited by hand" in replan.output  # tuned values are not overwritten silently
+    backup = next(config_path.parent.glob("medimgen_config.yaml.*.bak"))
+    backup.replace(config_path)  # the other tests of this module use the planned config
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(tune_env, tmp_path):
+    space = tmp_path / "bad.yaml"
+    space.write_text("budget: {epochs: 1, real: val, sampling_steps: 1}\n"
+                     "autoencoder:\n  autoencoder.norm_num_groups: {type: categorical, choices: [7]}\n")
+    args = [a if a != str(tune_env["space"]) else str(space) for a in tune_env["args"]]
+    res = CliRunner().invoke(main, ["tune", *args, "--trials", "2", "--objective", "scalar", "--study-name", "broken"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("failed:") == 2
+    db = tune_env["base"] / "results" / "Dataset203_Tune" / "tuning" / "optuna.db"
+    study = optuna.load_study(study_name="broken", storage=f"sqlite:///{db}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert all("does not divide" in t.user_attrs["failure"] for t in study.trials)
+    assert isinstance(study.pruner, optuna.pruners.MedianPruner)
+    failed = _runs("tags.`optuna.study` = 'broken' and tags.`optuna.state` = 'FAIL'")
+    assert len(failed) == 2 and set(failed.status) == {"FAILED"}
+    nothing = CliRunner().invoke(main, ["tune", *args, "--trials", "0", "--objective", "scalar", "--study-name", "broken",
+                                        "--apply-best"])
+    assert nothing.exit_code == 2 and "no completed trial" in nothing.output
+
+
+def test_two_workers_share_one_journal_study(tune_env, tmp_path):
+    journal = tmp_path / "study.journal"
+    exe = Path(sys.executable).parent / "medimgen"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    cmd = [str(exe), "tune", *tune_env["args"], "--trials", "2", "--storage", str(journal), "--study-name", "shared"]
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+               for _ in range(2)]
+    outputs = [w.communicate(timeout=900)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    study = optuna.load_study(study_name="shared", storage=JournalStorage(JournalFileBackend(str(journal))))
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == [0, 1, 2, 3]  # no duplicates, none lost
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    run_dirs = {t.user_attrs["run_dir"] for t in study.trials}
+    assert len(run_dirs) == 4 and all(Path(d).is_dir() for d in run_dirs)
+    for out in outputs:  # each worker ran two of them
+        assert out.count("trial ") >= 2
