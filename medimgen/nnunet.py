@@ -43,3 +43,35 @@ def plan_and_preprocess(
         tail = (out.stdout or "").strip().splitlines()[-1:] if quiet else []
         raise MedimgenError(f"nnUNetv2_plan_and_preprocess failed for dataset {dataset_id} (exit {out.returncode})"
                             + (f": {tail[0]}" if tail else ""))
+
+
+def train_nnunet_briefly(dataset_id: int | str, configuration: str = "3d_fullres", fold: int = 0, epochs: int = 2,
+                         iterations: int = 20, device: str = "cpu") -> Path:
+    """A deliberately short nnU-Net training with nnU-Net's own trainer (``epochs`` x ``iterations``), for the demo:
+    it gives `medimgen evaluate` / `tune` dataset-specific encoder features on a machine that cannot download
+    pretrained weights. The model folder is named after the trainer, nnUNetTrainerMedimgenDemo, so the scores say
+    which features they come from. Train nnU-Net fully (nnUNetv2_train) for features worth comparing."""
+    import json
+
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from medimgen.plans import DatasetPlans
+
+    class nnUNetTrainerMedimgenDemo(nnUNetTrainer):
+        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device = torch.device("cpu")):  # nnU-Net records these exact argument names
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = epochs
+            self.num_iterations_per_epoch = iterations
+            self.num_val_iterations_per_epoch = max(1, iterations // 4)
+
+    plans = DatasetPlans.from_id(dataset_id)
+    os.environ.setdefault("nnUNet_n_proc_DA", "1")
+    os.environ.setdefault("nnUNet_compile", "false")
+    dataset_json = json.loads((plans.folder / "dataset.json").read_text())
+    plans_dict = json.loads((plans.folder / f"{plans.plans_identifier}.json").read_text())
+    plans_dict["continue_training"] = False  # what nnunetv2.run.run_training adds
+    trainer = nnUNetTrainerMedimgenDemo(plans_dict, configuration, fold, dataset_json, device=torch.device(device))
+    trainer.run_training()
+    return Path(trainer.output_folder_base)

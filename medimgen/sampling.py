@@ -325,6 +325,12 @@ def resolve_sampler(model: str, dataset_id: int | str | None = None, model_type:
         return from_run(model, checkpoint)
     if model not in ("ldm", "ddpm", "auto"):
         raise MedimgenError(f"--model must be ldm, ddpm, auto, a run folder or an MLflow model URI; got {model!r}")
+    return from_run(dataset_run_folder(model, dataset_id, model_type, splitting, fold), checkpoint)
+
+
+def dataset_run_folder(model: str, dataset_id: int | str | None, model_type: str = "3d",
+                       splitting: str = "train-val-test", fold: int = 0) -> Path:
+    """The dataset's standard run folder of ``model`` (ldm, ddpm, autoencoder; auto: the LDM if trained, else the DDPM)."""
     if dataset_id is None:
         raise MedimgenError("DATASET_ID is needed to find a trained model")
     from medimgen.paths import dataset_name_from_id, medimgen_results
@@ -334,10 +340,10 @@ def resolve_sampler(model: str, dataset_id: int | str | None = None, model_type:
     kinds = ["ldm", "ddpm"] if model == "auto" else [model]
     for kind in kinds:
         root = base / kind / model_type / split
-        if (root / "checkpoints").is_dir():
-            return from_run(root, checkpoint)
+        if (root / "checkpoints" / "last.pt").is_file() or (root / "checkpoints" / "best.pt").is_file():
+            return root
     raise MedimgenError(f"no trained {' or '.join(kinds)} for {base.name} {model_type} {split} in {base}: "
-                        f"train one first (medimgen train ldm|ddpm ...)")
+                        f"train one first (medimgen train {'ldm|ddpm' if model == 'auto' else model} ...)")
 
 
 def sample_to_folder(

@@ -45,10 +45,12 @@ def test_frechet_distance_grows_with_noise():
 
 @pytest.mark.parametrize("shape", [(4, 1, 64, 64), (3, 1, 16, 32, 32)])
 def test_ms_ssim_identical_is_one_and_noise_lowers_it(shape):
-    x = torch.rand(shape) * 2 - 1
+    torch.manual_seed(0)
+    x = (0.5 * torch.rand(shape[1:]) + 0.5 * torch.rand(shape)) * 2 - 1  # a shared half: similar, not equal
     assert torch.allclose(ms_ssim(x, x), torch.ones(shape[0]), atol=1e-4)
     assert float(ms_ssim(x, (x + 0.5 * torch.randn(shape)).clamp(-1, 1)).mean()) < 0.95
     assert 0 < mean_pairwise_ms_ssim(x) < 1
+    assert mean_pairwise_ms_ssim(x[:1].repeat(3, *[1] * (len(shape) - 1))) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_nnunet_encoder_extractor_loads_nnunet_checkpoint(nnunet_env, tmp_path):

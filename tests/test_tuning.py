@@ -23,7 +23,7 @@ from medimgen.errors import MedimgenError
 from medimgen.tuning.space import load_space
 from tests.training_helpers import tiny_overrides
 
-TUNE_2D = 203
+TUNE_2D = 211  # ids in use by other test modules: 201, 202, 203 (test_memory)
 
 SPACE = """
 budget: {epochs: 2, num_samples: 4, real: val, sampling_steps: 2}
@@ -57,7 +57,7 @@ def tune_env(nnunet_roots, tmp_path_factory):
                            spacing=(0.7, 0.7), channels=1, modality="CT", seed=3)
     plan_and_preprocess(TUNE_2D, configurations=("2d",), quiet=True)
     cfg = plan_dataset(TUNE_2D, force=True).config.get("2d")
-    pre = nnunet_roots["nnUNet_preprocessed"] / "Dataset203_Tune"
+    pre = nnunet_roots["nnUNet_preprocessed"] / "Dataset211_Tune"
     extractor = make_nnunet_model(base / "nnunet_model", pre, "2d")
     space = base / "space.yaml"
     space.write_text(SPACE)
@@ -70,7 +70,7 @@ def tune_env(nnunet_roots, tmp_path_factory):
 def _runs(filter_string: str):
     import mlflow
 
-    return mlflow.search_runs(experiment_names=["Dataset203_Tune"], filter_string=filter_string)
+    return mlflow.search_runs(experiment_names=["Dataset211_Tune"], filter_string=filter_string)
 
 
 # ---------------------------------------------------------------------- search-space files
@@ -120,9 +120,9 @@ def test_tune_three_trials_resume_and_apply_best(tune_env):
     runner = CliRunner()
     first = runner.invoke(main, ["tune", *tune_env["args"], "--trials", "3"])
     assert first.exit_code == 0, first.output
-    db = tune_env["base"] / "results" / "Dataset203_Tune" / "tuning" / "optuna.db"
+    db = tune_env["base"] / "results" / "Dataset211_Tune" / "tuning" / "optuna.db"
     assert db.is_file()
-    name = "Dataset203_Tune/autoencoder/2d/pareto"
+    name = "Dataset211_Tune/autoencoder/2d/pareto"
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
     assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert all(len(t.values) == 2 for t in study.trials)
@@ -176,7 +176,7 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tune_env, tmp_path):
     res = CliRunner().invoke(main, ["tune", *args, "--trials", "2", "--objective", "scalar", "--study-name", "broken"])
     assert res.exit_code == 0, res.output
     assert res.output.count("failed:") == 2
-    db = tune_env["base"] / "results" / "Dataset203_Tune" / "tuning" / "optuna.db"
+    db = tune_env["base"] / "results" / "Dataset211_Tune" / "tuning" / "optuna.db"
     study = optuna.load_study(study_name="broken", storage=f"sqlite:///{db}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
     assert all("does not divide" in t.user_attrs["failure"] for t in study.trials)

@@ -92,7 +92,7 @@ def _run_id_of_uri(uri: str) -> str | None:
 def resolve_target(model: str, dataset_id: int | str | None = None, model_type: str = "3d",
                    splitting: str = "train-val-test", fold: int = 0, checkpoint: str = "best") -> Target:
     """``model``: a run folder, an MLflow model URI, or ddpm / ldm / autoencoder / auto (the dataset's run)."""
-    from medimgen.sampling import from_uri
+    from medimgen.sampling import dataset_run_folder, from_uri
 
     if ":/" in model:
         sampler = from_uri(model)
@@ -103,19 +103,7 @@ def resolve_target(model: str, dataset_id: int | str | None = None, model_type: 
     if model not in ("ddpm", "ldm", "autoencoder", "auto"):
         raise MedimgenError(f"--model must be ddpm, ldm, autoencoder, auto, a run folder or an MLflow model URI; "
                             f"got {model!r}")
-    if dataset_id is None:
-        raise MedimgenError("DATASET_ID is needed to find a trained model")
-    from medimgen.paths import dataset_name_from_id, medimgen_results
-
-    split = "train-val-test" if splitting == "train-val-test" else f"fold_{fold}"
-    base = medimgen_results() / dataset_name_from_id(dataset_id)
-    kinds = ["ldm", "ddpm"] if model == "auto" else [model]
-    for kind in kinds:
-        root = base / kind / model_type / split
-        if (root / "checkpoints" / "last.pt").is_file():
-            return target_from_run(root, checkpoint)
-    raise MedimgenError(f"no trained {' or '.join(kinds)} for {base.name} {model_type} {split} in {base}: "
-                        f"train one first (medimgen train ...)")
+    return target_from_run(dataset_run_folder(model, dataset_id, model_type, splitting, fold), checkpoint)
 
 
 def real_images(cfg: GenerationConfig, dataset: str, subset: str = "test", splitting: str = "train-val-test",
