@@ -15,10 +15,12 @@ from medimgen.sampling import sample_to_folder
 from medimgen.synthetic import make_synthetic_dataset
 from medimgen.tracking import resolve_uri
 from medimgen.training.api import run_dir_for, train
+from medimgen.tuning.api import tune
 
 DEMO_ID = 990
 DEMO_NAME = "Phantom"
 DEMO_EPOCHS = 3
+DEMO_TUNING = {"budget": {"epochs": 2, "iterations_per_epoch": 4, "num_samples": 4, "real": "train", "sampling_steps": 10}}
 # short runs so the demo finishes in minutes on a CPU; architectures and everything else are as planned
 DEMO_OVERRIDES = [
     *[f"train_{m}.{k}={v}" for m in ("autoencoder", "ddpm", "ldm")
@@ -48,18 +50,18 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
         echo(f"{var}={value}")
     raw = paths.nnunet_raw() / f"Dataset{dataset_id:03d}_{DEMO_NAME}"
     if not (raw / "dataset.json").exists():
-        echo(f"[1/6] writing a synthetic 3D MRI dataset (anisotropic spacing) to {raw}")
+        echo(f"[1/9] writing a synthetic 3D MRI dataset (anisotropic spacing) to {raw}")
         make_synthetic_dataset(paths.nnunet_raw(), dataset_id, DEMO_NAME, num_cases=8, shape=(48, 48, 20),
                                spacing=(1.0, 1.0, 2.5), modality="MRI", seed=0)
     else:
-        echo(f"[1/6] synthetic dataset already at {raw}")
+        echo(f"[1/9] synthetic dataset already at {raw}")
     pre = paths.nnunet_preprocessed() / raw.name
     if not (pre / "nnUNetPlans.json").exists():
-        echo("[2/6] nnUNetv2_plan_and_preprocess (nnU-Net fingerprint, plans, preprocessing)")
+        echo("[2/9] nnUNetv2_plan_and_preprocess (nnU-Net fingerprint, plans, preprocessing)")
         plan_and_preprocess(dataset_id)
     else:
-        echo(f"[2/6] nnU-Net preprocessing already at {pre}")
-    echo("[3/6] medimgen plan")
+        echo(f"[2/9] nnU-Net preprocessing already at {pre}")
+    echo("[3/9] medimgen plan")
     result = plan_dataset(dataset_id, force=True)
     echo(f"generation config: {result.path}" + (f" (previous edited file kept as {result.backup})" if result.backup else ""))
 
@@ -69,21 +71,58 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
     for step, model in ((4, "autoencoder"), (5, "ldm"), (5, "ddpm")):
         run = run_dir_for(DatasetPlans.from_id(dataset_id), model, "3d", "train-val-test")
         if (run.root / "checkpoints" / "best.pt").is_file():
-            echo(f"[{step}/6] {model} already trained: {run.root}")
+            echo(f"[{step}/9] {model} already trained: {run.root}")
         else:
-            echo(f"[{step}/6] training the 3D {model} (demo length: {DEMO_EPOCHS} short epochs; real runs use the planned epochs)")
+            echo(f"[{step}/9] training the 3D {model} (demo length: {DEMO_EPOCHS} short epochs; real runs use the planned epochs)")
             train(model, dataset_id, "train-val-test", "3d", overrides=DEMO_OVERRIDES, progress=progress, echo=echo)
         runs[model] = run.root
     samples = workspace / "samples"
-    echo(f"[6/6] sampling 2 images from the LDM and the DDPM into {samples}")
+    echo(f"[6/9] sampling 2 images from the LDM and the DDPM into {samples}")
     files = []
     for model in ("ldm", "ddpm"):
         files += sample_to_folder(samples / model, 2, model, dataset_id, "3d", progress=progress)
+
+    from medimgen.evaluation.api import evaluate
+    from medimgen.evaluation.features import find_nnunet_model
+    from medimgen.nnunet import train_nnunet_briefly
+
+    plans = DatasetPlans.from_id(dataset_id)
+    found = find_nnunet_model(plans.name, 3)
+    if found:
+        echo(f"[7/9] a trained nnU-Net is already at {found[0]}: its encoder gives the FID features")
+    else:
+        echo("[7/9] training nnU-Net for 2 x 10 iterations (demo length; nnU-Net normally trains 1000 x 250) so that "
+             "FID has dataset-specific features on a machine that cannot download pretrained networks")
+        train_nnunet_briefly(dataset_id, "3d_fullres", epochs=2, iterations=10)
+    echo("[8/9] medimgen evaluate: 4 LDM samples against the test cases")
+    report = evaluate("ldm", dataset_id, "3d", real="test", num_samples=4, progress=progress)
+    for k, v in report["scores"].items():
+        echo(f"  {k} = {v:.4g}")
+    echo(f"  features: {report['feature_extractor']} (a demo-length nnU-Net: the numbers show the workflow, not quality)")
+    echo("[9/9] medimgen tune: 2 trials of the autoencoder search space (demo budget: 2 short epochs per trial)")
+    space = _demo_space(workspace)
+    tuned = tune(dataset_id, "autoencoder", "3d", 2, space, overrides=["train_autoencoder.val_plot_interval=2"],
+                 echo=lambda m: echo(f"  {m}"))
     echo("")
     echo("Done. Outputs:")
     for model, root in runs.items():
         echo(f"  {model:<11} {root}")
     echo(f"  samples     {samples} ({len(files)} NIfTI files with JSON sidecars)")
     echo(f"  registry    models:/Dataset{dataset_id:03d}_{DEMO_NAME}_ldm_3d and ..._ddpm_3d (latest versions)")
+    echo(f"  evaluation  {report['json']}")
+    echo(f"  tuning      study {tuned.study_name} ({tuned.storage}); `--apply-best` writes its best trial to the config")
     echo(f"  MLflow UI   mlflow ui --backend-store-uri {resolve_uri(None)}  (then open http://127.0.0.1:5000)")
-    return {"config": result.path, "env": env, "runs": runs, "samples": files}
+    return {"config": result.path, "env": env, "runs": runs, "samples": files, "evaluation": report, "tuning": tuned}
+
+
+def _demo_space(workspace: Path) -> Path:
+    """tuning/default.yaml with the demo's short budget (and the tiny dataset's few real images)."""
+    import yaml
+
+    from medimgen.tuning.space import default_space_path
+
+    data = yaml.safe_load(default_space_path().read_text())
+    data.update(DEMO_TUNING)
+    path = workspace / "tuning_demo.yaml"
+    path.write_text("# tuning/default.yaml with the demo's budget\n" + yaml.safe_dump(data, sort_keys=False))
+    return path

@@ -207,3 +207,23 @@ def test_two_workers_share_one_journal_study(tune_env, tmp_path):
     assert len(run_dirs) == 4 and all(Path(d).is_dir() for d in run_dirs)
     for out in outputs:  # each worker ran two of them
         assert out.count("trial ") >= 2
+
+
+def test_scalar_objective_reports_every_epoch_to_the_pruner(tune_env):
+    """--objective scalar: one value (fid + w * gap) per trial, and each epoch's validation loss reported for pruning."""
+    from medimgen.tuning.api import tune
+
+    overrides = tiny_overrides(tune_env["cfg"], epochs=3)
+    result = tune(TUNE_2D, "autoencoder", "2d", 2, tune_env["space"], objective="scalar", study_name="scalar",
+                  extractor=tune_env["args"][tune_env["args"].index("--extractor") + 1], overrides=overrides,
+                  track=False, echo=lambda *_: None)
+    assert result.trials == 2 and result.parent_run_id is None
+    db = tune_env["base"] / "results" / "Dataset211_Tune" / "tuning" / "optuna.db"
+    study = optuna.load_study(study_name="scalar", storage=f"sqlite:///{db}")
+    for t in study.trials:
+        assert t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        assert sorted(t.intermediate_values) in ([1], [1, 2])  # budget: 2 epochs (pruned trials stop after 1)
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            scores = t.user_attrs["scores"]
+            fid = scores["rfid.nnunet_encoder"]
+            assert t.value == pytest.approx(fid + 100.0 * scores["ms_ssim_loss"])
