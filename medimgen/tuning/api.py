@@ -83,7 +83,8 @@ def _load_study(storage, description: str, name: str, objective: str, space: Sea
     import optuna
 
     pareto = objective == "pareto"
-    sampler = optuna.samplers.NSGAIISampler() if pareto else optuna.samplers.TPESampler()
+    sampler = (optuna.samplers.NSGAIISampler(population_size=int(space.objective["nsga2_population_size"]))
+               if pareto else optuna.samplers.TPESampler())
     pruner = (optuna.pruners.NopPruner() if pareto else
               optuna.pruners.MedianPruner(n_startup_trials=int(space.pruner["n_startup_trials"]),
                                           n_warmup_steps=int(space.pruner["n_warmup_steps"])))

@@ -17,7 +17,7 @@ SECTIONS = ("budget", "objective", "pruner", *MODELS)
 SPEC_KEYS = {"float": {"type", "low", "high", "log"}, "int": {"type", "low", "high", "step", "log"},
              "categorical": {"type", "choices"}}
 BUDGET_DEFAULTS = {"epochs": 30, "iterations_per_epoch": None, "num_samples": 16, "real": "val", "sampling_steps": 50}
-OBJECTIVE_DEFAULTS = {"ms_ssim_gap_weight": 100.0}
+OBJECTIVE_DEFAULTS = {"ms_ssim_gap_weight": 100.0, "nsga2_population_size": 10}
 PRUNER_DEFAULTS = {"n_startup_trials": 5, "n_warmup_steps": 5}
 DERIVED = ("autoencoder.channel_multiplier", "autoencoder.depth", "ddpm_unet.channel_multiplier",
            "ldm_unet.channel_multiplier")
