@@ -239,7 +239,7 @@ def evaluate_cmd(dataset_id, model, model_type, num_samples, real, extractor, we
 @click.option("--model", type=click.Choice(["autoencoder", "ldm", "ddpm"]), required=True, help="Model to tune.")
 @click.option("-t", "--model-type", type=click.Choice(["2d", "3d"]), default="3d", show_default=True)
 @click.option("--trials", type=int, default=20, show_default=True, help="Trials to run now (added to the study's).")
-@click.option("--space", "space_path", type=click.Path(dir_okay=False, exists=True), default=None,
+@click.option("--space", "space_path", type=click.Path(dir_okay=False), default=None,
               help="Search-space YAML (default: tuning/default.yaml).")
 @click.option("--storage", default=None,
               help="Optuna storage: a journal file (*.log / journal:PATH, several workers on one machine), an sqlite "

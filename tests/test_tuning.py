@@ -164,6 +164,10 @@ def test_tune_three_trials_resume_and_apply_best(tune_env):
     assert is_user_edited(config_path) and list(config_path.parent.glob("medimgen_config.yaml.*.bak"))
     replan = runner.invoke(main, ["plan", "-d", str(TUNE_2D)])
     assert replan.exit_code == 2 and "edited by hand" in replan.output  # tuned values are not overwritten silently
+    i = tune_env["args"].index("--space")
+    other_space = tune_env["args"][:i] + tune_env["args"][i + 2:]  # the default space: other parameters
+    changed = runner.invoke(main, ["tune", *other_space, "--trials", "1"])
+    assert changed.exit_code == 2 and "another search space" in changed.output
     backup = next(config_path.parent.glob("medimgen_config.yaml.*.bak"))
     backup.replace(config_path)  # the other tests of this module use the planned config
 
@@ -227,3 +231,29 @@ def test_scalar_objective_reports_every_epoch_to_the_pruner(tune_env):
             scores = t.user_attrs["scores"]
             fid = scores["rfid.nnunet_encoder"]
             assert t.value == pytest.approx(fid + 100.0 * scores["ms_ssim_loss"])
+
+
+def test_mlflow_run_tune_entry_point_is_the_parent(tune_env):
+    """`mlflow run . -e tune --env-manager local`: the run MLflow creates is the study's parent run."""
+    from mlflow import MlflowClient
+
+    repo = Path(__file__).resolve().parents[1]
+    exe = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env["PATH"] = f"{exe}{os.pathsep}{env.get('PATH', '')}"
+    args = tune_env["args"]
+    overrides = args[args.index("--overrides") + 1]
+    extractor = args[args.index("--extractor") + 1]
+    out = subprocess.run([str(exe / "mlflow"), "run", str(repo), "-e", "tune", "-P", f"dataset={TUNE_2D}",
+                          "-P", "model=autoencoder", "-P", "model_type=2d", "-P", "trials=1",
+                          "-P", f"extractor={extractor}", "-P", f"overrides={overrides}", "-P", f"space={tune_env['space']}",
+                          "--env-manager", "local", "--experiment-name", "tune-mlproject"],
+                         env=env, capture_output=True, text=True, cwd=tune_env["base"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tune-mlproject")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # MLflow's own run, no second parent
+    assert parent.data.tags["medimgen.tuning_parent"] == "true" and parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 1 and children[0].data.tags["optuna.state"] == "COMPLETE"  # in the parent's experiment

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +228,7 @@ def _log_to_mlflow(report: dict, json_path: Path, parent_run_id: str | None) -> 
 
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
 
     from medimgen.tracking import resolve_uri
 
@@ -243,7 +244,12 @@ def _log_to_mlflow(report: dict, json_path: Path, parent_run_id: str | None) -> 
                 "feature_extractor": report["feature_extractor"] or "none"}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(experiment_id, run_name=f"evaluate_{report['kind']}_{report['dim']}", tags=tags)
+        attached = os.environ.get("MLFLOW_RUN_ID")  # under `mlflow run -e evaluate`: use the run MLflow made
+        if attached:
+            run = client.get_run(attached)
+            client.log_batch(attached, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        else:
+            run = client.create_run(experiment_id, run_name=f"evaluate_{report['kind']}_{report['dim']}", tags=tags)
         now = int(time.time() * 1000)
         params = {"num_samples": report["num_generated"], "real_subset": report["real"]["subset"],
                   "real_images": report["real"]["images"], "seed": report["seed"],
@@ -252,7 +258,8 @@ def _log_to_mlflow(report: dict, json_path: Path, parent_run_id: str | None) -> 
                          metrics=[Metric(k, float(v), now, 0) for k, v in report["scores"].items() if v == v],
                          params=[Param(k, str(v)) for k, v in params.items()])
         client.log_artifact(run.info.run_id, str(json_path))
-        client.set_terminated(run.info.run_id)
+        if not attached:  # `mlflow run` ends its own run
+            client.set_terminated(run.info.run_id)
         return run.info.run_id
     except Exception as e:
         warnings.warn(f"could not log the evaluation to MLflow ({type(e).__name__}: {e}); "

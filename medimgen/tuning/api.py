@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -39,6 +40,7 @@ from medimgen.tuning.space import SearchSpace, load_space
 
 OBJECTIVES = ("pareto", "scalar")
 PARENT_ATTR = "mlflow_parent_run_id"
+SPACE_ATTR = "search_space"
 
 
 class TrialFailed(MedimgenError):
@@ -98,6 +100,15 @@ def _load_study(storage, description: str, name: str, objective: str, space: Sea
     if len(study.directions) != len(directions):
         raise MedimgenError(f"study {name} in {description} has {len(study.directions)} objective(s), "
                             f"--objective {objective} needs {len(directions)}")
+    signature = space.signature()
+    recorded = study.user_attrs.get(SPACE_ATTR)
+    if recorded is None:
+        study.set_user_attr(SPACE_ATTR, signature)
+        study.set_user_attr("search_space_file", str(space.path))
+    elif recorded != signature:
+        raise MedimgenError(f"study {name} was made with another search space "
+                            f"({study.user_attrs.get('search_space_file', 'unknown file')}); Optuna cannot change a "
+                            f"study's parameters: use that space again, or a new --study-name")
     return study
 
 
@@ -132,7 +143,9 @@ class _MLflow:
         self.enabled = False
         self.client = None
 
-    def experiment_id(self) -> str:
+    def experiment_id(self, parent: str | None = None) -> str:
+        if parent:
+            return self.client.get_run(parent).info.experiment_id
         exp = self.client.get_experiment_by_name(self.experiment)
         return exp.experiment_id if exp else self.client.create_experiment(self.experiment)
 
@@ -141,6 +154,15 @@ class _MLflow:
         if not self.enabled:
             return None
         try:
+            attached = os.environ.get("MLFLOW_RUN_ID")
+            if attached:  # under `mlflow run`: the run MLflow made is the parent of this invocation's trials
+                self.client.set_tag(attached, "medimgen.tuning_parent", "true")
+                for k, v in tags.items():
+                    if k != "run_name":
+                        self.client.set_tag(attached, k, str(v))
+                if not study.user_attrs.get(PARENT_ATTR):
+                    study.set_user_attr(PARENT_ATTR, attached)
+                return attached
             known = study.user_attrs.get(PARENT_ATTR)
             if known:
                 try:
@@ -149,12 +171,8 @@ class _MLflow:
                     return known
                 except Exception:
                     pass
-            run_id = os.environ.get("MLFLOW_RUN_ID")  # under `mlflow run`: that run is the parent
-            if not run_id:
-                run_id = self.client.create_run(self.experiment_id(), run_name=tags["run_name"],
-                                                tags={k: str(v) for k, v in tags.items() if k != "run_name"}).info.run_id
-            else:
-                self.client.set_tag(run_id, "medimgen.tuning_parent", "true")
+            run_id = self.client.create_run(self.experiment_id(), run_name=tags["run_name"],
+                                            tags={k: str(v) for k, v in tags.items() if k != "run_name"}).info.run_id
             study.set_user_attr(PARENT_ATTR, run_id)
             winner = _reload_attrs(study).get(PARENT_ATTR, run_id)  # another worker may have been faster
             if winner != run_id:
@@ -185,6 +203,15 @@ class _MLflow:
         except Exception as e:
             self._warn("logging", e)
 
+    def experiment_of(self, run_id: str | None) -> str | None:
+        if not self.enabled or not run_id:
+            return None
+        try:
+            return self.client.get_experiment(self.client.get_run(run_id).info.experiment_id).name
+        except Exception as e:
+            self._warn("experiment lookup", e)
+            return None
+
     def stub_run(self, parent: str | None, name: str, tags: dict) -> str | None:
         """An MLflow run for a trial that failed before training started one."""
         if not self.enabled:
@@ -193,7 +220,7 @@ class _MLflow:
             all_tags = {k: str(v) for k, v in tags.items()}
             if parent:
                 all_tags["mlflow.parentRunId"] = parent
-            return self.client.create_run(self.experiment_id(), run_name=name, tags=all_tags).info.run_id
+            return self.client.create_run(self.experiment_id(parent), run_name=name, tags=all_tags).info.run_id
         except Exception as e:
             self._warn("stub run", e)
             return None
@@ -326,6 +353,10 @@ def tune(
         artifacts=[space.path],
     ) if trials > 0 else None
     env_run = os.environ.pop("MLFLOW_RUN_ID", None)  # trials must not attach to `mlflow run`'s run
+    trial_sets = ["tracking.log_models=false", "tracking.output_mode=log"]
+    parent_experiment = mlf.experiment_of(parent)
+    if parent_experiment:  # trials live in their parent's experiment (the UI nests runs within one experiment)
+        trial_sets.append(f"tracking.experiment_name={json.dumps(parent_experiment)}")
     trial_root = tuning_root / f"{model}_{model_type}_{objective}"
     real_cache: dict[tuple, torch.Tensor] = {}
     weight = float(space.objective["ms_ssim_gap_weight"])
@@ -359,8 +390,7 @@ def tune(
         try:
             if run_root.exists():  # a folder left by a study of the same name that was deleted
                 run_root.rename(run_root.with_name(f"{label}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
-            cfg = apply_overrides(base, config_sets + space.budget_overrides()
-                                  + ["tracking.log_models=false", "tracking.output_mode=log"])
+            cfg = apply_overrides(base, config_sets + space.budget_overrides() + trial_sets)
             cfg = fit_to_memory(cfg, cfg.memory.target_gb)
             setup = RunSetup(config=cfg, run_root=run_root, autoencoder_run=ae_run, tracker=tracker, run_name=label,
                              parent_run_id=parent, tags=tags, on_epoch=report)

@@ -59,6 +59,10 @@ class SearchSpace:
     objective: dict = field(default_factory=dict)
     pruner: dict = field(default_factory=dict)
 
+    def signature(self) -> list:
+        """The parameters and their ranges, JSON-able: a study's parameters cannot change between runs."""
+        return [[p.name, p.type, p.low, p.high, p.log, p.step, list(p.choices)] for p in self.params]
+
     def sample(self, trial) -> dict[str, Any]:
         return {p.name: p.suggest(trial) for p in self.params}
 
