@@ -275,3 +275,29 @@ def test_evaluate_bad_input(flow_2d, nnunet_env, tmp_path, monkeypatch):
     assert run.exit_code == 2 and "resnet18-f37072fd.pth" in run.output
     run = CliRunner().invoke(main, ["evaluate", "201", "--model", "vae", "-t", "2d"])
     assert run.exit_code == 2 and "--model must be" in run.output
+
+
+def test_mlflow_run_evaluate_entry_point_logs_into_its_run(flow_2d, nnunet_env, tmp_path):
+    """`mlflow run . -e evaluate --env-manager local`: the scores land in the run MLflow created."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    repo = Path(__file__).resolve().parents[1]
+    exe = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env["PATH"] = f"{exe}{os.pathsep}{env.get('PATH', '')}"
+    out = subprocess.run([str(exe / "mlflow"), "run", str(repo), "-e", "evaluate", "-P", "dataset=201",
+                          "-P", f"model={flow_2d['ldm'].run_dir}", "-P", "model_type=2d", "-P", "num_samples=2",
+                          "-P", "real=val", "-P", "extractor=none", "--env-manager", "local",
+                          "--experiment-name", "evaluate-mlproject"],
+                         env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("evaluate-mlproject").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["feature_extractor"] == "none"
+    assert {"ms_ssim_generated", "ms_ssim_real", "ms_ssim_gap"} <= set(run.data.metrics)
+    assert run.data.params["real_subset"] == "val"
