@@ -1,0 +1,159 @@
+"""One Optuna trial: sample the space, train a short run, score it, record it (Optuna + MLflow)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from medimgen.config import apply_overrides
+from medimgen.config.schema import GenerationConfig
+from medimgen.errors import MedimgenError
+from medimgen.tuning.runs import StudyRuns
+from medimgen.tuning.space import SearchSpace
+from medimgen.tuning.study import best_trials
+
+FAILURES = (MedimgenError, ValueError, RuntimeError, torch.OutOfMemoryError)  # a trial's own failure, not a bug
+
+
+class TrialFailed(MedimgenError):
+    """A trial that could not produce objective values; Optuna records it as FAIL and goes on."""
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+@dataclass
+class TrialObjective:
+    """Callable objective (and after-trial callback) for ``study.optimize``."""
+
+    study_name: str
+    dataset: str  # DatasetXXX_Name
+    model: str
+    model_type: str
+    objective: str  # pareto | scalar
+    space: SearchSpace
+    base: GenerationConfig  # the dataset's config with the user's overrides
+    overrides: Sequence[str]  # the user's overrides (part of every trial's config, and of --apply-best)
+    trial_root: Path
+    extractor: torch.nn.Module
+    runs: StudyRuns
+    parent: str | None
+    trial_sets: Sequence[str] = ()  # run-only settings (tracking), never applied to the dataset's config
+    splitting: str = "train-val-test"
+    fold: int = 0
+    autoencoder_run: Path | None = None
+    device: str | None = None
+    echo: Callable[[str], None] = print
+    _real: dict = field(default_factory=dict)
+
+    def real_images(self, cfg: GenerationConfig) -> torch.Tensor:
+        """The real images the trials are scored against (cached per image geometry)."""
+        from medimgen.evaluation.api import real_images
+
+        key = (tuple(cfg.data.image_size), tuple(cfg.data.crop_size), tuple(cfg.data.spacing))
+        if key not in self._real:
+            self._real[key] = real_images(cfg, self.dataset, self.space.budget["real"], self.splitting, self.fold)[0]
+        return self._real[key]
+
+    def check(self) -> None:
+        n = len(self.real_images(self.base))
+        if n < 2:
+            raise MedimgenError(f"only {n} real image in the '{self.space.budget['real']}' cases of the split: "
+                                f"FID needs at least 2; set budget.real to train or all in {self.space.path}")
+
+    def _pruning(self, trial) -> Callable[[int, dict], None]:
+        import optuna
+
+        def report(epoch: int, metrics: dict) -> None:
+            if self.objective == "scalar" and metrics.get("val_loss") is not None:
+                trial.report(float(metrics["val_loss"]), epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {epoch} (val_loss {metrics['val_loss']:.4g})")
+
+        return report
+
+    def _train_and_score(self, trial, config_sets: list[str], run_root: Path, tracker, tags: dict) -> dict[str, float]:
+        from medimgen.evaluation.api import score_target, target_from_run
+        from medimgen.planning.memory import fit_to_memory
+        from medimgen.training.api import RunSetup, train
+
+        if run_root.exists():  # a folder left by a study of the same name that was deleted
+            run_root.rename(run_root.with_name(f"{run_root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
+        cfg = apply_overrides(self.base, config_sets + self.space.budget_overrides() + list(self.trial_sets))
+        cfg = fit_to_memory(cfg, cfg.memory.target_gb)  # every trial fits the GPU like a planned config
+        setup = RunSetup(config=cfg, run_root=run_root, autoencoder_run=self.autoencoder_run, tracker=tracker,
+                         run_name=run_root.name, parent_run_id=self.parent, tags=tags, on_epoch=self._pruning(trial))
+        train(self.model, self.dataset, self.splitting, self.model_type, self.fold, device=self.device,
+              echo=lambda *_: None, setup=setup)
+        target = target_from_run(run_root)
+        return score_target(target, self.real_images(target.cfg), int(self.space.budget["num_samples"]), self.extractor,
+                            seed=trial.number, steps=int(self.space.budget["sampling_steps"]), device=self.device)
+
+    def _fail(self, trial, reason: str, run_id: str | None, metrics: dict | None = None) -> TrialFailed:
+        trial.set_user_attr("failure", reason)
+        self.runs.log(run_id, metrics or {}, tags={"optuna.state": "FAIL", "medimgen.failure": reason}, status="FAILED")
+        self.echo(f"trial {trial.number} failed: {reason}")
+        return TrialFailed(reason)
+
+    def __call__(self, trial) -> float | tuple[float, ...]:
+        import optuna
+
+        from medimgen.evaluation.api import objective_values
+        from medimgen.tracking import Tracker
+
+        values = self.space.sample(trial)
+        config_sets = [*self.overrides, *self.space.overrides(self.base, values)]
+        run_root = self.trial_root / f"trial_{trial.number:04d}"
+        trial.set_user_attr("config_overrides", config_sets)
+        trial.set_user_attr("run_dir", str(run_root))
+        tags = {"optuna.study": self.study_name, "optuna.trial_number": trial.number, "medimgen.tuning_trial": "true"}
+        param_tags = {f"param.{k}": v for k, v in values.items()}
+        tracker = Tracker(enabled=self.runs.enabled)
+        try:
+            scores = self._train_and_score(trial, config_sets, run_root, tracker, tags)
+        except optuna.TrialPruned as e:
+            self.runs.log(tracker.run_id, {}, tags={"optuna.state": "PRUNED"})
+            self.echo(f"trial {trial.number}: {e}")
+            raise
+        except FAILURES as e:
+            if is_oom(e) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            reason = ("out of memory: " if is_oom(e) else "") + f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            run_id = tracker.run_id or self.runs.stub_run(self.parent, run_root.name, {**tags, **param_tags})
+            raise self._fail(trial, reason, run_id) from None
+        obj = objective_values(scores, self.model)
+        trial.set_user_attr("scores", {k: (v if math.isfinite(v) else None) for k, v in scores.items()})
+        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        result = tuple(obj.values())
+        if not all(math.isfinite(v) for v in result):
+            raise self._fail(trial, f"non-finite objective values {obj}", tracker.run_id, scores)
+        weight = float(self.space.objective["ms_ssim_gap_weight"])
+        value = result if self.objective == "pareto" else result[0] + weight * result[1]
+        logged = {**scores, **{f"objective.{k}": v for k, v in obj.items()}}
+        if self.objective == "scalar":
+            logged["objective.scalar"] = value
+        self.runs.log(tracker.run_id, logged, tags={"optuna.state": "COMPLETE", **param_tags})
+        self.echo(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" for k, v in obj.items()) + f"  ({run_root})")
+        return value
+
+    def after_trial(self, study, frozen) -> None:
+        """Optuna callback: the running best values on the parent run."""
+        import optuna
+
+        from medimgen.evaluation.api import objective_names
+
+        front = best_trials(study, self.objective)
+        metrics = {"trials_complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)}
+        if front and self.objective == "scalar":
+            metrics["best_objective"] = front[0].value
+        elif front:
+            metrics["pareto_front_size"] = len(front)
+            for i, k in enumerate(objective_names(self.model)):
+                metrics[f"best_{k}"] = min(t.values[i] for t in front)
+        self.runs.log(self.parent, metrics, step=frozen.number)
