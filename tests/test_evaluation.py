@@ -301,3 +301,20 @@ def test_mlflow_run_evaluate_entry_point_logs_into_its_run(flow_2d, nnunet_env, 
     assert run.info.status == "FINISHED" and run.data.tags["feature_extractor"] == "none"
     assert {"ms_ssim_generated", "ms_ssim_real", "ms_ssim_gap"} <= set(run.data.metrics)
     assert run.data.params["real_subset"] == "val"
+
+
+def test_autoencoder_lpips_when_alexnet_weights_are_on_disk(flow_2d, nnunet_env, tmp_path, monkeypatch):
+    """The AlexNet file here is a RANDOM-weight AlexNet that THIS TEST CREATES in the torch hub cache: it exercises
+    the LPIPS path (lpips' own linear heads ship with the lpips package); the value is not a meaningful LPIPS."""
+    import torchvision
+
+    from medimgen.evaluation.api import evaluate
+    from medimgen.training.perceptual import torchvision_weights_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path, _ = torchvision_weights_file("alex")
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    report = evaluate("autoencoder", 201, "2d", real="val", extractor="none", output=tmp_path / "ae.json", track=False)
+    assert report["scores"]["lpips.alex"] >= 0
+    assert not any("LPIPS" in n for n in report["notes"])
