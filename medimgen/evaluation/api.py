@@ -296,9 +296,15 @@ def evaluate(
                             IntensityMap.from_config(target.cfg.data))
     scores = score_target(target, images, num_samples, feats, seed, scheduler, steps, batch_size, device, progress)
     notes = []
-    if feats is None:
+    if feats is None and extractor == "none":
+        notes.append("no Fréchet distance / MMD: --extractor none")
+    elif feats is None:
         notes.append("no Fréchet distance / MMD: no feature extractor has weights on this machine "
                      "(train nnU-Net on the dataset, or put RadImageNet/MedicalNet/InceptionV3 weights in the torch hub cache)")
+    else:
+        notes.append(f"Fréchet distances are biased by the number of images (here {len(images)} real vs "
+                     f"{len(images) if target.kind == 'autoencoder' else num_samples} generated/reconstructed): "
+                     f"compare scores only at the same K, real subset and extractor")
     if target.kind == "autoencoder" and "lpips.alex" not in scores:
         notes.append("no LPIPS: AlexNet weights are not in the torch hub cache")
     report = {
