@@ -88,9 +88,9 @@ class Sampler:
             def sample_shape(self, n):
                 if not self.is_ldm:
                     return (n, sampler.cfg.data.in_channels, *sampler.cfg.data.image_size)
-                factor = np.prod(np.asarray(sampler.cfg.autoencoder.strides), axis=0)
-                latent = tuple(int(s // f) for s, f in zip(sampler.cfg.data.image_size, factor))
-                return (n, sampler.cfg.autoencoder.latent_channels, *latent)
+                from medimgen.planning.memory import latent_size
+
+                return (n, sampler.cfg.autoencoder.latent_channels, *latent_size(sampler.cfg))
 
             def decode(self, x):
                 if not self.is_ldm:

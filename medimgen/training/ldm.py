@@ -57,10 +57,9 @@ class LatentDiffusionTask(DiffusionTask):
         self.latent_channels = ae_cfg.autoencoder.latent_channels
         self.scale_factor: float | None = cfg.train_ldm.latent_scale_factor
         super().__init__(cfg, device)
-        factor = [1] * cfg.data.spatial_dims
-        for s in ae_cfg.autoencoder.strides:
-            factor = [a * b for a, b in zip(factor, s)]
-        self.latent_size = tuple(s // f for s, f in zip(cfg.data.image_size, factor))
+        from medimgen.planning.memory import latent_size
+
+        self.latent_size = latent_size(cfg)  # cfg carries the autoencoder it was trained with
 
     @property
     def unet_config(self) -> UNetConfig:
