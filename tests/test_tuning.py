@@ -257,3 +257,22 @@ def test_mlflow_run_tune_entry_point_is_the_parent(tune_env):
     assert parent.data.tags["medimgen.tuning_parent"] == "true" and parent.info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 1 and children[0].data.tags["optuna.state"] == "COMPLETE"  # in the parent's experiment
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--storage", "study.txt"], "--storage must be a journal file"),
+    (["--space", "missing.yaml"], "missing.yaml does not exist"),
+    (["--extractor", "none"], "tuning scores trials by FID"),
+    (["--trials", "-1"], "--trials must be 0 or more"),
+])
+def test_tune_bad_input_is_one_line(tune_env, extra, message):
+    args = list(tune_env["args"])
+    if "--space" in extra:
+        i = args.index("--space")
+        del args[i:i + 2]
+    if "--extractor" in extra:
+        i = args.index("--extractor")
+        del args[i:i + 2]
+    res = CliRunner().invoke(main, ["tune", *args, "--trials", "1", *extra, "--study-name", "bad-input"])
+    assert res.exit_code == 2 and message in res.output
+    assert len(res.output.strip().splitlines()[-1]) > 0 and "Traceback" not in res.output
