@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -39,28 +40,29 @@ AE = AutoencoderConfig(channels=(32, 64, 64), strides=((1, 2, 2), (2, 2, 2)), la
                        norm_num_groups=32)
 
 
-def activation_table(dev):
+def _checkpointing_rows(label, build, cfg, regions, forward):
+    """Saved-activation bytes without and with checkpointing, and what checkpointing recomputes."""
     rows = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        net = build(dataclasses.replace(cfg, activation_checkpointing=ckpt))
+        recompute = 0
+        if ckpt:
+            plain = build(cfg)
+            recompute = region_bytes(plain, regions(plain), lambda: forward(plain))
+        rows.append((label, ckpt, saved_bytes(lambda: forward(net), exclude=[net])[0], recompute))
+    return rows
+
+
+def activation_table(dev):
     x = torch.randn(1, 1, *SIZE_3D, device=dev)
     t = torch.tensor([500], device=dev)
-    for ckpt in (False, True):
-        torch.manual_seed(0)
-        unet = build_unet(UNetConfig(**{**UNET.__dict__, "activation_checkpointing": ckpt}), 3, 1).to(dev)
-        recompute = 0
-        if ckpt:
-            plain = build_unet(UNET, 3, 1).to(dev)
-            recompute = region_bytes(plain, [*plain.down_blocks, plain.middle_block, *plain.up_blocks],
-                                     lambda: plain(x, t))
-        rows.append(("DDPM UNet", ckpt, saved_bytes(lambda: unet(x, t), exclude=[unet])[0], recompute))
-    for ckpt in (False, True):
-        torch.manual_seed(0)
-        ae = build_autoencoder(AutoencoderConfig(**{**AE.__dict__, "activation_checkpointing": ckpt}), 3, 1).to(dev)
-        recompute = 0
-        if ckpt:
-            plain = build_autoencoder(AE, 3, 1).to(dev)
-            recompute = region_bytes(plain, [*plain.encoder.blocks, *plain.decoder.blocks], lambda: plain(x)[0])
-        rows.append(("KL autoencoder", ckpt, saved_bytes(lambda: ae(x)[0], exclude=[ae])[0], recompute))
-    return rows
+    return [
+        *_checkpointing_rows("DDPM UNet", lambda c: build_unet(c, 3, 1).to(dev), UNET,
+                             lambda n: [*n.down_blocks, n.middle_block, *n.up_blocks], lambda n: n(x, t)),
+        *_checkpointing_rows("KL autoencoder", lambda c: build_autoencoder(c, 3, 1).to(dev), AE,
+                             lambda n: [*n.encoder.blocks, *n.decoder.blocks], lambda n: n(x)[0]),
+    ]
 
 
 def overhead(dev, steps):

@@ -14,7 +14,7 @@ import numpy as np
 
 from medimgen.errors import MedimgenError
 from medimgen.importer import foreground_mask
-from medimgen.sampling import resolve_sampler, save_samples, write_nifti
+from medimgen.sampling import resolve_device, resolve_sampler, save_samples, write_nifti
 
 
 def export_dataset(
@@ -33,7 +33,6 @@ def export_dataset(
     device: str | None = None,
     progress: bool = False,
 ) -> Path:
-    import torch
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
     from medimgen.paths import dataset_name_from_id, nnunet_raw
@@ -44,8 +43,7 @@ def export_dataset(
     taken = [p for p in nnunet_raw().glob(f"Dataset{int(target_id):03d}_*")]
     if taken:
         raise MedimgenError(f"dataset id {int(target_id):03d} is taken ({taken[0]}): choose another target id")
-    sampler = resolve_sampler(model, dataset_id, model_type, splitting, fold)
-    sampler.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sampler = resolve_sampler(model, dataset_id, model_type, splitting, fold).to(resolve_device(device))
     sched, n_steps = sampler.schedule(scheduler, steps)
     images = sampler.sample(num_images, seed, sched, n_steps, batch_size, progress=progress)
     try:

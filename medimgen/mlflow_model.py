@@ -14,12 +14,9 @@ class MedimgenSamplerModel(PythonModel):
     """predict({"num_images": n, "seed": s, "sampler": "ddim", "steps": 50}) -> array (n, C, *size)."""
 
     def load_context(self, context):
-        import torch
+        from medimgen.sampling import Sampler, resolve_device
 
-        from medimgen.sampling import Sampler
-
-        self.sampler = Sampler.load(context.artifacts["sampler"])
-        self.sampler.to("cuda" if torch.cuda.is_available() else "cpu")
+        self.sampler = Sampler.load(context.artifacts["sampler"]).to(resolve_device())
 
     def predict(self, context, model_input, params=None):
         args = dict(params or {})

@@ -66,11 +66,10 @@ class _null:
 def register_run(run_root: Path | str, checkpoint: str = "best", alias: str | None = None,
                  tracking_uri: str | None = None) -> Registration:
     """`medimgen register`: log and register the sampler of a finished training run."""
-    import torch
+    from medimgen.training.outputs import RunDir
 
     sampler = from_run(run_root, checkpoint)
-    state_path = Path(run_root) / "checkpoints" / "last.pt"
-    run_id = torch.load(state_path, map_location="cpu", weights_only=True).get("mlflow_run_id")
+    run_id = RunDir(Path(run_root)).checkpoint_meta()["mlflow_run_id"]
     try:
         return log_sampler(sampler, run_id=run_id, alias=alias, tracking_uri=tracking_uri)
     except MedimgenError:

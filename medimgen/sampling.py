@@ -164,6 +164,11 @@ class Sampler:
                    Geometry.from_dict(meta["geometry"]), meta["dataset"], source or meta.get("source", str(folder)))
 
 
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The given device, else CUDA when available, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _networks(kind: str, cfg: GenerationConfig):
     nd = cfg.data.spatial_dims
     if kind == "ldm":
@@ -365,8 +370,7 @@ def sample_to_folder(
     progress: bool = False,
 ) -> list[Path]:
     """Sample ``num_images`` and write them (NIfTI + JSON sidecars) into ``save_path``."""
-    sampler = resolve_sampler(model, dataset_id, model_type, splitting, fold, checkpoint)
-    sampler.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sampler = resolve_sampler(model, dataset_id, model_type, splitting, fold, checkpoint).to(resolve_device(device))
     name, n_steps = sampler.schedule(scheduler, steps)
     images = sampler.sample(num_images, seed, name, n_steps, batch_size, amp, progress)
     return save_samples(images, sampler, save_path, seed, name, n_steps, resample)

@@ -47,14 +47,6 @@ class Target:
         return f"{self.cfg.data.spatial_dims}d"
 
 
-def _checkpoint_info(run_root: Path) -> dict:
-    path = run_root / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise MedimgenError(f"no checkpoint in {run_root / 'checkpoints'}: train the model first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {"model": state.get("model"), "mlflow_run_id": state.get("mlflow_run_id")}
-
-
 def _dataset_of(run_root: Path) -> str:
     plans = run_root / "nnUNetPlans.json"
     if plans.is_file():
@@ -69,7 +61,7 @@ def target_from_run(run_root: Path | str, checkpoint: str = "best") -> Target:
     from medimgen.training.outputs import RunDir
 
     run_root = Path(run_root)
-    info = _checkpoint_info(run_root)
+    info = RunDir(run_root).checkpoint_meta()
     if info["model"] == "autoencoder":
         ae, cfg, ckpt = load_autoencoder(RunDir(run_root), torch.device("cpu"))
         return Target("autoencoder", cfg, _dataset_of(run_root), str(ckpt), autoencoder=ae, run_root=run_root,
@@ -189,7 +181,9 @@ def reconstruction_scores(recon: torch.Tensor, real: torch.Tensor, extractor: Fe
 def score_target(target: Target, real: torch.Tensor, num_samples: int, extractor: FeatureExtractor | None,
                  seed: int = 0, scheduler: str | None = None, steps: int | None = None, batch_size: int | None = None,
                  device: str | torch.device | None = None, progress: bool = False) -> dict[str, float]:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from medimgen.sampling import resolve_device
+
+    dev = resolve_device(device)
     if target.kind == "autoencoder":
         return reconstruction_scores(reconstruct(target.autoencoder, real, dev), real, extractor, dev)
     target.sampler.to(dev)

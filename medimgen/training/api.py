@@ -19,6 +19,7 @@ from medimgen.errors import MedimgenError
 from medimgen.paths import medimgen_results
 from medimgen.planning.api import CONFIG_NAME
 from medimgen.plans import DatasetPlans
+from medimgen.sampling import resolve_device
 from medimgen.tracking import Tracker, git_commit
 from medimgen.training import MODELS
 from medimgen.training.loop import LoopOptions, Trainer, amp_dtype, seed_everything
@@ -144,7 +145,7 @@ def train(
     else:
         cfg = resolve_config(plans, run, model_type, resume, overrides, config_path)
     tcfg = getattr(cfg, f"train_{model}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
 
     seed_everything(tcfg.seed)
     task = build_task(model, cfg, dev, plans, split.name, setup.autoencoder_run)

@@ -49,6 +49,15 @@ class RunDir:
     def config(self) -> Path:
         return self.root / "config.yaml"
 
+    def checkpoint_meta(self) -> dict:
+        """``model`` kind and ``mlflow_run_id`` of the last checkpoint, read memory-mapped (no weights loaded)."""
+        from medimgen.errors import MedimgenError
+
+        if not self.last.is_file():
+            raise MedimgenError(f"no checkpoint in {self.checkpoints}: train the model first")
+        state = torch.load(self.last, map_location="cpu", weights_only=True, mmap=True)
+        return {"model": state.get("model"), "mlflow_run_id": state.get("mlflow_run_id")}
+
     @property
     def loss_dict(self) -> Path:
         return self.root / "loss_dict.pkl"

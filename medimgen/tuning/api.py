@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -152,18 +151,14 @@ def tune(
                                       splitting=splitting, fold=fold, autoencoder_run=ae_run, device=device, echo=echo)
         objective_fn.check()
         parent = runs.parent(
-            study,
+            study, storage_obj,
             tags={"run_name": f"tune_{model}_{model_type}", "medimgen.tuning_parent": "true", "optuna.study": name,
                   "medimgen.model": model, "medimgen.dim": model_type, "medimgen.dataset": plans.name,
                   "medimgen.version": __version__, "git_commit": git_commit() or "unknown"},
             params={"study": name, "storage": storage_desc, "objective": objective, "space": str(space.path),
                     "feature_extractor": feats.name, **{f"budget.{k}": v for k, v in space.budget.items()}},
             artifacts=[space.path])
-        trial_sets = ["tracking.log_models=false", "tracking.output_mode=log"]
-        parent_experiment = runs.experiment_of(parent)
-        if parent_experiment:  # trials live in their parent's experiment (the UI nests runs within one experiment)
-            trial_sets.append(f"tracking.experiment_name={json.dumps(parent_experiment)}")
-        objective_fn.parent, objective_fn.trial_sets = parent, trial_sets
+        objective_fn.parent = parent
         env_run = os.environ.pop("MLFLOW_RUN_ID", None)  # trials must not attach to `mlflow run`'s run
         try:
             study.optimize(objective_fn, n_trials=trials, timeout=timeout, catch=(TrialFailed,), gc_after_trial=True,

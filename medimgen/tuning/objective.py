@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,8 +45,7 @@ class TrialObjective:
     trial_root: Path
     extractor: torch.nn.Module
     runs: StudyRuns
-    parent: str | None
-    trial_sets: Sequence[str] = ()  # run-only settings (tracking), never applied to the dataset's config
+    parent: str | None  # the study's MLflow parent run (set by tune() once the checks passed)
     splitting: str = "train-val-test"
     fold: int = 0
     autoencoder_run: Path | None = None
@@ -60,6 +61,16 @@ class TrialObjective:
         if key not in self._real:
             self._real[key] = real_images(cfg, self.dataset, self.space.budget["real"], self.splitting, self.fold)[0]
         return self._real[key]
+
+    @functools.cached_property
+    def run_settings(self) -> list[str]:
+        """Trial-run-only settings, never part of the dataset's config: no model registration, log to a file, and
+        the parent's experiment (the MLflow UI nests runs within one experiment). Read once ``parent`` is set."""
+        sets = ["tracking.log_models=false", "tracking.output_mode=log"]
+        experiment = self.runs.experiment_of(self.parent)
+        if experiment:
+            sets.append(f"tracking.experiment_name={json.dumps(experiment)}")
+        return sets
 
     def check(self) -> None:
         n = len(self.real_images(self.base))
@@ -85,7 +96,7 @@ class TrialObjective:
 
         if run_root.exists():  # a folder left by a study of the same name that was deleted
             run_root.rename(run_root.with_name(f"{run_root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
-        cfg = apply_overrides(self.base, config_sets + self.space.budget_overrides() + list(self.trial_sets))
+        cfg = apply_overrides(self.base, config_sets + self.space.budget_overrides() + self.run_settings)
         cfg = fit_to_memory(cfg, cfg.memory.target_gb)  # every trial fits the GPU like a planned config
         setup = RunSetup(config=cfg, run_root=run_root, autoencoder_run=self.autoencoder_run, tracker=tracker,
                          run_name=run_root.name, parent_run_id=self.parent, tags=tags, on_epoch=self._pruning(trial))

@@ -45,7 +45,7 @@ class StudyRuns:
         exp = self.client.get_experiment_by_name(self.experiment)
         return exp.experiment_id if exp else self.client.create_experiment(self.experiment)
 
-    def parent(self, study, tags: dict, params: dict, artifacts: Sequence[Path]) -> str | None:
+    def parent(self, study, storage, tags: dict, params: dict, artifacts: Sequence[Path]) -> str | None:
         """The study's parent run: the one recorded in the study, else a new one (or `mlflow run`'s)."""
         if not self.enabled:
             return None
@@ -70,7 +70,7 @@ class StudyRuns:
             run_id = self.client.create_run(self.experiment_id(), run_name=tags["run_name"],
                                             tags={k: str(v) for k, v in tags.items() if k != "run_name"}).info.run_id
             study.set_user_attr(PARENT_ATTR, run_id)
-            winner = _reload_attrs(study).get(PARENT_ATTR, run_id)  # another worker may have been faster
+            winner = _reload_attrs(study, storage).get(PARENT_ATTR, run_id)  # another worker may have been faster
             if winner != run_id:
                 self.client.delete_run(run_id)
                 return winner
@@ -122,7 +122,8 @@ class StudyRuns:
             return None
 
 
-def _reload_attrs(study) -> dict:
+def _reload_attrs(study, storage) -> dict:
+    """The study's user attributes as stored now (another process may have written them)."""
     import optuna
 
-    return optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs
+    return optuna.load_study(study_name=study.study_name, storage=storage).user_attrs
