@@ -333,8 +333,9 @@ def import_cmd(source, dataset_id, name, labels, modality, channel_names, overwr
     from medimgen.paths import nnunet_raw
 
     names = channel_names.split(",") if channel_names else None
-    folder = import_dataset(source, nnunet_raw(), dataset_id, name, labels, modality, names, overwrite, progress)
-    click.echo(f"wrote {folder}; next: nnUNetv2_plan_and_preprocess -d {dataset_id} --verify_dataset_integrity")
+    done = import_dataset(source, nnunet_raw(), dataset_id, name, labels, modality, names, overwrite, progress)
+    click.echo(f"{done.grouping}; wrote {done.folder}")
+    click.echo(f"next: nnUNetv2_plan_and_preprocess -d {dataset_id} --verify_dataset_integrity")
 
 
 @main.command("demo")

@@ -10,12 +10,20 @@ Accepted layouts of SOURCE:
 - an MSD task (dataset.json + imagesTr, 4D images for several channels; labelsTr optional),
 - a flat folder of images, one file per case (3D, 2D, or 4D with channels last),
 - a folder in nnU-Net's channel naming (CASE_0000.nii.gz, CASE_0001.nii.gz, ...).
+
+Names are read as channel naming only when every file ends in _XXXX and every case has the same
+channels 0000..N-1 (sub_0001 ... sub_0005 are five cases); the output says how files were grouped.
+Everything is checked from the headers before anything is written, and the dataset is written
+into a hidden temporary folder that is renamed at the end: a failed import leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +33,8 @@ from scipy import ndimage
 
 from medimgen.errors import MedimgenError
 
-_NII = re.compile(r"^(?P<case>.+?)(?:_(?P<chan>\d{4}))?\.nii(?:\.gz)?$")
+_NII = re.compile(r"^(?P<stem>.+)\.nii(?:\.gz)?$")
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<chan>\d{4})$")
 
 
 def _nifti_files(folder: Path) -> list[Path]:
@@ -42,21 +51,76 @@ def _load(path: Path) -> nib.Nifti1Image:
         raise MedimgenError(f"cannot read NIfTI {path} ({type(e).__name__}: {e})") from None
 
 
-def _cases(image_dir: Path) -> dict[str, list[Path]]:
+def _shape(path: Path) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in nib.load(str(path)).shape)
+    except Exception as e:
+        raise MedimgenError(f"cannot read NIfTI {path} ({type(e).__name__}: {e})") from None
+
+
+def _stem(path: Path) -> str:
+    return _NII.match(path.name).group("stem")
+
+
+def _channel_groups(files: list[Path]) -> dict[str, list[Path]] | None:
+    """Cases in nnU-Net's channel naming (CASE_0000, CASE_0001, ...), or None when the names are not that.
+
+    Channel naming needs every file to end in _XXXX, every case to have the same channels 0000..N-1, and
+    (for several channels) at least two cases: sub_0000 ... sub_0004 alone are five numbered scans."""
+    matches = [_CHANNEL.match(_stem(p)) for p in files]
+    if not all(matches):
+        return None
+    cases: dict[str, dict[int, Path]] = {}
+    for p, m in zip(files, matches):
+        cases.setdefault(m.group("case"), {})[int(m.group("chan"))] = p
+    channel_sets = {tuple(sorted(c)) for c in cases.values()}
+    if len(channel_sets) != 1 or channel_sets.pop() != tuple(range(len(files) // len(cases))):
+        return None
+    if len(cases) == 1 and len(files) > 1:
+        return None
+    return {case: [chans[c] for c in sorted(chans)] for case, chans in cases.items()}
+
+
+def _spatial(shape: tuple[int, ...], single_file: bool) -> tuple[int, int]:
+    """(spatial dims, channels) of one case file: a 4D file is 3D with channels last."""
+    if len(shape) == 4 and single_file:
+        return 3, shape[3]
+    if len(shape) in (2, 3):
+        return len(shape), 1
+    raise MedimgenError(f"expected a 2D or 3D image{' (or 4D with channels last)' if single_file else ''}, "
+                        f"got shape {shape}")
+
+
+def _cases(image_dir: Path) -> tuple[dict[str, list[Path]], int, str]:
+    """Files grouped into cases, checked from the headers (dimensions and channels agree): the cases, their
+    number of channels and how the files were grouped."""
     files = _nifti_files(image_dir)
     if not files:
         raise MedimgenError(f"no NIfTI images (.nii / .nii.gz) in {image_dir}")
-    matches = [_NII.match(p.name) for p in files]
-    channel_named = all(m and m.group("chan") for m in matches)
-    cases: dict[str, list[Path]] = {}
-    for p, m in zip(files, matches):
-        case = m.group("case") if channel_named else _NII.match(p.name).group(0).split(".nii")[0]
-        cases.setdefault(case, []).append(p)
-    if channel_named:
-        counts = {len(v) for v in cases.values()}
-        if len(counts) != 1:
-            raise MedimgenError(f"cases in {image_dir} have different numbers of channel files: {sorted(counts)}")
-    return cases
+    grouped = _channel_groups(files)
+    cases = grouped if grouped is not None else {_stem(p): [p] for p in files}
+    first: tuple[Path, int, int] | None = None
+    for paths in cases.values():
+        shapes = [_shape(p) for p in paths]
+        for p, s in zip(paths[1:], shapes[1:]):
+            if s != shapes[0]:
+                raise MedimgenError(f"{p} has shape {s} but {paths[0].name} of the same case has {shapes[0]}")
+        try:
+            dims, chans = _spatial(shapes[0], len(paths) == 1)
+        except MedimgenError as e:
+            raise MedimgenError(f"{paths[0]}: {e}") from None
+        chans = len(paths) if len(paths) > 1 else chans
+        if first is None:
+            first = (paths[0], dims, chans)
+        elif dims != first[1]:
+            raise MedimgenError(f"{paths[0]} is {dims}D but {first[0].name} (and the images before it) are "
+                                f"{first[1]}D: all images of a dataset must have the same dimensionality")
+        elif chans != first[2]:
+            raise MedimgenError(f"{paths[0]} has {chans} channel(s) but {first[0].name} has {first[2]}")
+    n_chan, n_cases = first[2], len(cases)
+    how = "nnU-Net _XXXX naming" if grouped is not None else "4D files, channels last" if n_chan > 1 else ""
+    layout = f"{n_cases} case{'s' * (n_cases != 1)}" + (f" x {n_chan} channels" if n_chan > 1 else ", 1 channel each")
+    return cases, n_chan, f"{len(files)} files -> {layout}" + (f" ({how})" if how else "")
 
 
 def foreground_mask(image: np.ndarray) -> np.ndarray:
@@ -99,6 +163,12 @@ def _save(array: np.ndarray, ref: nib.Nifti1Image, path: Path) -> None:
     nib.save(out, str(path))
 
 
+@dataclass(frozen=True)
+class Imported:
+    folder: Path
+    grouping: str  # how the source files were grouped into cases and channels
+
+
 def import_dataset(
     source: Path | str,
     nnunet_raw: Path | str,
@@ -109,20 +179,24 @@ def import_dataset(
     channel_names: Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = False,
-) -> Path:
-    """Write nnunet_raw/DatasetXXX_name (imagesTr, labelsTr, dataset.json) from ``source``."""
-    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
-    from tqdm import tqdm
+) -> Imported:
+    """Write nnunet_raw/DatasetXXX_name (imagesTr, labelsTr, dataset.json) from ``source``.
 
+    Everything is written into a hidden temporary folder beside the target and renamed at the end, so a
+    failed import leaves nothing behind (and a retry works)."""
     source = Path(source)
     if not source.is_dir():
         raise MedimgenError(f"{source} is not a folder")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+        raise MedimgenError(f"--name {name!r}: use letters, digits, '_' and '-' only")
+    if not 1 <= int(dataset_id) <= 999:
+        raise MedimgenError(f"dataset id {dataset_id}: nnU-Net dataset ids are 1..999")
     msd_json = source / "dataset.json"
     image_dir = source / "imagesTr" if (source / "imagesTr").is_dir() else source
     label_dir = Path(labels) if labels else (source / "labelsTr" if (source / "labelsTr").is_dir() else None)
     if label_dir is not None and not label_dir.is_dir():
         raise MedimgenError(f"labels folder {label_dir} does not exist")
-    cases = _cases(image_dir)
+    cases, n_channels, grouping = _cases(image_dir)
     label_names = {"background": 0, "foreground": 1}
     if msd_json.is_file() and label_dir is not None:
         try:
@@ -132,22 +206,45 @@ def import_dataset(
                 channel_names = [msd["modality"][k] for k in sorted(msd["modality"], key=int)]
         except (KeyError, ValueError, json.JSONDecodeError):
             pass
+    names = list(channel_names) if channel_names else (
+        ["CT"] * n_channels if modality.upper() == "CT" else [modality if n_channels == 1 else f"{modality}{c}" for c in range(n_channels)])
+    if len(names) != n_channels:
+        raise MedimgenError(f"{len(names)} channel names given for {n_channels} channels ({grouping})")
 
     out = Path(nnunet_raw) / f"Dataset{int(dataset_id):03d}_{name}"
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MedimgenError(f"{out} already exists: choose another dataset id or pass --overwrite")
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    same_id = [d.name for d in Path(nnunet_raw).glob(f"Dataset{int(dataset_id):03d}_*") if d.name != out.name]
+    if same_id:
+        raise MedimgenError(f"dataset id {dataset_id} is taken by {Path(nnunet_raw) / same_id[0]}: choose another id")
+    tmp = out.with_name(f".{out.name}.importing-{os.getpid()}")  # hidden: nnU-Net never sees it as a dataset
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        made_masks = _write_cases(cases, tmp, label_dir, progress)
+        from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
-    n_channels = None
+        generate_dataset_json(
+            str(tmp), channel_names={str(i): n for i, n in enumerate(names)}, labels=label_names,
+            num_training_cases=len(cases), file_ending=".nii.gz", dataset_name=out.name,
+            description=f"imported by medimgen from {source} ({grouping})"
+                        + (f"; {made_masks} foreground masks generated" if made_masks else ""))
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Imported(out, grouping)
+
+
+def _write_cases(cases: dict[str, list[Path]], out: Path, label_dir: Path | None, progress: bool) -> int:
+    """imagesTr/labelsTr of every case under ``out``; the number of generated foreground masks."""
+    from tqdm import tqdm
+
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "labelsTr").mkdir()
     made_masks = 0
     any_foreground = False
     for case, paths in tqdm(sorted(cases.items()), desc="importing", disable=not progress):
         chans, ref = _channels(paths)
-        if n_channels is None:
-            n_channels = len(chans)
-        elif len(chans) != n_channels:
-            raise MedimgenError(f"case {case} has {len(chans)} channels, earlier cases have {n_channels}")
         for c, arr in enumerate(chans):
             _save(np.asarray(arr, dtype=np.float32), ref, out / "imagesTr" / f"{case}_{c:04d}.nii.gz")
         if label_dir is not None:
@@ -161,19 +258,21 @@ def import_dataset(
             mask = foreground_mask(np.asarray(chans[0], dtype=np.float32)).astype(np.uint8)
             made_masks += 1
             _save(mask, ref, out / "labelsTr" / f"{case}.nii.gz")
-
     if label_dir is not None and not any_foreground:
-        import shutil
-
-        shutil.rmtree(out)
         raise MedimgenError(f"every label in {label_dir} is empty (nnU-Net cannot fingerprint that): "
                             f"import without --labels to generate foreground masks")
-    names = list(channel_names) if channel_names else (
-        ["CT"] * n_channels if modality.upper() == "CT" else [modality if n_channels == 1 else f"{modality}{c}" for c in range(n_channels)])
-    if len(names) != n_channels:
-        raise MedimgenError(f"{len(names)} channel names given for {n_channels} channels")
-    generate_dataset_json(
-        str(out), channel_names={str(i): n for i, n in enumerate(names)}, labels=label_names,
-        num_training_cases=len(cases), file_ending=".nii.gz", dataset_name=out.name,
-        description=f"imported by medimgen from {source}" + (f"; {made_masks} foreground masks generated" if made_masks else ""))
-    return out
+    return made_masks
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``; an existing ``out`` (--overwrite) is removed only afterwards."""
+    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
