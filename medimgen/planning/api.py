@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medimgen import __version__
-from medimgen.config.io import apply_overrides, is_user_edited, save_config
+from medimgen.config.io import apply_overrides, is_user_edited, load_config, save_config
 from medimgen.config.schema import DatasetInfo, MedimgenConfig
 from medimgen.errors import MedimgenError
 from medimgen.planning.heuristics import plan_generation
@@ -93,3 +93,33 @@ def plan_dataset(
     replaced = path.exists()
     save_config(cfg, path, HEADER.format(name=plans.name, plans=plans_identifier, version=__version__))
     return PlanResult(path=path, config=cfg, backup=backup, replaced=replaced)
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    path: Path
+    table: str  # the `plan --explain` table per dimensionality
+    misfits: list[str]  # one line per model that does not fit, naming the keys to change
+
+
+def check_memory(dataset_id: int | str | None = None, config_path: str | Path | None = None,
+                 gpu_memory_gb: float | None = None, plans_identifier: str = "nnUNetPlans") -> MemoryReport:
+    """Predicted peak of every model of a config as it stands (hand edits included), without fitting."""
+    from medimgen.planning.memory import explain, misfits
+
+    if config_path is None:
+        if dataset_id is None:
+            raise MedimgenError("give a DATASET_ID or --config FILE")
+        plans = DatasetPlans.from_id(dataset_id, plans_identifier)
+        config_path = plans.folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise MedimgenError(f"no {CONFIG_NAME} in {plans.folder}: run `medimgen plan -d {dataset_id}` first")
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise MedimgenError(f"config file {config_path} does not exist")
+    cfg = load_config(config_path)
+    tables, bad = [], []
+    for dim, c in cfg.configs.items():
+        tables.append(explain(c, dim, gpu_memory_gb))
+        bad += misfits(c, dim, gpu_memory_gb)
+    return MemoryReport(config_path, "\n".join(tables), bad)

@@ -10,15 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from medimgen.config.schema import GenerationConfig
+from medimgen.losses import kl_loss
 from medimgen.networks import build_autoencoder, build_discriminator
 from medimgen.training.outputs import save_images
 from medimgen.training.perceptual import build_perceptual_loss
-
-
-def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
-    dims = list(range(1, z_mu.ndim))
-    kl = 0.5 * torch.sum(z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-8) - 1, dim=dims)
-    return kl.mean()
 
 
 class AutoencoderTask:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from medimgen.errors import MedimgenError
+from medimgen.losses import PerChannel
 
 # lpips backbones (MONAI's alex/vgg/squeeze go through lpips -> torchvision weights)
 _TORCHVISION = {
@@ -64,7 +65,7 @@ MIN_SIZE = {"alex": 31, "squeeze": 16, "vgg": 16}
 
 def build_perceptual_loss(network: str, spatial_dims: int, fake_3d: bool, fake_3d_ratio: float,
                           image_size: tuple[int, ...] | None = None):
-    """MONAI PerceptualLoss in eval mode with frozen weights, or None for 'none'."""
+    """MONAI PerceptualLoss in eval mode with frozen weights (per channel for multi-channel images), or None for 'none'."""
     if network == "none":
         return None
     need = MIN_SIZE.get(network)
@@ -80,6 +81,7 @@ def build_perceptual_loss(network: str, spatial_dims: int, fake_3d: bool, fake_3
     except Exception as e:  # a corrupt or incomplete cache
         raise MedimgenError(f"could not load perceptual network '{network}' from {torch.hub.get_dir()} "
                             f"({type(e).__name__}: {e}); set losses.perceptual_network=none to skip it") from None
+    loss = PerChannel(loss)
     loss.eval()
     for p in loss.parameters():
         p.requires_grad_(False)

@@ -1,0 +1,435 @@
+"""The peak CUDA memory of a training step, simulated on the CPU without computing anything.
+
+Every training step of a planned model is run for real, op by op, on PyTorch's fake tensors
+(`FakeTensorMode`: shapes, dtypes and storages, no data), and a dispatch mode keeps the
+bytes of every storage alive at each moment, rounded as CUDA's caching allocator rounds
+(512 B blocks). The peak of that running total is what `torch.cuda.max_memory_allocated`
+reports for the same step, because it is the same sequence of allocations:
+
+- AMP as CUDA runs it: CPU autocast is switched on with the ops that CUDA autocast runs in
+  float32 (group/layer norm, softmax, upsampling, exp/log/pow, losses, ...) registered to
+  cast to float32 as CUDA does (`cuda_autocast_policy`); convolutions and matmuls run in bf16.
+  A test compares every op's output dtype with a forward on fake *CUDA* tensors (whose
+  autocast is CUDA's own; PyTorch's autograd cannot run their backward without a GPU).
+- backward as it really runs, including activation checkpointing's recomputation (the whole
+  forward of a checkpointed block is alive during its backward), gradients of activations
+  next to the saved tensors, AMP weight casts, and foreach AdamW's temporaries (the same
+  `torch._foreach_*` calls as torch.optim.AdamW(foreach=True), which CUDA uses by default),
+  gradient clipping, the EMA copy, the frozen autoencoder (LDM) and perceptual network.
+- attention through torch's scaled-dot-product attention (no N^2 matrix), as built.
+
+Two steps are run (the second with AdamW's moments allocated and, with accumulation, two
+micro-batches), as the second and later steps of a real run are the heavier ones.
+What the simulation cannot see (cuDNN's workspace, allocator fragmentation) is the calibrated
+``CUDA_OVERHEAD`` in planning/memory.py.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from medimgen.config.schema import GenerationConfig
+
+BLOCK = 512  # CUDA caching allocator: every block is a multiple of 512 bytes
+
+# ops CUDA autocast runs in float32 (aten/src/ATen/autocast_mode.cpp, lists `fp32` and
+# `fp32_set_opt_dtype`); overloads that do not exist in this torch are skipped
+_FP32 = (
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
+    "sinh", "tan", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "softplus", "layer_norm",
+    "native_layer_norm", "group_norm", "frobenius_norm.dim", "nuclear_norm", "cosine_similarity",
+    "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d", "hinge_embedding_loss", "kl_div",
+    "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss", "multilabel_margin_loss",
+    "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss", "binary_cross_entropy_with_logits", "dist",
+    "pdist", "cdist", "renorm", "logsumexp", "upsample_nearest1d", "upsample_nearest1d.vec", "upsample_nearest2d",
+    "upsample_nearest2d.vec", "upsample_nearest3d", "upsample_nearest3d.vec", "_upsample_nearest_exact1d",
+    "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "upsample_linear1d", "upsample_bilinear2d",
+    "upsample_bilinear2d.vec", "upsample_trilinear3d", "upsample_trilinear3d.vec", "upsample_bicubic2d",
+)
+_FP32_OPT_DTYPE = (
+    "prod", "prod.dim_int", "softmax.int", "log_softmax.int", "cumprod", "cumsum", "linalg_vector_norm",
+    "linalg_matrix_norm", "sum", "sum.dim_IntList",
+)
+# ops CUDA autocast runs in bf16/fp16 that CPU autocast leaves to their parts
+_LOWER_PRECISION = ("einsum",)
+# ops CPU autocast runs in float32 but CUDA autocast leaves alone
+_CPU_ONLY_FP32 = ("avg_pool3d", "max_pool3d", "adaptive_avg_pool3d", "reflection_pad1d", "reflection_pad2d",
+                  "replication_pad1d", "replication_pad2d", "replication_pad3d", "max_unpool2d", "max_unpool3d")
+
+_LOW = (torch.float16, torch.bfloat16)
+_lock = threading.Lock()
+_active = {"depth": 0, "lib": None}
+
+
+def _no_autocast():
+    return torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU))
+
+
+def _fp32_kernel(op):
+    def kernel(*args, **kwargs):
+        up = lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in _LOW else t
+        with _no_autocast():
+            return op(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+    return kernel
+
+
+def _opt_dtype_kernel(op):
+    def kernel(*args, **kwargs):
+        low = any(isinstance(t, torch.Tensor) and t.dtype in _LOW for t in args)
+        if low and kwargs.get("dtype") is None:
+            kwargs = {**kwargs, "dtype": torch.float32}
+        with _no_autocast():
+            return op(*args, **kwargs)
+    return kernel
+
+
+def _lower_kernel(op):
+    def kernel(*args, **kwargs):
+        dtype = torch.get_autocast_dtype("cpu")
+        down = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        with _no_autocast():
+            return op(*[[down(x) for x in a] if isinstance(a, (list, tuple)) else down(a) for a in args], **kwargs)
+    return kernel
+
+
+def _plain_kernel(op):
+    def kernel(*args, **kwargs):
+        with _no_autocast():
+            return op(*args, **kwargs)
+    return kernel
+
+
+def _overload(name: str):
+    base, _, overload = name.partition(".")
+    packet = getattr(torch.ops.aten, base, None)
+    if packet is None:
+        return None
+    return getattr(packet, overload or "default", None)
+
+
+@contextmanager
+def cuda_autocast_policy():
+    """While active, CPU autocast casts like CUDA autocast (see the module doc). It must stay
+    active through backward (activation checkpointing recomputes under autocast). Reentrant;
+    the CPU policy is restored when the outermost use ends."""
+    with _lock:
+        if _active["depth"] == 0:
+            lib = torch.library.Library("aten", "IMPL")
+            with warnings.catch_warnings():  # "overriding a previously registered kernel"
+                warnings.simplefilter("ignore")
+                for names, make in ((_FP32, _fp32_kernel), (_FP32_OPT_DTYPE, _opt_dtype_kernel),
+                                    (_LOWER_PRECISION, _lower_kernel), (_CPU_ONLY_FP32, _plain_kernel)):
+                    for name in names:
+                        op = _overload(name)
+                        if op is not None:
+                            lib.impl(name, make(op), "AutocastCPU")
+            _active["lib"] = lib
+        _active["depth"] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _active["depth"] -= 1
+            if _active["depth"] == 0:
+                _active["lib"]._destroy()
+                _active["lib"] = None
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages alive now and at the peak, counted as CUDA's allocator counts them."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.trace: list[int] = []  # live bytes after every allocation
+        self._seen: set[int] = set()
+
+    def track(self, tensors) -> None:
+        for t in tree_leaves(tensors):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key in self._seen:
+                continue
+            n = max(BLOCK, math.ceil(storage.nbytes() / BLOCK) * BLOCK)
+            self._seen.add(key)
+            self.live += n
+            self.peak = max(self.peak, self.live)
+            self.trace.append(self.live)
+            weakref.finalize(storage, self._free, key, n)
+
+    def _free(self, key: int, n: int) -> None:
+        self._seen.discard(key)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.track(out)
+        return out
+
+
+# ---------------------------------------------------------------------------- the simulated steps
+@dataclass(frozen=True)
+class Simulated:
+    trace: tuple[int, ...]  # live bytes after each allocation of the two steps
+    static_bytes: int  # live bytes between steps (weights, optimiser moments, EMA, frozen networks)
+    params: int  # trainable parameters
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.trace)
+
+
+def _adamw_step(params: list, state: dict, lr: float, weight_decay: float) -> None:
+    """The memory of torch.optim.AdamW(foreach=True).step(): moments on the first step, one
+    temporary per parameter for sqrt(v) (torch/optim/adam.py, _multi_tensor_adam)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    params = [p.detach() for p in params]  # torch.optim steps under no_grad
+    if "m" not in state:
+        state["m"] = [torch.zeros_like(p) for p in params]
+        state["v"] = [torch.zeros_like(p) for p in params]
+    if weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(state["m"], grads, 0.1)
+    torch._foreach_mul_(state["v"], 0.999)
+    torch._foreach_addcmul_(state["v"], grads, grads, 0.001)
+    denom = torch._foreach_sqrt(state["v"])
+    torch._foreach_add_(denom, 1e-8)
+    torch._foreach_addcdiv_(params, state["m"], denom, -lr)
+    del denom
+
+
+class _Phase:
+    """One optimiser (params, AdamW state, clipping) as the training loop runs it."""
+
+    def __init__(self, modules, train):
+        self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        self.state: dict = {}
+        self.train = train
+
+    def step(self) -> None:
+        if self.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.train.grad_clip,
+                                           foreach=True)
+        _adamw_step(self.params, self.state, self.train.learning_rate, self.train.weight_decay)
+        for p in self.params:
+            p.grad = None
+
+
+@contextmanager
+def _frozen(modules):
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _randint(high: int, n: int) -> torch.Tensor:
+    return torch.randint(0, high, (n,))
+
+
+def _diffusion_parts(cfg: GenerationConfig, model: str):
+    from medimgen.diffusion import target_for, training_scheduler
+    from medimgen.networks import build_autoencoder, build_unet
+    nd = cfg.data.spatial_dims
+    sched_cfg = cfg.ddpm_scheduler if model == "ddpm" else cfg.ldm_scheduler
+    scheduler = training_scheduler(sched_cfg)
+    frozen = None
+    if model == "ldm":
+        frozen = build_autoencoder(cfg.autoencoder, nd, cfg.data.in_channels)
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        frozen.eval()
+        unet = build_unet(cfg.ldm_unet, nd, cfg.autoencoder.latent_channels)
+    else:
+        unet = build_unet(cfg.ddpm_unet, nd, cfg.data.in_channels)
+
+    def loss(batch):
+        x = batch["image"]
+        if frozen is not None:
+            with torch.no_grad():
+                x = frozen.encode_stage_2_inputs(x) * 1.0
+        noise = torch.randn_like(x)
+        t = _randint(scheduler.num_train_timesteps, x.shape[0])
+        noisy = scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
+        pred = unet(noisy, timesteps=t)
+        target = target_for(scheduler, sched_cfg.prediction_type, x, noise, t)
+        return F.mse_loss(pred.float(), target.float())
+
+    return [unet], [frozen] if frozen is not None else [], {"diffusion": ([unet], loss)}, ([unet] if getattr(
+        cfg, f"train_{model}").ema_decay else [])
+
+
+def _perceptual(cfg: GenerationConfig):
+    """MONAI's PerceptualLoss as training builds it, with random backbone weights (sizes only)."""
+    from monai.losses import PerceptualLoss
+    from torch import nn
+
+    from medimgen.losses import PerChannel
+
+    network = cfg.losses.perceptual_network
+    if network == "none" or cfg.losses.perceptual_weight <= 0:
+        return None
+    loss = PerceptualLoss.__new__(PerceptualLoss)
+    nn.Module.__init__(loss)
+    loss.spatial_dims = cfg.data.spatial_dims
+    loss.is_fake_3d = cfg.losses.perceptual_fake_3d and cfg.data.spatial_dims == 3
+    loss.fake_3d_ratio = cfg.losses.perceptual_fake_3d_ratio
+    loss.channel_wise = False
+    loss.perceptual_function = _perceptual_backbone(network)
+    loss = PerChannel(loss)
+    loss.eval()
+    for p in loss.parameters():
+        p.requires_grad_(False)
+    return loss
+
+
+def _perceptual_backbone(network: str):
+    import lpips
+
+    if network in ("alex", "vgg", "squeeze"):
+        with warnings.catch_warnings():  # lpips uses torchvision's deprecated 'pretrained' argument
+            warnings.simplefilter("ignore")
+            return lpips.LPIPS(pretrained=True, net=network, pnet_rand=True, verbose=False)
+    # the medical backbones come from a torch.hub repository that may not be on disk: their
+    # architecture (a ResNet-50 for RadImageNet, MONAI's 3D ResNets for MedicalNet) with the
+    # similarity computed as MONAI does (normalised features, squared difference, mean)
+    if network.startswith("radimagenet"):
+        import torchvision
+
+        body = torch.nn.Sequential(*list(torchvision.models.resnet50().children())[:-2])
+    else:
+        from monai.networks.nets import resnet10, resnet50
+
+        body = (resnet10 if "resnet10" in network else resnet50)(spatial_dims=3, n_input_channels=1, feed_forward=False)
+    return _FeatureDistance(body)
+
+
+class _FeatureDistance(torch.nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, a, b):
+        if a.shape[1] == 1 and isinstance(self.body, torch.nn.Sequential):
+            a, b = a.repeat(1, 3, *[1] * (a.ndim - 2)), b.repeat(1, 3, *[1] * (b.ndim - 2))
+        fa, fb = self.body(a), self.body(b)
+        fa = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        fb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        return (fa - fb).pow(2).sum(1, keepdim=True).mean()
+
+
+def _autoencoder_parts(cfg: GenerationConfig):
+    from monai.losses import PatchAdversarialLoss
+
+    from medimgen.losses import kl_loss
+    from medimgen.networks import build_autoencoder, build_discriminator
+
+    nd, ch = cfg.data.spatial_dims, cfg.data.in_channels
+    ae = build_autoencoder(cfg.autoencoder, nd, ch)
+    adversarial = cfg.losses.adversarial_weight > 0
+    disc = build_discriminator(cfg.discriminator, nd, ch) if adversarial else None
+    perceptual = _perceptual(cfg)
+    adv = PatchAdversarialLoss(criterion="least_squares")
+    keep: dict = {}
+    rec = F.mse_loss if cfg.losses.reconstruction == "l2" else F.l1_loss
+
+    def generator(batch):
+        keep.clear()  # the loop drops the previous step's state before the next forward
+        x = batch["image"]
+        recon, z_mu, z_sigma = ae(x)
+        keep["recon"] = recon  # the loop keeps it for the discriminator phase
+        total = rec(recon.float(), x.float()) + cfg.losses.kl_weight * kl_loss(z_mu.float(), z_sigma.float())
+        if perceptual is not None:
+            total = total + cfg.losses.perceptual_weight * perceptual(recon.float(), x.float())
+        if disc is not None:
+            logits = disc(recon.contiguous().float())[-1]
+            total = total + cfg.losses.adversarial_weight * adv(logits, target_is_real=True, for_discriminator=False)
+        return total
+
+    def discriminator(batch):
+        fake = disc(keep["recon"].detach().contiguous().float())[-1]
+        real = disc(batch["image"].contiguous().float())[-1]
+        d = 0.5 * (adv(fake, target_is_real=False, for_discriminator=True)
+                   + adv(real, target_is_real=True, for_discriminator=True))
+        return cfg.losses.adversarial_weight * d
+
+    trained = [ae] + ([disc] if disc is not None else [])
+    phases = {"generator": ([ae], generator)}
+    if disc is not None:
+        phases["discriminator"] = ([disc], discriminator)
+    return trained, [perceptual] if perceptual is not None else [], phases, []
+
+
+def simulate(cfg: GenerationConfig, model: str) -> Simulated:
+    """Run two training steps of ``model`` for ``cfg`` on fake tensors and return the peak (see module doc)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    train = getattr(cfg, f"train_{model}")
+    amp = train.amp != "off"  # 'auto' is AMP on any GPU this plan targets
+    accum = max(1, train.grad_accumulation_steps)
+    shape = (train.batch_size, cfg.data.in_channels, *cfg.data.image_size)
+    tracker = LiveBytes()
+    with FakeTensorMode(allow_non_fake_inputs=True), cuda_autocast_policy(), tracker:
+        trained, frozen, phases, ema_of = (_autoencoder_parts(cfg) if model == "autoencoder"
+                                           else _diffusion_parts(cfg, model))
+        for m in [*trained, *frozen]:
+            tracker.track([*m.parameters(), *m.buffers()])
+            m.train() if m in trained else m.eval()
+        ema = [p.detach().clone() for m in ema_of for p in m.parameters()]
+        optimisers = {name: _Phase(mods, train) for name, (mods, _) in phases.items()}
+        params = sum(p.numel() for m in trained for p in m.parameters())
+        static = 0
+        for micro_batches in (1, min(accum, 2)):
+            for _ in range(micro_batches):
+                batch = {"image": torch.randn(shape), "label": torch.zeros(shape[:1] + (1,) + shape[2:],
+                                                                            dtype=torch.int16)}
+                for name, (mods, loss_fn) in phases.items():
+                    others = [m for other, (ms, _) in phases.items() if other != name for m in ms]
+                    with _frozen(others):
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                            loss = loss_fn(batch)
+                        (loss / accum).backward()
+                    del loss
+                del batch
+            for opt in optimisers.values():
+                opt.step()
+            if ema:
+                torch._foreach_lerp_(ema, [p.detach() for m in ema_of for p in m.parameters()], 0.001)
+            static = tracker.live
+        trace = tuple(tracker.trace)
+    return Simulated(trace=trace, static_bytes=static, params=params)
+
+
+def peak_of(build, amp: bool = True) -> int:
+    """Peak CUDA bytes of ``build()()``: ``build`` makes modules/inputs and returns a step function
+    (e.g. forward + backward), both run on fake tensors under CUDA's autocast policy."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    tracker = LiveBytes()
+    with FakeTensorMode(allow_non_fake_inputs=True), cuda_autocast_policy(), tracker:
+        step = build()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = step()
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.float().sum().backward()
+    return tracker.peak
