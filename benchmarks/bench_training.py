@@ -5,9 +5,13 @@
 1. One DDPM optimiser step of medimgen's Trainer (hooks, phases, AMP/scaler plumbing, EMA off,
    clipping) vs a hand-written loop doing the same maths on the same model and batch.
    Batches come from memory in both, so the loader is not measured. Goal: ratio <= 1.05.
-2. Bytes saved for backward by autograd in one training forward of the 3D DDPM UNet and the 3D
-   KL-autoencoder, counted with torch.autograd.graph.saved_tensors_hooks (distinct storages),
-   with and without activation checkpointing. Goal: checkpointing cuts them by >= 50 %.
+2. Peak CUDA memory of one bf16 training forward + backward of the 3D DDPM UNet and the 3D
+   KL-autoencoder, with and without activation checkpointing, simulated on fake tensors with
+   CUDA's autocast policy (planning/cuda_sim.py; the simulation reproduces H100 measurements
+   within 3 %, tests/test_memory.py), at a real size. Goal: checkpointing cuts the activation
+   peak by >= 50 %.
+3. The same for attention: a 3D UNet level with self-attention over 32^3 positions, MONAI's
+   plain (einsum) attention vs use_flash_attention (torch scaled-dot-product attention).
 """
 
 from __future__ import annotations
@@ -27,42 +31,55 @@ from common import device_name  # noqa: E402
 from medimgen.config.schema import AutoencoderConfig, SchedulerConfig, TrainConfig, UNetConfig  # noqa: E402
 from medimgen.diffusion import training_scheduler  # noqa: E402
 from medimgen.networks import build_autoencoder, build_unet  # noqa: E402
-from medimgen.planning.memory import saved_bytes  # noqa: E402
+from medimgen.planning.cuda_sim import peak_of  # noqa: E402
 
-
-def region_bytes(model, regions, fn) -> int:
-    return saved_bytes(fn, exclude=[model], regions=regions)[1]
-
-SIZE_3D = (16, 32, 32)  # small enough for a CPU; pass --size for real sizes on a GPU
+SIZE_3D = (16, 32, 32)  # the overhead timing: small enough for a CPU; pass --size for real sizes on a GPU
+MEMORY_SIZE_3D = (64, 128, 128)  # the simulated memory rows (no computation: any size runs on a CPU)
 UNET = UNetConfig(channels=(32, 64, 128), strides=((1, 2, 2), (2, 2, 2)), attention_levels=(False, False, True),
                   num_res_blocks=2, num_head_channels=32, norm_num_groups=32)
 AE = AutoencoderConfig(channels=(32, 64, 64), strides=((1, 2, 2), (2, 2, 2)), latent_channels=3, num_res_blocks=2,
                        norm_num_groups=32)
 
 
-def _checkpointing_rows(label, build, cfg, regions, forward):
-    """Saved-activation bytes without and with checkpointing, and what checkpointing recomputes."""
+def _peak(build_net, forward):
+    def build():
+        net = build_net()
+        x = torch.randn(1, 1, *MEMORY_SIZE_3D)
+        return lambda: forward(net, x)
+
+    return peak_of(build)
+
+
+def activation_table():
+    """(network, checkpointing, peak bytes, parameter bytes) of one forward + backward."""
     rows = []
-    for ckpt in (False, True):
-        torch.manual_seed(0)
-        net = build(dataclasses.replace(cfg, activation_checkpointing=ckpt))
-        recompute = 0
-        if ckpt:
-            plain = build(cfg)
-            recompute = region_bytes(plain, regions(plain), lambda: forward(plain))
-        rows.append((label, ckpt, saved_bytes(lambda: forward(net), exclude=[net])[0], recompute))
+    for label, build, cfg, forward in (
+            ("DDPM UNet", lambda c: build_unet(c, 3, 1), UNET, lambda n, x: n(x, torch.tensor([500]))),
+            ("KL autoencoder", lambda c: build_autoencoder(c, 3, 1), AE, lambda n, x: n(x)[0])):
+        params = 4 * sum(p.numel() for p in build(cfg).parameters())
+        for ckpt in (False, True):
+            rows.append((label, ckpt, _peak(lambda: build(dataclasses.replace(cfg, activation_checkpointing=ckpt)),
+                                            forward), params))
     return rows
 
 
-def activation_table(dev):
-    x = torch.randn(1, 1, *SIZE_3D, device=dev)
-    t = torch.tensor([500], device=dev)
-    return [
-        *_checkpointing_rows("DDPM UNet", lambda c: build_unet(c, 3, 1).to(dev), UNET,
-                             lambda n: [*n.down_blocks, n.middle_block, *n.up_blocks], lambda n: n(x, t)),
-        *_checkpointing_rows("KL autoencoder", lambda c: build_autoencoder(c, 3, 1).to(dev), AE,
-                             lambda n: [*n.encoder.blocks, *n.decoder.blocks], lambda n: n(x)[0]),
-    ]
+def attention_table():
+    from medimgen import networks
+
+    cfg = UNetConfig(channels=(32, 32), strides=((2, 2, 2),), attention_levels=(False, True), num_res_blocks=1,
+                     num_head_channels=32, norm_num_groups=32)
+    rows = []
+    for flash in (False, True):
+        networks.FLASH_ATTENTION = flash
+
+        def build():
+            net = networks.build_unet(cfg, 3, 1)
+            x = torch.randn(1, 1, 64, 64, 64)
+            return lambda: net(x, timesteps=torch.tensor([3]))
+
+        rows.append((flash, peak_of(build)))
+    networks.FLASH_ATTENTION = True
+    return rows
 
 
 def overhead(dev, steps):
@@ -149,16 +166,22 @@ def main():
     print("|---|---|")
     print(f"| bare MONAI loop | {bare:.3f} |\n| medimgen Trainer | {ours:.3f} |\n| ratio | {ours / bare:.3f} |")
     print()
-    print("| network | checkpointing | saved activations after forward (MiB) | + largest region recomputed in backward (MiB) |")
-    print("|---|---|---|---|")
-    rows = activation_table(dev)
-    for name, ckpt, b, r in rows:
-        print(f"| {name} | {'on' if ckpt else 'off'} | {b / 2**20:.1f} | {r / 2**20:.1f} |")
+    print("| network (3D, %s, batch 1, bf16) | checkpointing | simulated CUDA peak of forward + backward (MiB) |"
+          % "x".join(map(str, MEMORY_SIZE_3D)))
+    print("|---|---|---|")
+    rows = activation_table()
+    for name, ckpt, peak, _ in rows:
+        print(f"| {name} | {'on' if ckpt else 'off'} | {peak / 2**20:.1f} |")
     for i in (0, 2):
-        saved = 100 * (1 - rows[i + 1][2] / rows[i][2])
-        peak = 100 * (1 - (rows[i + 1][2] + rows[i + 1][3]) / rows[i][2])
-        print(f"{rows[i][0]}: checkpointing cuts saved activations by {saved:.0f} %, "
-              f"the activation peak (saved + one recomputed region) by {peak:.0f} %")
+        params = rows[i][3]
+        cut = 100 * (1 - (rows[i + 1][2] - params) / (rows[i][2] - params))
+        print(f"{rows[i][0]}: checkpointing cuts the peak by {100 * (1 - rows[i + 1][2] / rows[i][2]):.0f} % "
+              f"(the part above the fp32 weights by {cut:.0f} %)")
+    print()
+    print("| attention (3D UNet level of 32^3 positions, batch 1, bf16) | simulated CUDA peak of forward + backward (GiB) |")
+    print("|---|---|")
+    for flash, peak in attention_table():
+        print(f"| {'use_flash_attention (torch SDPA)' if flash else 'plain (einsum + softmax)'} | {peak / 2**30:.2f} |")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,10 @@ def h100_config():
 
 
 @pytest.mark.parametrize("model,dim", list(H100_MEASURED_GB))
-def test_estimate_reproduces_h100_measurements(h100_config, model, dim):
+def test_estimate_reproduces_h100_measurements(h100_config, model, dim, monkeypatch):
+    from medimgen import networks
+
+    monkeypatch.setattr(networks, "FLASH_ATTENTION", False)  # the measured runs used MONAI's plain attention
     predicted = mem.estimate(h100_config.get(dim), model).peak_gb
     measured = H100_MEASURED_GB[(model, dim)]
     assert abs(predicted - measured) / measured < 0.15, (model, dim, predicted, measured)
@@ -256,3 +259,32 @@ def test_downscaled_plan_loads_batches_at_generated_size(planned_3d, nnunet_env)
     assert b["image"].shape[2:] == tuple(cfg.data.image_size)
     v = next(validation_batches(cfg, plans, ids[:1], 1))
     assert v["image"].shape[2:] == tuple(cfg.data.image_size)
+
+
+def test_memory_command_flags_what_does_not_fit(h100_config):
+    """The config the H100 run used: its 2D and 3D DDPM need 14.3 and 10.6 GB, more than an 8 GB card holds."""
+    from click.testing import CliRunner
+
+    from medimgen.cli import main
+
+    r = CliRunner().invoke(main, ["memory", "--config", str(DATA / "Dataset501_config_8GB.yaml")])
+    assert r.exit_code == 1, r.output
+    flagged = [line for line in r.stderr.splitlines() if line.startswith("does not fit")]
+    assert len(flagged) == 2 and "2d ddpm" in flagged[0] + flagged[1] and "3d ddpm" in flagged[0] + flagged[1]
+    assert all("activation_checkpointing" in line or "batch_size" in line for line in flagged)
+    assert "peak GB" in r.stdout and "ldm" in r.stdout and "Traceback" not in r.output
+    ok = CliRunner().invoke(main, ["memory", "--config", str(DATA / "Dataset501_config_8GB.yaml"), "--gpu-memory", "80"])
+    assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.slow
+def test_dataset501_recipe_plans_under_8gb(nnunet_env):
+    """GPU.md's recipe (16 cases of 160x192x144 at 1 mm): every planned peak fits an 8 GB card."""
+    make_synthetic_dataset(nnunet_env["nnUNet_raw"], 501, "Brainish", num_cases=16, shape=(160, 192, 144),
+                           spacing=(1.0, 1.0, 1.0), seed=0)
+    plan_and_preprocess(501, quiet=True)
+    cfg = plan_dataset(501, gpu_memory_gb=8, force=True).config
+    for dim, c in cfg.configs.items():
+        assert c.memory.fitted, dim
+        assert all(gb <= 8.0 for gb in c.memory.predicted_peak_gb.values()), (dim, c.memory.predicted_peak_gb)
+        assert not mem.misfits(c, dim)

@@ -18,8 +18,9 @@ reports for the same step, because it is the same sequence of allocations:
   gradient clipping, the EMA copy, the frozen autoencoder (LDM) and perceptual network.
 - attention through torch's scaled-dot-product attention (no N^2 matrix), as built.
 
-Two steps are run (the second with AdamW's moments allocated and, with accumulation, two
-micro-batches), as the second and later steps of a real run are the heavier ones.
+One steady-state step is run: AdamW's moments and the EMA copy already allocated (as from the
+second step on) and, with accumulation, two micro-batches (the second runs next to the first's
+gradients).
 What the simulation cannot see (cuDNN's workspace, allocator fragmentation) is the calibrated
 ``CUDA_OVERHEAD`` in planning/memory.py.
 """
@@ -183,7 +184,7 @@ class LiveBytes(TorchDispatchMode):
 # ---------------------------------------------------------------------------- the simulated steps
 @dataclass(frozen=True)
 class Simulated:
-    trace: tuple[int, ...]  # live bytes after each allocation of the two steps
+    trace: tuple[int, ...]  # live bytes after each allocation of the step
     static_bytes: int  # live bytes between steps (weights, optimiser moments, EMA, frozen networks)
     params: int  # trainable parameters
 
@@ -193,24 +194,23 @@ class Simulated:
 
 
 def _adamw_step(params: list, state: dict, lr: float, weight_decay: float) -> None:
-    """The memory of torch.optim.AdamW(foreach=True).step(): moments on the first step, one
-    temporary per parameter for sqrt(v) (torch/optim/adam.py, _multi_tensor_adam)."""
-    params = [p for p in params if p.grad is not None]
+    """The memory of torch.optim.AdamW(foreach=True).step() (torch/optim/adam.py, _multi_tensor_adam):
+    one temporary per parameter for sqrt(v) next to the moments ``state`` (see _Phase.init_state)."""
+    keep = [i for i, p in enumerate(params) if p.grad is not None]
+    params = [params[i] for i in keep]
     if not params:
         return
     grads = [p.grad for p in params]
     params = [p.detach() for p in params]  # torch.optim steps under no_grad
-    if "m" not in state:
-        state["m"] = [torch.zeros_like(p) for p in params]
-        state["v"] = [torch.zeros_like(p) for p in params]
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_lerp_(state["m"], grads, 0.1)
-    torch._foreach_mul_(state["v"], 0.999)
-    torch._foreach_addcmul_(state["v"], grads, grads, 0.001)
-    denom = torch._foreach_sqrt(state["v"])
+    m, v = [state["m"][i] for i in keep], [state["v"][i] for i in keep]
+    torch._foreach_lerp_(m, grads, 0.1)
+    torch._foreach_mul_(v, 0.999)
+    torch._foreach_addcmul_(v, grads, grads, 0.001)
+    denom = torch._foreach_sqrt(v)
     torch._foreach_add_(denom, 1e-8)
-    torch._foreach_addcdiv_(params, state["m"], denom, -lr)
+    torch._foreach_addcdiv_(params, m, denom, -lr)
     del denom
 
 
@@ -221,6 +221,9 @@ class _Phase:
         self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
         self.state: dict = {}
         self.train = train
+
+    def init_state(self) -> None:
+        self.state = {"m": [torch.zeros_like(p) for p in self.params], "v": [torch.zeros_like(p) for p in self.params]}
 
     def step(self) -> None:
         if self.train.grad_clip:
@@ -381,7 +384,7 @@ def _autoencoder_parts(cfg: GenerationConfig):
 
 
 def simulate(cfg: GenerationConfig, model: str) -> Simulated:
-    """Run two training steps of ``model`` for ``cfg`` on fake tensors and return the peak (see module doc)."""
+    """Run a training step of ``model`` for ``cfg`` on fake tensors and return its memory (see module doc)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     train = getattr(cfg, f"train_{model}")
@@ -398,24 +401,24 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
         ema = [p.detach().clone() for m in ema_of for p in m.parameters()]
         optimisers = {name: _Phase(mods, train) for name, (mods, _) in phases.items()}
         params = sum(p.numel() for m in trained for p in m.parameters())
-        static = 0
-        for micro_batches in (1, min(accum, 2)):
-            for _ in range(micro_batches):
-                batch = {"image": torch.randn(shape), "label": torch.zeros(shape[:1] + (1,) + shape[2:],
-                                                                            dtype=torch.int16)}
-                for name, (mods, loss_fn) in phases.items():
-                    others = [m for other, (ms, _) in phases.items() if other != name for m in ms]
-                    with _frozen(others):
-                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                            loss = loss_fn(batch)
-                        (loss / accum).backward()
-                    del loss
-                del batch
-            for opt in optimisers.values():
-                opt.step()
-            if ema:
-                torch._foreach_lerp_(ema, [p.detach() for m in ema_of for p in m.parameters()], 0.001)
-            static = tracker.live
+        for opt in optimisers.values():  # the steady state: AdamW's moments exist from the previous step
+            opt.init_state()
+        tracker.trace.clear()
+        for _ in range(min(accum, 2)):  # with accumulation, the second micro-batch runs next to the first's gradients
+            batch = {"image": torch.randn(shape), "label": torch.zeros(shape[:1] + (1,) + shape[2:], dtype=torch.int16)}
+            for name, (mods, loss_fn) in phases.items():
+                others = [m for other, (ms, _) in phases.items() if other != name for m in ms]
+                with _frozen(others):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                        loss = loss_fn(batch)
+                    (loss / accum).backward()
+                del loss
+            del batch
+        for opt in optimisers.values():
+            opt.step()
+        if ema:
+            torch._foreach_lerp_(ema, [p.detach() for m in ema_of for p in m.parameters()], 0.001)
+        static = tracker.live
         trace = tuple(tracker.trace)
     return Simulated(trace=trace, static_bytes=static, params=params)
 

@@ -116,7 +116,10 @@ def _simulated(cfg: GenerationConfig, model: str, batch: int):
     nets = (cfg.autoencoder, cfg.discriminator, cfg.losses) if model == "autoencoder" else (
         _unet_config(cfg, model), cfg.ddpm_scheduler if model == "ddpm" else cfg.ldm_scheduler,
         cfg.autoencoder if model == "ldm" else None)
-    key = (model, cfg.data.spatial_dims, cfg.data.in_channels, tuple(cfg.data.image_size), nets, key_train)
+    from medimgen import networks
+
+    key = (model, cfg.data.spatial_dims, cfg.data.in_channels, tuple(cfg.data.image_size), nets, key_train,
+           networks.FLASH_ATTENTION)
     if key not in _simulations:
         from medimgen.planning.cuda_sim import simulate
 
