@@ -9,7 +9,7 @@ from pathlib import Path
 
 from medimgen.errors import MedimgenError
 from medimgen.sampling import Sampler, from_run
-from medimgen.tracking import resolve_uri, start_existing_run
+from medimgen.tracking import connect, start_existing_run
 
 
 def registered_name(dataset: str, kind: str, dim: str) -> str:
@@ -29,7 +29,7 @@ def log_sampler(sampler: Sampler, run_id: str | None = None, register: bool = Tr
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(resolve_uri(tracking_uri))
+    connect(tracking_uri)  # bounded HTTP calls; one line if the server is down
     dim = f"{sampler.cfg.data.spatial_dims}d"
     name = registered_name(sampler.dataset, sampler.kind, dim) if register else None
     code = Path(__file__).with_name("mlflow_model.py")

@@ -4,23 +4,86 @@
   embedded ``sqlite:///mlflow.db`` (artifacts in ./mlruns).
 - Under ``mlflow run`` ($MLFLOW_RUN_ID set) the run MLflow created is attached to.
 - A resumed training run continues its MLflow run (its id is stored in the checkpoint).
-- If the tracking server fails mid-run, a warning is printed once, tracking is switched
-  off for the rest of the run, and training continues with all local outputs.
+- Every MLflow call is bounded: the HTTP client gets a short timeout and one retry (unless
+  the user set MLflow's own variables), and an http(s) server is probed for a few seconds
+  before a run starts. If the server is unreachable or fails mid-run, one warning line says
+  so, MLflow is never called again for that run, and training continues with all local outputs.
+- SIGTERM during training raises :class:`Terminated` (a KeyboardInterrupt), so the run ends
+  as KILLED with its local outputs flushed, like Ctrl-C.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import urlparse
+
+from medimgen.errors import MedimgenError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# MLflow reads these per request. Its defaults (7 retries, exponential backoff, 120 s timeout)
+# make one call to an unreachable server take about 4 minutes; these make it at most 2 x 5 s.
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+PROBE_TIMEOUT_S = 3  # connect and read, for the reachability check of an http(s) server
+
+
+class TrackingUnreachable(MedimgenError):
+    """The MLflow tracking server did not answer the reachability check."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was (handled like Ctrl-C: the run ends as KILLED)."""
 
 
 def resolve_uri(configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def unreachable_reason(uri: str) -> str | None:
+    """Why the http(s) server at ``uri`` gives no answer within a few seconds; None if it answers (or is not http)."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return None
+    import requests
+
+    try:
+        requests.get(uri, timeout=PROBE_TIMEOUT_S, allow_redirects=False, stream=True).close()  # any answer counts
+        return None
+    except requests.RequestException as e:
+        return type(e).__name__
+
+
+def connect(configured: str | None = None) -> str:
+    """Point MLflow at the tracking URI with bounded HTTP calls; raise TrackingUnreachable if the server is down."""
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    uri = resolve_uri(configured)
+    why = unreachable_reason(uri)
+    if why:
+        raise TrackingUnreachable(f"MLflow tracking server {uri} is unreachable: {why}")
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def brief(error: BaseException) -> str:
+    """An exception as one short line."""
+    if isinstance(error, TrackingUnreachable):
+        return str(error)
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:200]}"
 
 
 def git_commit() -> str | None:
@@ -40,8 +103,29 @@ def start_existing_run(run_id: str):
     return mlflow.start_run(run_id=run_id)
 
 
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """While active (in the main thread, where SIGTERM has its default action), SIGTERM raises Terminated
+    instead of killing the process at once; a second SIGTERM kills as usual. Usable as a decorator."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class Tracker:
-    """One MLflow run. Every method is safe to call when tracking is off or broken."""
+    """One MLflow run. Every method is safe to call when tracking is off or broken, and none calls
+    MLflow once tracking was switched off."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -51,10 +135,23 @@ class Tracker:
 
     def _fail(self, what: str, error: Exception) -> None:
         if not self._warned:
-            warnings.warn(f"MLflow {what} failed ({type(error).__name__}: {error}); "
-                          f"training continues, outputs stay in the run folder", stacklevel=3)
+            warnings.warn(f"MLflow {what} failed ({brief(error)}); tracking is off for the rest of this run, "
+                          f"training continues and outputs stay in the run folder", stacklevel=3)
             self._warned = True
         self.enabled = False
+        self._forget_active_run()
+
+    def _forget_active_run(self) -> None:
+        """Drop our run from MLflow's active-run stack without a server call: MLflow's own exit hook
+        would otherwise try to end it on the dead server."""
+        try:
+            from mlflow.tracking import fluent
+
+            stack = fluent._active_run_stack.get()
+            if stack and stack[-1].info.run_id == self.run_id:
+                stack.pop()
+        except Exception:
+            pass
 
     def start(self, experiment: str, run_name: str, tracking_uri: str | None = None,
               run_id: str | None = None, tags: dict | None = None) -> str | None:
@@ -63,8 +160,7 @@ class Tracker:
         try:
             import mlflow
 
-            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-            mlflow.set_tracking_uri(resolve_uri(tracking_uri))
+            connect(tracking_uri)
             if run_id:  # resume our own run (in its own experiment)
                 run = start_existing_run(run_id)
             elif os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` created the run: attach, don't set an experiment
@@ -130,12 +226,14 @@ class Tracker:
             self._fail("set_tags", e)
 
     def end(self, status: str = "FINISHED") -> None:
-        if not self.run_id:
+        """End our run with ``status`` if it is still the active one (a second call does nothing)."""
+        if not self.enabled or not self.run_id:
             return
         try:
             import mlflow
 
-            if mlflow.active_run() is not None:
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
                 mlflow.end_run(status=status)
         except Exception as e:
             self._fail("end_run", e)

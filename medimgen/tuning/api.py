@@ -32,6 +32,7 @@ from medimgen.config import apply_overrides, load_config
 from medimgen.config.io import render_yaml
 from medimgen.config.schema import MedimgenConfig
 from medimgen.errors import MedimgenError
+from medimgen.tracking import sigterm_interrupts
 from medimgen.tuning.objective import TrialFailed, TrialObjective
 from medimgen.tuning.runs import StudyRuns
 from medimgen.tuning.space import load_space
@@ -78,6 +79,7 @@ def apply_trial(config_path: Path, dim: str, trial, study_name: str) -> tuple[Pa
     return config_path, backup
 
 
+@sigterm_interrupts()  # SIGTERM ends the trial's and the study's MLflow runs as KILLED, like Ctrl-C
 def tune(
     dataset_id: int | str,
     model: str = "ldm",
@@ -160,14 +162,19 @@ def tune(
             artifacts=[space.path])
         objective_fn.parent = parent
         env_run = os.environ.pop("MLFLOW_RUN_ID", None)  # trials must not attach to `mlflow run`'s run
+        status = "KILLED"  # unless optimize returns or fails
         try:
             study.optimize(objective_fn, n_trials=trials, timeout=timeout, catch=(TrialFailed,), gc_after_trial=True,
                            callbacks=[objective_fn.after_trial], show_progress_bar=progress)
+            status = "FINISHED"
+        except Exception:
+            status = "FAILED"
+            raise
         finally:
             if env_run is not None:
                 os.environ["MLFLOW_RUN_ID"] = env_run
             if parent and runs.enabled and parent != env_run:
-                runs.log(parent, {}, status="FINISHED")
+                runs.log(parent, {}, status=status)
 
     front = best_trials(study, objective)
     result = TuneResult(

@@ -21,13 +21,11 @@ class StudyRuns:
         self.client = None
         if enabled:
             try:
-                import mlflow
                 from mlflow import MlflowClient
 
-                from medimgen.tracking import resolve_uri
+                from medimgen.tracking import connect
 
-                os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-                mlflow.set_tracking_uri(resolve_uri(None))
+                connect()  # bounded HTTP calls; fails at once when the server is down
                 self.client = MlflowClient()
             except Exception as e:
                 self._warn("connect", e)
@@ -35,7 +33,9 @@ class StudyRuns:
     def _warn(self, what: str, e: Exception) -> None:
         import warnings
 
-        warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); tuning continues without it", stacklevel=3)
+        from medimgen.tracking import brief
+
+        warnings.warn(f"MLflow {what} failed ({brief(e)}); tuning continues without it", stacklevel=3)
         self.enabled = False
         self.client = None
 
