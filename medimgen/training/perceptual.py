@@ -1,42 +1,30 @@
 """Perceptual loss (MONAI PerceptualLoss) with pretrained weights that are never downloaded silently.
 
 Pretrained backbones are looked up where torch/torchvision/MONAI cache them
-(``$TORCH_HOME/hub`` = ``torch.hub.get_dir()``). When a file is missing, training stops at
-start-up with one message naming the file, where to put it, and how to switch the
-perceptual loss off (``losses.perceptual_network=none``).
+(``$TORCH_HOME/hub`` = ``torch.hub.get_dir()``; medimgen.weights knows the paths). When a file is
+missing, training stops at start-up with one message naming the file, the download command
+(``medimgen weights download NAME``) and how to switch the perceptual loss off
+(``losses.perceptual_network=none``).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
 from medimgen.errors import MedimgenError
 from medimgen.losses import PerChannel
+from medimgen.weights import (  # noqa: F401 (torchvision_weights_file: where tests and users look)
+    HUB_REPO,
+    HUB_WEIGHTS,
+    TORCHVISION,
+    download_command,
+    hub_repo_dir,
+    missing_weights,
+    torchvision_weights_file,
+)
 
-# lpips backbones (MONAI's alex/vgg/squeeze go through lpips -> torchvision weights)
-_TORCHVISION = {
-    "alex": ("alexnet", "AlexNet_Weights"),
-    "vgg": ("vgg16", "VGG16_Weights"),
-    "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights"),
-}
-# torch.hub repositories used by MONAI for the medical backbones
-_HUB_REPOS = {
-    "radimagenet_resnet50": "Project-MONAI_perceptual-models_main",
-    "medicalnet_resnet10_23datasets": "Project-MONAI_perceptual-models_main",
-    "medicalnet_resnet50_23datasets": "Project-MONAI_perceptual-models_main",
-}
-NETWORKS = (*_TORCHVISION, *_HUB_REPOS, "none")
-
-
-def torchvision_weights_file(network: str) -> tuple[Path, str]:
-    """(expected local path, download URL) of the torchvision weights lpips loads for ``network``."""
-    import torchvision.models as tvm
-
-    _, enum_name = _TORCHVISION[network]
-    url = getattr(tvm, enum_name).IMAGENET1K_V1.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1], url
+# alex/vgg/squeeze go through lpips -> torchvision weights; the others through MONAI's torch.hub repository
+NETWORKS = ("alex", "vgg", "squeeze", *HUB_WEIGHTS, "none")
 
 
 def check_weights_available(network: str) -> None:
@@ -45,19 +33,20 @@ def check_weights_available(network: str) -> None:
         return
     if network not in NETWORKS:
         raise MedimgenError(f"losses.perceptual_network must be one of {', '.join(NETWORKS)}, got {network!r}")
-    off = "or set losses.perceptual_network=none to train without the perceptual loss"
-    if network in _TORCHVISION:
-        path, url = torchvision_weights_file(network)
-        if not path.is_file():
-            raise MedimgenError(
-                f"perceptual network '{network}' needs pretrained weights {path.name} in {path.parent} "
-                f"(download {url} on a machine with internet and copy it there, or set TORCH_HOME), {off}")
+    missing = missing_weights(network)
+    if not missing:
         return
-    repo = Path(torch.hub.get_dir()) / _HUB_REPOS[network]
-    if not repo.is_dir():
-        raise MedimgenError(
-            f"perceptual network '{network}' needs the torch.hub repository {repo.name} and its weights in "
-            f"{repo.parent} (run torch.hub.load once on a machine with internet and copy the hub folder), {off}")
+    off = "or set losses.perceptual_network=none to train without the perceptual loss"
+    get = f"run `{download_command(network)}` (or copy the hub folder from a machine that has them)"
+    if network in TORCHVISION:
+        path, url = torchvision_weights_file(network)
+        raise MedimgenError(f"perceptual network '{network}' needs pretrained weights {path.name} in {path.parent} "
+                            f"({get}; source {url}; or set TORCH_HOME), {off}")
+    if missing[0] == hub_repo_dir():
+        raise MedimgenError(f"perceptual network '{network}' needs the torch.hub repository {HUB_REPO} and its weights "
+                            f"in {missing[0].parent}: {get}, {off}")
+    raise MedimgenError(f"perceptual network '{network}' needs pretrained weights {missing[0].name} in "
+                        f"{missing[0].parent}: {get}, {off}")
 
 
 MIN_SIZE = {"alex": 31, "squeeze": 16, "vgg": 16}
