@@ -58,9 +58,13 @@ def unreachable_reason(uri: str) -> str | None:
 
     try:
         requests.get(uri, timeout=PROBE_TIMEOUT_S, allow_redirects=False, stream=True).close()  # any answer counts
-        return None
-    except requests.RequestException as e:
+    except requests.exceptions.SSLError:
+        pass  # it answered; MLflow applies its own TLS settings (MLFLOW_TRACKING_INSECURE_TLS, ...)
+    except (requests.ConnectionError, requests.Timeout) as e:
         return type(e).__name__
+    except requests.RequestException:
+        pass  # not a reachability question (a malformed URI, ...): MLflow reports it
+    return None
 
 
 def connect(configured: str | None = None) -> str:
