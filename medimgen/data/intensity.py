@@ -1,11 +1,18 @@
 """Reversible map between nnU-Net-normalised intensities, the model's range, and original units.
 
 model = r0 + (norm - low) / (high - low) * (r1 - r0)   (per channel, clipped to [r0, r1] for training)
-original = norm * std + mean                             (fingerprint foreground mean/std)
+original = norm * std + mean                             (per channel; model values <= r0: ``raw_background``)
 
-For CT this is exact: nnU-Net's CTNormalization is (clip(HU, p0.5, p99.5) - mean) / std with
-the same fingerprint values. For per-image z-scored MRI the original units are arbitrary;
-mapping with the dataset-wide foreground mean/std gives values on the scale of the data.
+``mean``/``std`` are the offset and scale nnU-Net's normalisation removed (config
+``intensity_case_mean/std``, planned by medimgen.planning.intensity). CT is exact: nnU-Net's
+CTNormalization is (clip(HU, p0.5, p99.5) - mean) / std with the fingerprint's values, so the
+inverse gives HU back (up to that clip). Per-case z-scored MRI has no dataset-wide units: a case
+is mapped back exactly with its own mean/std, and a generated image with a representative case's
+(the median over the raw cases of the per-case mean and of the per-case std, over the voxels nnU-Net
+used). Voxels outside nnU-Net's nonzero mask get the model's lower bound r0 in training; a sample at
+r0 gets the raw value of those voxels back (``raw_background``, 0) where the dataset has them.
+Configs from before these fields map back with the fingerprint's foreground mean/std.
+Nothing is clipped on the way back: the model's own range is the only bound.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ class IntensityMap:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     out_range: tuple[float, float] = (-1.0, 1.0)
+    raw_background: tuple[float, ...] = ()  # original value of model values <= r0 (empty: linear)
 
     @classmethod
     def from_config(cls, data: DataConfig) -> "IntensityMap":
@@ -33,9 +41,10 @@ class IntensityMap:
         return cls(
             low=tuple(data.intensity_low) or (-3.0,) * n,
             high=tuple(data.intensity_high) or (3.0,) * n,
-            mean=tuple(data.intensity_mean) or (0.0,) * n,
-            std=tuple(data.intensity_std) or (1.0,) * n,
+            mean=tuple(data.intensity_case_mean) or tuple(data.intensity_mean) or (0.0,) * n,
+            std=tuple(data.intensity_case_std) or tuple(data.intensity_std) or (1.0,) * n,
             out_range=tuple(data.intensity_range),
+            raw_background=tuple(data.intensity_background),
         )
 
     def _shape(self, values: Sequence[float], x, channel_axis: int):
@@ -62,8 +71,16 @@ class IntensityMap:
         return norm * self._shape(self.std, norm, channel_axis) + self._shape(self.mean, norm, channel_axis)
 
     def to_original(self, model, channel_axis: int = 0):
-        """Model output -> original intensity units (HU for CT)."""
-        return self.normalized_to_original(self.to_normalized(model, channel_axis), channel_axis)
+        """Model output -> original intensity units (HU for CT); values at or below the model range's lower
+        bound -> ``raw_background`` when set (the raw value of voxels outside nnU-Net's nonzero mask). No clipping."""
+        out = self.normalized_to_original(self.to_normalized(model, channel_axis), channel_axis)
+        if not self.raw_background:
+            return out
+        at_floor = model <= self.out_range[0]
+        bg = self._shape(self.raw_background, model, channel_axis)
+        if isinstance(out, torch.Tensor):
+            return torch.where(at_floor, bg.to(out.dtype), out)
+        return np.where(at_floor, bg, out)
 
     def background(self) -> tuple[float, ...]:
         """Model-range value used for padded voxels (the lower end: air / background)."""

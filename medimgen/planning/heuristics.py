@@ -118,8 +118,12 @@ def plan_generation(
     intensity_low: Sequence[float],
     intensity_high: Sequence[float],
     target_gb: float = 8.0,
+    intensity_stats=None,
 ) -> GenerationConfig:
-    """The complete generation config for ``dim`` ('2d' or '3d') of a preprocessed dataset."""
+    """The complete generation config for ``dim`` ('2d' or '3d') of a preprocessed dataset.
+
+    ``intensity_stats``: medimgen.planning.intensity.IntensityStatistics (how samples go back to the
+    dataset's units); None leaves those fields empty (the fingerprint's mean/std are used)."""
     cm = plans.configuration(dim)
     arch = cm.network_arch_init_kwargs
     dims = len(cm.patch_size)
@@ -166,6 +170,9 @@ def plan_generation(
         intensity_high=tuple(float(v) for v in intensity_high),
         intensity_mean=tuple(float(p["mean"]) for p in fg),
         intensity_std=tuple(float(p["std"]) for p in fg),
+        intensity_case_mean=tuple(intensity_stats.case_mean) if intensity_stats else (),
+        intensity_case_std=tuple(intensity_stats.case_std) if intensity_stats else (),
+        intensity_background=tuple(intensity_stats.background) if intensity_stats else (),
     )
     ae_channels = autoencoder_channels(n_ae)
     autoencoder = AutoencoderConfig(
