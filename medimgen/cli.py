@@ -25,7 +25,43 @@ def friendly_errors(fn):
     return wrapper
 
 
-@click.group()
+class OneLineCommand(click.Command):
+    """Usage errors (a bad option value, a missing argument) as one line, like every other error."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            path = e.ctx.command_path if e.ctx else info_name
+            one = click.ClickException(f"{e.format_message()} (see '{path} --help')")
+            one.exit_code = 2
+            raise one from None
+
+
+class _Group(click.Group):
+    command_class = OneLineCommand
+    group_class = type  # subgroups (train) are _Group too
+
+
+def _device(ctx, param, value):
+    """--device must exist on this machine (cpu, cuda, cuda:N, mps)."""
+    if value is None:
+        return None
+    from medimgen.devices import check_device
+
+    try:
+        return check_device(value)
+    except MedimgenError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+_device_option = click.option("--device", default=None, callback=_device,
+                              help="cuda, cuda:1 or cpu (default: cuda when available).")
+_positive = click.IntRange(min=1)
+_fold = click.IntRange(0, 4)
+
+
+@click.group(cls=_Group)
 @click.version_option(__version__, prog_name="medimgen")
 def main() -> None:
     """medimgen: hyperparameter-free 2D/3D medical image generation planned by nnU-Net."""
@@ -38,7 +74,8 @@ _set_option = click.option(
 
 @main.command("plan")
 @click.option("-d", "--dataset", "dataset_id", required=True, help="nnU-Net dataset id (e.g. 1 or 001) or name.")
-@click.option("--gpu-memory", type=float, default=None, help="GPU memory target in GB (default: detected GPU, else 8).")
+@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="GPU memory target in GB (default: detected GPU, else 8).")
 @click.option("--force", is_flag=True, help="Re-plan over a hand-edited config (it is backed up first).")
 @click.option("--explain", is_flag=True, help="Print the predicted memory per model (params, activations, total vs target).")
 @click.option("--plans", "plans_identifier", default="nnUNetPlans", show_default=True, help="nnU-Net plans identifier.")
@@ -69,14 +106,14 @@ def _train_command(model: str | None):
     """Build `medimgen train MODEL ...` (model None) or `medimgen_train_<model> ...`."""
 
     @click.argument("dataset_id")
-    @click.argument("splitting", type=click.Choice(["train-val-test", "5-fold"]))
-    @click.argument("model_type", type=click.Choice(["2d", "3d"]))
+    @click.argument("splitting", type=click.Choice(["train-val-test", "5-fold"]), metavar="SPLITTING")
+    @click.argument("model_type", type=click.Choice(["2d", "3d"]), metavar="MODEL_TYPE")
     @click.option("-p", "--progress", is_flag=True, help="Show progress bars.")
     @click.option("-c", "--continue", "resume", is_flag=True, help="Continue the run from its last checkpoint.")
-    @click.option("-f", "--fold", type=int, default=0, show_default=True, help="Fold for 5-fold splitting.")
+    @click.option("-f", "--fold", type=_fold, default=0, show_default=True, help="Fold for 5-fold splitting.")
     @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
                   help="Config YAML (default: the dataset's medimgen_config.yaml).")
-    @click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available).")
+    @_device_option
     @_set_option
     @click.option("--overrides", "override_text", default="", metavar="'K=V K=V'",
                   help="Space-separated overrides in one string (for MLproject).")
@@ -109,16 +146,16 @@ for _model in ("ddpm", "autoencoder", "ldm"):
 
 def train_ddpm_entry() -> None:
     """`medimgen_train_ddpm DATASET_ID SPLITTING MODEL_TYPE -p`, as the seed README spells it."""
-    click.command(help="Train a DDPM.")(_train_command("ddpm"))(prog_name="medimgen_train_ddpm")
+    click.command(cls=OneLineCommand, help="Train a DDPM.")(_train_command("ddpm"))(prog_name="medimgen_train_ddpm")
 
 
 def train_autoencoder_entry() -> None:
-    click.command(help="Train the KL-autoencoder for latent diffusion.")(_train_command("autoencoder"))(
+    click.command(cls=OneLineCommand, help="Train the KL-autoencoder for latent diffusion.")(_train_command("autoencoder"))(
         prog_name="medimgen_train_autoencoder")
 
 
 def train_ldm_entry() -> None:
-    click.command(help="Train a latent diffusion model on a trained autoencoder.")(_train_command("ldm"))(
+    click.command(cls=OneLineCommand, help="Train a latent diffusion model on a trained autoencoder.")(_train_command("ldm"))(
         prog_name="medimgen_train_ldm")
 
 
@@ -127,14 +164,14 @@ _sample_options = [
                  help="ldm, ddpm, auto (LDM if trained, else DDPM), a run folder, or an MLflow URI "
                       "(models:/NAME@alias, models:/NAME/3, runs:/ID/model)."),
     click.option("--splitting", default="train-val-test", type=click.Choice(["train-val-test", "5-fold"]), show_default=True),
-    click.option("-f", "--fold", type=int, default=0, show_default=True),
+    click.option("-f", "--fold", type=_fold, default=0, show_default=True),
     click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True),
     click.option("--scheduler", type=click.Choice(["ddim", "ddpm"]), default=None,
                  help="ddim (fast, default from the config) or ddpm (all training timesteps)."),
-    click.option("--steps", type=int, default=None, help="DDIM steps (default: the config's num_inference_steps)."),
+    click.option("--steps", type=_positive, default=None, help="DDIM steps (default: the config's num_inference_steps)."),
     click.option("--seed", type=int, default=0, show_default=True),
-    click.option("--batch-size", type=int, default=None, help="Images per forward pass (default: all)."),
-    click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)."),
+    click.option("--batch-size", type=_positive, default=None, help="Images per forward pass (default: all)."),
+    _device_option,
     click.option("--amp", is_flag=True, help="Mixed precision on a GPU."),
     click.option("--resample", is_flag=True, help="Resample to the dataset's original median spacing (nnU-Net's resampling)."),
     click.option("-p", "--progress", is_flag=True, help="Show progress bars."),
@@ -152,8 +189,8 @@ def _with(options):
 
 def _sample_command():
     @click.argument("dataset_id")
-    @click.argument("model_type", type=click.Choice(["2d", "3d"]))
-    @click.argument("num_images", type=int)
+    @click.argument("model_type", type=click.Choice(["2d", "3d"]), metavar="MODEL_TYPE")
+    @click.argument("num_images", type=_positive)
     @click.argument("save_path", type=click.Path(file_okay=False))
     @_with(_sample_options)
     @friendly_errors
@@ -173,14 +210,14 @@ main.command("sample", help="Sample NUM_IMAGES images of DATASET_ID into SAVE_PA
 
 def sample_entry() -> None:
     """`medimgen_sample DATASET_ID MODEL_TYPE NUM_IMAGES SAVE_PATH -p`, as the seed README spells it."""
-    click.command(help="Sample images as NIfTI.")(_sample_command())(prog_name="medimgen_sample")
+    click.command(cls=OneLineCommand, help="Sample images as NIfTI.")(_sample_command())(prog_name="medimgen_sample")
 
 
 @main.command("export-dataset")
 @click.argument("dataset_id")
-@click.argument("model_type", type=click.Choice(["2d", "3d"]))
-@click.argument("num_images", type=int)
-@click.option("-t", "--target-id", type=int, required=True, help="Id of the new nnU-Net dataset.")
+@click.argument("model_type", type=click.Choice(["2d", "3d"]), metavar="MODEL_TYPE")
+@click.argument("num_images", type=_positive)
+@click.option("-t", "--target-id", type=click.IntRange(1, 999), required=True, help="Id of the new nnU-Net dataset.")
 @click.option("--name", default=None, help="Name of the new dataset (default: <source name>Synth).")
 @_with(_sample_options)
 @friendly_errors
@@ -208,7 +245,7 @@ _weights_option = click.option("--weights", default=None, type=click.Path(exists
 @click.option("--model", default="auto", show_default=True,
               help="ldm, ddpm, autoencoder, auto (LDM if trained, else DDPM), a run folder, or an MLflow model URI.")
 @click.option("-t", "--model-type", type=click.Choice(["2d", "3d"]), default="3d", show_default=True)
-@click.option("-k", "--num-samples", type=int, default=16, show_default=True, help="Images to generate.")
+@click.option("-k", "--num-samples", type=_positive, default=16, show_default=True, help="Images to generate.")
 @click.option("--real", type=click.Choice(["val", "test", "train", "all"]), default="test", show_default=True,
               help="Which real cases of the split to compare with.")
 @_extractor_option
@@ -249,14 +286,15 @@ def evaluate_cmd(dataset_id, model, model_type, num_samples, real, extractor, we
               help="pareto: FID and MS-SSIM gap, NSGA-II, Pareto front; scalar: fid + w * gap, TPE with pruning.")
 @click.option("--study-name", default=None, help="Default: DatasetXXX_Name/<model>/<dim>/<objective>.")
 @click.option("--splitting", default="train-val-test", type=click.Choice(["train-val-test", "5-fold"]), show_default=True)
-@click.option("-f", "--fold", type=int, default=0, show_default=True)
+@click.option("-f", "--fold", type=_fold, default=0, show_default=True)
 @_extractor_option
 @_weights_option
 @click.option("--autoencoder", "autoencoder_run", type=click.Path(file_okay=False, exists=True), default=None,
               help="LDM: the autoencoder run folder to build on (default: the dataset's autoencoder run).")
 @click.option("--apply-best", is_flag=True, help="Write the best trial's values into medimgen_config.yaml (backed up first).")
-@click.option("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds.")
-@click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop starting new trials after this many seconds.")
+@_device_option
 @click.option("--no-mlflow", is_flag=True, help="Do not track trials in MLflow.")
 @_set_option
 @click.option("--overrides", "override_text", default="", metavar="'K=V K=V'",
@@ -296,12 +334,12 @@ def register_cmd(run_folder, checkpoint, alias):
 
 
 @main.command("demo-data")
-@click.option("-d", "--dataset", "dataset_id", type=int, required=True, help="Dataset id to create.")
+@click.option("-d", "--dataset", "dataset_id", type=click.IntRange(1, 999), required=True, help="Dataset id to create.")
 @click.option("--name", default="Phantom", show_default=True)
-@click.option("--cases", "num_cases", type=int, default=10, show_default=True)
+@click.option("--cases", "num_cases", type=click.IntRange(min=2), default=10, show_default=True)
 @click.option("--shape", default="48,48,32", show_default=True, help="Voxels x,y[,z]; two values make a 2D dataset.")
 @click.option("--spacing", default=None, help="mm per voxel x,y[,z] (default 1 each).")
-@click.option("--channels", type=int, default=1, show_default=True)
+@click.option("--channels", type=_positive, default=1, show_default=True)
 @click.option("--modality", type=click.Choice(["MRI", "CT"]), default="MRI", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors

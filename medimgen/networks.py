@@ -23,13 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from medimgen.config.schema import AutoencoderConfig, DiscriminatorConfig, UNetConfig
-from medimgen.errors import MedimgenError
-
-
-def _check_groups(channels: Sequence[int], groups: int, what: str) -> None:
-    bad = [c for c in channels if c % groups]
-    if bad:
-        raise MedimgenError(f"{what}.norm_num_groups={groups} does not divide channels {list(channels)}")
+from medimgen.config.validate import check_network
 
 
 def _set_upsample_scale(module: nn.Module, stride: Sequence[int]) -> None:
@@ -59,11 +53,7 @@ def build_unet(cfg: UNetConfig, spatial_dims: int, in_channels: int, out_channel
     from monai.networks.nets import DiffusionModelUNet
 
     levels = len(cfg.channels)
-    if len(cfg.strides) != levels - 1 or len(cfg.attention_levels) != levels:
-        raise MedimgenError(
-            f"UNet config: {levels} channel levels need {levels - 1} strides and {levels} attention_levels, "
-            f"got {len(cfg.strides)} and {len(cfg.attention_levels)}")
-    _check_groups(cfg.channels, cfg.norm_num_groups, "unet")
+    check_network(cfg, "unet", spatial_dims)
     unet = DiffusionModelUNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
@@ -91,9 +81,7 @@ def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: in
     from monai.networks.nets.autoencoderkl import AEKLDownsample
 
     levels = len(cfg.channels)
-    if len(cfg.strides) != levels - 1:
-        raise MedimgenError(f"autoencoder config: {levels} channel levels need {levels - 1} strides, got {len(cfg.strides)}")
-    _check_groups(cfg.channels, cfg.norm_num_groups, "autoencoder")
+    check_network(cfg, "autoencoder", spatial_dims)
     ae = AutoencoderKL(
         spatial_dims=spatial_dims,
         in_channels=in_channels,

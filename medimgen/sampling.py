@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from medimgen.config import load_generation_config, save_generation_config
 from medimgen.config.schema import GenerationConfig
 from medimgen.data.intensity import IntensityMap
+from medimgen.devices import resolve_device
 from medimgen.errors import MedimgenError
 from medimgen.networks import build_autoencoder, build_unet
 
@@ -162,11 +163,6 @@ class Sampler:
             ae.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("autoencoder.")})
         return cls(meta["kind"], cfg, unet.eval(), ae.eval() if ae is not None else None, meta["scale_factor"],
                    Geometry.from_dict(meta["geometry"]), meta["dataset"], source or meta.get("source", str(folder)))
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The given device, else CUDA when available, else the CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _networks(kind: str, cfg: GenerationConfig):

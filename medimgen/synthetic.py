@@ -115,6 +115,10 @@ def make_synthetic_dataset(
     """
     if len(shape) not in (2, 3) or len(spacing) != len(shape):
         raise MedimgenError(f"shape and spacing must both have 2 or 3 values, got {tuple(shape)} and {tuple(spacing)}")
+    if min(shape) < 1 or min(spacing) <= 0:
+        raise MedimgenError(f"shape must be >= 1 voxel and spacing > 0 mm on every axis, got {tuple(shape)} and {tuple(spacing)}")
+    if channels < 1:
+        raise MedimgenError(f"channels must be >= 1, got {channels}")
     if modality not in _TISSUE:
         raise MedimgenError(f"modality must be MRI or CT, got {modality!r}")
     if num_cases < 2:

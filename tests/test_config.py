@@ -77,8 +77,8 @@ def test_overrides_apply_to_all_dims_or_one(planned):
     both = apply_overrides(planned, ["train_ddpm.epochs=3", "losses.kl_weight=1e-5"])
     assert both.get("2d").train_ddpm.epochs == 3 and both.get("3d").train_ddpm.epochs == 3
     assert both.get("3d").losses.kl_weight == pytest.approx(1e-5)
-    one = apply_overrides(planned, ["3d.autoencoder.channels=[8,16,16]"])
-    assert one.get("3d").autoencoder.channels == (8, 16, 16)
+    one = apply_overrides(planned, ["3d.autoencoder.channels=[32,64,64]"])
+    assert one.get("3d").autoencoder.channels == (32, 64, 64)
     assert one.get("2d").autoencoder.channels == planned.get("2d").autoencoder.channels
     g = apply_overrides(planned.get("3d"), ["train_ldm.ema_decay=null"])
     assert isinstance(g, GenerationConfig) and g.train_ldm.ema_decay is None
@@ -103,3 +103,59 @@ def test_flatten_gives_dotted_params(planned):
 
 def test_unquoted_off_in_yaml_means_off(planned):
     assert apply_overrides(planned, ["train_ddpm.amp=off"]).get("3d").train_ddpm.amp == "off"
+
+
+def _odd(size) -> str:
+    return str([s + 1 for s in size]).replace(" ", "")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("3d.train_ddpm.epochs=0", r"'3d\.train_ddpm\.epochs': must be an integer >= 1, got 0"),
+    ("train_ddpm.epochs=-1", r"'2d\.train_ddpm\.epochs': must be an integer >= 1, got -1"),
+    ("3d.train_autoencoder.batch_size=0", r"'3d\.train_autoencoder\.batch_size': must be an integer >= 1"),
+    ("3d.train_ldm.iterations_per_epoch=0", r"'3d\.train_ldm\.iterations_per_epoch': must be an integer >= 1"),
+    ("3d.train_ldm.grad_accumulation_steps=-2", r"'3d\.train_ldm\.grad_accumulation_steps': must be an integer >= 1"),
+    ("3d.train_ddpm.learning_rate=-1e-4", r"'3d\.train_ddpm\.learning_rate': must be a number > 0, got -0\.0001"),
+    ("3d.train_autoencoder.disc_learning_rate=0", r"disc_learning_rate': must be a number > 0"),
+    ("3d.train_ddpm.ema_decay=1.5", r"ema_decay': must be a number in \[0, 1\), got 1\.5"),
+    ("3d.data.num_workers=-1", r"'3d\.data\.num_workers': must be an integer >= 0, got -1"),
+    ("3d.data.spacing=[0,1,1]", r"'3d\.data\.spacing': must be a list of values > 0, got \[0\.0,1\.0,1\.0\]"),
+    ("3d.memory.target_gb=0", r"'3d\.memory\.target_gb': must be a number > 0"),
+    ("3d.autoencoder.strides=[[1,2,2],[3,2,2]]", r"'3d\.autoencoder\.strides\[1\]': must be 1 or 2 on each of 3 axes, got \[3,2,2\]"),
+    ("3d.autoencoder.strides=[[1,2],[2,2]]", r"'3d\.autoencoder\.strides\[0\]': must be 1 or 2 on each of 3 axes"),
+    ("3d.autoencoder.strides=[[2,2,2]]", r"'3d\.autoencoder\.strides': 3 channel levels need 2 strides, got 1"),
+    ("3d.autoencoder.norm_num_groups=7", r"'3d\.autoencoder\.norm_num_groups': norm_num_groups=7 does not divide channels"),
+    ("3d.ddpm_scheduler.num_inference_steps=2000", r"num_inference_steps': must be <= ddpm_scheduler\.num_train_timesteps \(1000\)"),
+])
+def test_impossible_values_name_key_and_allowed_values(planned, override, message):
+    with pytest.raises(MedimgenError, match=message) as e:
+        apply_overrides(planned, [override])
+    assert "\n" not in str(e.value)
+    with pytest.raises(MedimgenError, match=message.replace("'3d\\.", "'").replace("'2d\\.", "'")):
+        apply_overrides(planned.get("3d" if override.startswith("3d.") else "2d"), [override.removeprefix("3d.")])
+
+
+def test_image_size_and_strides_must_divide(planned):
+    cfg = planned.get("3d")
+    with pytest.raises(MedimgenError, match=r"'3d\.data\.image_size': must be divisible per axis by data\.size_divisor"):
+        apply_overrides(planned, [f"3d.data.image_size={_odd(cfg.data.image_size)}"])
+    # with the derived divisor edited away, the strides themselves must still divide the image
+    with pytest.raises(MedimgenError, match=r"'3d\.autoencoder\.strides': their per-axis product \[.*\] must divide "
+                                            r"data\.image_size"):
+        apply_overrides(planned, ["3d.data.size_divisor=[1,1,1]", f"3d.data.image_size={_odd(cfg.data.image_size)}"])
+
+
+def test_edited_yaml_with_impossible_value_names_file_and_key(planned, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(render_yaml(planned).replace(f"  train_ddpm:\n    epochs: {planned.get('3d').train_ddpm.epochs}",
+                                                 "  train_ddpm:\n    epochs: 0", 1))
+    assert "epochs: 0" in path.read_text()
+    with pytest.raises(MedimgenError, match=rf"{path}: config key '2d\.train_ddpm\.epochs': must be an integer >= 1, got 0"):
+        load_config(path)
+
+
+def test_planned_configs_pass_validation(planned):
+    from medimgen.config.validate import check_generation
+
+    for dim, cfg in planned.configs.items():
+        check_generation(cfg, dim)

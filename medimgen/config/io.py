@@ -1,7 +1,8 @@
 """YAML round-trip, validation and command-line overrides for the typed configs.
 
 Unknown or mistyped keys are rejected with one line naming the key (and the closest
-valid key); YAML is always read with ``yaml.safe_load``.
+valid key), impossible values with one line naming the key and the allowed values
+(medimgen.config.validate); YAML is always read with ``yaml.safe_load``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from medimgen.config.schema import DatasetInfo, GenerationConfig, MedimgenConfig
+from medimgen.config.validate import check_field, check_generation
 from medimgen.errors import MedimgenError
 
 DIMS = ("2d", "3d")
@@ -127,7 +129,7 @@ def _unknown_key(key: str, name: str, valid: list[str]) -> MedimgenError:
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from plain data, rejecting unknown, missing and mistyped keys."""
+    """Build dataclass ``cls`` from plain data, rejecting unknown, missing, mistyped and impossible values."""
     if not isinstance(data, dict):
         raise MedimgenError(f"config section '{where or cls.__name__}' must be a mapping, got {data!r}")
     hints = get_type_hints(cls)
@@ -140,9 +142,13 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         key = f"{where}.{name}" if where else name
         if name in data:
             kwargs[name] = _coerce(data[name], hints[name], key)
+            check_field(f, kwargs[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise MedimgenError(f"config key '{key}' is missing")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    if cls is GenerationConfig:
+        check_generation(obj, where)
+    return obj
 
 
 def medimgen_config_from_dict(data: Any) -> MedimgenConfig:

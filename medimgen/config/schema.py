@@ -14,11 +14,18 @@ from typing import Literal, Optional
 _REQUIRED = object()
 
 
-def doc(text: str, default=_REQUIRED, **kwargs):
-    """A dataclass field with documentation attached (and an optional default)."""
+def doc(text: str, default=_REQUIRED, *, ge=None, gt=None, le=None, lt=None, **kwargs):
+    """A dataclass field with documentation attached (and an optional default).
+
+    ``ge``/``gt``/``le``/``lt``: the allowed range of the value (of every element of a list), checked
+    whenever a config is read or overridden (medimgen.config.validate)."""
+    metadata = {"doc": text}
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        metadata["bounds"] = bounds
     if default is _REQUIRED:
-        return field(metadata={"doc": text}, **kwargs)
-    return field(default=default, metadata={"doc": text}, **kwargs)
+        return field(metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
@@ -28,14 +35,14 @@ AmpMode = Literal["auto", "bf16", "fp16", "off"]
 class DataConfig:
     nnunet_configuration: str = doc("nnU-Net configuration whose preprocessed cases are used ('2d' or '3d_fullres')")
     spatial_dims: int = doc("2 or 3")
-    in_channels: int = doc("image channels (nnU-Net channel_names of dataset.json)")
+    in_channels: int = doc("image channels (nnU-Net channel_names of dataset.json)", ge=1)
     channel_names: tuple[str, ...] = doc("names of the channels, from dataset.json")
     image_size: tuple[int, ...] = doc(
         "generated image size (voxels): nnU-Net's median preprocessed shape rounded up to a multiple of "
-        "the total downsampling of the networks (size_divisor); samples cover the typical whole image")
-    size_divisor: tuple[int, ...] = doc("per-axis total downsampling the image size must be divisible by (derived)")
-    spacing: tuple[float, ...] = doc("voxel spacing of the preprocessed data (nnU-Net target spacing), mm")
-    median_image_size: tuple[int, ...] = doc("nnU-Net's median image size after preprocessing, voxels")
+        "the total downsampling of the networks (size_divisor); samples cover the typical whole image", ge=1)
+    size_divisor: tuple[int, ...] = doc("per-axis total downsampling the image size must be divisible by (derived)", ge=1)
+    spacing: tuple[float, ...] = doc("voxel spacing of the preprocessed data (nnU-Net target spacing), mm", gt=0)
+    median_image_size: tuple[int, ...] = doc("nnU-Net's median image size after preprocessing, voxels", ge=1)
     nnunet_patch_size: tuple[int, ...] = doc("nnU-Net's segmentation patch size (for reference and patch training)")
     nnunet_batch_size: int = doc("nnU-Net's batch size for its patch size (for reference)")
     normalization_schemes: tuple[str, ...] = doc("nnU-Net normalisation per channel (ZScoreNormalization, CTNormalization, ...)")
@@ -48,89 +55,89 @@ class DataConfig:
         default_factory=tuple)
     intensity_mean: tuple[float, ...] = doc("per channel foreground mean in original units (fingerprint), to map samples back", default_factory=tuple)
     intensity_std: tuple[float, ...] = doc("per channel foreground std in original units (fingerprint), to map samples back", default_factory=tuple)
-    oversample_foreground_percent: float = doc("fraction of samples centred on foreground, as nnU-Net does", 0.33)
+    oversample_foreground_percent: float = doc("fraction of samples centred on foreground, as nnU-Net does", 0.33, ge=0, le=1)
     augmentation: Literal["none", "mild", "nnunet"] = doc(
         "nnU-Net augmentation strength: 'mild' (no large rotations; they hurt generation), 'nnunet' (segmentation defaults), 'none'", "mild")
-    num_workers: int = doc("background workers for loading/augmentation (0 = in the main process)", 4)
+    num_workers: int = doc("background workers for loading/augmentation (0 = in the main process)", 4, ge=0)
     crop_size: tuple[int, ...] = doc(
         "native voxels cropped per image before resampling to image_size; set by the memory fitter only when "
-        "the planned size cannot fit the GPU (empty: same as image_size)", default_factory=tuple)
+        "the planned size cannot fit the GPU (empty: same as image_size)", default_factory=tuple, ge=1)
     native_spacing: tuple[float, ...] = doc(
         "nnU-Net spacing of the preprocessed data when the memory fitter coarsened `spacing` (empty: unchanged)",
-        default_factory=tuple)
+        default_factory=tuple, gt=0)
 
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    channels: tuple[int, ...] = doc("filters per level; few suffice for good reconstructions (seed: 32)")
+    channels: tuple[int, ...] = doc("filters per level; few suffice for good reconstructions (seed: 32)", ge=1)
     strides: tuple[tuple[int, ...], ...] = doc(
         "per-axis downsampling of each level transition: nnU-Net's first pooling strides, so an anisotropic axis "
         "is not downsampled where nnU-Net does not downsample it; 2-3 downsamplings at most")
-    latent_channels: int = doc("channels of the latent space (3 for 3D, 4 for 2D as in common LDMs)")
-    num_res_blocks: int = doc("residual blocks per level", 2)
+    latent_channels: int = doc("channels of the latent space (3 for 3D, 4 for 2D as in common LDMs)", ge=1)
+    num_res_blocks: int = doc("residual blocks per level", 2, ge=1)
     attention_levels: tuple[bool, ...] = doc("self-attention per level (off: too costly at full resolution)", default_factory=tuple)
-    norm_num_groups: int = doc("group-norm groups (must divide every channel count)", 32)
+    norm_num_groups: int = doc("group-norm groups (must divide every channel count)", 32, ge=1)
     activation_checkpointing: bool = doc("recompute activations in backward to save memory", False)
 
 
 @dataclass(frozen=True)
 class DiscriminatorConfig:
-    channels: int = doc("filters of the first patch-discriminator layer", 64)
-    num_layers: int = doc("strided layers of the patch discriminator (at most what the smallest image axis allows)", 3)
+    channels: int = doc("filters of the first patch-discriminator layer", 64, ge=1)
+    num_layers: int = doc("strided layers of the patch discriminator (at most what the smallest image axis allows)", 3, ge=1)
 
 
 @dataclass(frozen=True)
 class UNetConfig:
-    channels: tuple[int, ...] = doc("filters per level, from nnU-Net's features_per_stage")
+    channels: tuple[int, ...] = doc("filters per level, from nnU-Net's features_per_stage", ge=1)
     strides: tuple[tuple[int, ...], ...] = doc("per-axis downsampling between levels, from nnU-Net's pooling strides")
     attention_levels: tuple[bool, ...] = doc(
         "self-attention where a level has at most 32^2 (2D) / 16^3 (3D) positions, never at the first level")
-    num_res_blocks: int = doc("residual blocks per level", 2)
-    num_head_channels: int = doc("channels per attention head", 32)
-    norm_num_groups: int = doc("group-norm groups (must divide every channel count)", 32)
+    num_res_blocks: int = doc("residual blocks per level", 2, ge=1)
+    num_head_channels: int = doc("channels per attention head", 32, ge=1)
+    norm_num_groups: int = doc("group-norm groups (must divide every channel count)", 32, ge=1)
     activation_checkpointing: bool = doc("recompute block activations in backward to save memory", False)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    num_train_timesteps: int = doc("diffusion steps in training", 1000)
+    num_train_timesteps: int = doc("diffusion steps in training", 1000, ge=1)
     schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = doc("beta schedule", "linear_beta")
-    beta_start: float = doc("first beta", 1e-4)
-    beta_end: float = doc("last beta", 2e-2)
+    beta_start: float = doc("first beta", 1e-4, gt=0, lt=1)
+    beta_end: float = doc("last beta", 2e-2, gt=0, lt=1)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = doc("what the UNet predicts", "epsilon")
     sampler: Literal["ddpm", "ddim"] = doc("sampler used for validation plots and sampling", "ddim")
-    num_inference_steps: int = doc("sampling steps (DDIM); DDPM always uses num_train_timesteps", 50)
+    num_inference_steps: int = doc("sampling steps (DDIM); DDPM always uses num_train_timesteps", 50, ge=1)
 
 
 @dataclass(frozen=True)
 class LossConfig:
     reconstruction: Literal["l1", "l2"] = doc("autoencoder reconstruction loss", "l1")
-    kl_weight: float = doc("KL weight of the autoencoder", 1e-6)
-    perceptual_weight: float = doc("perceptual loss weight (seed's experiments: 1.0 beats 0.01)", 1.0)
-    adversarial_weight: float = doc("adversarial loss weight (seed's experiments: 0.25 beats 0.1)", 0.25)
+    kl_weight: float = doc("KL weight of the autoencoder", 1e-6, ge=0)
+    perceptual_weight: float = doc("perceptual loss weight (seed's experiments: 1.0 beats 0.01)", 1.0, ge=0)
+    adversarial_weight: float = doc("adversarial loss weight (seed's experiments: 0.25 beats 0.1)", 0.25, ge=0)
     perceptual_network: str = doc(
         "alex | vgg | squeeze | radimagenet_resnet50 | medicalnet_resnet10_23datasets | medicalnet_resnet50_23datasets | none "
         "(pretrained weights must be in the torch hub cache; 'none' disables the perceptual loss)", "alex")
     perceptual_fake_3d: bool = doc("3D: apply a 2D network on slices along the three axes", True)
-    perceptual_fake_3d_ratio: float = doc("3D fake-3D: fraction of slices used", 0.2)
-    adversarial_warmup_epochs: int = doc("epochs of autoencoder training before the discriminator joins", 0)
+    perceptual_fake_3d_ratio: float = doc("3D fake-3D: fraction of slices used", 0.2, gt=0, le=1)
+    adversarial_warmup_epochs: int = doc("epochs of autoencoder training before the discriminator joins", 0, ge=0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = doc("training epochs; planned so the run makes about target_steps optimiser steps")
-    batch_size: int = doc("micro-batch size per step")
-    grad_accumulation_steps: int = doc("micro-batches per optimiser step (effective batch = batch_size * this)", 1)
-    iterations_per_epoch: int = doc("micro-batches per epoch (about one pass over the training cases)", 1)
-    learning_rate: float = doc("Adam learning rate", 1e-4)
-    disc_learning_rate: Optional[float] = doc("discriminator learning rate (autoencoder only)", None)
-    weight_decay: float = doc("AdamW weight decay", 0.0)
+    epochs: int = doc("training epochs; planned so the run makes about target_steps optimiser steps", ge=1)
+    batch_size: int = doc("micro-batch size per step", ge=1)
+    grad_accumulation_steps: int = doc("micro-batches per optimiser step (effective batch = batch_size * this)", 1, ge=1)
+    iterations_per_epoch: int = doc("micro-batches per epoch (about one pass over the training cases)", 1, ge=1)
+    learning_rate: float = doc("Adam learning rate", 1e-4, gt=0)
+    disc_learning_rate: Optional[float] = doc("discriminator learning rate (autoencoder only)", None, gt=0)
+    weight_decay: float = doc("AdamW weight decay", 0.0, ge=0)
     lr_schedule: Literal["constant", "cosine", "poly"] = doc("learning-rate schedule over epochs", "constant")
     amp: AmpMode = doc("mixed precision: auto (bf16 where supported, else fp16 with GradScaler; off on CPU)", "auto")
-    grad_clip: Optional[float] = doc("max gradient norm (null: no clipping)", 1.0)
-    ema_decay: Optional[float] = doc("EMA of the weights for sampling (null: off)", None)
-    val_interval: int = doc("validate every N epochs", 1)
-    val_plot_interval: int = doc("save sample/reconstruction plots every N epochs", 10)
+    grad_clip: Optional[float] = doc("max gradient norm (null: no clipping)", 1.0, gt=0)
+    ema_decay: Optional[float] = doc("EMA of the weights for sampling (null: off)", None, ge=0, lt=1)
+    val_interval: int = doc("validate every N epochs", 1, ge=1)
+    val_plot_interval: int = doc("save sample/reconstruction plots every N epochs", 10, ge=1)
     seed: int = doc("random seed", 12345)
     latent_scale_factor: Optional[float] = doc(
         "LDM only: 1/std of the autoencoder latents, computed once when LDM training starts (null until then)", None)
@@ -147,7 +154,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    target_gb: float = doc("GPU memory the plan must fit (detected GPU, else 8 GB like nnU-Net)", 8.0)
+    target_gb: float = doc("GPU memory the plan must fit (detected GPU, else 8 GB like nnU-Net)", 8.0, gt=0)
     fitted: bool = doc("whether the memory fitter adjusted this plan", False)
     predicted_peak_gb: dict = doc("predicted peak training memory per model, GB (filled by the fitter)", default_factory=dict)
 

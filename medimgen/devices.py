@@ -1,0 +1,39 @@
+"""The torch device a command runs on: the one asked for, else CUDA when available, else the CPU.
+
+A device that does not exist on this machine (a typo, ``cuda`` without a GPU, ``cuda:3`` on a
+one-GPU machine) stops with one line before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from medimgen.errors import MedimgenError
+
+_NAMES = re.compile(r"cpu|cuda(?::\d+)?|mps")
+ALLOWED = "cpu, cuda, cuda:N (N: a GPU index) or mps"
+
+
+def check_device(name: str) -> str:
+    """``name`` if this machine has that device, else a MedimgenError saying what is allowed."""
+    if not _NAMES.fullmatch(name):
+        raise MedimgenError(f"device {name!r} is not one of {ALLOWED}")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise MedimgenError(f"device {name!r}: no CUDA GPU is available on this machine (use cpu)")
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            raise MedimgenError(f"device {name!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise MedimgenError("device 'mps': Apple's MPS is not available on this machine (use cpu)")
+    return name
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The given device (checked), else CUDA when available, else the CPU."""
+    if isinstance(device, torch.device):
+        return device
+    return torch.device(check_device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu"))
