@@ -278,3 +278,19 @@ def test_bad_input_in_a_real_process(planned, tmp_path, args, expect):
     p = subprocess.run([str(exe), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     _assert_one_line_error(p.returncode, p.stderr, p.stdout + p.stderr, expect)
     assert _snapshot(tmp_path, planned["nnUNet_raw"], planned["nnUNet_preprocessed"]) == before
+
+
+def test_device_index_must_exist(monkeypatch):
+    """cuda:N beyond this machine's GPUs is named (faked GPU count: the rule, not the hardware, is tested)."""
+    from medimgen.devices import check_device, resolve_device
+    from medimgen.errors import MedimgenError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == "cuda:1" and check_device("cuda") == "cuda"
+    with pytest.raises(MedimgenError, match=r"device 'cuda:2': this machine has 2 GPU\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MedimgenError, match="no CUDA GPU is available"):
+        resolve_device("cuda")
+    assert resolve_device(None) == torch.device("cpu")
