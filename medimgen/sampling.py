@@ -4,6 +4,8 @@ Samples are generated in nnU-Net's preprocessed space (target spacing, transpose
 normalised intensities mapped into the model range) and written back the way nnU-Net writes
 images: axes transposed back (``transpose_backward``), spacing of the configuration,
 origin/direction of a training case, intensities in the dataset's units (exactly HU for CT).
+The geometry comes from the run folder's geometry.json or the model's meta.json (written at
+training time); nothing from a run folder, a model or nnU-Net's folders is ever unpickled.
 Optionally they are resampled to the dataset's original median spacing with nnU-Net's own
 resampling function.
 """
@@ -11,7 +13,6 @@ resampling function.
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,34 +21,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from medimgen.atomic import atomic_path
 from medimgen.config import load_generation_config, save_generation_config
 from medimgen.config.schema import GenerationConfig
 from medimgen.data.intensity import IntensityMap
 from medimgen.devices import resolve_device
 from medimgen.errors import MedimgenError
+from medimgen.geometry import Geometry, load_geometry
 from medimgen.networks import build_autoencoder, build_unet
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.yaml"
 META = "meta.json"
-
-
-@dataclass
-class Geometry:
-    """How preprocessed arrays map back to image files."""
-
-    spacing: tuple[float, ...]  # preprocessed (transposed) order
-    transpose_backward: tuple[int, ...]
-    original_spacing: tuple[float, ...]  # transposed order, raw median spacing
-    direction: tuple[float, ...] | None = None
-    origin: tuple[float, ...] | None = None
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if v is not None else None for k, v in self.__dict__.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Geometry":
-        return cls(**{k: tuple(v) if v is not None else None for k, v in d.items()})
 
 
 @dataclass
@@ -154,15 +139,20 @@ class Sampler:
         for name in (WEIGHTS, CONFIG, META):
             if not (folder / name).is_file():
                 raise MedimgenError(f"{folder} is not a medimgen model: {name} is missing")
-        meta = json.loads((folder / META).read_text())
+        try:
+            meta = json.loads((folder / META).read_text())
+            kind, scale = meta["kind"], meta["scale_factor"]
+            geometry = Geometry.from_dict(meta["geometry"], str(folder / META))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise MedimgenError(f"{folder / META} is not a medimgen model description ({type(e).__name__}: {e})") from None
         cfg = load_generation_config(folder / CONFIG)
         tensors = load_file(str(folder / WEIGHTS))
-        unet, ae = _networks(meta["kind"], cfg)
+        unet, ae = _networks(kind, cfg)
         unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
         if ae is not None:
             ae.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("autoencoder.")})
-        return cls(meta["kind"], cfg, unet.eval(), ae.eval() if ae is not None else None, meta["scale_factor"],
-                   Geometry.from_dict(meta["geometry"]), meta["dataset"], source or meta.get("source", str(folder)))
+        return cls(kind, cfg, unet.eval(), ae.eval() if ae is not None else None, scale, geometry,
+                   str(meta.get("dataset", "")), source or meta.get("source", str(folder)))
 
 
 def _networks(kind: str, cfg: GenerationConfig):
@@ -171,25 +161,6 @@ def _networks(kind: str, cfg: GenerationConfig):
         return (build_unet(cfg.ldm_unet, nd, cfg.autoencoder.latent_channels),
                 build_autoencoder(cfg.autoencoder, nd, cfg.data.in_channels))
     return build_unet(cfg.ddpm_unet, nd, cfg.data.in_channels), None
-
-
-def geometry_for(run_root: Path, cfg: GenerationConfig) -> Geometry:
-    """Geometry from the nnU-Net files copied into a run folder (+ one preprocessed case's properties)."""
-    plans = json.loads((run_root / "nnUNetPlans.json").read_text()) if (run_root / "nnUNetPlans.json").is_file() else {}
-    tb = tuple(plans.get("transpose_backward", range(3)))
-    orig = tuple(plans.get("original_median_spacing_after_transp", cfg.data.spacing))
-    direction = origin = None
-    try:  # orientation of a real case, so samples overlay like the training images
-        from medimgen.paths import nnunet_preprocessed
-
-        folder = nnunet_preprocessed() / plans["dataset_name"] / plans["configurations"][cfg.data.nnunet_configuration]["data_identifier"]
-        pkl = sorted(folder.glob("*.pkl"))[0]
-        with open(pkl, "rb") as f:
-            stuff = pickle.load(f).get("sitk_stuff", {})
-        direction, origin = tuple(stuff["direction"]), tuple(stuff["origin"])
-    except Exception:
-        pass
-    return Geometry(tuple(cfg.data.spacing), tb, orig, direction, origin)
 
 
 def from_run(run_root: Path | str, checkpoint: str = "best") -> Sampler:
@@ -219,8 +190,8 @@ def from_run(run_root: Path | str, checkpoint: str = "best") -> Sampler:
         ae.load_state_dict(torch.load(ae_ckpt, map_location="cpu", weights_only=True)["modules"]["autoencoder"])
         scale = float(state["extra"]["scale_factor"])
     dataset = run_root.parents[2].name
-    return Sampler(kind, cfg, unet.eval(), ae.eval() if ae is not None else None, scale, geometry_for(run_root, cfg),
-                   dataset, str(path))
+    return Sampler(kind, cfg, unet.eval(), ae.eval() if ae is not None else None, scale,
+                   load_geometry(run_root, cfg.data.spacing), dataset, str(path))
 
 
 def from_uri(uri: str) -> Sampler:
@@ -274,9 +245,8 @@ def write_nifti(volume: np.ndarray, path: Path, geometry: Geometry, spacing: Seq
     if geometry.direction is not None and len(geometry.direction) == array.ndim ** 2:
         image.SetDirection(geometry.direction)
         image.SetOrigin(geometry.origin)
-    tmp = path.with_name(path.name.replace(".nii.gz", ".tmp.nii.gz"))
-    sitk.WriteImage(image, str(tmp), useCompression=True)
-    tmp.replace(path)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
     return path
 
 

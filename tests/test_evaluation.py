@@ -318,3 +318,18 @@ def test_autoencoder_lpips_when_alexnet_weights_are_on_disk(flow_2d, nnunet_env,
     report = evaluate("autoencoder", 201, "2d", real="val", extractor="none", output=tmp_path / "ae.json", track=False)
     assert report["scores"]["lpips.alex"] >= 0
     assert not any("LPIPS" in n for n in report["notes"])
+
+
+def test_evaluate_single_real_image_says_why_ms_ssim_is_nan(flow_3d, nnunet_env, tmp_path):
+    """The 3D test split of the 6-case dataset is one case: no pairs, so MS-SSIM diversity is nan, with a note."""
+    from click.testing import CliRunner
+
+    from medimgen.cli import main
+
+    res = CliRunner().invoke(main, ["evaluate", "201", "--model", "ddpm", "-t", "3d", "-k", "2", "--real", "test",
+                                    "--steps", "2", "--extractor", "none", "--no-mlflow", "-o", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    assert "ms_ssim_real = nan" in res.output
+    assert "note: ms_ssim_real and ms_ssim_gap are nan: MS-SSIM diversity compares pairs, so it needs at least " \
+           "2 images (here 1; use --real train or all)" in res.output
+    assert "ms_ssim_generated and" not in res.output  # 2 generated images make a pair

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import subprocess
 import sys
 import warnings
@@ -38,8 +38,10 @@ def _check_outputs(result, dim: str, epochs: int = 2):
         assert gif.n_frames == result.config.data.image_size[0] > 1
     else:
         assert (root / "plots" / f"epoch_{epochs:04d}.png").read_bytes()[:4] == b"\x89PNG"
-    with open(root / "loss_dict.pkl", "rb") as f:
-        history = pickle.load(f)
+    history = json.loads((root / "loss_dict.json").read_text())
+    assert not list(root.rglob("*.pkl")) and not list(root.rglob("*.tmp"))  # nothing to unpickle, no temporary left
+    geometry = json.loads((root / "geometry.json").read_text())
+    assert geometry["spacing"] == list(result.config.data.spacing) and len(geometry["direction"]) == 9
     assert history["epoch"] == list(range(1, epochs + 1))
     assert len(history["train_loss"]) == len(history["val_loss"]) == epochs
     assert all(v is not None and v == v for v in history["val_loss"])
@@ -84,7 +86,7 @@ def test_seed_flow_outputs_and_mlflow(dim, request):
     assert ckpt["extra"]["scale_factor"] == pytest.approx(scale)
     assert ckpt["extra"]["autoencoder_checkpoint"].endswith("autoencoder/%s/train-val-test/checkpoints/best.pt" % dim)
     # the autoencoder learned something in 2 epochs; the adversarial phase ran after warm-up
-    ae_hist = pickle.loads((runs["autoencoder"].run_dir / "loss_dict.pkl").read_bytes())
+    ae_hist = json.loads((runs["autoencoder"].run_dir / "loss_dict.json").read_text())
     assert ae_hist["train_discriminator"][0] is None and ae_hist["train_discriminator"][1] is not None
 
 
@@ -155,7 +157,7 @@ def test_training_survives_tracking_failure(workspace, tmp_path, monkeypatch):
         result = train("ddpm", ANISO_3D, "5-fold", "2d", fold=2, overrides=sets, echo=lambda *_: None)
     assert result.completed
     assert any("MLflow log_metrics failed" in str(w.message) for w in caught)
-    assert (result.run_dir / "checkpoints" / "best.pt").is_file() and (result.run_dir / "loss_dict.pkl").is_file()
+    assert (result.run_dir / "checkpoints" / "best.pt").is_file() and (result.run_dir / "loss_dict.json").is_file()
 
 
 def test_unreachable_tracking_server_at_start(workspace, tmp_path, monkeypatch):
@@ -227,7 +229,7 @@ def test_autoencoder_with_perceptual_loss_from_cached_weights(workspace, tmp_pat
     assert cfg.losses.perceptual_network == "alex"  # 64x64 slices are large enough for AlexNet
     sets = [s for s in tiny_overrides(cfg, epochs=1) if not s.startswith("losses.perceptual_network")]
     result = train("autoencoder", FLAT_2D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None)
-    history = pickle.loads((result.run_dir / "loss_dict.pkl").read_bytes())
+    history = json.loads((result.run_dir / "loss_dict.json").read_text())
     assert history["train_perceptual"][0] > 0
     from mlflow import MlflowClient
 

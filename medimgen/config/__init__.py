@@ -7,6 +7,7 @@ from medimgen.config.io import (
     is_user_edited,
     load_config,
     load_generation_config,
+    render_generation_config,
     render_yaml,
     save_config,
     save_generation_config,
@@ -31,5 +32,5 @@ __all__ = [
     "AutoencoderConfig", "DataConfig", "DatasetInfo", "DiscriminatorConfig", "GenerationConfig", "LossConfig",
     "MedimgenConfig", "MemoryConfig", "SchedulerConfig", "TrackingConfig", "TrainConfig", "UNetConfig",
     "apply_overrides", "flatten", "from_dict", "is_user_edited", "load_config", "load_generation_config",
-    "render_yaml", "save_config", "save_generation_config", "to_dict",
+    "render_generation_config", "render_yaml", "save_config", "save_generation_config", "to_dict",
 ]

@@ -202,13 +202,22 @@ def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
     """Return a new config with ``section.key=value`` overrides applied (values parsed as YAML).
 
     For a whole MedimgenConfig, a key may start with ``2d.``/``3d.`` to target one
-    dimensionality; otherwise it applies to every dimensionality present.
+    dimensionality; otherwise it applies to every dimensionality present. For one GenerationConfig
+    (a training run) the prefix may be given too: it must name that config's dimensionality.
     """
     if not overrides:
         return cfg
     data = to_dict(cfg)
     for text in overrides:
         parts, value = parse_override(text)
+        if isinstance(cfg, GenerationConfig) and parts[0] in DIMS:
+            dim = f"{cfg.data.spatial_dims}d"
+            if parts[0] != dim:
+                raise MedimgenError(f"override '{text}' is for the {parts[0]} config, but this is the {dim} "
+                                    f"config (MODEL_TYPE {dim}): use the {dim}. prefix or none")
+            parts = parts[1:]
+            if not parts:
+                raise MedimgenError(f"override {text!r} must look like section.key=value")
         if isinstance(cfg, MedimgenConfig) and parts[0] not in ("dataset", "medimgen_version", *DIMS):
             targets = [d for d in DIMS if d in data]
             for d in targets:
@@ -306,13 +315,18 @@ def save_config(cfg: MedimgenConfig, path: Path | str, header: str = "") -> Path
     return path
 
 
+def render_generation_config(cfg: GenerationConfig) -> str:
+    """The YAML text of one run's resolved config."""
+    lines: list[str] = []
+    _emit(cfg, to_dict(cfg), 0, lines)
+    return "\n".join(lines) + "\n"
+
+
 def save_generation_config(cfg: GenerationConfig, path: Path | str) -> Path:
     """The resolved config of one run (written beside checkpoints)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    lines: list[str] = []
-    _emit(cfg, to_dict(cfg), 0, lines)
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text(render_generation_config(cfg))
     tmp.replace(path)
     return path
 
@@ -336,6 +350,7 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 __all__ = [
     "apply_overrides", "flatten", "from_dict", "is_user_edited", "load_config", "load_generation_config",
-    "medimgen_config_from_dict", "render_yaml", "save_config", "save_generation_config", "to_dict",
+    "medimgen_config_from_dict", "render_generation_config", "render_yaml", "save_config", "save_generation_config",
+    "to_dict",
 ]
 

@@ -299,6 +299,11 @@ def evaluate(
         notes.append(f"Fréchet distances are biased by the number of images (here {len(images)} real vs "
                      f"{len(images) if target.kind == 'autoencoder' else num_samples} generated/reconstructed): "
                      f"compare scores only at the same K, real subset and extractor")
+    for key, n, fix in (("ms_ssim_real", len(images), "use --real train or all"),
+                        ("ms_ssim_generated", num_samples, "raise -k")):
+        if key in scores and n < 2:
+            notes.append(f"{key} and ms_ssim_gap are nan: MS-SSIM diversity compares pairs, so it needs at least "
+                         f"2 images (here {n}; {fix})")
     if target.kind == "autoencoder" and "lpips.alex" not in scores:
         notes.append("no LPIPS: AlexNet weights are not in the torch hub cache")
     report = {

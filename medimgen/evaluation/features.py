@@ -77,6 +77,33 @@ class FeatureExtractor(nn.Module):
         return torch.cat(out).double()
 
 
+def _numpy_scalar_globals() -> list:
+    """What nnU-Net's checkpoints hold besides tensors and plain Python data: numpy scalars (logged
+    losses and Dice values, ``_best_ema``), i.e. numpy's scalar constructor and numeric dtypes."""
+    import numpy as np
+
+    scalar = (getattr(np, "_core", None) or np.core).multiarray.scalar
+    dtypes = [type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+                                          np.uint32, np.uint64, np.float16, np.float32, np.float64)]
+    # the scalar constructor under both module names: checkpoints written with numpy 1.x and 2.x
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+            *dict.fromkeys(d for d in dtypes if d is not np.dtype)]
+
+
+def load_nnunet_checkpoint(path: Path) -> dict:
+    """An nnU-Net checkpoint read with ``weights_only=True``: tensors, Python data and numpy scalars only;
+    anything else (code) is refused in one line, never executed."""
+    try:
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise MedimgenError(f"cannot read nnU-Net checkpoint {path} safely (weights only): "
+                            f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise MedimgenError(f"{path} is not an nnU-Net checkpoint (no network_weights)")
+    return ckpt
+
+
 class NnUNetEncoderFeatures(FeatureExtractor):
     """Encoder features of a trained nnU-Net (checkpoint written by nnU-Net's trainer).
 
@@ -98,7 +125,7 @@ class NnUNetEncoderFeatures(FeatureExtractor):
             if not f.is_file():
                 raise MedimgenError(f"nnU-Net model file {f} is missing (train nnU-Net for this dataset first, "
                                     f"or choose another feature extractor)")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # nnU-Net's own checkpoint format
+        ckpt = load_nnunet_checkpoint(ckpt_path)
         configuration = ckpt["init_args"]["configuration"]
         pm = PlansManager(str(folder / "plans.json"))
         cm = pm.get_configuration(configuration)

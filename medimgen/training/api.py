@@ -10,18 +10,21 @@ from typing import Callable, Sequence
 import torch
 
 from medimgen import __version__
-from medimgen.config import apply_overrides, flatten, load_config, load_generation_config, save_generation_config
+from medimgen.config import (apply_overrides, flatten, load_config, load_generation_config, render_generation_config,
+                             save_generation_config)
 from medimgen.config.schema import GenerationConfig
 from medimgen.data.cases import open_cases
 from medimgen.data.loader import TrainBatches, validation_batches
 from medimgen.data.splits import get_split
 from medimgen.errors import MedimgenError
+from medimgen.geometry import case_geometry, save_geometry
 from medimgen.paths import medimgen_results
 from medimgen.planning.api import CONFIG_NAME
 from medimgen.plans import DatasetPlans
 from medimgen.sampling import resolve_device
 from medimgen.tracking import Tracker, git_commit
 from medimgen.training import MODELS
+from medimgen.training.lock import RunLock
 from medimgen.training.loop import LoopOptions, Trainer, amp_dtype, seed_everything
 from medimgen.training.outputs import RunDir
 
@@ -135,15 +138,29 @@ def train(
     split = get_split(plans.folder, identifiers, splitting, fold)
     setup = setup or RunSetup()
     run = RunDir(Path(setup.run_root)) if setup.run_root else run_dir_for(plans, model, model_type, split.name)
+    with RunLock(run.root) as lock:  # an existing run is locked first: a running one is named before anything else
+        return _train_locked(lock, model, plans, split, run, model_type, resume, overrides, config_path, setup,
+                             progress, device, stop_after_epoch, echo)
+
+
+def _check_run(run: RunDir, model: str, resume: bool) -> None:
     if resume and not run.last.is_file():
         raise MedimgenError(f"nothing to continue: no checkpoint at {run.last} (drop -c to start a new run)")
     if not resume and run.last.exists():
         raise MedimgenError(f"a {model} run already exists at {run.root}: pass -c to continue it, "
                             f"or move/delete that folder to start over")
+
+
+def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: RunDir, model_type: str, resume: bool,
+                  overrides: Sequence[str], config_path, setup: RunSetup, progress: bool, device: str | None,
+                  stop_after_epoch: int | None, echo: Callable[[str], None]) -> TrainResult:
+    _check_run(run, model, resume)
     if setup.config is not None and not resume:
         cfg = apply_overrides(setup.config, list(overrides))
     else:
         cfg = resolve_config(plans, run, model_type, resume, overrides, config_path)
+    lock.acquire()  # creates the folder of a new run; the check again: another process may have started it
+    _check_run(run, model, resume)
     tcfg = getattr(cfg, f"train_{model}")
     dev = resolve_device(device)
 
@@ -159,8 +176,6 @@ def train(
         if model == "ldm":
             cfg = dataclasses.replace(cfg, autoencoder=task.cfg.autoencoder)
         run.make()
-        save_generation_config(cfg, run.config)
-        run.copy_nnunet_files(plans.folder, plans.plans_identifier)
         val_ids = split.val or split.train[:1]
         trainer = Trainer(
             task, tcfg, run, tracker, dev, batches,
@@ -168,9 +183,12 @@ def train(
             plot_batch=lambda: next(validation_batches(cfg, plans, val_ids[:1], 1)),
             options=LoopOptions(progress=progress, echo=_echo_for(cfg, run, echo), stop_after_epoch=stop_after_epoch,
                                 on_epoch=setup.on_epoch),
-            config_yaml=run.config.read_text(),
+            config_yaml=render_generation_config(cfg),
         )
-        previous_run_id = trainer.load(run.last)["mlflow_run_id"] if resume else None
+        previous_run_id = trainer.load(run.last)["mlflow_run_id"] if resume else None  # before any file is written
+        save_generation_config(cfg, run.config)
+        run.copy_nnunet_files(plans.folder, plans.plans_identifier)
+        save_geometry(case_geometry(plans, model_type, sorted(split.train)[0], cfg.data.spacing), run.root)
         dim_split = f"{model_type}_{split.name}"
         tracker.start(
             experiment=cfg.tracking.experiment_name or plans.name,
@@ -192,7 +210,7 @@ def train(
                             **flatten(cfg)})
         result = trainer.fit()
         completed = result["completed"]
-        tracker.log_artifacts([run.config, run.loss_dict, run.root / "dataset.json",
+        tracker.log_artifacts([run.config, run.loss_dict, run.geometry, run.root / "dataset.json",
                                run.root / f"{plans.plans_identifier}.json"], "run")
         if completed:
             tracker.log_artifacts([run.best, run.last], "checkpoints")

@@ -26,7 +26,7 @@ from torch import nn
 from medimgen.config.schema import TrainConfig
 from medimgen.errors import MedimgenError
 from medimgen.tracking import Tracker
-from medimgen.training.outputs import RunDir, atomic_pickle, atomic_torch_save, plot_losses
+from medimgen.training.outputs import RunDir, atomic_json, atomic_torch_save, plot_losses
 
 CHECKPOINT_FORMAT = 1
 
@@ -155,8 +155,12 @@ class Trainer:
             raise MedimgenError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
         if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("model") != self.task.name:
             raise MedimgenError(f"{path} is not a medimgen {self.task.name} checkpoint")
-        for k, m in self.task.modules.items():
-            m.load_state_dict(ckpt["modules"][k])
+        try:
+            for k, m in self.task.modules.items():
+                m.load_state_dict(ckpt["modules"][k])
+        except (KeyError, RuntimeError) as e:
+            raise MedimgenError(f"{path} does not fit this config's {self.task.name} networks (did an override change "
+                                f"the architecture?): {' '.join(str(e).split())[:240]}") from None
         for group in ("optimizers", "lr_schedulers", "scalers"):
             for k, obj in getattr(self, group if group != "lr_schedulers" else "schedulers").items():
                 obj.load_state_dict(ckpt[group][k])
@@ -259,7 +263,7 @@ class Trainer:
                     self.history[k] = self.history.get(k, [None] * (len(self.history["epoch"]) - 1))
                     self.history[k].append(metrics.get(k))
             self.tracker.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=epoch + 1)
-            atomic_pickle(dict(self.history), self.run.loss_dict)
+            atomic_json(dict(self.history), self.run.loss_dict)
             plot_losses(self.history, self.run.plots / "loss.png")
             if (epoch + 1) % cfg.val_plot_interval == 0 or epoch == cfg.epochs - 1:
                 for m in self.task.modules.values():

@@ -1,24 +1,29 @@
 """The run folder: layout, atomic writes, loss history and plots.
 
 medimgen_results/DatasetXXX_Name/<model>/<2d|3d>/<train-val-test|fold_N>/
-    checkpoints/last.pt, checkpoints/best.pt   (atomic: written to .tmp, then renamed)
+    checkpoints/last.pt, checkpoints/best.pt   (atomic: a uniquely named temporary file, then renamed)
     plots/loss.png, plots/epoch_NNNN.(gif|png)
-    loss_dict.pkl                               (dict of per-epoch lists)
+    loss_dict.json                              (dict of per-epoch lists)
     config.yaml                                 (the resolved config of this run)
+    geometry.json                               (spacing, axis order, orientation of a training case)
     nnUNetPlans.json, dataset.json              (copied from nnU-Net)
     log.txt                                     (when tracking.output_mode is 'log')
+    .lock                                       (held by the training process; holds its PID)
+
+Nothing here is ever unpickled: checkpoints are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from medimgen.atomic import atomic_path, write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,13 @@ class RunDir:
 
     @property
     def loss_dict(self) -> Path:
-        return self.root / "loss_dict.pkl"
+        return self.root / "loss_dict.json"
+
+    @property
+    def geometry(self) -> Path:
+        from medimgen.geometry import FILE
+
+        return self.root / FILE
 
     @property
     def log(self) -> Path:
@@ -78,16 +89,12 @@ class RunDir:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
-def atomic_pickle(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(obj, f)
-    os.replace(tmp, path)
+def atomic_json(obj, path: Path) -> None:
+    write_bytes_atomic(path, json.dumps(obj).encode())
 
 
 def _matplotlib():
@@ -114,10 +121,11 @@ def plot_losses(history: dict[str, list], path: Path) -> Path:
         ax.set_xlabel("epoch")
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -1,0 +1,68 @@
+"""One process per run: an OS lock (``flock``) on ``<run folder>/.lock`` for the run's lifetime.
+
+The lock file holds the PID of the process that has the lock; the OS drops the lock when that
+process ends, however it ends (kill -9 included), so a stale file never blocks a new start.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import warnings
+from pathlib import Path
+
+from medimgen.errors import MedimgenError
+
+LOCK = ".lock"
+
+
+class RunLock:
+    """``with RunLock(root):`` takes the lock if the folder exists; ``acquire()`` takes it, creating the folder."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.root / LOCK
+
+    def acquire(self) -> None:
+        if self.fd is not None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncate: the holder's PID is in it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise MedimgenError(f"the run {self.root} is in use by another process (PID {holder}): wait for it to "
+                                f"finish or stop it, then start again (-c continues it)") from None
+        except OSError as e:  # a file system without locks (some network mounts): train, but say so
+            os.close(fd)
+            warnings.warn(f"cannot lock {self.path} ({e.strerror}): nothing stops a second process from "
+                          f"training into the same run folder", stacklevel=2)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        if self.root.is_dir():
+            self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
