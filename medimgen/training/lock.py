@@ -6,12 +6,16 @@ process ends, however it ends (kill -9 included), so a stale file never blocks a
 
 from __future__ import annotations
 
-import fcntl
 import os
 import warnings
 from pathlib import Path
 
 from medimgen.errors import MedimgenError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; training runs unlocked, with a warning
+    fcntl = None
 
 LOCK = ".lock"
 
@@ -31,6 +35,11 @@ class RunLock:
         if self.fd is not None:
             return
         self.root.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            warnings.warn(f"no file locks on this platform: nothing stops a second process from training into "
+                          f"{self.root}", stacklevel=2)
+            self.fd = -1  # "acquired" without a lock: warn once
+            return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncate: the holder's PID is in it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -49,7 +58,8 @@ class RunLock:
         self.fd = fd
 
     def release(self) -> None:
-        if self.fd is None:
+        if self.fd is None or self.fd == -1:
+            self.fd = None
             return
         try:
             os.ftruncate(self.fd, 0)
