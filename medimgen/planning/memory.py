@@ -190,7 +190,7 @@ def _parameter_bound(cfg: GenerationConfig, target: float) -> bool:
 
 def _downscale(cfg: GenerationConfig, factor: float) -> GenerationConfig:
     """Generate at a coarser spacing: the loader crops ``crop_size`` voxels and resamples to ``image_size``."""
-    from medimgen.planning.heuristics import perceptual_network, round_up
+    from medimgen.planning.heuristics import discriminator_layers, perceptual_network, round_up
 
     data = cfg.data
     crop = data.crop_size or data.image_size
@@ -199,7 +199,9 @@ def _downscale(cfg: GenerationConfig, factor: float) -> GenerationConfig:
     losses = cfg.losses
     if losses.perceptual_network != "none" and perceptual_network(size) == "none":
         losses = dataclasses.replace(losses, perceptual_network="none")  # slices now too small for it
-    return dataclasses.replace(cfg, losses=losses, data=dataclasses.replace(
+    disc = cfg.discriminator  # each strided layer halves the image: fewer layers fit a smaller one
+    disc = dataclasses.replace(disc, num_layers=min(disc.num_layers, discriminator_layers(size)))
+    return dataclasses.replace(cfg, losses=losses, discriminator=disc, data=dataclasses.replace(
         data, image_size=size, crop_size=tuple(crop), spacing=spacing,
         native_spacing=tuple(data.native_spacing or data.spacing)))
 

@@ -26,6 +26,7 @@ class RunLock:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self.fd: int | None = None
+        self.created: Path | None = None  # the outermost folder acquire() created (removed again if left empty)
 
     @property
     def path(self) -> Path:
@@ -34,6 +35,11 @@ class RunLock:
     def acquire(self) -> None:
         if self.fd is not None:
             return
+        if not self.root.exists():
+            top = self.root
+            while not top.parent.exists():
+                top = top.parent
+            self.created = top
         self.root.mkdir(parents=True, exist_ok=True)
         if fcntl is None:
             warnings.warn(f"no file locks on this platform: nothing stops a second process from training into "
@@ -58,15 +64,30 @@ class RunLock:
         self.fd = fd
 
     def release(self) -> None:
-        if self.fd is None or self.fd == -1:
-            self.fd = None
+        if self.fd is not None and self.fd != -1:
+            try:
+                os.ftruncate(self.fd, 0)
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+        self.fd = None
+        self._remove_if_unused()
+
+    def _remove_if_unused(self) -> None:
+        """A new run that failed before writing anything leaves no folder behind (a retry starts clean)."""
+        if self.created is None or not self.root.is_dir() or {p.name for p in self.root.iterdir()} - {LOCK}:
             return
-        try:
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self.fd)
-            self.fd = None
+        self.path.unlink(missing_ok=True)
+        folder = self.root
+        while True:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another run appeared meanwhile)
+                break
+            if folder == self.created:
+                break
+            folder = folder.parent
+        self.created = None
 
     def __enter__(self) -> "RunLock":
         if self.root.is_dir():
