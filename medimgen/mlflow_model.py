@@ -2,38 +2,58 @@
 
 MLflow copies this file into the logged model and runs it at load time; the weights come
 from the model's ``sampler`` artifact (safetensors + config YAML + meta JSON).
+
+The input is typed the way MLflow 3 wants (a list of records, here :class:`SampleRequest`): MLflow
+derives the model signature from it and validates every request. One request may also be passed
+as a plain dict, ``predict({"num_images": 2, "seed": 0})``.
 """
 
 from __future__ import annotations
 
+import functools
+
 import mlflow
+import numpy as np
+import pydantic
 from mlflow.pyfunc import PythonModel
 
 
+class SampleRequest(pydantic.BaseModel):
+    """One request: ``num_images`` images from ``seed`` (``sampler``: ddim or ddpm, ``steps``: DDIM steps;
+    None: the config's defaults)."""
+
+    num_images: int = 1
+    seed: int = 0
+    sampler: str | None = None
+    steps: int | None = None
+
+
 class MedimgenSamplerModel(PythonModel):
-    """predict({"num_images": n, "seed": s, "sampler": "ddim", "steps": 50}) -> array (n, C, *size)."""
+    """predict([{"num_images": n, "seed": s, "sampler": "ddim", "steps": 50}, ...]) -> array (N, C, *size):
+    the images of every request in order, in the dataset's units."""
 
     def load_context(self, context):
         from medimgen.sampling import Sampler, resolve_device
 
         self.sampler = Sampler.load(context.artifacts["sampler"]).to(resolve_device())
 
-    def predict(self, context, model_input, params=None):
-        args = dict(params or {})
-        if hasattr(model_input, "to_dict"):  # a pandas DataFrame with one row
-            args.update({k: v[0] for k, v in model_input.to_dict(orient="list").items()})
-        elif isinstance(model_input, dict):
-            args.update(model_input)
-        steps = args.get("steps")
-        return self.sampler.sample(
-            num_images=int(args.get("num_images", 1)),
-            seed=int(args.get("seed", 0)),
-            sampler=args.get("sampler"),
-            steps=int(steps) if steps else None,
-        )
+    def predict(self, context, model_input: list[SampleRequest], params=None):
+        arrays = [self.sampler.sample(num_images=r.num_images, seed=r.seed, sampler=r.sampler,
+                                      steps=r.steps or None) for r in model_input]
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
-import warnings  # noqa: E402
+def _one_request_as_list(predict):
+    """Accept one request as a plain dict (MLflow's validation, applied to ``predict`` above, wants a list)."""
 
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+    @functools.wraps(predict)
+    def wrapper(self, context, model_input, params=None):
+        if isinstance(model_input, (dict, SampleRequest)):
+            model_input = [model_input]
+        return predict(self, context, model_input, params)
+
+    return wrapper
+
+
+MedimgenSamplerModel.predict = _one_request_as_list(MedimgenSamplerModel.predict)  # after MLflow wrapped it
 mlflow.models.set_model(MedimgenSamplerModel())

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from medimgen.errors import MedimgenError
 from medimgen.sampling import Sampler, from_run
-from medimgen.tracking import connect, start_existing_run
+from medimgen.tracking import connect, ensure_experiment, start_existing_run
 
 
 def registered_name(dataset: str, kind: str, dim: str) -> str:
@@ -38,10 +37,9 @@ def log_sampler(sampler: Sampler, run_id: str | None = None, register: bool = Tr
         active = mlflow.active_run()
         ctx = start_existing_run(run_id) if (run_id and (active is None or active.info.run_id != run_id)) else _null()
         if not run_id and active is None:
-            mlflow.set_experiment(sampler.dataset)
+            mlflow.set_experiment(experiment_id=ensure_experiment(sampler.dataset))
             ctx = mlflow.start_run(run_name=f"register_{sampler.kind}_{dim}")
-        with ctx, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+        with ctx:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(code), artifacts={"sampler": str(folder)},
                 pip_requirements=["medimgen"], registered_model_name=name,

@@ -2,8 +2,13 @@
 
 - Tracking URI: the config's ``tracking.tracking_uri``, else $MLFLOW_TRACKING_URI, else the
   embedded ``sqlite:///mlflow.db`` (artifacts in ./mlruns).
-- Under ``mlflow run`` ($MLFLOW_RUN_ID set) the run MLflow created is attached to.
-- A resumed training run continues its MLflow run (its id is stored in the checkpoint).
+- Under ``mlflow run`` ($MLFLOW_RUN_ID set) the run MLflow created is attached to: it gets medimgen's run
+  name unless the user named it (``--run-name``); MLflow creates it before medimgen knows the dataset and
+  cannot move it, so a run in MLflow's Default experiment is said so once (``--experiment-name`` fixes it).
+- A resumed training run continues its MLflow run (its id is stored in the checkpoint), also under
+  ``mlflow run -P continue=true``: the run MLflow created for that command then only points to it.
+- Experiments medimgen creates or uses carry ``mlflow.experimentKind=custom_model_development`` (unless
+  they have a kind already), so MLflow 3's UI opens them in its model-training view, not on GenAI traces.
 - Every MLflow call is bounded: the HTTP client gets a short timeout and one retry (unless
   the user set MLflow's own variables), and an http(s) server is probed for a few seconds
   before a run starts. If the server is unreachable or fails mid-run, one warning line says
@@ -36,6 +41,12 @@ HTTP_LIMITS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
 }
 PROBE_TIMEOUT_S = 3  # connect and read, for the reachability check of an http(s) server
+# MLflow 3's UI opens an experiment by this tag (its values: genai_development, custom_model_development, ...);
+# without it, it guesses, and an experiment of training runs opens on the GenAI traces overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+CONTINUES_TAG = "medimgen.continues"  # on the run `mlflow run -P continue=true` made: the run it continued
+_noted_default = False  # the Default-experiment note is said once per process
 
 
 class TrackingUnreachable(MedimgenError):
@@ -99,11 +110,97 @@ def git_commit() -> str | None:
         return None
 
 
+def _client(client=None):
+    if client is not None:
+        return client
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _mark(experiment, client) -> None:
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def mark_experiment(experiment_id: str, client=None) -> None:
+    """Give an experiment medimgen uses the model-training kind tag, if it has no kind (a user's kind stays)."""
+    client = _client(client)
+    _mark(client.get_experiment(experiment_id), client)
+
+
+def ensure_experiment(name: str, client=None) -> str:
+    """The id of experiment ``name``: created with the model-training kind tag, or an existing one given
+    the tag if it lacks a kind. Every experiment medimgen creates is made here."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(client)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # another process created it meanwhile
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise MedimgenError(f"MLflow experiment '{name}' is deleted: restore it "
+                            f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or use another name")
+    _mark(exp, client)
+    return exp.experiment_id
+
+
+def _is_generated_name(name: str | None) -> bool:
+    """Whether ``name`` is one MLflow made up (adjective-noun-123): the user gave the run no name."""
+    import re
+
+    m = re.fullmatch(r"([a-z]+)-([a-z]+)-(\d{1,3})", name or "")
+    if not m:
+        return False
+    try:
+        from mlflow.utils.name_utils import _GENERATOR_NOUNS, _GENERATOR_PREDICATES
+    except ImportError:  # the word lists moved: the shape alone decides
+        return True
+    return m.group(1) in _GENERATOR_PREDICATES and m.group(2) in _GENERATOR_NOUNS
+
+
+def attach_project_run(run_id: str, run_name: str, experiment: str, client=None, continues: str | None = None) -> str | None:
+    """Prepare the run that `mlflow run` created ($MLFLOW_RUN_ID) for this command.
+
+    Tags its experiment's kind if absent; says once on stderr when it is MLflow's Default experiment
+    rather than ``experiment`` (MLflow cannot move runs: `mlflow run --experiment-name` chooses).
+    Returns the name to give the run: ``run_name`` while it has MLflow's made-up name (a user's
+    ``--run-name`` is kept; MLflow sets it as the command starts), else None. ``continues``: the run
+    this command continues, where the metrics go; this one then only points to it (tag and note)."""
+    import sys
+
+    from mlflow.entities import Experiment
+
+    global _noted_default
+    client = _client(client)
+    run = client.get_run(run_id)
+    exp = client.get_experiment(run.info.experiment_id)
+    _mark(exp, client)
+    if continues and continues != run_id:
+        client.set_tag(run_id, CONTINUES_TAG, continues)
+        client.set_tag(run_id, "mlflow.note.content",
+                       f"Continues the training run {continues}: its metrics, params and artifacts are logged there.")
+        run_name = f"continue_{run_name}"
+    elif exp.name == Experiment.DEFAULT_EXPERIMENT_NAME and experiment != exp.name and not _noted_default:
+        _noted_default = True
+        print(f"note: this `mlflow run` run is in MLflow's Default experiment (MLflow creates the run before "
+              f"medimgen knows the dataset, and runs cannot move); pass `--experiment-name {experiment}` "
+              f"to `mlflow run` to put it in the dataset's experiment", file=sys.stderr)
+    return run_name if _is_generated_name(run.info.run_name) else None
+
+
 def start_existing_run(run_id: str):
     """Re-open a run; the process's active experiment is switched to the run's (MLflow requires it)."""
     import mlflow
 
-    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
+    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    mark_experiment(experiment_id)
+    mlflow.set_experiment(experiment_id=experiment_id)
     return mlflow.start_run(run_id=run_id)
 
 
@@ -165,12 +262,17 @@ class Tracker:
             import mlflow
 
             connect(tracking_uri)
+            project_run = os.environ.get("MLFLOW_RUN_ID")
             if run_id:  # resume our own run (in its own experiment)
+                if project_run and project_run != run_id:  # `mlflow run -P continue=true`: its run points here
+                    name = attach_project_run(project_run, run_name, experiment, continues=run_id)
+                    if name:
+                        mlflow.MlflowClient().update_run(project_run, name=name)
                 run = start_existing_run(run_id)
-            elif os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` created the run: attach, don't set an experiment
-                run = mlflow.start_run()
+            elif project_run:  # `mlflow run` created the run: attach (its experiment is MLflow's choice)
+                run = mlflow.start_run(run_name=attach_project_run(project_run, run_name, experiment))
             else:
-                mlflow.set_experiment(experiment)
+                mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
                 run = mlflow.start_run(run_name=run_name)
             self.run_id = run.info.run_id
             self.experiment_id = run.info.experiment_id

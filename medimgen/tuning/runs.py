@@ -42,8 +42,9 @@ class StudyRuns:
     def experiment_id(self, parent: str | None = None) -> str:
         if parent:
             return self.client.get_run(parent).info.experiment_id
-        exp = self.client.get_experiment_by_name(self.experiment)
-        return exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        from medimgen.tracking import ensure_experiment
+
+        return ensure_experiment(self.experiment, self.client)
 
     def parent(self, study, storage, tags: dict, params: dict, artifacts: Sequence[Path]) -> str | None:
         """The study's parent run: the one recorded in the study, else a new one (or `mlflow run`'s)."""
@@ -52,6 +53,11 @@ class StudyRuns:
         try:
             attached = os.environ.get("MLFLOW_RUN_ID")
             if attached:  # under `mlflow run`: the run MLflow made is the parent of this invocation's trials
+                from medimgen.tracking import attach_project_run
+
+                name = attach_project_run(attached, tags["run_name"], self.experiment, self.client)
+                if name:
+                    self.client.update_run(attached, name=name)
                 self.client.set_tag(attached, "medimgen.tuning_parent", "true")
                 for k, v in tags.items():
                     if k != "run_name":
