@@ -84,7 +84,7 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
 
     from medimgen.evaluation.api import evaluate
     from medimgen.evaluation.features import find_nnunet_model
-    from medimgen.nnunet import train_nnunet_briefly
+    from medimgen.nnunet import train_feature_nnunet
 
     plans = DatasetPlans.from_id(dataset_id)
     found = find_nnunet_model(plans.name, 3)
@@ -92,8 +92,9 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
         echo(f"[7/9] a trained nnU-Net is already at {found[0]}: its encoder gives the FID features")
     else:
         echo("[7/9] training nnU-Net for 2 x 10 iterations (demo length; nnU-Net normally trains 1000 x 250) so that "
-             "FID has dataset-specific features on a machine that cannot download pretrained networks")
-        train_nnunet_briefly(dataset_id, "3d_fullres", epochs=2, iterations=10)
+             f"FID has dataset-specific features on a machine that cannot download pretrained networks "
+             f"(`medimgen train-feature-nnunet -d {dataset_id}`)")
+        train_feature_nnunet(dataset_id, "3d", epochs=2, iterations=10, device="cpu")
     echo("[8/9] medimgen evaluate: 4 LDM samples against the test cases")
     report = evaluate("ldm", dataset_id, "3d", real="test", num_samples=4, progress=progress)
     for k, v in report["scores"].items():

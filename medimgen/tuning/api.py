@@ -5,18 +5,24 @@
   ``medimgen_results/DatasetXXX_Name/tuning/optuna.db`` (sqlite) unless ``--storage`` names a
   journal file (several workers on one machine) or an RDB URL such as PostgreSQL (several
   machines). An existing study is continued (``load_if_exists``): ``--trials N`` adds N trials.
-- Objectives (both minimised): FID on a named feature extractor and the MS-SSIM gap to the
-  real images (autoencoders: rFID of reconstructions and 1 - their MS-SSIM). ``pareto``: a
+- Objectives (medimgen.tuning.metrics, ``--metrics``): DDPM/LDM: FID on a named feature extractor
+  and the MS-SSIM gap to the real images. Autoencoders: rFID of reconstructions and 1 - their
+  MS-SSIM when a feature extractor has weights, else 1 - MS-SSIM and L1 (no weights needed);
+  PSNR too on request. A study keeps the objectives it was made with. ``pareto``: a
   multi-objective study (NSGA-II, Pareto front; no pruning). ``scalar``: TPE on
-  ``fid + ms_ssim_gap_weight * gap`` with median pruning on each epoch's validation loss.
-- Each trial is a short training run (budget in the search-space file) in its own folder
+  ``fid + ms_ssim_gap_weight * gap`` (the sum of the objectives, the MS-SSIM one weighted) with
+  median pruning on each epoch's validation loss.
+- Each trial is a short training run (budget in the search-space file; ``--set
+  train_<model>.epochs=N`` / ``iterations_per_epoch`` win over it) in its own folder
   ``tuning/<model>_<dim>_<objective>/trial_NNNN`` and its own MLflow run, nested under one
   parent run per study that also carries the running best values.
+- Parameters that cannot matter leave the space with a note: those fixed by ``--set``, and the
+  weights/settings of losses the config switches off (perceptual_network none, adversarial_weight 0).
 - A trial that fails (non-finite loss, out of memory, an invalid combination of values) is
   marked FAIL with its reason (Optuna user attribute, MLflow tag) and the study goes on.
-- ``--apply-best`` writes the best trial's values (lowest FID on the Pareto front) into the
-  dataset's medimgen_config.yaml, after a backup; the file is then marked as edited, so
-  ``medimgen plan`` will not overwrite it without --force.
+- ``--apply-best`` writes the best trial's values (the best first objective on the Pareto front,
+  e.g. the lowest FID) into the dataset's medimgen_config.yaml, after a backup; the file is then
+  marked as edited, so ``medimgen plan`` will not overwrite it without --force.
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ from medimgen.errors import MedimgenError
 from medimgen.tracking import sigterm_interrupts
 from medimgen.tuning.objective import TrialFailed, TrialObjective
 from medimgen.tuning.runs import StudyRuns
-from medimgen.tuning.space import load_space
-from medimgen.tuning.study import OBJECTIVES, PARENT_ATTR, best_trials, load_study, open_storage
+from medimgen.tuning.space import load_space, override_key
+from medimgen.tuning.study import OBJECTIVES, PARENT_ATTR, best_trials, load_study, open_storage, recorded_objectives
 
 
 @dataclass
@@ -46,7 +52,8 @@ class TuneResult:
     trials: int  # all trials in the study
     completed: int
     parent_run_id: str | None
-    best: list[dict]  # Pareto front (pareto) or the best trial (scalar): number, values, params
+    best: list[dict]  # Pareto front (pareto) or the best trial (scalar): number, values, objectives, params
+    objectives: tuple[str, ...] = ()  # the objective names, in the order of the values
     applied: Path | None = None
     backup: Path | None = None
 
@@ -79,6 +86,35 @@ def apply_trial(config_path: Path, dim: str, trial, study_name: str) -> tuple[Pa
     return config_path, backup
 
 
+def _check_perceptual_weights(base, space) -> None:
+    """Stop before the first trial (not N failed trials) when a perceptual network the trials would use has no
+    weights on disk: tuning never downloads."""
+    from medimgen.training.perceptual import check_weights_available
+
+    searched = {p.name: p for p in space.params}
+    net = searched.get("losses.perceptual_network")
+    networks = list(net.choices) if net else [base.losses.perceptual_network]
+    if "losses.perceptual_weight" not in searched and base.losses.perceptual_weight == 0:
+        return
+    for network in networks:
+        try:
+            check_weights_available(network)
+        except MedimgenError as e:
+            raise MedimgenError(f"autoencoder trials would use the perceptual loss: {e} (on tune: --set "
+                                f"losses.perceptual_network=none; losses.perceptual_weight then leaves the search "
+                                f"space)") from None
+
+
+def _named_values(trial, names: Sequence[str], objective: str) -> dict[str, float]:
+    """A trial's objective values by name (scalar studies: each objective, then the scalar it minimised)."""
+    from medimgen.tuning import metrics as objectives
+
+    if objective == "pareto":
+        return dict(zip(names, trial.values))
+    scores = {k: v for k, v in trial.user_attrs.get("scores", {}).items() if v is not None}
+    return {**objectives.values(scores, names), "scalar": trial.value}
+
+
 @sigterm_interrupts()  # SIGTERM ends the trial's and the study's MLflow runs as KILLED, like Ctrl-C
 def tune(
     dataset_id: int | str,
@@ -101,8 +137,10 @@ def tune(
     track: bool = True,
     progress: bool = False,
     echo: Callable[[str], None] = print,
+    metrics: str | Sequence[str] | None = None,
 ) -> TuneResult:
-    """Run ``trials`` more trials of the study (creating it if needed); see the module doc."""
+    """Run ``trials`` more trials of the study (creating it if needed); see the module doc. ``metrics``: the
+    objective names (comma-separated or a list; default: see medimgen.tuning.metrics.choose_metrics)."""
     import optuna
 
     from medimgen import __version__
@@ -113,6 +151,7 @@ def tune(
     from medimgen.plans import DatasetPlans
     from medimgen.tracking import git_commit
     from medimgen.training.api import run_dir_for
+    from medimgen.tuning import metrics as objectives
 
     if objective not in OBJECTIVES:
         raise MedimgenError(f"--objective must be pareto or scalar, got {objective!r}")
@@ -123,8 +162,12 @@ def tune(
     config_path = plans.folder / CONFIG_NAME
     if not config_path.is_file():
         raise MedimgenError(f"{config_path} does not exist: run `medimgen plan -d {plans.dataset_id}` first")
-    base = apply_overrides(load_config(config_path).get(model_type), list(overrides))
+    config_sets, budget_sets = space.split_budget(list(overrides))
+    base = apply_overrides(load_config(config_path).get(model_type), config_sets)
     space.validate(base)
+    space, dropped = space.restrict(base, [override_key(o) for o in config_sets])
+    if model == "autoencoder" and trials > 0:
+        _check_perceptual_weights(base, space)
     split_name = "train-val-test" if splitting == "train-val-test" else f"fold_{fold}"
     ae_run = None
     if model == "ldm":
@@ -137,20 +180,42 @@ def tune(
     tuning_root = medimgen_results() / plans.name / "tuning"
     storage_obj, storage_desc = open_storage(storage, tuning_root / "optuna.db")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = load_study(storage_obj, storage_desc, name, objective, space)
+    feats_cache: list = []
+
+    def features():
+        if not feats_cache:
+            feats_cache.append(build_extractor(extractor, weights, plans.name, base.data.spatial_dims,
+                                               IntensityMap.from_config(base.data)))
+        return feats_cache[0]
+
+    names, metrics_note = objectives.choose_metrics(metrics, model, objective,
+                                                    recorded_objectives(storage_obj, name, model),
+                                                    lambda: features() is not None)
+    study = load_study(storage_obj, storage_desc, name, objective, space, names)
     echo(f"study {name} in {storage_desc}: {len(study.trials)} trial(s) so far, running {trials} more")
 
     if trials > 0:
-        feats = build_extractor(extractor, weights, plans.name, base.data.spatial_dims,
-                                IntensityMap.from_config(base.data))
-        if feats is None:
-            raise MedimgenError("tuning scores trials by FID, and no feature extractor has weights here: train nnU-Net "
-                                "on this dataset (--extractor nnunet), or put RadImageNet/MedicalNet/InceptionV3 weights "
-                                "in the torch hub cache, or pass --extractor NAME --weights FILE")
+        for note in dropped:
+            echo(f"note: {note}")
+        if metrics_note:
+            echo(f"note: {metrics_note}")
+        needs = [n for n in names if objectives.METRICS[n].features]
+        feats = features() if needs else None
+        if needs and feats is None:
+            raise MedimgenError(
+                f"tuning scores these trials by {', '.join(needs)}, which needs a feature extractor, and none has "
+                f"weights here: run `medimgen train-feature-nnunet -d {plans.dataset_id}` (a short nnU-Net training "
+                f"whose encoder gives dataset-specific features), or `medimgen weights download radimagenet|"
+                f"medicalnet|inception`, or pass --extractor NAME --weights FILE"
+                + ("; or score the autoencoder without features: --metrics ms_ssim_loss,l1" if model == "autoencoder"
+                   else ""))
+        echo(f"objectives: {objectives.describe(names, feats.name if feats is not None else None)}")
+        echo(f"trial budget: {space.describe_budget(budget_sets)}")
         runs = StudyRuns(track, base.tracking.experiment_name or plans.name)
-        objective_fn = TrialObjective(name, plans.name, model, model_type, objective, space, base, list(overrides),
+        objective_fn = TrialObjective(name, plans.name, model, model_type, objective, space, base, config_sets,
                                       tuning_root / f"{model}_{model_type}_{objective}", feats, runs, None,
-                                      splitting=splitting, fold=fold, autoencoder_run=ae_run, device=device, echo=echo)
+                                      splitting=splitting, fold=fold, autoencoder_run=ae_run, device=device, echo=echo,
+                                      metrics=names, budget=budget_sets)
         objective_fn.check()
         parent = runs.parent(
             study, storage_obj,
@@ -158,7 +223,10 @@ def tune(
                   "medimgen.model": model, "medimgen.dim": model_type, "medimgen.dataset": plans.name,
                   "medimgen.version": __version__, "git_commit": git_commit() or "unknown"},
             params={"study": name, "storage": storage_desc, "objective": objective, "space": str(space.path),
-                    "feature_extractor": feats.name, **{f"budget.{k}": v for k, v in space.budget.items()}},
+                    "objectives": ",".join(names), "feature_extractor": feats.name if feats is not None else "none",
+                    "real": "+".join(objective_fn.subsets),
+                    **{f"budget.{k}": v for k, v in space.budget.items()},
+                    **{f"budget.{k}.set": o for k, o in budget_sets.items()}},
             artifacts=[space.path])
         objective_fn.parent = parent
         env_run = os.environ.pop("MLFLOW_RUN_ID", None)  # trials must not attach to `mlflow run`'s run
@@ -181,7 +249,9 @@ def tune(
         study_name=name, storage=storage_desc, trials=len(study.trials),
         completed=sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials),
         parent_run_id=study.user_attrs.get(PARENT_ATTR) if trials == 0 else parent,
-        best=[{"number": t.number, "values": list(t.values), "params": dict(t.params)} for t in front])
+        best=[{"number": t.number, "values": list(t.values), "params": dict(t.params),
+               "objectives": _named_values(t, names, objective)} for t in front],
+        objectives=names)
     if apply_best:
         if not front:
             raise MedimgenError(f"study {name} has no completed trial yet: nothing to apply")

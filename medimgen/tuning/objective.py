@@ -15,6 +15,7 @@ import torch
 from medimgen.config import apply_overrides
 from medimgen.config.schema import GenerationConfig
 from medimgen.errors import MedimgenError
+from medimgen.tuning import metrics as objectives
 from medimgen.tuning.runs import StudyRuns
 from medimgen.tuning.space import SearchSpace
 from medimgen.tuning.study import best_trials
@@ -41,9 +42,9 @@ class TrialObjective:
     objective: str  # pareto | scalar
     space: SearchSpace
     base: GenerationConfig  # the dataset's config with the user's overrides
-    overrides: Sequence[str]  # the user's overrides (part of every trial's config, and of --apply-best)
+    overrides: Sequence[str]  # the user's config overrides (part of every trial's config, and of --apply-best)
     trial_root: Path
-    extractor: torch.nn.Module
+    extractor: torch.nn.Module | None  # None: the objectives need no features
     runs: StudyRuns
     parent: str | None  # the study's MLflow parent run (set by tune() once the checks passed)
     splitting: str = "train-val-test"
@@ -51,16 +52,41 @@ class TrialObjective:
     autoencoder_run: Path | None = None
     device: str | None = None
     echo: Callable[[str], None] = print
+    metrics: tuple[str, ...] = ()  # objective names (medimgen.tuning.metrics); default: the model's FID-based pair
+    budget: dict[str, str] = field(default_factory=dict)  # the user's --set train_<model>.epochs/iterations_per_epoch
+    subsets: tuple[str, ...] = ()  # the real cases scored against; set by check() (budget.real, or val + train)
     _real: dict = field(default_factory=dict)
 
-    def real_images(self, cfg: GenerationConfig) -> torch.Tensor:
-        """The real images the trials are scored against (cached per image geometry)."""
+    def __post_init__(self) -> None:
+        self.metrics = tuple(self.metrics) or objectives.FEATURE_DEFAULT[self.model]
+        self.subsets = tuple(self.subsets) or (self.space.budget["real"],)
+
+    def real_images(self, cfg: GenerationConfig, subsets: Sequence[str] | None = None) -> torch.Tensor:
+        """The real images the trials are scored against (cached per image geometry and subsets)."""
         from medimgen.evaluation.api import real_images
 
-        key = (tuple(cfg.data.image_size), tuple(cfg.data.crop_size), tuple(cfg.data.spacing))
+        subsets = tuple(subsets or self.subsets)
+        key = (tuple(cfg.data.image_size), tuple(cfg.data.crop_size), tuple(cfg.data.spacing), subsets)
         if key not in self._real:
-            self._real[key] = real_images(cfg, self.dataset, self.space.budget["real"], self.splitting, self.fold)[0]
+            parts = []
+            for s in subsets:
+                try:
+                    parts.append(real_images(cfg, self.dataset, s, self.splitting, self.fold)[0])
+                except MedimgenError as e:
+                    if len(subsets) == 1 or "has no" not in str(e):
+                        raise
+            if not parts:
+                raise MedimgenError(f"the split of {self.dataset} has no {' or '.join(subsets)} cases")
+            self._real[key] = torch.cat(parts)
         return self._real[key]
+
+    def _count(self, subsets: Sequence[str]) -> int:
+        try:
+            return len(self.real_images(self.base, subsets))
+        except MedimgenError as e:
+            if "has no" in str(e):  # an empty subset of the split
+                return 0
+            raise
 
     @functools.cached_property
     def run_settings(self) -> list[str]:
@@ -73,10 +99,21 @@ class TrialObjective:
         return sets
 
     def check(self) -> None:
-        n = len(self.real_images(self.base))
-        if n < 2:
-            raise MedimgenError(f"only {n} real image in the '{self.space.budget['real']}' cases of the split: "
-                                f"FID needs at least 2; set budget.real to train or all in {self.space.path}")
+        """Choose the real images: budget.real, or, when its val cases are too few for the objectives (FID and the
+        MS-SSIM gap need 2 images), the val and train cases, with a note. Never the test cases."""
+        need = 2 if any(objectives.METRICS[m].pairs for m in self.metrics) else 1
+        real = self.space.budget["real"]
+        n = self._count((real,))
+        if n < need and real == "val":
+            n_val, n = n, self._count(("val", "train"))
+            if n >= need:
+                self.subsets = ("val", "train")
+                self.echo(f"note: the split has {n_val} val case(s), and {'/'.join(self.metrics)} need(s) at least "
+                          f"{need} real images: trials are scored against the val and train cases ({n} images)")
+                return
+        if n < need:
+            raise MedimgenError(f"only {n} real image(s) in the '{real}' cases of the split: {'/'.join(self.metrics)} "
+                                f"need(s) at least {need}; set budget.real to train or all in {self.space.path}")
 
     def _pruning(self, trial) -> Callable[[int, dict], None]:
         import optuna
@@ -89,15 +126,19 @@ class TrialObjective:
 
         return report
 
-    def _train_and_score(self, trial, config_sets: list[str], run_root: Path, tracker, tags: dict) -> dict[str, float]:
-        from medimgen.evaluation.api import score_target, target_from_run
+    def trial_config(self, config_sets: list[str]) -> GenerationConfig:
+        """A trial's run config: the dataset's, the trial's values, the budget (the user's --set wins), fitted."""
         from medimgen.planning.memory import fit_to_memory
+
+        cfg = apply_overrides(self.base, config_sets + self.space.budget_overrides(self.budget) + self.run_settings)
+        return fit_to_memory(cfg, cfg.memory.target_gb)  # every trial fits the GPU like a planned config
+
+    def _train_and_score(self, trial, cfg: GenerationConfig, run_root: Path, tracker, tags: dict) -> dict[str, float]:
+        from medimgen.evaluation.api import score_target, target_from_run
         from medimgen.training.api import RunSetup, train
 
         if run_root.exists():  # a folder left by a study of the same name that was deleted
             run_root.rename(run_root.with_name(f"{run_root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
-        cfg = apply_overrides(self.base, config_sets + self.space.budget_overrides() + self.run_settings)
-        cfg = fit_to_memory(cfg, cfg.memory.target_gb)  # every trial fits the GPU like a planned config
         setup = RunSetup(config=cfg, run_root=run_root, autoencoder_run=self.autoencoder_run, tracker=tracker,
                          run_name=run_root.name, parent_run_id=self.parent, tags=tags, on_epoch=self._pruning(trial))
         train(self.model, self.dataset, self.splitting, self.model_type, self.fold, device=self.device,
@@ -115,7 +156,6 @@ class TrialObjective:
     def __call__(self, trial) -> float | tuple[float, ...]:
         import optuna
 
-        from medimgen.evaluation.api import objective_values
         from medimgen.tracking import Tracker
 
         values = self.space.sample(trial)
@@ -126,8 +166,12 @@ class TrialObjective:
         tags = {"optuna.study": self.study_name, "optuna.trial_number": trial.number, "medimgen.tuning_trial": "true"}
         param_tags = {f"param.{k}": v for k, v in values.items()}
         tracker = Tracker(enabled=self.runs.enabled)
+        length = ""
         try:
-            scores = self._train_and_score(trial, config_sets, run_root, tracker, tags)
+            cfg = self.trial_config(config_sets)
+            run = getattr(cfg, f"train_{self.model}")
+            length = f"{run.epochs} epoch(s) x {run.iterations_per_epoch} iteration(s)"
+            scores = self._train_and_score(trial, cfg, run_root, tracker, tags)
         except optuna.TrialPruned as e:
             self.runs.log(tracker.run_id, {}, tags={"optuna.state": "PRUNED"})
             self.echo(f"trial {trial.number}: {e}")
@@ -138,26 +182,27 @@ class TrialObjective:
             reason = ("out of memory: " if is_oom(e) else "") + f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             run_id = tracker.run_id or self.runs.stub_run(self.parent, run_root.name, {**tags, **param_tags})
             raise self._fail(trial, reason, run_id) from None
-        obj = objective_values(scores, self.model)
+        obj = objectives.values(scores, self.metrics)
         trial.set_user_attr("scores", {k: (v if math.isfinite(v) else None) for k, v in scores.items()})
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        trial.set_user_attr("budget", length)
         result = tuple(obj.values())
         if not all(math.isfinite(v) for v in result):
             raise self._fail(trial, f"non-finite objective values {obj}", tracker.run_id, scores)
-        weight = float(self.space.objective["ms_ssim_gap_weight"])
-        value = result if self.objective == "pareto" else result[0] + weight * result[1]
+        value = result if self.objective == "pareto" else objectives.scalar(
+            obj, float(self.space.objective["ms_ssim_gap_weight"]))
         logged = {**scores, **{f"objective.{k}": v for k, v in obj.items()}}
         if self.objective == "scalar":
             logged["objective.scalar"] = value
         self.runs.log(tracker.run_id, logged, tags={"optuna.state": "COMPLETE", **param_tags})
-        self.echo(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" for k, v in obj.items()) + f"  ({run_root})")
+        self.echo(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" for k, v in obj.items())
+                  + (f"  (scalar {value:.4g})" if self.objective == "scalar" else "")
+                  + f"  [{length}; {run_root}]")
         return value
 
     def after_trial(self, study, frozen) -> None:
         """Optuna callback: the running best values on the parent run."""
         import optuna
-
-        from medimgen.evaluation.api import objective_names
 
         front = best_trials(study, self.objective)
         metrics = {"trials_complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)}
@@ -165,6 +210,7 @@ class TrialObjective:
             metrics["best_objective"] = front[0].value
         elif front:
             metrics["pareto_front_size"] = len(front)
-            for i, k in enumerate(objective_names(self.model)):
-                metrics[f"best_{k}"] = min(t.values[i] for t in front)
+            for i, k in enumerate(self.metrics):
+                best = min if objectives.METRICS[k].direction == "minimize" else max
+                metrics[f"best_{k}"] = best(t.values[i] for t in front)
         self.runs.log(self.parent, metrics, step=frozen.number)

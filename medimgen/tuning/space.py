@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from medimgen.config import apply_overrides
+from medimgen.config.io import parse_override
 from medimgen.config.schema import GenerationConfig
 from medimgen.errors import MedimgenError
 
@@ -19,6 +21,7 @@ SPEC_KEYS = {"float": {"type", "low", "high", "log"}, "int": {"type", "low", "hi
 BUDGET_DEFAULTS = {"epochs": 30, "iterations_per_epoch": None, "num_samples": 16, "real": "val", "sampling_steps": 50}
 OBJECTIVE_DEFAULTS = {"ms_ssim_gap_weight": 100.0, "nsga2_population_size": 10}
 PRUNER_DEFAULTS = {"n_startup_trials": 5, "n_warmup_steps": 5}
+BUDGET_KEYS = ("epochs", "iterations_per_epoch")  # train_<model>.<key>: a trial's run length
 DERIVED = ("autoencoder.channel_multiplier", "autoencoder.depth", "ddpm_unet.channel_multiplier",
            "ldm_unet.channel_multiplier")
 
@@ -81,11 +84,71 @@ class SearchSpace:
         sets += [f"{k}={_yaml(v)}" for k, v in values.items() if k not in DERIVED]
         return sets
 
-    def budget_overrides(self) -> list[str]:
-        sets = [f"train_{self.model}.epochs={int(self.budget['epochs'])}"]
-        if self.budget.get("iterations_per_epoch"):
+    def split_budget(self, overrides: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        """(config overrides, {budget key: override}) of the user's ``--set`` values: ``train_<model>.epochs`` and
+        ``train_<model>.iterations_per_epoch`` are the trials' budget (they win over the space's budget section)
+        and never part of the tuned config (``--apply-best`` keeps the planned run length)."""
+        config, budget = [], {}
+        for text in overrides:
+            key = override_key(text)
+            head, _, tail = key.partition(".")
+            if head == f"train_{self.model}" and tail in BUDGET_KEYS:
+                budget[tail] = text
+            else:
+                config.append(text)
+        return config, budget
+
+    def budget_overrides(self, user: dict[str, str] | None = None) -> list[str]:
+        """The per-trial run length: the space's budget, where the user's ``--set`` (``user``) does not set it."""
+        user = user or {}
+        sets = [] if "epochs" in user else [f"train_{self.model}.epochs={int(self.budget['epochs'])}"]
+        if self.budget.get("iterations_per_epoch") and "iterations_per_epoch" not in user:
             sets.append(f"train_{self.model}.iterations_per_epoch={int(self.budget['iterations_per_epoch'])}")
-        return sets
+        return sets + list(user.values())
+
+    def describe_budget(self, user: dict[str, str] | None = None) -> str:
+        """One line: each trial's run length and where it comes from (the user's --set or the space file)."""
+        user = user or {}
+        parts = []
+        for key in BUDGET_KEYS:
+            space_value = self.budget.get(key)
+            if key in user:
+                instead = f", instead of budget.{key}={space_value} in {self.path.name}" if space_value else ""
+                parts.append(f"{key}={parse_override(user[key])[1]} (from --set{instead})")
+            elif space_value:
+                parts.append(f"{key}={space_value} (from budget.{key} in {self.path.name})")
+            else:
+                parts.append(f"{key} as planned")
+        scored = ("the real images reconstructed" if self.model == "autoencoder" else
+                  f"{self.budget['num_samples']} samples ({self.budget['sampling_steps']} DDIM steps)")
+        return f"train_{self.model}." + ", ".join(parts) + f"; scored on {scored}"
+
+    def restrict(self, cfg: GenerationConfig, fixed: Sequence[str] = ()) -> tuple["SearchSpace", list[str]]:
+        """(the space without the parameters that cannot matter, one note per dropped parameter): those the user
+        fixed with ``--set`` (keys in ``fixed``: the explicit value wins), and the weights and settings of losses
+        that ``cfg`` switches off (perceptual_network none or perceptual_weight 0; adversarial_weight 0)."""
+        names = {p.name for p in self.params}
+        why = {n: "fixed by --set" for n in names if n in set(fixed)}
+        searched = names - set(why)
+        losses = cfg.losses
+        off = []
+        if "losses.perceptual_network" not in searched and losses.perceptual_network == "none":
+            off.append(("losses.perceptual_network is none", ("losses.perceptual_",)))
+        elif "losses.perceptual_weight" not in searched and losses.perceptual_weight == 0:
+            off.append(("losses.perceptual_weight is 0", ("losses.perceptual_",)))
+        if "losses.adversarial_weight" not in searched and losses.adversarial_weight == 0:
+            off.append(("losses.adversarial_weight is 0",
+                        ("losses.adversarial_", "discriminator.", "train_autoencoder.disc_learning_rate")))
+        for reason, prefixes in off:
+            for n in sorted(searched):
+                if n.startswith(prefixes):
+                    why[n] = f"{reason} (that loss is switched off)"
+        notes = [f"{n} is not searched: {why[n]}" for n in sorted(why)]
+        kept = tuple(p for p in self.params if p.name not in why)
+        if not kept:
+            raise MedimgenError(f"{self.path} [{self.model}]: nothing left to search ("
+                                + "; ".join(f"{n}: {why[n]}" for n in sorted(why)) + ")")
+        return dataclasses.replace(self, params=kept), notes
 
     def validate(self, cfg: GenerationConfig) -> None:
         """Every key must reach a config field, every value must be valid for it (typos named, with a suggestion)."""
@@ -94,6 +157,12 @@ class SearchSpace:
             apply_overrides(cfg, self.overrides(cfg, representative) + self.budget_overrides())
         except MedimgenError as e:
             raise MedimgenError(f"{self.path} [{self.model}]: {e}") from None
+
+
+def override_key(text: str) -> str:
+    """'section.key' of a ``--set`` override (a leading 2d./3d. dropped)."""
+    parts = parse_override(text)[0]
+    return ".".join(parts[1:] if parts[0] in ("2d", "3d") and len(parts) > 1 else parts)
 
 
 def _list(values) -> str:
