@@ -79,17 +79,21 @@ _set_option = click.option(
 @click.option("--force", is_flag=True, help="Re-plan over a hand-edited config (it is backed up first).")
 @click.option("--explain", is_flag=True, help="Print the predicted memory per model (params, activations, total vs target).")
 @click.option("--plans", "plans_identifier", default="nnUNetPlans", show_default=True, help="nnU-Net plans identifier.")
+@click.option("--offline", is_flag=True,
+              help="Plan no perceptual loss (losses.perceptual_network=none) when its pretrained weights are absent.")
 @_set_option
 @click.option("--overrides", "override_text", default="", metavar="'K=V K=V'",
               help="Space-separated overrides in one string (for MLproject).")
 @friendly_errors
-def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, overrides, override_text):
+def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, overrides, override_text):
     """Turn nnU-Net's nnUNetPlans.json into medimgen_config.yaml (2d and 3d sections)."""
     from medimgen.planning import plan_dataset
 
     sets = [*overrides, *override_text.split()]
+    if explain and not (force or sets or gpu_memory or offline) and _explain_existing(dataset_id, plans_identifier):
+        return
     result = plan_dataset(dataset_id, gpu_memory_gb=gpu_memory or None, overrides=sets, force=force,
-                          plans_identifier=plans_identifier)
+                          plans_identifier=plans_identifier, offline=offline)
     if result.backup:
         click.echo(f"backed up the edited config to {result.backup}")
     verb = "re-planned" if result.replaced else "wrote"
@@ -98,8 +102,78 @@ def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, overrides
         peaks = ", ".join(f"{m} {gb:.2f}" for m, gb in cfg.memory.predicted_peak_gb.items())
         state = "fits" if cfg.memory.fitted else "DOES NOT FIT"
         click.echo(f"  {dim}: predicted peak GB {peaks} -> {state} {cfg.memory.target_gb:g} GB")
+    for note in result.notes:
+        click.echo(note)
     if explain:
         click.echo(result.explain())
+
+
+def _explain_existing(dataset_id, plans_identifier) -> bool:
+    """`plan --explain` alone on a planned dataset: the table of the config as it stands, no re-planning."""
+    from medimgen.config import load_config
+    from medimgen.planning.api import CONFIG_NAME, check_memory, weights_notes
+    from medimgen.plans import DatasetPlans
+
+    if not (DatasetPlans.from_id(dataset_id, plans_identifier).folder / CONFIG_NAME).is_file():
+        return False
+    report = check_memory(dataset_id, None, None, plans_identifier)
+    click.echo(f"{report.path} exists: explaining it as it stands (--force, --set or --gpu-memory re-plan)")
+    click.echo(report.table)
+    for line in report.misfits:
+        click.echo(f"does not fit: {line}")
+    for note in weights_notes({}, load_config(report.path), offline=False):
+        click.echo(note)
+    return True
+
+
+@main.group("weights")
+def weights_group() -> None:
+    """Pretrained weights (perceptual loss, FID features) in the torch hub cache ($TORCH_HOME/hub)."""
+
+
+@weights_group.command("download")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...",
+                type=click.Choice(["alex", "vgg", "squeeze", "radimagenet", "medicalnet", "inception", "all"]))
+@click.option("--mirror", default=None, metavar="URL",
+              help="Replace scheme and host of every download URL (default: $MEDIMGEN_WEIGHTS_MIRROR).")
+@click.option("--checksums", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="sha256sum-style file ('<sha256>  <file name>') with the expected checksums of files it names.")
+@friendly_errors
+def weights_download_cmd(names, mirror, checksums):
+    """Fetch the pretrained weights of NAME (alex, vgg, squeeze, radimagenet, medicalnet, inception, all) into
+    the torch hub cache, where training and evaluation look: checksummed, resumable (.part), renamed when complete."""
+    from medimgen.weights import download_weights
+
+    download_weights(names, mirror, checksums, echo=click.echo)
+
+
+@weights_group.command("list")
+@friendly_errors
+def weights_list_cmd():
+    """What is present, where each file is expected, and the command that downloads it."""
+    from medimgen.weights import weights_report
+
+    click.echo(weights_report())
+
+
+@main.command("memory")
+@click.argument("dataset_id", required=False)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Config YAML (default: the dataset's medimgen_config.yaml).")
+@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="GPU memory to check against in GB (default: the config's memory.target_gb).")
+@click.option("--plans", "plans_identifier", default="nnUNetPlans", show_default=True, help="nnU-Net plans identifier.")
+@friendly_errors
+def memory_cmd(dataset_id, config_path, gpu_memory, plans_identifier):
+    """Predicted peak GPU memory of every model of a config as it stands (no fitting); exit 1 if one does not fit."""
+    from medimgen.planning.api import check_memory
+
+    report = check_memory(dataset_id, config_path, gpu_memory, plans_identifier)
+    click.echo(report.table)
+    for line in report.misfits:
+        click.echo(f"does not fit: {line}", err=True)
+    if report.misfits:
+        sys.exit(1)
 
 
 def _train_command(model: str | None):
@@ -110,6 +184,8 @@ def _train_command(model: str | None):
     @click.argument("model_type", type=click.Choice(["2d", "3d"]), metavar="MODEL_TYPE")
     @click.option("-p", "--progress", is_flag=True, help="Show progress bars.")
     @click.option("-c", "--continue", "resume", is_flag=True, help="Continue the run from its last checkpoint.")
+    @click.option("--resume", "resume_value", type=click.BOOL, default=False, metavar="BOOL",
+                  help="-c with a value, true or false (for MLproject's -P continue=true).")
     @click.option("-f", "--fold", type=_fold, default=0, show_default=True, help="Fold for 5-fold splitting.")
     @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
                   help="Config YAML (default: the dataset's medimgen_config.yaml).")
@@ -118,11 +194,12 @@ def _train_command(model: str | None):
     @click.option("--overrides", "override_text", default="", metavar="'K=V K=V'",
                   help="Space-separated overrides in one string (for MLproject).")
     @friendly_errors
-    def command(dataset_id, splitting, model_type, progress, resume, fold, config_path, device, overrides,
-                override_text, model=model):
+    def command(dataset_id, splitting, model_type, progress, resume, resume_value, fold, config_path, device,
+                overrides, override_text, model=model):
         from medimgen.training.api import train
 
         sets = [*overrides, *override_text.split()]
+        resume = resume or resume_value
         try:
             result = train(model, dataset_id, splitting, model_type, fold, progress, resume, sets, config_path, device)
         except KeyboardInterrupt:
@@ -300,23 +377,47 @@ def evaluate_cmd(dataset_id, model, model_type, num_samples, real, extractor, we
 @click.option("--overrides", "override_text", default="", metavar="'K=V K=V'",
               help="Space-separated overrides in one string (for MLproject).")
 @click.option("-p", "--progress", is_flag=True, help="Show a progress bar over trials.")
+@click.option("--metrics", default=None, metavar="NAME,NAME",
+              help="Objectives: fid, ms_ssim_gap (ldm/ddpm); rfid, ms_ssim_loss, l1, psnr (autoencoder). Default: "
+                   "fid,ms_ssim_gap; autoencoder rfid,ms_ssim_loss when a feature extractor has weights, else "
+                   "ms_ssim_loss,l1 (no weights needed). A continued study keeps its own.")
 @friendly_errors
 def tune_cmd(dataset_id, model, model_type, trials, space_path, storage, objective, study_name, splitting, fold,
              extractor, weights, autoencoder_run, apply_best, timeout, device, no_mlflow, overrides, override_text,
-             progress):
-    """Tune the planner's values with Optuna; every trial is a short training run scored by FID and MS-SSIM."""
+             progress, metrics):
+    """Tune the planner's values with Optuna; every trial is a short training run scored by FID and MS-SSIM
+    (autoencoders without feature weights: reconstruction MS-SSIM and L1)."""
     from medimgen.tuning.api import tune
 
     result = tune(dataset_id, model, model_type, trials, space_path, storage, objective, study_name, splitting, fold,
                   extractor, weights, autoencoder_run, [*overrides, *override_text.split()], apply_best, device,
-                  timeout, not no_mlflow, progress, echo=click.echo)
+                  timeout, not no_mlflow, progress, echo=click.echo, metrics=metrics)
     click.echo(f"study {result.study_name}: {result.trials} trial(s), {result.completed} complete"
                + (f"; MLflow parent run {result.parent_run_id}" if result.parent_run_id else ""))
     for b in result.best:
-        click.echo(f"  best trial {b['number']}: values {', '.join(f'{v:.4g}' for v in b['values'])}; {b['params']}")
+        named = ", ".join(f"{k}={v:.4g}" for k, v in b["objectives"].items())
+        click.echo(f"  best trial {b['number']}: {named}; {b['params']}")
     if result.applied:
         click.echo(f"wrote the values of trial {result.best[0]['number']} to {result.applied}"
                    + (f" (previous file kept as {result.backup})" if result.backup else ""))
+
+
+@main.command("train-feature-nnunet")
+@click.option("-d", "--dataset", "dataset_id", required=True, help="nnU-Net dataset id (e.g. 1 or 001) or name.")
+@click.option("-t", "--model-type", type=click.Choice(["2d", "3d"]), default="3d", show_default=True,
+              help="nnU-Net configuration: 2d or 3d_fullres (preprocessed by nnUNetv2_plan_and_preprocess).")
+@click.option("--epochs", type=_positive, default=2, show_default=True)
+@click.option("--iterations", type=_positive, default=10, show_default=True, help="Training iterations per epoch.")
+@click.option("-f", "--fold", type=_fold, default=0, show_default=True)
+@_device_option
+@friendly_errors
+def train_feature_nnunet_cmd(dataset_id, model_type, epochs, iterations, fold, device):
+    """Train nnU-Net briefly (the demo's 2 x 10 iterations) so that FID/rFID have dataset-specific features offline."""
+    from medimgen.nnunet import train_feature_nnunet
+
+    folder = train_feature_nnunet(dataset_id, model_type, fold, epochs, iterations, device)
+    click.echo(f"wrote {folder}: `medimgen evaluate` and `medimgen tune` (--extractor auto or nnunet) now use its "
+               f"encoder's features")
 
 
 @main.command("register")

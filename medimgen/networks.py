@@ -6,6 +6,9 @@ network its down/upsampling layers are set to the planned per-axis strides:
 convolution strides and paddings of the downsamplers, scale factors of the upsamplers.
 Weights and state-dict keys stay MONAI's.
 
+Attention uses MONAI's ``use_flash_attention`` (torch's scaled-dot-product attention: flash or
+memory-efficient kernels on CUDA, no N x N matrix in memory) wherever the installed torch has it.
+
 Activation checkpointing: each block of the UNet (down/middle/up) and of the autoencoder's
 encoder and decoder is wrapped so its forward is recomputed in backward
 (torch.utils.checkpoint), without changing state-dict keys. MONAI's UNet has no option;
@@ -24,6 +27,8 @@ from torch.utils.checkpoint import checkpoint
 
 from medimgen.config.schema import AutoencoderConfig, DiscriminatorConfig, UNetConfig
 from medimgen.config.validate import check_network
+
+FLASH_ATTENTION = hasattr(torch.nn.functional, "scaled_dot_product_attention")
 
 
 def _set_upsample_scale(module: nn.Module, stride: Sequence[int]) -> None:
@@ -46,6 +51,15 @@ def _checkpointed(forward):
 def enable_unet_checkpointing(unet: nn.Module) -> None:
     for block in [*unet.down_blocks, unet.middle_block, *unet.up_blocks]:
         block.forward = _checkpointed(block.forward)
+    unet._checkpointed = True
+
+
+def enable_autoencoder_checkpointing(ae: nn.Module) -> None:
+    # per block rather than MONAI's use_checkpoint (whole encoder/decoder): backward then recomputes
+    # one block at a time instead of a whole half of the network
+    for block in [*ae.encoder.blocks, *ae.decoder.blocks]:
+        block.forward = _checkpointed(block.forward)
+    ae._checkpointed = True
 
 
 def build_unet(cfg: UNetConfig, spatial_dims: int, in_channels: int, out_channels: int | None = None) -> nn.Module:
@@ -63,6 +77,7 @@ def build_unet(cfg: UNetConfig, spatial_dims: int, in_channels: int, out_channel
         num_res_blocks=cfg.num_res_blocks,
         num_head_channels=cfg.num_head_channels,
         norm_num_groups=cfg.norm_num_groups,
+        use_flash_attention=FLASH_ATTENTION,
     )
     for level, stride in enumerate(cfg.strides):
         down = unet.down_blocks[level].downsampler
@@ -93,6 +108,7 @@ def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: in
         norm_num_groups=cfg.norm_num_groups,
         with_encoder_nonlocal_attn=False,
         with_decoder_nonlocal_attn=False,
+        use_flash_attention=FLASH_ATTENTION,
     )
     downs = [m for m in ae.encoder.blocks if isinstance(m, AEKLDownsample)]
     ups = [m for m in ae.decoder.blocks if any(isinstance(x, nn.Upsample) for x in m.modules())]
@@ -108,10 +124,7 @@ def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: in
     for stride, up in zip(reversed(cfg.strides), ups):
         _set_upsample_scale(up, stride)
     if cfg.activation_checkpointing:
-        # per block rather than MONAI's use_checkpoint (whole encoder/decoder): backward then recomputes
-        # one block at a time instead of a whole half of the network
-        for block in [*ae.encoder.blocks, *ae.decoder.blocks]:
-            block.forward = _checkpointed(block.forward)
+        enable_autoencoder_checkpointing(ae)
     return ae
 
 

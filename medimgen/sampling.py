@@ -198,9 +198,9 @@ def from_uri(uri: str) -> Sampler:
     """A Sampler from an MLflow model URI (models:/NAME@alias, models:/NAME/3, runs:/ID/model)."""
     import mlflow
 
-    from medimgen.tracking import resolve_uri
+    from medimgen.tracking import connect
 
-    mlflow.set_tracking_uri(resolve_uri(None))
+    connect()  # bounded HTTP calls; one line if the server is down
     try:
         model = mlflow.pyfunc.load_model(uri)
     except Exception as e:

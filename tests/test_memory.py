@@ -1,4 +1,4 @@
-"""Memory estimator (simulated CUDA step) against H100 measurements, and the fitter at 2 GB vs 80 GB targets."""
+"""Memory estimator (simulated CUDA step) against H100 measurements, and the fitter at 3 GB vs 80 GB targets."""
 
 from __future__ import annotations
 
@@ -215,18 +215,19 @@ def big_dataset(nnunet_roots):
     return BIG_3D
 
 
-def test_fitter_2gb_vs_80gb(big_dataset, nnunet_env):
+def test_fitter_3gb_vs_80gb(big_dataset, nnunet_env):
     from click.testing import CliRunner
 
     from medimgen.cli import main
 
-    small = plan_dataset(big_dataset, gpu_memory_gb=2, force=True).config.get("3d")
+    small = plan_dataset(big_dataset, gpu_memory_gb=3, force=True).config.get("3d")
     r = CliRunner().invoke(main, ["plan", "-d", str(big_dataset), "--gpu-memory", "80", "--force", "--explain"])
     assert r.exit_code == 0, r.output
     assert "peak GB" in r.output and "ddpm" in r.output
     large = load_config(nnunet_env["nnUNet_preprocessed"] / "Dataset203_Big" / "medimgen_config.yaml").get("3d")
     assert small.memory.fitted and large.memory.fitted
-    assert all(v < 2.0 for v in small.memory.predicted_peak_gb.values())
+    # the LDM's 88 M parameters with AdamW need ~1.8 GB at any size: 3 GB (2.35 usable) is the smallest card here
+    assert all(v <= 3 * 0.95 - 0.5 for v in small.memory.predicted_peak_gb.values())
     assert max(large.memory.predicted_peak_gb.values()) >= 2.0  # the 80 GB plan did not need squeezing
     settings = lambda c: (c.ddpm_unet.activation_checkpointing, c.autoencoder.activation_checkpointing,
                           c.train_ddpm.batch_size, c.train_ddpm.grad_accumulation_steps, c.data.image_size)
@@ -235,10 +236,10 @@ def test_fitter_2gb_vs_80gb(big_dataset, nnunet_env):
     for m in ("autoencoder", "ddpm", "ldm"):
         s, l = getattr(small, f"train_{m}"), getattr(large, f"train_{m}")
         assert s.batch_size * s.grad_accumulation_steps >= l.batch_size * l.grad_accumulation_steps
-    # the 2 GB plan is valid: its networks build and its estimate agrees with what it recorded
+    # the 3 GB plan is valid: its networks build and its estimate agrees with what it recorded
     build_unet(small.ddpm_unet, 3, small.data.in_channels)
     assert mem.estimate(small, "ddpm").peak_gb == pytest.approx(small.memory.predicted_peak_gb["ddpm"], rel=1e-3)
-    assert small.memory.target_gb == 2 and large.memory.target_gb == 80
+    assert small.memory.target_gb == 3 and large.memory.target_gb == 80
 
 
 def test_downscaled_plan_loads_batches_at_generated_size(planned_3d, nnunet_env):

@@ -53,8 +53,24 @@ class DataConfig:
     intensity_high: tuple[float, ...] = doc(
         "per channel, the nnU-Net-normalised value mapped to intensity_range[1] (99.5th percentile, as intensity_low)",
         default_factory=tuple)
-    intensity_mean: tuple[float, ...] = doc("per channel foreground mean in original units (fingerprint), to map samples back", default_factory=tuple)
-    intensity_std: tuple[float, ...] = doc("per channel foreground std in original units (fingerprint), to map samples back", default_factory=tuple)
+    intensity_mean: tuple[float, ...] = doc(
+        "per channel foreground mean in original units (fingerprint); maps samples back only when intensity_case_mean is empty",
+        default_factory=tuple)
+    intensity_std: tuple[float, ...] = doc(
+        "per channel foreground std in original units (fingerprint); maps samples back only when intensity_case_std is empty",
+        default_factory=tuple)
+    intensity_case_mean: tuple[float, ...] = doc(
+        "per channel offset nnU-Net's normalisation removed, original units, to map samples back: z-score, the median "
+        "over the raw cases of each case's mean over the voxels nnU-Net used (all, or the nonzero mask with "
+        "use_mask_for_norm); CT, the fingerprint mean (exact); rescale-to-01, the median minimum (empty: intensity_mean)",
+        default_factory=tuple)
+    intensity_case_std: tuple[float, ...] = doc(
+        "per channel scale nnU-Net's normalisation divided by, as intensity_case_mean (z-score: median per-case std; "
+        "CT: the fingerprint std) (empty: intensity_std)", default_factory=tuple, gt=0)
+    intensity_background: tuple[float, ...] = doc(
+        "per channel original value of samples at intensity_range[0], the value training gives voxels outside "
+        "nnU-Net's nonzero mask: their raw value 0 (CT channels: the lower bound mapped back, exact); empty when "
+        "the cases have no such voxels (the lower bound then maps back like any other value)", default_factory=tuple)
     oversample_foreground_percent: float = doc("fraction of samples centred on foreground, as nnU-Net does", 0.33, ge=0, le=1)
     augmentation: Literal["none", "mild", "nnunet"] = doc(
         "nnU-Net augmentation strength: 'mild' (no large rotations; they hurt generation), 'nnunet' (segmentation defaults), 'none'", "mild")

@@ -220,30 +220,33 @@ def _log_to_mlflow(report: dict, json_path: Path, parent_run_id: str | None) -> 
     """A new evaluation run, nested under the model's own run when that run is known."""
     import warnings
 
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    from medimgen.tracking import resolve_uri
+    from medimgen.tracking import attach_project_run, brief, connect, ensure_experiment, mark_experiment
 
     try:
-        mlflow.set_tracking_uri(resolve_uri(None))
+        connect()  # bounded HTTP calls; fails at once when the server is down
         client = MlflowClient()
         if parent_run_id:
             experiment_id = client.get_run(parent_run_id).info.experiment_id
-        else:
-            exp = client.get_experiment_by_name(report["dataset"])
-            experiment_id = exp.experiment_id if exp else client.create_experiment(report["dataset"])
+            mark_experiment(experiment_id, client)
+        elif not os.environ.get("MLFLOW_RUN_ID"):  # (under `mlflow run`, the run MLflow made has its experiment)
+            experiment_id = ensure_experiment(report["dataset"], client)
         tags = {"medimgen.evaluates": report["model"], "medimgen.model": report["kind"], "medimgen.dim": report["dim"],
                 "feature_extractor": report["feature_extractor"] or "none"}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         attached = os.environ.get("MLFLOW_RUN_ID")  # under `mlflow run -e evaluate`: use the run MLflow made
+        run_name = f"evaluate_{report['kind']}_{report['dim']}"
         if attached:
+            name = attach_project_run(attached, run_name, report["dataset"], client)
+            if name:
+                client.update_run(attached, name=name)
             run = client.get_run(attached)
             client.log_batch(attached, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         else:
-            run = client.create_run(experiment_id, run_name=f"evaluate_{report['kind']}_{report['dim']}", tags=tags)
+            run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         now = int(time.time() * 1000)
         params = {"num_samples": report["num_generated"], "real_subset": report["real"]["subset"],
                   "real_images": report["real"]["images"], "seed": report["seed"],
@@ -256,7 +259,7 @@ def _log_to_mlflow(report: dict, json_path: Path, parent_run_id: str | None) -> 
             client.set_terminated(run.info.run_id)
         return run.info.run_id
     except Exception as e:
-        warnings.warn(f"could not log the evaluation to MLflow ({type(e).__name__}: {e}); "
+        warnings.warn(f"could not log the evaluation to MLflow ({brief(e)}); "
                       f"the results are in {json_path}", stacklevel=2)
         return None
 

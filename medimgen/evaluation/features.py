@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from medimgen.errors import MedimgenError
+from medimgen.weights import HUB_REPO, checkpoint_path, hub_repo_dir
 
-HUB_REPO = "Project-MONAI_perceptual-models_main"
 HUB_NETWORKS = {"radimagenet_resnet50": 2, "medicalnet_resnet10_23datasets": 3, "medicalnet_resnet50_23datasets": 3}
 NNUNET_CONFIGURATION = {2: "2d", 3: "3d_fullres"}
 
@@ -177,10 +177,11 @@ def torchvision_weights_path(arch: str, weights_path: Path | str | None = None) 
             raise MedimgenError(f"unknown feature extractor {arch!r}: use nnunet, radimagenet_resnet50, "
                                 f"medicalnet_resnet10_23datasets, medicalnet_resnet50_23datasets, inception_v3 "
                                 f"or another torchvision classifier") from None
-        path = Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[-1]
+        path = checkpoint_path(enum.url)
     if not path.is_file():
         raise MedimgenError(f"feature extractor '{arch}' needs pretrained weights {path.name} in {path.parent} "
-                            f"(copy it there from a machine with internet, or pass --weights FILE), "
+                            f"({'run `medimgen weights download inception`, ' if arch == 'inception_v3' else ''}"
+                            f"copy it there from a machine with internet, or pass --weights FILE), "
                             f"or use the nnU-Net encoder extractor (--extractor nnunet)")
     return path
 
@@ -239,12 +240,12 @@ class HubFeatures(FeatureExtractor):
 
     def __init__(self, network: str, repo_dir: Path | str | None = None):
         super().__init__()
-        repo = Path(repo_dir) if repo_dir else Path(torch.hub.get_dir()) / HUB_REPO
+        repo = Path(repo_dir) if repo_dir else hub_repo_dir()
         if not (repo / "hubconf.py").is_file():
             raise MedimgenError(
                 f"feature extractor '{network}' needs the torch.hub repository {HUB_REPO} with its weights in "
-                f"{repo.parent} (run torch.hub.load('Project-MONAI/perceptual-models', '{network}') once on a machine "
-                f"with internet and copy the hub folder, or pass --weights REPO_DIR), or use --extractor nnunet")
+                f"{repo.parent} (run `medimgen weights download {network.split('_')[0]}`, or copy the hub folder "
+                f"from a machine that has them, or pass --weights REPO_DIR), or use --extractor nnunet")
         try:
             with _offline():
                 self.net = torch.hub.load(str(repo), network, source="local", verbose=False).eval()

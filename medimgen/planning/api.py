@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from medimgen.config.io import apply_overrides, is_user_edited, load_config, sav
 from medimgen.config.schema import DatasetInfo, MedimgenConfig
 from medimgen.errors import MedimgenError
 from medimgen.planning.heuristics import plan_generation
-from medimgen.planning.intensity import intensity_bounds
+from medimgen.planning.intensity import case_statistics, intensity_bounds, intensity_statistics
 from medimgen.planning.memory import detect_gpu_memory_gb, fit_to_memory
 from medimgen.plans import DatasetPlans
 
@@ -30,6 +31,7 @@ class PlanResult:
     config: MedimgenConfig
     backup: Path | None
     replaced: bool
+    notes: tuple[str, ...] = ()  # one line each, for the user (e.g. pretrained weights that are absent)
 
     def explain(self) -> str:
         from medimgen.planning.memory import explain
@@ -41,8 +43,42 @@ def config_path(dataset_id: int | str) -> Path:
     return DatasetPlans.from_id(dataset_id).folder / CONFIG_NAME
 
 
-def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overrides: Sequence[str] = ()) -> MedimgenConfig:
-    """Heuristics, then the user's overrides, then the memory fitter (which sees the overridden values)."""
+def weights_notes(planned: dict, fitted: MedimgenConfig, offline: bool) -> list[str]:
+    """One line per perceptual network whose pretrained weights are absent, with the download command.
+
+    ``planned``: {dim: network} as the heuristics planned it; ``fitted``: the final config."""
+    from medimgen.weights import download_command, hub_dir, weights_present
+
+    absent: dict[tuple[str, bool], list[str]] = {}
+    for dim, c in fitted.configs.items():
+        net, off = c.losses.perceptual_network, False
+        if offline and net == "none":
+            net, off = planned[dim], True  # switched off by --offline (or by the user)
+        try:
+            if net != "none" and c.losses.perceptual_weight > 0 and not weights_present(net):
+                absent.setdefault((net, off), []).append(dim)
+        except MedimgenError:  # not a network with downloadable weights: training names the problem
+            continue
+    notes = []
+    for (net, off), dims in absent.items():
+        if off:
+            notes.append(f"note: pretrained weights of perceptual network '{net}' are not in {hub_dir()}, so "
+                         f"{'/'.join(dims)} plans losses.perceptual_network=none (--offline); after "
+                         f"`{download_command(net)}`, re-plan without --offline to use it")
+        else:
+            notes.append(f"note: pretrained weights of perceptual network '{net}' ({'/'.join(dims)}) are not in "
+                         f"{hub_dir()}: run `{download_command(net)}` before training the autoencoder "
+                         f"(or re-plan with --offline to train without the perceptual loss)")
+    return notes
+
+
+def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overrides: Sequence[str] = (),
+                 offline: bool = False, notes: list[str] | None = None) -> MedimgenConfig:
+    """Heuristics, then the user's overrides, then the memory fitter (which sees the overridden values).
+
+    ``offline``: plan no perceptual loss where its pretrained weights are absent (before the overrides,
+    so that an explicit --set losses.perceptual_network wins). ``notes``: gets one line per perceptual
+    network whose weights are absent (the download command)."""
     target = float(gpu_memory_gb) if gpu_memory_gb else detect_gpu_memory_gb()
     pm = plans.manager
     info = DatasetInfo(
@@ -57,12 +93,29 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overri
         plans_identifier=plans.plans_identifier,
     )
     configs = {}
+    raw_stats: dict = {}  # the raw cases are read once per normalisation setting (2d and 3d usually share it)
     for dim in plans.available_dims:
         low, high = intensity_bounds(plans, dim)
-        configs[dim] = plan_generation(plans, dim, low, high, target)
+        cm = plans.configuration(dim)
+        key = (tuple(cm.normalization_schemes), tuple(cm.use_mask_for_norm))
+        if key not in raw_stats:
+            needs_raw = any(s != "CTNormalization" for s in cm.normalization_schemes)
+            raw_stats[key] = case_statistics(plans, dim) if needs_raw else []
+        stats = intensity_statistics(plans, dim, low, cases=raw_stats[key])
+        configs[dim] = plan_generation(plans, dim, low, high, target, intensity_stats=stats)
+    planned = {dim: c.losses.perceptual_network for dim, c in configs.items()}
+    if offline:
+        from medimgen.weights import weights_present
+
+        configs = {dim: c if weights_present(c.losses.perceptual_network) else
+                   dataclasses.replace(c, losses=dataclasses.replace(c.losses, perceptual_network="none"))
+                   for dim, c in configs.items()}
     cfg = apply_overrides(MedimgenConfig(dataset=info, configs=configs, medimgen_version=__version__), list(overrides))
     fitted = {dim: fit_to_memory(c, target) for dim, c in cfg.configs.items()}
-    return MedimgenConfig(dataset=cfg.dataset, configs=fitted, medimgen_version=cfg.medimgen_version)
+    result = MedimgenConfig(dataset=cfg.dataset, configs=fitted, medimgen_version=cfg.medimgen_version)
+    if notes is not None:
+        notes += weights_notes(planned, result, offline)
+    return result
 
 
 def plan_dataset(
@@ -71,12 +124,14 @@ def plan_dataset(
     overrides: Sequence[str] = (),
     force: bool = False,
     plans_identifier: str = "nnUNetPlans",
+    offline: bool = False,
 ) -> PlanResult:
     """Plan DatasetXXX and write nnUNet_preprocessed/DatasetXXX/medimgen_config.yaml.
 
     An existing file that was edited by hand is never overwritten silently: without
     ``force`` this raises; with ``force`` the edited file is first copied to a
-    timestamped backup beside it.
+    timestamped backup beside it. ``offline``: plan losses.perceptual_network=none where the planned
+    network's pretrained weights are absent (without it they are planned anyway, with a note).
     """
     plans = DatasetPlans.from_id(dataset_id, plans_identifier)
     path = plans.folder / CONFIG_NAME
@@ -85,14 +140,15 @@ def plan_dataset(
         raise MedimgenError(
             f"{path} was edited by hand; not overwriting it. Re-run with --force to re-plan "
             f"(your file is kept as a backup), or use --set to change single values")
-    cfg = build_config(plans, gpu_memory_gb, overrides)
+    notes: list[str] = []
+    cfg = build_config(plans, gpu_memory_gb, overrides, offline, notes)
     backup = None
     if edited:
         backup = path.with_name(f"{CONFIG_NAME}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
         shutil.copy2(path, backup)
     replaced = path.exists()
     save_config(cfg, path, HEADER.format(name=plans.name, plans=plans_identifier, version=__version__))
-    return PlanResult(path=path, config=cfg, backup=backup, replaced=replaced)
+    return PlanResult(path=path, config=cfg, backup=backup, replaced=replaced, notes=tuple(notes))
 
 
 @dataclass(frozen=True)

@@ -184,8 +184,10 @@ def fit_model(cfg: GenerationConfig, model: str, target: float, ratio: float = 1
 
 
 def _parameter_bound(cfg: GenerationConfig, target: float) -> bool:
-    """True when some model cannot fit whatever the image size: its parameters alone exceed the target."""
-    return any(estimate(cfg, m).static_bytes * CUDA_OVERHEAD > usable_bytes(target) for m in MODELS)
+    """True when some model cannot fit whatever the image size: its weights, moments, EMA and frozen networks
+    plus the gradients and AdamW's temporary (4 + 4 bytes per trained parameter) alone exceed the target."""
+    return any(((e := estimate(cfg, m)).static_bytes + 8 * e.params) * CUDA_OVERHEAD > usable_bytes(target)
+               for m in MODELS)
 
 
 def _downscale(cfg: GenerationConfig, factor: float) -> GenerationConfig:

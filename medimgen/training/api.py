@@ -22,10 +22,11 @@ from medimgen.paths import medimgen_results
 from medimgen.planning.api import CONFIG_NAME
 from medimgen.plans import DatasetPlans
 from medimgen.sampling import resolve_device
-from medimgen.tracking import Tracker, git_commit
+from medimgen.tracking import Tracker, git_commit, sigterm_interrupts
 from medimgen.training import MODELS
 from medimgen.training.lock import RunLock
 from medimgen.training.loop import LoopOptions, Trainer, amp_dtype, seed_everything
+from medimgen.training.memory_guard import MemoryGuard
 from medimgen.training.outputs import RunDir
 
 DIMS = ("2d", "3d")
@@ -113,6 +114,7 @@ def _log_model(run: RunDir, cfg: GenerationConfig, tracker: Tracker, echo) -> No
                       f"`medimgen register {run.root}` can do it later", stacklevel=2)
 
 
+@sigterm_interrupts()  # SIGTERM ends the MLflow run as KILLED, like Ctrl-C
 def train(
     model: str,
     dataset_id: int | str,
@@ -177,12 +179,27 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
             cfg = dataclasses.replace(cfg, autoencoder=task.cfg.autoencoder)
         run.make()
         val_ids = split.val or split.train[:1]
+        run_echo = _echo_for(cfg, run, echo)
+
+        def on_refit(refit) -> TrainBatches:
+            """A memory re-fit in the first steps: new batches, the change recorded in config.yaml and MLflow."""
+            nonlocal cfg, batches
+            cfg = refit.config
+            batches.close()
+            batches = TrainBatches(cfg, plans, split.train, getattr(cfg, f"train_{model}").batch_size, seed=tcfg.seed)
+            save_generation_config(cfg, run.config)
+            trainer.config_yaml = render_generation_config(cfg)
+            tracker.set_tags({"memory.refit": f"{refit.reason}: {'; '.join(refit.changes)}"})
+            tracker.log_artifacts([run.config], "run")
+            return batches
+
+        guard = MemoryGuard(cfg, model, dev, run_echo, lambda m: tracker.log_metrics(m, step=0))
         trainer = Trainer(
             task, tcfg, run, tracker, dev, batches,
-            val_batches=lambda: validation_batches(cfg, plans, val_ids, tcfg.batch_size),
+            val_batches=lambda: validation_batches(cfg, plans, val_ids, getattr(cfg, f"train_{model}").batch_size),
             plot_batch=lambda: next(validation_batches(cfg, plans, val_ids[:1], 1)),
-            options=LoopOptions(progress=progress, echo=_echo_for(cfg, run, echo), stop_after_epoch=stop_after_epoch,
-                                on_epoch=setup.on_epoch),
+            options=LoopOptions(progress=progress, echo=run_echo, stop_after_epoch=stop_after_epoch,
+                                on_epoch=setup.on_epoch, memory_guard=guard, on_refit=on_refit),
             config_yaml=render_generation_config(cfg),
         )
         previous_run_id = trainer.load(run.last)["mlflow_run_id"] if resume else None  # before any file is written

@@ -26,6 +26,7 @@ from torch import nn
 from medimgen.config.schema import TrainConfig
 from medimgen.errors import MedimgenError
 from medimgen.tracking import Tracker
+from medimgen.training.memory_guard import Refit
 from medimgen.training.outputs import RunDir, atomic_json, atomic_torch_save, plot_losses
 
 CHECKPOINT_FORMAT = 1
@@ -93,6 +94,8 @@ class LoopOptions:
     echo: Callable[[str], None] = print
     stop_after_epoch: int | None = None  # for tests and tuning: leave early, as if interrupted
     on_epoch: Callable[[int, dict], None] | None = None  # called after each epoch's checkpoint (tuning: pruning)
+    memory_guard: object | None = None  # training.memory_guard.MemoryGuard: checks the first steps' peak
+    on_refit: Callable[[object], Iterator[dict]] | None = None  # applies a memory Refit: returns the new batches
 
 
 class Trainer:
@@ -193,6 +196,32 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    @contextmanager
+    def _out_of_memory(self, where: str):
+        """CUDA out of memory: a memory re-fit in the first steps (see memory_guard), else one line."""
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError:
+            guard = self.opt.memory_guard
+            if guard is None:
+                raise MedimgenError(f"CUDA out of memory during {where} of {self.task.name}: lower "
+                                    f"train_{self.task.name}.batch_size or re-plan with `medimgen plan --gpu-memory GB`") from None
+            error = guard.on_out_of_memory(where)
+            raise error from None
+
+    def _apply_refit(self, refit) -> None:
+        """Continue with a re-fitted config: same weights and optimiser state, new micro-batch/checkpointing/EMA."""
+        from medimgen.training.memory_guard import apply_checkpointing
+
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.cfg = getattr(refit.config, f"train_{self.task.name}")
+        apply_checkpointing(self.task.modules, refit.config, self.task.name)
+        if not self.cfg.ema_decay:
+            self.ema = None
+        self.train_batches = self.opt.on_refit(refit)
+        self.opt.echo(f"memory re-fit ({refit.reason}): {'; '.join(refit.changes)}; repeating epoch from the current state")
+
     def _optimizer_step(self, phases: list[str]) -> None:
         for phase in phases:
             opt, scaler = self.optimizers[phase], self.scalers[phase]
@@ -222,7 +251,7 @@ class Trainer:
                      for k, v in next(self.train_batches).items()}
             state: dict = {"phases": phases}
             for phase in phases:
-                with self._only_trains(phase):
+                with self._only_trains(phase), self._out_of_memory("training"):
                     with self._autocast():
                         loss, logs = self.task.loss(phase, batch, state)
                     if not torch.isfinite(loss):
@@ -233,6 +262,8 @@ class Trainer:
                     sums[k] += v
             if (it + 1) % accum == 0 or it == n - 1:
                 self._optimizer_step(phases)
+                if self.opt.memory_guard is not None:
+                    self.opt.memory_guard.after_step()
             if self.opt.progress:
                 bar.set_postfix({k: f"{v / (it + 1):.4f}" for k, v in list(sums.items())[:3]})
         for phase in phases:  # a phase that did not train yet (GAN warm-up) keeps its schedule
@@ -248,11 +279,16 @@ class Trainer:
             t0 = time.time()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
-            metrics = self.train_epoch(epoch)
+            while True:
+                try:
+                    metrics = self.train_epoch(epoch)
+                    break
+                except Refit as refit:
+                    self._apply_refit(refit)
             if (epoch + 1) % cfg.val_interval == 0 or epoch == cfg.epochs - 1:
                 for m in self.task.modules.values():
                     m.eval()
-                with torch.no_grad(), self._autocast():
+                with torch.no_grad(), self._autocast(), self._out_of_memory("validation"):
                     metrics.update({f"val_{k}": v for k, v in self.task.validate(self.val_batches(), self.eval_model).items()})
             metrics["epoch_seconds"] = time.time() - t0
             if self.device.type == "cuda":
@@ -268,7 +304,7 @@ class Trainer:
             if (epoch + 1) % cfg.val_plot_interval == 0 or epoch == cfg.epochs - 1:
                 for m in self.task.modules.values():
                     m.eval()
-                with torch.no_grad(), self._autocast():
+                with torch.no_grad(), self._autocast(), self._out_of_memory("plotting"):
                     path = self.task.plot(self.run.plots / f"epoch_{epoch + 1:04d}", self.plot_batch(), self.eval_model)
                 if path is not None:
                     self.tracker.log_artifact(path, "plots")
