@@ -26,6 +26,16 @@ BOUND_S = 15  # what an unreachable server may add to a whole training run
 EPOCHS = 2
 
 
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uri():
+    """A run that started on the test's server makes it MLflow's process-wide URI: later tests must not see it."""
+    from mlflow.tracking._tracking_service import utils
+
+    previous = utils._tracking_uri
+    yield
+    utils._tracking_uri = previous
+
+
 @pytest.fixture
 def medimgen_limits(monkeypatch):
     """MLflow's HTTP settings unset, so the limits medimgen applies are the ones tested."""

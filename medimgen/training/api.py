@@ -161,13 +161,13 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
         cfg = apply_overrides(setup.config, list(overrides))
     else:
         cfg = resolve_config(plans, run, model_type, resume, overrides, config_path)
-    lock.acquire()  # creates the folder of a new run; the check again: another process may have started it
-    _check_run(run, model, resume)
     tcfg = getattr(cfg, f"train_{model}")
     dev = resolve_device(device)
 
     seed_everything(tcfg.seed)
-    task = build_task(model, cfg, dev, plans, split.name, setup.autoencoder_run)
+    task = build_task(model, cfg, dev, plans, split.name, setup.autoencoder_run)  # writes nothing (LDM: needs its AE)
+    lock.acquire()  # creates the folder of a new run; the check again: another process may have started it
+    _check_run(run, model, resume)
     batches = TrainBatches(cfg, plans, split.train, tcfg.batch_size, seed=tcfg.seed)
     tracker = setup.tracker or Tracker()
     completed = False
