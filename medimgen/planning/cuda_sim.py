@@ -246,10 +246,6 @@ def _frozen(modules):
             p.requires_grad_(True)
 
 
-def _randint(high: int, n: int) -> torch.Tensor:
-    return torch.randint(0, high, (n,))
-
-
 def _diffusion_parts(cfg: GenerationConfig, model: str):
     from medimgen.diffusion import target_for, training_scheduler
     from medimgen.networks import build_autoencoder, build_unet
@@ -272,7 +268,7 @@ def _diffusion_parts(cfg: GenerationConfig, model: str):
             with torch.no_grad():
                 x = frozen.encode_stage_2_inputs(x) * 1.0
         noise = torch.randn_like(x)
-        t = _randint(scheduler.num_train_timesteps, x.shape[0])
+        t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],))
         noisy = scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
         pred = unet(noisy, timesteps=t)
         target = target_for(scheduler, sched_cfg.prediction_type, x, noise, t)
