@@ -45,42 +45,42 @@ def test_estimate_reproduces_h100_measurements(h100_config, model, dim, monkeypa
     assert abs(predicted - measured) / measured < 0.15, (model, dim, predicted, measured)
 
 
-def _dtype_trace(build, device):
-    """(op, output dtypes) of a forward under bf16 autocast: CUDA's own policy on fake CUDA tensors,
-    or the emulated one on fake CPU tensors (prim ops and batch-norm statistics left out)."""
+def _dtype_trace(build, policy):
+    """(op, output dtypes) of a forward under bf16 autocast: 'cuda' = CUDA's own policy on fake CUDA tensors,
+    'emulated' = medimgen's emulation on fake CPU tensors, 'cpu' = plain CPU autocast (prim ops and batch-norm
+    statistics left out)."""
+    from contextlib import ExitStack
+
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
     from medimgen.planning.cuda_sim import cuda_autocast_policy
 
-    class Record(TorchDispatchMode):
-        ops: list = []
+    ops = []
 
+    class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if not str(func).startswith("prim."):
                 dtypes = [t.dtype for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-                self.ops.append((str(func), dtypes[:1] if "batch_norm" in str(func) else dtypes))
+                ops.append((str(func), dtypes[:1] if "batch_norm" in str(func) else dtypes))
             return out
 
-    rec = Record()
-    rec.ops = []
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.device(device):
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda" if policy == "cuda" else "cpu"), ExitStack() as stack:
         fn = build()
-        if device == "cuda":  # torch.autocast refuses without a GPU; the switches underneath do not
+        if policy == "cuda":  # torch.autocast refuses without a GPU; the switches underneath do not
             prev = torch.is_autocast_enabled("cuda")
             torch.set_autocast_enabled("cuda", True)
             torch.set_autocast_dtype("cuda", torch.bfloat16)
-            try:
-                with rec:
-                    fn()
-            finally:
-                torch.set_autocast_enabled("cuda", prev)
+            stack.callback(torch.set_autocast_enabled, "cuda", prev)
         else:
-            with cuda_autocast_policy(), torch.autocast("cpu", dtype=torch.bfloat16), rec:
-                fn()
-    return rec.ops
+            if policy == "emulated":
+                stack.enter_context(cuda_autocast_policy())
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        with Record():
+            fn()
+    return ops
 
 
 UNET = UNetConfig(channels=(32, 64, 64), strides=((2, 2), (1, 2)), attention_levels=(False, True, True),
@@ -115,31 +115,11 @@ def test_emulated_autocast_casts_like_cuda_autocast(build, monkeypatch):
     from medimgen import networks
 
     monkeypatch.setattr(networks, "FLASH_ATTENTION", False)
-    cuda, emulated = _dtype_trace(build, "cuda"), _dtype_trace(build, "cpu")
+    cuda, emulated = _dtype_trace(build, "cuda"), _dtype_trace(build, "emulated")
     assert [op for op, _ in cuda] == [op for op, _ in emulated]
     assert cuda == emulated
-    plain_cpu = [d for _, d in _dtype_trace_plain_cpu(build)]
+    plain_cpu = [d for _, d in _dtype_trace(build, "cpu")]
     assert plain_cpu != [d for _, d in emulated]  # the emulation changes what CPU autocast does (group_norm, ...)
-
-
-def _dtype_trace_plain_cpu(build):
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    ops = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            ops.append((str(func), [t.dtype for t in tree_leaves(out) if isinstance(t, torch.Tensor)]))
-            return out
-
-    with FakeTensorMode():
-        fn = build()
-        with torch.autocast("cpu", dtype=torch.bfloat16), Record():
-            fn()
-    return ops
 
 
 def test_2d_ddpm_estimate_grows_with_batch_as_simulated(h100_config):
