@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -31,3 +32,7 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def write_json_atomic(path: Path | str, obj) -> Path:
+    return write_bytes_atomic(path, json.dumps(obj).encode())

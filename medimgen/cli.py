@@ -8,6 +8,7 @@ import sys
 import click
 
 from medimgen import __version__
+from medimgen.config.schema import MODELS
 from medimgen.errors import MedimgenError
 
 
@@ -99,8 +100,8 @@ def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, 
     verb = "re-planned" if result.replaced else "wrote"
     click.echo(f"{verb} {result.path} ({', '.join(result.config.configs)})")
     for dim, cfg in result.config.configs.items():
-        peaks = ", ".join(f"{m} {gb:.2f}" for m, gb in cfg.memory.predicted_peak_gb.items())
-        state = "fits" if cfg.memory.fitted else "DOES NOT FIT"
+        peaks = ", ".join(f"{m} {gb:.2f}" for m, gb in cfg.derived.predicted_peak_gb.items())
+        state = "fits" if cfg.derived.memory_fitted else "DOES NOT FIT"
         click.echo(f"  {dim}: predicted peak GB {peaks} -> {state} {cfg.memory.target_gb:g} GB")
     for note in result.notes:
         click.echo(note)
@@ -201,7 +202,8 @@ def _train_command(model: str | None):
         sets = [*overrides, *override_text.split()]
         resume = resume or resume_value
         try:
-            result = train(model, dataset_id, splitting, model_type, fold, progress, resume, sets, config_path, device)
+            result = train(model, dataset_id, splitting=splitting, model_type=model_type, fold=fold, progress=progress,
+                           resume=resume, overrides=sets, config_path=config_path, device=device)
         except KeyboardInterrupt:
             click.echo("interrupted: the last finished epoch is saved; continue with -c", err=True)
             sys.exit(130)
@@ -216,7 +218,7 @@ def train_group() -> None:
     """Train a model: ddpm, autoencoder (for LDM) or ldm."""
 
 
-for _model in ("ddpm", "autoencoder", "ldm"):
+for _model in MODELS:
     train_group.command(_model, help=f"Train the {_model} of DATASET_ID (SPLITTING: train-val-test or 5-fold; MODEL_TYPE: 2d or 3d).")(
         _train_command(_model))
 
@@ -236,13 +238,12 @@ def train_ldm_entry() -> None:
         prog_name="medimgen_train_ldm")
 
 
-_sample_options = [
-    click.option("--model", default="auto", show_default=True,
-                 help="ldm, ddpm, auto (LDM if trained, else DDPM), a run folder, or an MLflow URI "
-                      "(models:/NAME@alias, models:/NAME/3, runs:/ID/model)."),
+_model_options = [
     click.option("--splitting", default="train-val-test", type=click.Choice(["train-val-test", "5-fold"]), show_default=True),
     click.option("-f", "--fold", type=_fold, default=0, show_default=True),
     click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True),
+]
+_sampling_options = [
     click.option("--scheduler", type=click.Choice(["ddim", "ddpm"]), default=None,
                  help="ddim (fast, default from the config) or ddpm (all training timesteps)."),
     click.option("--steps", type=_positive, default=None, help="DDIM steps (default: the config's num_inference_steps)."),
@@ -250,9 +251,15 @@ _sample_options = [
     click.option("--batch-size", type=_positive, default=None, help="Images per forward pass (default: all)."),
     _device_option,
     click.option("--amp", is_flag=True, help="Mixed precision on a GPU."),
-    click.option("--resample", is_flag=True, help="Resample to the dataset's original median spacing (nnU-Net's resampling)."),
-    click.option("-p", "--progress", is_flag=True, help="Show progress bars."),
 ]
+_output_options = [
+    click.option("--resample", is_flag=True, help="Resample to the dataset's original median spacing (nnU-Net's resampling)."),
+]
+_progress_option = click.option("-p", "--progress", is_flag=True, help="Show progress bars.")
+_model_choice = click.option(
+    "--model", default="auto", show_default=True,
+    help="ldm, ddpm, auto (LDM if trained, else DDPM), a run folder, or an MLflow URI "
+         "(models:/NAME@alias, models:/NAME/3, runs:/ID/model).")
 
 
 def _with(options):
@@ -264,19 +271,28 @@ def _with(options):
     return deco
 
 
+def _requests(kw: dict, dataset_id, model_type):
+    """(ModelRef, SampleOptions) from the parsed options (removed from ``kw``): built once, passed by keyword."""
+    from medimgen.requests import ModelRef, SampleOptions
+
+    ref = ModelRef(kw.pop("model"), dataset_id, model_type, kw.pop("splitting"), kw.pop("fold"), kw.pop("checkpoint"))
+    names = ("seed", "scheduler", "steps", "batch_size", "device", "amp", "resample", "progress")
+    return ref, SampleOptions(**{k: kw.pop(k) for k in names if k in kw})
+
+
 def _sample_command():
     @click.argument("dataset_id")
     @click.argument("model_type", type=click.Choice(["2d", "3d"]), metavar="MODEL_TYPE")
     @click.argument("num_images", type=_positive)
     @click.argument("save_path", type=click.Path(file_okay=False))
-    @_with(_sample_options)
+    @_model_choice
+    @_with(_model_options + _sampling_options + _output_options + [_progress_option])
     @friendly_errors
-    def command(dataset_id, model_type, num_images, save_path, model, splitting, fold, checkpoint, scheduler, steps,
-                seed, batch_size, device, amp, resample, progress):
+    def command(dataset_id, model_type, num_images, save_path, **kw):
         from medimgen.sampling import sample_to_folder
 
-        files = sample_to_folder(save_path, num_images, model, dataset_id, model_type, splitting, fold, checkpoint,
-                                 scheduler, steps, seed, batch_size, device, amp, resample, progress)
+        ref, options = _requests(kw, dataset_id, model_type)
+        files = sample_to_folder(save_path, num_images, ref=ref, options=options)
         click.echo(f"wrote {len(files)} NIfTI file(s) to {save_path}")
 
     return command
@@ -296,15 +312,15 @@ def sample_entry() -> None:
 @click.argument("num_images", type=_positive)
 @click.option("-t", "--target-id", type=click.IntRange(1, 999), required=True, help="Id of the new nnU-Net dataset.")
 @click.option("--name", default=None, help="Name of the new dataset (default: <source name>Synth).")
-@_with(_sample_options)
+@_model_choice
+@_with(_model_options + _sampling_options + _output_options + [_progress_option])
 @friendly_errors
-def export_cmd(dataset_id, model_type, num_images, target_id, name, model, splitting, fold, checkpoint, scheduler,
-               steps, seed, batch_size, device, amp, resample, progress):
+def export_cmd(dataset_id, model_type, num_images, target_id, name, **kw):
     """Sample NUM_IMAGES images into a new nnU-Net raw dataset (imagesTr, labelsTr masks, dataset.json)."""
     from medimgen.export import export_dataset
 
-    out = export_dataset(dataset_id, model_type, num_images, target_id, name, model, splitting, fold, scheduler, steps,
-                         seed, batch_size, device, progress)
+    ref, options = _requests(kw, dataset_id, model_type)
+    out = export_dataset(dataset_id, num_images, target_id, ref=ref, options=options, name=name)
     click.echo(f"wrote {out}; next: nnUNetv2_plan_and_preprocess -d {target_id} --verify_dataset_integrity")
 
 
@@ -330,15 +346,15 @@ _weights_option = click.option("--weights", default=None, type=click.Path(exists
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="JSON file (default: evaluation_<kind>_<dim>_<real>.json in the run folder).")
 @click.option("--no-mlflow", is_flag=True, help="Do not log an evaluation run to MLflow.")
-@_with(_sample_options[1:9] + _sample_options[-1:])  # splitting .. device, and --progress
+@_with(_model_options + _sampling_options + [_progress_option])
 @friendly_errors
-def evaluate_cmd(dataset_id, model, model_type, num_samples, real, extractor, weights, output, no_mlflow, splitting,
-                 fold, checkpoint, scheduler, steps, seed, batch_size, device, progress):
+def evaluate_cmd(dataset_id, model_type, num_samples, real, extractor, weights, output, no_mlflow, **kw):
     """Score a trained model: FID/MMD (named extractor), MS-SSIM diversity vs real, reconstruction metrics."""
     from medimgen.evaluation.api import evaluate
 
-    report = evaluate(model, dataset_id, model_type, splitting, fold, checkpoint, real, num_samples, extractor,
-                      weights, seed, scheduler, steps, batch_size, device, output, not no_mlflow, progress)
+    ref, options = _requests(kw, dataset_id, model_type)
+    report = evaluate(ref, real=real, num_samples=num_samples, extractor=extractor, weights=weights, options=options,
+                      output=output, track=not no_mlflow)
     click.echo(f"{report['kind']} {report['dim']} of {report['dataset']} vs {report['real']['images']} real "
                f"{real} image(s); features: {report['feature_extractor'] or 'none'}")
     for k, v in report["scores"].items():
@@ -389,9 +405,11 @@ def tune_cmd(dataset_id, model, model_type, trials, space_path, storage, objecti
     (autoencoders without feature weights: reconstruction MS-SSIM and L1)."""
     from medimgen.tuning.api import tune
 
-    result = tune(dataset_id, model, model_type, trials, space_path, storage, objective, study_name, splitting, fold,
-                  extractor, weights, autoencoder_run, [*overrides, *override_text.split()], apply_best, device,
-                  timeout, not no_mlflow, progress, echo=click.echo, metrics=metrics)
+    result = tune(dataset_id, model, model_type, trials=trials, space_path=space_path, storage=storage,
+                  objective=objective, study_name=study_name, splitting=splitting, fold=fold, extractor=extractor,
+                  weights=weights, autoencoder_run=autoencoder_run, overrides=[*overrides, *override_text.split()],
+                  apply_best=apply_best, device=device, timeout=timeout, track=not no_mlflow, progress=progress,
+                  echo=click.echo, metrics=metrics)
     click.echo(f"study {result.study_name}: {result.trials} trial(s), {result.completed} complete"
                + (f"; MLflow parent run {result.parent_run_id}" if result.parent_run_id else ""))
     for b in result.best:
@@ -415,7 +433,7 @@ def train_feature_nnunet_cmd(dataset_id, model_type, epochs, iterations, fold, d
     """Train nnU-Net briefly (the demo's 2 x 10 iterations) so that FID/rFID have dataset-specific features offline."""
     from medimgen.nnunet import train_feature_nnunet
 
-    folder = train_feature_nnunet(dataset_id, model_type, fold, epochs, iterations, device)
+    folder = train_feature_nnunet(dataset_id, model_type, fold=fold, epochs=epochs, iterations=iterations, device=device)
     click.echo(f"wrote {folder}: `medimgen evaluate` and `medimgen tune` (--extractor auto or nnunet) now use its "
                f"encoder's features")
 
@@ -429,7 +447,7 @@ def register_cmd(run_folder, checkpoint, alias):
     """Log a trained DDPM/LDM run as an MLflow pyfunc model and register it as DatasetXXX_<model>_<dim>."""
     from medimgen.registry import register_run
 
-    reg = register_run(run_folder, checkpoint, alias)
+    reg = register_run(run_folder, checkpoint=checkpoint, alias=alias)
     click.echo(f"registered {reg.name} version {reg.version}" + (f" (alias {alias})" if alias else "")
                + f": models:/{reg.name}/{reg.version}")
 
@@ -451,7 +469,8 @@ def demo_data_cmd(dataset_id, name, num_cases, shape, spacing, channels, modalit
 
     dims = _ints(shape, "--shape")
     space = _floats(spacing, "--spacing") if spacing else (1.0,) * len(dims)
-    folder = make_synthetic_dataset(nnunet_raw(), dataset_id, name, num_cases, dims, space, channels, modality, seed)
+    folder = make_synthetic_dataset(nnunet_raw(), dataset_id, name=name, num_cases=num_cases, shape=dims, spacing=space,
+                                    channels=channels, modality=modality, seed=seed)
     click.echo(f"wrote {folder}")
 
 
@@ -472,7 +491,8 @@ def import_cmd(source, dataset_id, name, labels, modality, channel_names, overwr
     from medimgen.paths import nnunet_raw
 
     names = channel_names.split(",") if channel_names else None
-    done = import_dataset(source, nnunet_raw(), dataset_id, name, labels, modality, names, overwrite, progress)
+    done = import_dataset(source, nnunet_raw(), dataset_id, name, labels=labels, modality=modality, channel_names=names,
+                          overwrite=overwrite, progress=progress)
     click.echo(f"{done.grouping}; wrote {done.folder}")
     click.echo(f"next: nnUNetv2_plan_and_preprocess -d {dataset_id} --verify_dataset_integrity")
 

@@ -14,7 +14,9 @@ from medimgen.plans import DatasetPlans
 from medimgen.sampling import sample_to_folder
 from medimgen.synthetic import make_synthetic_dataset
 from medimgen.tracking import resolve_uri
-from medimgen.training.api import run_dir_for, train
+from medimgen.requests import ModelRef, SampleOptions
+from medimgen.runs import RunDir
+from medimgen.training.api import train
 from medimgen.tuning.api import tune
 
 DEMO_ID = 990
@@ -69,8 +71,8 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
         return {"config": result.path, "env": env}
     runs = {}
     for step, model in ((4, "autoencoder"), (5, "ldm"), (5, "ddpm")):
-        run = run_dir_for(DatasetPlans.from_id(dataset_id), model, "3d", "train-val-test")
-        if (run.root / "checkpoints" / "best.pt").is_file():
+        run = RunDir.standard(DatasetPlans.from_id(dataset_id).name, model, "3d", "train-val-test")
+        if run.best.is_file():
             echo(f"[{step}/9] {model} already trained: {run.root}")
         else:
             echo(f"[{step}/9] training the 3D {model} (demo length: {DEMO_EPOCHS} short epochs; real runs use the planned epochs)")
@@ -80,7 +82,7 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
     echo(f"[6/9] sampling 2 images from the LDM and the DDPM into {samples}")
     files = []
     for model in ("ldm", "ddpm"):
-        files += sample_to_folder(samples / model, 2, model, dataset_id, "3d", progress=progress)
+        files += sample_to_folder(samples / model, 2, ModelRef(model, dataset_id, "3d"), SampleOptions(progress=progress))
 
     from medimgen.evaluation.api import evaluate
     from medimgen.evaluation.features import find_nnunet_model
@@ -96,7 +98,8 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
              f"(`medimgen train-feature-nnunet -d {dataset_id}`)")
         train_feature_nnunet(dataset_id, "3d", epochs=2, iterations=10, device="cpu")
     echo("[8/9] medimgen evaluate: 4 LDM samples against the test cases")
-    report = evaluate("ldm", dataset_id, "3d", real="test", num_samples=4, progress=progress)
+    report = evaluate(ModelRef("ldm", dataset_id, "3d"), real="test", num_samples=4,
+                      options=SampleOptions(progress=progress))
     for k, v in report["scores"].items():
         echo(f"  {k} = {v:.4g}")
     echo(f"  features: {report['feature_extractor']} (a demo-length nnU-Net: the numbers show the workflow, not quality)")

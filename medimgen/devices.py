@@ -6,6 +6,7 @@ one-GPU machine) stops with one line before anything is loaded or written.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -30,6 +31,23 @@ def check_device(name: str) -> str:
     if name == "mps" and not torch.backends.mps.is_available():
         raise MedimgenError("device 'mps': Apple's MPS is not available on this machine (use cpu)")
     return name
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype for an AMP mode (auto, bf16, fp16, off) on ``device``: None off a GPU or when off;
+    auto is bf16 where the GPU supports it, else fp16."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast for ``dtype`` on ``device``, or a context that changes nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

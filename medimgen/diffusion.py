@@ -1,8 +1,17 @@
-"""Noise schedulers and inferers from the config (MONAI core); networks are passed in, never owned."""
+"""Noise schedulers and the sampling inferer (MONAI core); networks are passed in, never owned.
+
+Training (validation plots), the sampler, evaluation and tuning all sample through :func:`sample`:
+MONAI's DiffusionInferer run from noise drawn with a seed, decoded by the LDM's autoencoder when
+there is one. Nothing here knows about run folders or training.
+"""
 
 from __future__ import annotations
 
-from medimgen.config.schema import SchedulerConfig
+from typing import Callable
+
+import torch
+
+from medimgen.config.schema import GenerationConfig, SchedulerConfig
 
 
 def _schedule_args(cfg: SchedulerConfig) -> dict:
@@ -42,3 +51,43 @@ def target_for(scheduler, prediction_type: str, images, noise, timesteps):
     if prediction_type == "v_prediction":
         return scheduler.get_velocity(images, noise, timesteps)
     return images
+
+
+def sample_shape(cfg: GenerationConfig, model: str, n: int) -> tuple[int, ...]:
+    """Shape of ``n`` starting noises: images for a DDPM, latents of the autoencoder for an LDM."""
+    if model == "ldm":
+        from medimgen.networks import latent_size
+
+        return (n, cfg.autoencoder.latent_channels, *latent_size(cfg))
+    return (n, cfg.data.in_channels, *cfg.data.image_size)
+
+
+def latent_decoder(autoencoder: torch.nn.Module, scale_factor: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The LDM's way back to images (MONAI's LatentDiffusionInferer does the same)."""
+    return lambda z: autoencoder.decode_stage_2_outputs(z / scale_factor)
+
+
+@torch.no_grad()
+def sample(network: torch.nn.Module, scheduler, shape: tuple[int, ...], seed: int = 0,
+           device: torch.device | str = "cpu", decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           progress: bool = False) -> torch.Tensor:
+    """Reverse diffusion with MONAI's DiffusionInferer from noise drawn with ``seed`` (reproducible; the
+    global RNG is left untouched), then ``decode`` (an LDM's :func:`latent_decoder`)."""
+    from monai.inferers import DiffusionInferer
+
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        noise = torch.randn(shape, device=device)
+        x = DiffusionInferer(scheduler).sample(noise, network, scheduler, verbose=progress)
+    return decode(x) if decode is not None else x
+
+
+def generate(cfg: GenerationConfig, model: str, network: torch.nn.Module, n: int, seed: int = 0,
+             sampler: str | None = None, steps: int | None = None, device: torch.device | str = "cpu",
+             decode: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False) -> torch.Tensor:
+    """``n`` images of a trained ``model`` (ddpm/ldm) of ``cfg``, in the model's intensity range."""
+    scheduler = sampling_scheduler(cfg.scheduler_for(model), sampler, steps)
+    x = sample(network, scheduler, sample_shape(cfg, model, n), seed, device, decode, progress)
+    lo, hi = cfg.data.intensity_range
+    return x.float().clamp(lo, hi)

@@ -33,7 +33,8 @@ class MedimgenSamplerModel(PythonModel):
     the images of every request in order, in the dataset's units."""
 
     def load_context(self, context):
-        from medimgen.sampling import Sampler, resolve_device
+        from medimgen.devices import resolve_device
+        from medimgen.sampling import Sampler
 
         self.sampler = Sampler.load(context.artifacts["sampler"]).to(resolve_device())
 

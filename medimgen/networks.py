@@ -25,10 +25,23 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from medimgen.config.schema import AutoencoderConfig, DiscriminatorConfig, UNetConfig
+from medimgen.config.schema import AutoencoderConfig, DiscriminatorConfig, GenerationConfig, UNetConfig
 from medimgen.config.validate import check_network
 
 FLASH_ATTENTION = hasattr(torch.nn.functional, "scaled_dot_product_attention")
+
+
+def total_stride(strides: Sequence[Sequence[int]], dims: int) -> tuple[int, ...]:
+    """Per-axis product of a network's downsampling strides."""
+    out = [1] * dims
+    for s in strides:
+        out = [a * b for a, b in zip(out, s)]
+    return tuple(out)
+
+
+def latent_size(cfg: GenerationConfig) -> tuple[int, ...]:
+    """Spatial size of the autoencoder's latents for the config's image size."""
+    return tuple(s // f for s, f in zip(cfg.data.image_size, total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims)))
 
 
 def _set_upsample_scale(module: nn.Module, stride: Sequence[int]) -> None:

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
@@ -343,3 +344,218 @@ class Tracker:
                 mlflow.end_run(status=status)
         except Exception as e:
             self._fail("end_run", e)
+
+
+# ---------------------------------------------------------------------------------------------- models
+@dataclass
+class Registration:
+    model_uri: str
+    name: str | None
+    version: str | None
+
+
+def registered_name(dataset: str, kind: str, dim: str) -> str:
+    """The registry name of a dataset's model: DatasetXXX_Name_<kind>_<dim>."""
+    return f"{dataset}_{kind}_{dim}"
+
+
+def log_model(folder: Path, run_id: str | None = None, registered_name: str | None = None, alias: str | None = None,
+              experiment: str = "Default", run_name: str = "register", tags: dict | None = None,
+              tracking_uri: str | None = None) -> Registration:
+    """Log the packaged model in ``folder`` as pyfunc model 'model' ("model from code": medimgen/mlflow_model.py,
+    weights as safetensors) in run ``run_id`` (else the active run, else a new run in ``experiment``), register it
+    as ``registered_name`` (with ``alias``) and tag the version with ``tags``."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    connect(tracking_uri)  # bounded HTTP calls; one line if the server is down
+    code = Path(__file__).with_name("mlflow_model.py")
+    active = mlflow.active_run()
+    if run_id and (active is None or active.info.run_id != run_id):
+        ctx = start_existing_run(run_id)
+    elif active is None:
+        mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
+        ctx = mlflow.start_run(run_name=run_name)
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(code), artifacts={"sampler": str(folder)},
+                                       pip_requirements=["medimgen"], registered_model_name=registered_name)
+    version = str(info.registered_model_version) if registered_name and info.registered_model_version else None
+    if version:
+        client = MlflowClient()
+        for k, v in (tags or {}).items():
+            client.set_model_version_tag(registered_name, version, k, str(v))
+        if alias:
+            client.set_registered_model_alias(registered_name, alias, version)
+    return Registration(info.model_uri, registered_name, version)
+
+
+def download_model(uri: str, dst: Path, marker: str) -> Path:
+    """Download the logged model ``uri`` into ``dst``; the folder in it that holds ``marker`` (its packaged files)."""
+    import mlflow
+
+    connect()
+    try:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except Exception as e:
+        raise MedimgenError(f"cannot load MLflow model {uri} ({brief(e)})") from None
+    found = sorted(root.rglob(marker))
+    if not found:
+        raise MedimgenError(f"{uri} is not a medimgen model: it has no {marker}")
+    return found[0].parent
+
+
+def model_run_id(uri: str) -> str | None:
+    """The run that logged the model ``uri`` (None when MLflow does not say)."""
+    if uri.startswith("runs:/"):
+        return uri[len("runs:/"):].split("/", 1)[0]
+    try:
+        import mlflow
+
+        return mlflow.models.get_model_info(uri).run_id
+    except Exception:
+        return None
+
+
+def log_side_run(run_name: str, experiment: str, parent_run_id: str | None, tags: dict, params: dict,
+                 metrics: dict[str, float], artifact: Path, what: str) -> str | None:
+    """A finished run of its own (an evaluation), nested under ``parent_run_id`` when given, else in ``experiment``;
+    under ``mlflow run`` ($MLFLOW_RUN_ID) the run MLflow made is used. Never raises: one warning instead."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    try:
+        connect()  # bounded HTTP calls; fails at once when the server is down
+        client = MlflowClient()
+        attached = os.environ.get("MLFLOW_RUN_ID")
+        tags = dict(tags)
+        if parent_run_id:
+            experiment_id = client.get_run(parent_run_id).info.experiment_id
+            mark_experiment(experiment_id, client)
+            tags["mlflow.parentRunId"] = parent_run_id
+        elif not attached:  # (under `mlflow run`, the run MLflow made has its experiment)
+            experiment_id = ensure_experiment(experiment, client)
+        if attached:
+            name = attach_project_run(attached, run_name, experiment, client)
+            if name:
+                client.update_run(attached, name=name)
+            run_id = attached
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        else:
+            run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v],
+                         params=[Param(k, str(v)) for k, v in params.items()])
+        client.log_artifact(run_id, str(artifact))
+        if not attached:  # `mlflow run` ends its own run
+            client.set_terminated(run_id)
+        return run_id
+    except Exception as e:
+        warnings.warn(f"could not log {what} to MLflow ({brief(e)}); the results are in {artifact}", stacklevel=2)
+        return None
+
+
+class ClientRuns:
+    """Runs addressed by id through MlflowClient (no active-run juggling, so training's own runs are unaffected).
+    Never raises: the first failure warns once ("``what`` continues without it") and switches MLflow off."""
+
+    def __init__(self, enabled: bool, experiment: str, what: str = "tuning"):
+        self.enabled = enabled
+        self.experiment = experiment
+        self.what = what
+        self.client = None
+        if enabled:
+            try:
+                from mlflow import MlflowClient
+
+                connect()  # bounded HTTP calls; fails at once when the server is down
+                self.client = MlflowClient()
+            except Exception as e:
+                self._warn("connect", e)
+
+    def _warn(self, what: str, e: Exception) -> None:
+        warnings.warn(f"MLflow {what} failed ({brief(e)}); {self.what} continues without it", stacklevel=3)
+        self.enabled = False
+        self.client = None
+
+    def _guard(self, what: str, fn, default=None):
+        if not self.enabled:
+            return default
+        try:
+            return fn()
+        except Exception as e:
+            self._warn(what, e)
+            return default
+
+    def experiment_id(self, parent: str | None = None) -> str:
+        if parent:
+            return self.client.get_run(parent).info.experiment_id
+        return ensure_experiment(self.experiment, self.client)
+
+    def create(self, name: str, tags: dict, parent: str | None = None, what: str = "create run") -> str | None:
+        """A new run named ``name`` (nested under ``parent``; in its experiment, else in ``self.experiment``)."""
+        return self._guard(what, lambda: self._create(name, tags, parent))
+
+    def _create(self, name: str, tags: dict, parent: str | None = None) -> str:
+        all_tags = {k: str(v) for k, v in tags.items()}
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        return self.client.create_run(self.experiment_id(parent), run_name=name, tags=all_tags).info.run_id
+
+    def reopen(self, run_id: str) -> bool:
+        """Whether run ``run_id`` still exists (then marked RUNNING again)."""
+        try:
+            self.client.get_run(run_id)
+            self.client.update_run(run_id, status="RUNNING")
+            return True
+        except Exception:
+            return False
+
+    def attach_project_run(self, run_name: str, tags: dict) -> str | None:
+        """Under `mlflow run` ($MLFLOW_RUN_ID): that run, named and tagged; else None."""
+        attached = os.environ.get("MLFLOW_RUN_ID")
+        if not attached:
+            return None
+        name = attach_project_run(attached, run_name, self.experiment, self.client)
+        if name:
+            self.client.update_run(attached, name=name)
+        for k, v in tags.items():
+            self.client.set_tag(attached, k, str(v))
+        return attached
+
+    def log_params(self, run_id: str, params: dict, artifacts=()) -> None:
+        for k, v in params.items():
+            self.client.log_param(run_id, k, str(v))
+        for a in artifacts:
+            self.client.log_artifact(run_id, str(a))
+
+    def delete(self, run_id: str) -> None:
+        self.client.delete_run(run_id)
+
+    def log(self, run_id: str | None, metrics: dict[str, float], step: int = 0, tags: dict | None = None,
+            status: str | None = None) -> None:
+        if not run_id:
+            return
+
+        def go():
+            import math
+            import time
+
+            from mlflow.entities import Metric, RunTag
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                                   if v is not None and math.isfinite(float(v))],
+                                  tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+            if status:
+                self.client.set_terminated(run_id, status)
+        self._guard("logging", go)
+
+    def experiment_of(self, run_id: str | None) -> str | None:
+        if not run_id:
+            return None
+        return self._guard("experiment lookup",
+                           lambda: self.client.get_experiment(self.client.get_run(run_id).info.experiment_id).name)

@@ -250,8 +250,9 @@ def test_evaluate_ldm_writes_json_and_a_linked_mlflow_run(dim, request, nnunet_e
 
 def test_evaluate_autoencoder_reconstructions(flow_2d, nnunet_env, tmp_path):
     from medimgen.evaluation.api import evaluate
+    from medimgen.requests import ModelRef
 
-    report = evaluate("autoencoder", 201, "2d", real="val", extractor="none", output=tmp_path / "ae.json", track=False)
+    report = evaluate(ModelRef("autoencoder", 201, "2d"), real="val", extractor="none", output=tmp_path / "ae.json", track=False)
     assert report["kind"] == "autoencoder" and report["feature_extractor"] is None
     s = report["scores"]
     assert 0 < s["psnr"] < 100 and -1 <= s["ssim"] <= 1 and s["l1"] > 0
@@ -309,13 +310,14 @@ def test_autoencoder_lpips_when_alexnet_weights_are_on_disk(flow_2d, nnunet_env,
     import torchvision
 
     from medimgen.evaluation.api import evaluate
-    from medimgen.training.perceptual import torchvision_weights_file
+    from medimgen.requests import ModelRef
+    from medimgen.perceptual import torchvision_weights_file
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     path, _ = torchvision_weights_file("alex")
     path.parent.mkdir(parents=True)
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
-    report = evaluate("autoencoder", 201, "2d", real="val", extractor="none", output=tmp_path / "ae.json", track=False)
+    report = evaluate(ModelRef("autoencoder", 201, "2d"), real="val", extractor="none", output=tmp_path / "ae.json", track=False)
     assert report["scores"]["lpips.alex"] >= 0
     assert not any("LPIPS" in n for n in report["notes"])
 

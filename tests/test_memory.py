@@ -205,10 +205,10 @@ def test_fitter_3gb_vs_80gb(big_dataset, nnunet_env):
     assert r.exit_code == 0, r.output
     assert "peak GB" in r.output and "ddpm" in r.output
     large = load_config(nnunet_env["nnUNet_preprocessed"] / "Dataset203_Big" / "medimgen_config.yaml").get("3d")
-    assert small.memory.fitted and large.memory.fitted
+    assert small.derived.memory_fitted and large.derived.memory_fitted
     # the LDM's 88 M parameters with AdamW need ~1.8 GB at any size: 3 GB (2.35 usable) is the smallest card here
-    assert all(v <= 3 * 0.95 - 0.5 for v in small.memory.predicted_peak_gb.values())
-    assert max(large.memory.predicted_peak_gb.values()) >= 2.0  # the 80 GB plan did not need squeezing
+    assert all(v <= 3 * 0.95 - 0.5 for v in small.derived.predicted_peak_gb.values())
+    assert max(large.derived.predicted_peak_gb.values()) >= 2.0  # the 80 GB plan did not need squeezing
     settings = lambda c: (c.ddpm_unet.activation_checkpointing, c.autoencoder.activation_checkpointing,
                           c.train_ddpm.batch_size, c.train_ddpm.grad_accumulation_steps, c.data.image_size)
     assert settings(small) != settings(large)
@@ -218,7 +218,7 @@ def test_fitter_3gb_vs_80gb(big_dataset, nnunet_env):
         assert s.batch_size * s.grad_accumulation_steps >= l.batch_size * l.grad_accumulation_steps
     # the 3 GB plan is valid: its networks build and its estimate agrees with what it recorded
     build_unet(small.ddpm_unet, 3, small.data.in_channels)
-    assert mem.estimate(small, "ddpm").peak_gb == pytest.approx(small.memory.predicted_peak_gb["ddpm"], rel=1e-3)
+    assert mem.estimate(small, "ddpm").peak_gb == pytest.approx(small.derived.predicted_peak_gb["ddpm"], rel=1e-3)
     assert small.memory.target_gb == 3 and large.memory.target_gb == 80
 
 
@@ -266,6 +266,6 @@ def test_dataset501_recipe_plans_under_8gb(nnunet_env):
     plan_and_preprocess(501, quiet=True)
     cfg = plan_dataset(501, gpu_memory_gb=8, force=True).config
     for dim, c in cfg.configs.items():
-        assert c.memory.fitted, dim
-        assert all(gb <= 8.0 for gb in c.memory.predicted_peak_gb.values()), (dim, c.memory.predicted_peak_gb)
+        assert c.derived.memory_fitted, dim
+        assert all(gb <= 8.0 for gb in c.derived.predicted_peak_gb.values()), (dim, c.derived.predicted_peak_gb)
         assert not mem.misfits(c, dim)

@@ -67,7 +67,7 @@ def test_bad_network_configs_are_clear():
 # TORCH_HOME, to exercise the loading path offline; its values are not a real perceptual (LPIPS) network.
 
 def test_perceptual_missing_weights_names_file(tmp_path, monkeypatch):
-    from medimgen.training.perceptual import build_perceptual_loss
+    from medimgen.perceptual import build_perceptual_loss
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(MedimgenError) as e:
@@ -82,7 +82,7 @@ def test_perceptual_missing_weights_names_file(tmp_path, monkeypatch):
 def test_perceptual_loads_weights_from_cache(tmp_path, monkeypatch):
     import torchvision
 
-    from medimgen.training.perceptual import build_perceptual_loss, torchvision_weights_file
+    from medimgen.perceptual import build_perceptual_loss, torchvision_weights_file
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     path, _ = torchvision_weights_file("alex")

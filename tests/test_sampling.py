@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from medimgen.cli import main
 from medimgen.data.intensity import IntensityMap
 from medimgen.nnunet import plan_and_preprocess
+from medimgen.requests import ModelRef, SampleOptions
 from medimgen.sampling import from_run, sample_to_folder
 from tests.conftest import ANISO_3D, FLAT_2D
 
@@ -29,7 +30,7 @@ def _raw_reference(nnunet_env, dataset: str):
 def test_samples_match_dataset_geometry_and_range(dim, kind, request, nnunet_env, tmp_path):
     runs = request.getfixturevalue(f"flow_{dim}")
     cfg = runs[kind].config
-    files = sample_to_folder(tmp_path, 2, kind, ANISO_3D, dim, steps=2, seed=7)
+    files = sample_to_folder(tmp_path, 2, ModelRef(kind, ANISO_3D, dim), SampleOptions(steps=2, seed=7))
     assert len(files) == 2 * cfg.data.in_channels  # one file per channel
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["sample_0000.json", "sample_0001.json"]
     ref = _raw_reference(nnunet_env, "Dataset201_Aniso")
@@ -62,9 +63,9 @@ def test_seed_reproducible_and_no_overwrite(flow_2d, tmp_path):
     c = sampler.sample(2, seed=12, steps=2)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
-    sample_to_folder(tmp_path, 1, "ldm", ANISO_3D, "2d", steps=2)
+    sample_to_folder(tmp_path, 1, ModelRef("ldm", ANISO_3D, "2d"), SampleOptions(steps=2))
     first = (tmp_path / "sample_0000_0001.nii.gz").read_bytes()  # 2 channels: one file each
-    sample_to_folder(tmp_path, 1, "ldm", ANISO_3D, "2d", steps=2, seed=3)
+    sample_to_folder(tmp_path, 1, ModelRef("ldm", ANISO_3D, "2d"), SampleOptions(steps=2, seed=3))
     assert (tmp_path / "sample_0000_0001.nii.gz").read_bytes() == first  # kept
     assert (tmp_path / "sample_0001_0000.nii.gz").is_file() and (tmp_path / "sample_0001.json").is_file()
 
@@ -80,7 +81,7 @@ def test_ddpm_scheduler_and_seed_cli(flow_2d, tmp_path):
 
 def test_resample_to_original_spacing(flow_3d, tmp_path):
     cfg = flow_3d["ddpm"].config
-    files = sample_to_folder(tmp_path, 1, "ddpm", ANISO_3D, "3d", steps=2, resample=True)
+    files = sample_to_folder(tmp_path, 1, ModelRef("ddpm", ANISO_3D, "3d"), SampleOptions(steps=2, resample=True))
     plans = json.loads((flow_3d["ddpm"].run_dir / "nnUNetPlans.json").read_text())
     target = plans["original_median_spacing_after_transp"]
     img = nib.load(str(files[0]))
@@ -98,7 +99,7 @@ def test_ct_samples_in_hounsfield_range(nnunet_env, workspace, tmp_path, monkeyp
     monkeypatch.setenv("medimgen_results", str(tmp_path / "results"))
     cfg = plan_dataset(FLAT_2D, force=True).config.get("2d")
     train("ddpm", FLAT_2D, "train-val-test", "2d", overrides=tiny_overrides(cfg, epochs=1), echo=lambda *_: None)
-    files = sample_to_folder(tmp_path / "out", 2, "ddpm", FLAT_2D, "2d", steps=2)
+    files = sample_to_folder(tmp_path / "out", 2, ModelRef("ddpm", FLAT_2D, "2d"), SampleOptions(steps=2))
     fg = DatasetPlans.from_id(FLAT_2D).foreground_intensity_properties[0]
     for f in files:
         hu = nib.load(str(f)).get_fdata()
@@ -124,7 +125,7 @@ def test_training_registers_and_alias_sampling_in_fresh_process(flow_2d, workspa
                          capture_output=True, text=True, env=dict(os.environ), cwd=workspace["base"])
     assert out.returncode == 0, out.stderr[-2000:]
     from_registry = np.stack([nib.load(str(p)).get_fdata() for p in sorted((tmp_path / "reg").glob("*.nii.gz"))])
-    sample_to_folder(tmp_path / "local", 2, "ldm", ANISO_3D, "2d", steps=2, seed=5)
+    sample_to_folder(tmp_path / "local", 2, ModelRef("ldm", ANISO_3D, "2d"), SampleOptions(steps=2, seed=5))
     local = np.stack([nib.load(str(p)).get_fdata() for p in sorted((tmp_path / "local").glob("*.nii.gz"))])
     np.testing.assert_allclose(from_registry, local, rtol=1e-4, atol=1e-3)
     assert json.loads((tmp_path / "reg" / "sample_0000.json").read_text())["model"] == f"models:/{name}@champion"

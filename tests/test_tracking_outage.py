@@ -18,7 +18,7 @@ import torch
 
 from medimgen.tracking import HTTP_LIMITS, Tracker
 from medimgen.training.api import RunSetup, train
-from medimgen.training.outputs import RunDir
+from medimgen.runs import RunDir
 from tests.conftest import ANISO_3D
 from tests.training_helpers import tiny_overrides
 

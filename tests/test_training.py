@@ -80,7 +80,7 @@ def test_seed_flow_outputs_and_mlflow(dim, request):
         assert result.run_dir.parts[-4:] == (model, dim, "train-val-test") or result.run_dir.parts[-3:] == (model, dim, "train-val-test")
     # the LDM computed its latent scale once and stored it in config and checkpoint
     ldm = runs["ldm"]
-    scale = ldm.config.train_ldm.latent_scale_factor
+    scale = ldm.config.derived.latent_scale_factor
     assert scale is not None and scale > 0
     ckpt = torch.load(ldm.run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["extra"]["scale_factor"] == pytest.approx(scale)
@@ -217,7 +217,7 @@ def test_autoencoder_with_perceptual_loss_from_cached_weights(workspace, tmp_pat
     """
     import torchvision
 
-    from medimgen.training.perceptual import torchvision_weights_file
+    from medimgen.perceptual import torchvision_weights_file
     from tests.conftest import FLAT_2D
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -116,7 +116,7 @@ def _one_line_error(result) -> str:
 
 
 def test_download_alex_then_a_perceptual_training_step(torch_home, tmp_path, server, test_made_alexnet):
-    from medimgen.training.perceptual import build_perceptual_loss, torchvision_weights_file
+    from medimgen.perceptual import build_perceptual_loss, torchvision_weights_file
 
     server.files[ALEX_URL_PATH] = test_made_alexnet
     r = CliRunner().invoke(main, ["weights", "download", "alex", "--mirror", server.url,

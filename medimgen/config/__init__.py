@@ -17,6 +17,7 @@ from medimgen.config.schema import (
     AutoencoderConfig,
     DataConfig,
     DatasetInfo,
+    DerivedConfig,
     DiscriminatorConfig,
     GenerationConfig,
     LossConfig,
@@ -29,7 +30,7 @@ from medimgen.config.schema import (
 )
 
 __all__ = [
-    "AutoencoderConfig", "DataConfig", "DatasetInfo", "DiscriminatorConfig", "GenerationConfig", "LossConfig",
+    "AutoencoderConfig", "DataConfig", "DatasetInfo", "DerivedConfig", "DiscriminatorConfig", "GenerationConfig", "LossConfig",
     "MedimgenConfig", "MemoryConfig", "SchedulerConfig", "TrackingConfig", "TrainConfig", "UNetConfig",
     "apply_overrides", "flatten", "from_dict", "is_user_edited", "load_config", "load_generation_config",
     "render_generation_config", "render_yaml", "save_config", "save_generation_config", "to_dict",

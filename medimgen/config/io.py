@@ -17,11 +17,14 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from medimgen.config.schema import DatasetInfo, GenerationConfig, MedimgenConfig
+from medimgen.config.schema import DIMS, DatasetInfo, GenerationConfig, MedimgenConfig
 from medimgen.config.validate import check_field, check_generation
 from medimgen.errors import MedimgenError
 
-DIMS = ("2d", "3d")
+# Results that configs written before the `derived` section kept among the inputs: (section, key) -> derived key
+_MOVED_TO_DERIVED = {("train_ldm", "latent_scale_factor"): "latent_scale_factor",
+                     ("memory", "fitted"): "memory_fitted",
+                     ("memory", "predicted_peak_gb"): "predicted_peak_gb"}
 
 
 # ----------------------------------------------------------------------------- dict <-> dataclass
@@ -96,12 +99,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise bad
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+    if tp in (bool, int, str):  # exactly that type (a YAML true is no int)
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise bad
         return value
     if tp is float:
@@ -113,10 +112,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     raise MedimgenError(f"config key '{key}': unsupported type {tp}")  # pragma: no cover - schema bug
@@ -132,6 +127,8 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     """Build dataclass ``cls`` from plain data, rejecting unknown, missing, mistyped and impossible values."""
     if not isinstance(data, dict):
         raise MedimgenError(f"config section '{where or cls.__name__}' must be a mapping, got {data!r}")
+    if cls is GenerationConfig:
+        data = _derived_apart(data)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in data:
@@ -149,6 +146,19 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     if cls is GenerationConfig:
         check_generation(obj, where)
     return obj
+
+
+def _derived_apart(data: dict) -> dict:
+    """A config written before the `derived` section, with its results moved there (read-only migration)."""
+    if not any(isinstance(data.get(sec), dict) and key in data[sec] for sec, key in _MOVED_TO_DERIVED):
+        return data
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    derived = data.setdefault("derived", {})
+    for (sec, key), new in _MOVED_TO_DERIVED.items():
+        if isinstance(data.get(sec), dict) and key in data[sec]:
+            value = data[sec].pop(key)
+            derived.setdefault(new, value)
+    return data
 
 
 def medimgen_config_from_dict(data: Any) -> MedimgenConfig:

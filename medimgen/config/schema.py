@@ -30,6 +30,11 @@ def doc(text: str, default=_REQUIRED, *, ge=None, gt=None, le=None, lt=None, **k
 
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
 
+# The one vocabulary: the models medimgen trains and the dimensionalities it plans.
+MODELS = ("ddpm", "autoencoder", "ldm")
+DIFFUSION_MODELS = ("ddpm", "ldm")
+DIMS = ("2d", "3d")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -155,8 +160,6 @@ class TrainConfig:
     val_interval: int = doc("validate every N epochs", 1, ge=1)
     val_plot_interval: int = doc("save sample/reconstruction plots every N epochs", 10, ge=1)
     seed: int = doc("random seed", 12345)
-    latent_scale_factor: Optional[float] = doc(
-        "LDM only: 1/std of the autoencoder latents, computed once when LDM training starts (null until then)", None)
 
 
 @dataclass(frozen=True)
@@ -171,8 +174,17 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class MemoryConfig:
     target_gb: float = doc("GPU memory the plan must fit (detected GPU, else 8 GB like nnU-Net)", 8.0, gt=0)
-    fitted: bool = doc("whether the memory fitter adjusted this plan", False)
-    predicted_peak_gb: dict = doc("predicted peak training memory per model, GB (filled by the fitter)", default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DerivedConfig:
+    """Results, not settings: written by the planner and by training, kept apart from the inputs above."""
+
+    memory_fitted: bool = doc("whether every model's predicted peak fits memory.target_gb (set by the planner)", False)
+    predicted_peak_gb: dict = doc("predicted peak training memory per model, GB (set by the planner)",
+                                  default_factory=dict)
+    latent_scale_factor: Optional[float] = doc(
+        "LDM only: 1/std of the autoencoder latents, computed once when LDM training starts (null until then)", None)
 
 
 @dataclass(frozen=True)
@@ -192,6 +204,31 @@ class GenerationConfig:
     train_ldm: TrainConfig
     tracking: TrackingConfig
     memory: MemoryConfig
+    derived: DerivedConfig = field(default_factory=DerivedConfig)
+
+    # -- one section per model, looked up here rather than by building attribute names
+    def train_for(self, model: str) -> TrainConfig:
+        """The training section of ``model`` (ddpm, autoencoder, ldm)."""
+        return {"ddpm": self.train_ddpm, "autoencoder": self.train_autoencoder, "ldm": self.train_ldm}[model]
+
+    def with_train(self, model: str, **changes) -> "GenerationConfig":
+        """A copy with ``changes`` applied to the training section of ``model``."""
+        from dataclasses import replace
+
+        return replace(self, **{f"train_{model}": replace(self.train_for(model), **changes)})
+
+    def unet_for(self, model: str) -> UNetConfig:
+        """The diffusion UNet of ``model`` (ddpm or ldm)."""
+        return {"ddpm": self.ddpm_unet, "ldm": self.ldm_unet}[model]
+
+    def scheduler_for(self, model: str) -> SchedulerConfig:
+        """The noise scheduler of ``model`` (ddpm or ldm)."""
+        return {"ddpm": self.ddpm_scheduler, "ldm": self.ldm_scheduler}[model]
+
+    @property
+    def dim(self) -> str:
+        """'2d' or '3d'."""
+        return f"{self.data.spatial_dims}d"
 
 
 @dataclass(frozen=True)

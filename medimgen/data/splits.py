@@ -62,11 +62,17 @@ def _check_known(path: Path, wanted: list[str], identifiers: list[str]) -> None:
             f"the dataset changed; delete {path.name} to make a new split")
 
 
+def split_name(splitting: str, fold: int = 0) -> str:
+    """The name of a split (and of its run folder): 'train-val-test' or 'fold_N'."""
+    if splitting not in SPLITTINGS:
+        raise MedimgenError(f"SPLITTING must be one of {', '.join(SPLITTINGS)}, got {splitting!r}")
+    return splitting if splitting == "train-val-test" else f"fold_{fold}"
+
+
 def get_split(dataset_folder: Path | str, identifiers: list[str], splitting: str, fold: int = 0) -> Split:
     """The split for ``splitting`` ('train-val-test' or '5-fold' with ``fold`` 0-4)."""
     dataset_folder = Path(dataset_folder)
-    if splitting not in SPLITTINGS:
-        raise MedimgenError(f"SPLITTING must be one of {', '.join(SPLITTINGS)}, got {splitting!r}")
+    split_name(splitting, fold)  # checks the name
     if splitting == "train-val-test":
         path = dataset_folder / SPLIT_FILE
         if path.exists():
@@ -75,7 +81,7 @@ def get_split(dataset_folder: Path | str, identifiers: list[str], splitting: str
             data = train_val_test(identifiers)
             _write_json(path, data)
         _check_known(path, data["train"] + data["val"] + data["test"], identifiers)
-        return Split(list(data["train"]), list(data["val"]), list(data["test"]), "train-val-test")
+        return Split(list(data["train"]), list(data["val"]), list(data["test"]), split_name(splitting))
 
     path = dataset_folder / NNUNET_SPLIT_FILE
     if path.exists():
@@ -91,4 +97,4 @@ def get_split(dataset_folder: Path | str, identifiers: list[str], splitting: str
         raise MedimgenError(f"fold {fold} does not exist: {path} has folds 0-{len(splits) - 1}")
     s = splits[fold]
     _check_known(path, s["train"] + s["val"], identifiers)
-    return Split(list(s["train"]), list(s["val"]), [], f"fold_{fold}")
+    return Split(list(s["train"]), list(s["val"]), [], split_name(splitting, fold))

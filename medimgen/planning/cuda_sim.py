@@ -250,7 +250,7 @@ def _diffusion_parts(cfg: GenerationConfig, model: str):
     from medimgen.diffusion import target_for, training_scheduler
     from medimgen.networks import build_autoencoder, build_unet
     nd = cfg.data.spatial_dims
-    sched_cfg = cfg.ddpm_scheduler if model == "ddpm" else cfg.ldm_scheduler
+    sched_cfg = cfg.scheduler_for(model)
     scheduler = training_scheduler(sched_cfg)
     frozen = None
     if model == "ldm":
@@ -274,8 +274,7 @@ def _diffusion_parts(cfg: GenerationConfig, model: str):
         target = target_for(scheduler, sched_cfg.prediction_type, x, noise, t)
         return F.mse_loss(pred.float(), target.float())
 
-    return [unet], [frozen] if frozen is not None else [], {"diffusion": ([unet], loss)}, ([unet] if getattr(
-        cfg, f"train_{model}").ema_decay else [])
+    return [unet], [frozen] if frozen is not None else [], {"diffusion": ([unet], loss)}, ([unet] if cfg.train_for(model).ema_decay else [])
 
 
 def _perceptual(cfg: GenerationConfig):
@@ -383,7 +382,7 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
     """Run a training step of ``model`` for ``cfg`` on fake tensors and return its memory (see module doc)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    train = getattr(cfg, f"train_{model}")
+    train = cfg.train_for(model)
     amp = train.amp != "off"  # 'auto' is AMP on any GPU this plan targets
     accum = max(1, train.grad_accumulation_steps)
     shape = (train.batch_size, cfg.data.in_channels, *cfg.data.image_size)

@@ -23,6 +23,7 @@ from medimgen.config.schema import (
     TrainConfig,
     UNetConfig,
 )
+from medimgen.networks import total_stride
 from medimgen.plans import NNUNET_CONFIGURATION, DatasetPlans
 
 # --- constants of the rules (documented in docs/heuristics.md)
@@ -36,13 +37,6 @@ TARGET_STEPS = {"autoencoder": 50_000, "ddpm": 100_000, "ldm": 100_000}
 EPOCH_RANGE = (50, 2000)
 PLOTS_PER_RUN = 20
 VALIDATION_FRACTION = 0.2  # train-val-test keeps 70/10/20; 5-fold 80/20: plan for ~80 % of the cases
-
-
-def total_stride(strides: Sequence[Sequence[int]], dims: int) -> tuple[int, ...]:
-    out = [1] * dims
-    for s in strides:
-        out = [a * b for a, b in zip(out, s)]
-    return tuple(out)
 
 
 def autoencoder_strides(nnunet_strides: Sequence[Sequence[int]], dims: int) -> tuple[tuple[int, ...], ...]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medimgen.config.schema import GenerationConfig, TrainConfig
+from medimgen.config.schema import MODELS, GenerationConfig, TrainConfig
 
 DEFAULT_TARGET_GB = 8.0  # nnU-Net plans for an 8 GB reference GPU too
 GIB = 2**30
@@ -37,8 +37,12 @@ CUDA_OVERHEAD = 1.03
 # more than it hands out (fragmentation)
 USABLE = 0.95
 CONTEXT_BYTES = 0.5 * GIB
-MODELS = ("autoencoder", "ddpm", "ldm")
 DOWNSCALE_STEP = 1.25  # generated-size reduction per fitting round (last resort)
+
+
+# the config field names of each model's sections, for the fitter's changes and the keys it names
+_TRAIN_FIELD = {m: f"train_{m}" for m in MODELS}
+_NETWORK_FIELD = {"ddpm": "ddpm_unet", "autoencoder": "autoencoder", "ldm": "ldm_unet"}
 
 
 def detect_gpu_memory_gb() -> float:
@@ -72,13 +76,11 @@ def _amp_on(train: TrainConfig) -> bool:
     return train.amp != "off"  # 'auto' is AMP on any GPU this plan targets
 
 
-def latent_size(cfg: GenerationConfig) -> tuple[int, ...]:
-    return tuple(s // f for s, f in zip(cfg.data.image_size, _ae_divisor(cfg)))
 
 
 def estimate(cfg: GenerationConfig, model: str) -> Estimate:
     """Predicted peak CUDA memory (torch.cuda.max_memory_allocated) of training ``model`` for ``cfg``."""
-    train: TrainConfig = getattr(cfg, f"train_{model}")
+    train = cfg.train_for(model)
     batch = train.batch_size
     one, two = (_simulated(cfg, model, b) for b in (1, 2))
     if len(one.trace) == len(two.trace):  # the same allocations, each of a fixed size or one linear in the batch
@@ -87,7 +89,7 @@ def estimate(cfg: GenerationConfig, model: str) -> Estimate:
     else:  # pragma: no cover - a network whose ops depend on the batch size
         simulated = _simulated(cfg, model, batch).peak_bytes
     peak = simulated * CUDA_OVERHEAD
-    ckpt = (cfg.autoencoder if model == "autoencoder" else _unet_config(cfg, model)).activation_checkpointing
+    ckpt = _network(cfg, model).activation_checkpointing
     return Estimate(model, one.params, one.static_bytes, peak - one.static_bytes, peak, _amp_on(train), ckpt,
                     batch, train.grad_accumulation_steps)
 
@@ -102,19 +104,15 @@ def usable_bytes(target_bytes: float) -> float:
     return target_bytes * USABLE - CONTEXT_BYTES
 
 
-def _unet_config(cfg: GenerationConfig, model: str):
-    return cfg.ddpm_unet if model == "ddpm" else cfg.ldm_unet
-
-
 def _simulated(cfg: GenerationConfig, model: str, batch: int):
     """The simulation at micro-batch ``batch``, cached on what changes memory (not epochs, rates, ...)."""
-    train: TrainConfig = getattr(cfg, f"train_{model}")
+    train = cfg.train_for(model)
     key_train = TrainConfig(
         epochs=1, batch_size=batch, grad_accumulation_steps=min(2, max(1, train.grad_accumulation_steps)),
         amp="off" if train.amp == "off" else "auto", ema_decay=0.999 if train.ema_decay and model != "autoencoder"
         else None, grad_clip=1.0 if train.grad_clip else None, weight_decay=0.01 if train.weight_decay else 0.0)
     nets = (cfg.autoencoder, cfg.discriminator, cfg.losses) if model == "autoencoder" else (
-        _unet_config(cfg, model), cfg.ddpm_scheduler if model == "ddpm" else cfg.ldm_scheduler,
+        cfg.unet_for(model), cfg.scheduler_for(model),
         cfg.autoencoder if model == "ldm" else None)
     from medimgen import networks
 
@@ -123,35 +121,24 @@ def _simulated(cfg: GenerationConfig, model: str, batch: int):
     if key not in _simulations:
         from medimgen.planning.cuda_sim import simulate
 
-        _simulations[key] = simulate(dataclasses.replace(cfg, **{f"train_{model}": key_train}), model)
+        _simulations[key] = simulate(dataclasses.replace(cfg, **{_TRAIN_FIELD[model]: key_train}), model)
     return _simulations[key]
 
 
 _simulations: dict = {}  # a few bytes each; planning and tuning ask for the same configs many times
 
 
-def _unet_divisor(unet_cfg, nd):
-    from medimgen.planning.heuristics import total_stride
-
-    return total_stride(unet_cfg.strides, nd)
-
-
-def _ae_divisor(cfg):
-    from medimgen.planning.heuristics import total_stride
-
-    return total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims)
-
-
 # ------------------------------------------------------------------------------------ fitting
-def _set_train(cfg: GenerationConfig, model: str, **changes) -> GenerationConfig:
-    return dataclasses.replace(cfg, **{f"train_{model}": dataclasses.replace(getattr(cfg, f"train_{model}"), **changes)})
+def _network(cfg: GenerationConfig, model: str):
+    """The trained network's section: the autoencoder's, or the UNet of ddpm/ldm."""
+    return cfg.autoencoder if model == "autoencoder" else cfg.unet_for(model)
 
 
 def _set_ckpt(cfg: GenerationConfig, model: str) -> GenerationConfig:
     if model == "autoencoder":
         return dataclasses.replace(cfg, autoencoder=dataclasses.replace(cfg.autoencoder, activation_checkpointing=True))
-    key = "ddpm_unet" if model == "ddpm" else "ldm_unet"
-    return dataclasses.replace(cfg, **{key: dataclasses.replace(getattr(cfg, key), activation_checkpointing=True)})
+    return dataclasses.replace(cfg, **{_NETWORK_FIELD[model]: dataclasses.replace(cfg.unet_for(model),
+                                                                                   activation_checkpointing=True)})
 
 
 def fit_model(cfg: GenerationConfig, model: str, target: float, ratio: float = 1.0) -> tuple[GenerationConfig, bool]:
@@ -159,25 +146,25 @@ def fit_model(cfg: GenerationConfig, model: str, target: float, ratio: float = 1
     ``ratio`` scales the estimate (the trainer's measured/predicted peak when it re-fits a running model)."""
     if fits(estimate(cfg, model), target, ratio):
         return cfg, True
-    train = getattr(cfg, f"train_{model}")
+    train = cfg.train_for(model)
     effective = train.batch_size * train.grad_accumulation_steps
     if train.amp == "off":
-        cfg = _set_train(cfg, model, amp="auto")
+        cfg = cfg.with_train(model, amp="auto")
         if fits(estimate(cfg, model), target, ratio):
             return cfg, True
     cfg = _set_ckpt(cfg, model)
     if fits(estimate(cfg, model), target, ratio):
         return cfg, True
-    micro = getattr(cfg, f"train_{model}").batch_size
+    micro = cfg.train_for(model).batch_size
     while micro > 1:
         micro = max(1, micro // 2)
         accum = math.ceil(effective / micro)
         iters = math.ceil(train.iterations_per_epoch * train.batch_size / micro)
-        cfg = _set_train(cfg, model, batch_size=micro, grad_accumulation_steps=accum, iterations_per_epoch=iters)
+        cfg = cfg.with_train(model, batch_size=micro, grad_accumulation_steps=accum, iterations_per_epoch=iters)
         if fits(estimate(cfg, model), target, ratio):
             return cfg, True
-    if getattr(cfg, f"train_{model}").ema_decay:  # the EMA copy costs 4 bytes per parameter
-        cfg = _set_train(cfg, model, ema_decay=None)
+    if cfg.train_for(model).ema_decay:  # the EMA copy costs 4 bytes per parameter
+        cfg = cfg.with_train(model, ema_decay=None)
         if fits(estimate(cfg, model), target, ratio):
             return cfg, True
     return cfg, False
@@ -226,18 +213,18 @@ def fit_to_memory(cfg: GenerationConfig, target_gb: float) -> GenerationConfig:
         factor *= DOWNSCALE_STEP
         fitted = _downscale(cfg, factor)  # refit from the plan's own settings at the smaller size
     peaks = {m: round(estimate(fitted, m).peak_gb, 3) for m in MODELS}
-    memory = dataclasses.replace(fitted.memory, target_gb=float(target_gb), fitted=ok, predicted_peak_gb=peaks)
-    return dataclasses.replace(fitted, memory=memory)
+    return dataclasses.replace(fitted, memory=dataclasses.replace(fitted.memory, target_gb=float(target_gb)),
+                               derived=dataclasses.replace(fitted.derived, memory_fitted=ok, predicted_peak_gb=peaks))
 
 
 def remedies(cfg: GenerationConfig, model: str) -> list[str]:
     """Config keys that lower ``model``'s memory, cheapest first (what the fitter would change)."""
-    train = getattr(cfg, f"train_{model}")
-    net = "autoencoder" if model == "autoencoder" else ("ddpm_unet" if model == "ddpm" else "ldm_unet")
+    train = cfg.train_for(model)
+    net = _NETWORK_FIELD[model]
     keys = []
     if train.amp == "off":
         keys.append(f"train_{model}.amp=auto")
-    if not getattr(cfg, net).activation_checkpointing:
+    if not _network(cfg, model).activation_checkpointing:
         keys.append(f"{net}.activation_checkpointing=true")
     if train.batch_size > 1:
         keys.append(f"train_{model}.batch_size={max(1, train.batch_size // 2)} with "

@@ -1,3 +1,1 @@
 """One training loop with hooks, and the DDPM / autoencoder / LDM tasks that plug into it."""
-
-MODELS = ("ddpm", "autoencoder", "ldm")

@@ -12,24 +12,20 @@ import torch
 from medimgen import __version__
 from medimgen.config import (apply_overrides, flatten, load_config, load_generation_config, render_generation_config,
                              save_generation_config)
-from medimgen.config.schema import GenerationConfig
+from medimgen.config.schema import DIFFUSION_MODELS, DIMS, MODELS, GenerationConfig
 from medimgen.data.cases import open_cases
 from medimgen.data.loader import TrainBatches, validation_batches
 from medimgen.data.splits import get_split
+from medimgen.devices import amp_dtype, resolve_device
 from medimgen.errors import MedimgenError
 from medimgen.geometry import case_geometry, save_geometry
-from medimgen.paths import medimgen_results
 from medimgen.planning.api import CONFIG_NAME
 from medimgen.plans import DatasetPlans
-from medimgen.sampling import resolve_device
+from medimgen.runs import RunDir, log_run_model
 from medimgen.tracking import Tracker, git_commit, sigterm_interrupts
-from medimgen.training import MODELS
 from medimgen.training.lock import RunLock
-from medimgen.training.loop import LoopOptions, Trainer, amp_dtype, seed_everything
+from medimgen.training.loop import LoopOptions, Trainer, seed_everything
 from medimgen.training.memory_guard import MemoryGuard
-from medimgen.training.outputs import RunDir
-
-DIMS = ("2d", "3d")
 
 
 @dataclass
@@ -55,10 +51,6 @@ class RunSetup:
     on_epoch: Callable[[int, dict], None] | None = None  # after every epoch (may raise to stop, e.g. pruning)
 
 
-def run_dir_for(plans: DatasetPlans, model: str, dim: str, split_name: str) -> RunDir:
-    return RunDir.for_run(medimgen_results(), plans.name, model, dim, split_name)
-
-
 def _echo_for(cfg: GenerationConfig, run: RunDir, echo: Callable[[str], None]) -> Callable[[str], None]:
     if cfg.tracking.output_mode != "log":
         return echo
@@ -82,7 +74,7 @@ def resolve_config(plans: DatasetPlans, run: RunDir, dim: str, resume: bool, ove
 
 
 def build_task(model: str, cfg: GenerationConfig, device: torch.device, plans: DatasetPlans, split_name: str,
-               autoencoder_run: Path | None = None):
+               run: RunDir, autoencoder_run: Path | None = None):
     if model == "ddpm":
         from medimgen.training.ddpm import DiffusionTask
 
@@ -93,21 +85,17 @@ def build_task(model: str, cfg: GenerationConfig, device: torch.device, plans: D
         return AutoencoderTask(cfg, device)
     from medimgen.training.ldm import LatentDiffusionTask
 
-    dim = "2d" if cfg.data.spatial_dims == 2 else "3d"
-    ae_run = RunDir(Path(autoencoder_run)) if autoencoder_run else run_dir_for(plans, "autoencoder", dim, split_name)
-    return LatentDiffusionTask(cfg, device, ae_run)
+    ae_run = RunDir(Path(autoencoder_run)) if autoencoder_run else RunDir.standard(plans.name, "autoencoder", cfg.dim,
+                                                                                    split_name)
+    return LatentDiffusionTask(cfg, device, ae_run, run.root)
 
 
 def _log_model(run: RunDir, cfg: GenerationConfig, tracker: Tracker, echo) -> None:
     """Log the trained sampler as a pyfunc model in this run (and register it); never fails training."""
     import warnings
 
-    from medimgen.registry import log_sampler
-    from medimgen.sampling import from_run
-
     try:
-        reg = log_sampler(from_run(run.root), run_id=tracker.run_id, register=cfg.tracking.register_models,
-                          tracking_uri=cfg.tracking.tracking_uri)
+        reg = log_run_model(run.root, tracker.run_id, cfg.tracking.register_models, tracking_uri=cfg.tracking.tracking_uri)
         echo(f"logged model {reg.model_uri}" + (f", registered as {reg.name} version {reg.version}" if reg.name else ""))
     except Exception as e:
         warnings.warn(f"could not log the model to MLflow ({type(e).__name__}: {e}); "
@@ -139,7 +127,7 @@ def train(
     identifiers = open_cases(plans.preprocessed_folder(model_type)).identifiers
     split = get_split(plans.folder, identifiers, splitting, fold)
     setup = setup or RunSetup()
-    run = RunDir(Path(setup.run_root)) if setup.run_root else run_dir_for(plans, model, model_type, split.name)
+    run = RunDir(Path(setup.run_root)) if setup.run_root else RunDir.standard(plans.name, model, model_type, split.name)
     with RunLock(run.root) as lock:  # an existing run is locked first: a running one is named before anything else
         return _train_locked(lock, model, plans, split, run, model_type, resume, overrides, config_path, setup,
                              progress, device, stop_after_epoch, echo)
@@ -161,11 +149,11 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
         cfg = apply_overrides(setup.config, list(overrides))
     else:
         cfg = resolve_config(plans, run, model_type, resume, overrides, config_path)
-    tcfg = getattr(cfg, f"train_{model}")
+    tcfg = cfg.train_for(model)
     dev = resolve_device(device)
 
     seed_everything(tcfg.seed)
-    task = build_task(model, cfg, dev, plans, split.name, setup.autoencoder_run)  # writes nothing (LDM: needs its AE)
+    task = build_task(model, cfg, dev, plans, split.name, run, setup.autoencoder_run)  # writes nothing (LDM: needs its AE)
     lock.acquire()  # creates the folder of a new run; the check again: another process may have started it
     _check_run(run, model, resume)
     batches = TrainBatches(cfg, plans, split.train, tcfg.batch_size, seed=tcfg.seed)
@@ -174,7 +162,7 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
     try:
         if model == "ldm" and not resume:
             scale = task.compute_scale_factor(batches)
-            cfg = dataclasses.replace(cfg, train_ldm=dataclasses.replace(cfg.train_ldm, latent_scale_factor=scale))
+            cfg = dataclasses.replace(cfg, derived=dataclasses.replace(cfg.derived, latent_scale_factor=scale))
         if model == "ldm":
             cfg = dataclasses.replace(cfg, autoencoder=task.cfg.autoencoder)
         run.make()
@@ -186,7 +174,7 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
             nonlocal cfg, batches
             cfg = refit.config
             batches.close()
-            batches = TrainBatches(cfg, plans, split.train, getattr(cfg, f"train_{model}").batch_size, seed=tcfg.seed)
+            batches = TrainBatches(cfg, plans, split.train, cfg.train_for(model).batch_size, seed=tcfg.seed)
             save_generation_config(cfg, run.config)
             trainer.config_yaml = render_generation_config(cfg)
             tracker.set_tags({"memory.refit": f"{refit.reason}: {'; '.join(refit.changes)}"})
@@ -196,7 +184,7 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
         guard = MemoryGuard(cfg, model, dev, run_echo, lambda m: tracker.log_metrics(m, step=0))
         trainer = Trainer(
             task, tcfg, run, tracker, dev, batches,
-            val_batches=lambda: validation_batches(cfg, plans, val_ids, getattr(cfg, f"train_{model}").batch_size),
+            val_batches=lambda: validation_batches(cfg, plans, val_ids, cfg.train_for(model).batch_size),
             plot_batch=lambda: next(validation_batches(cfg, plans, val_ids[:1], 1)),
             options=LoopOptions(progress=progress, echo=run_echo, stop_after_epoch=stop_after_epoch,
                                 on_epoch=setup.on_epoch, memory_guard=guard, on_refit=on_refit),
@@ -231,7 +219,7 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
                                run.root / f"{plans.plans_identifier}.json"], "run")
         if completed:
             tracker.log_artifacts([run.best, run.last], "checkpoints")
-            if model in ("ddpm", "ldm") and cfg.tracking.log_models and tracker.enabled:
+            if model in DIFFUSION_MODELS and cfg.tracking.log_models and tracker.enabled:
                 _log_model(run, cfg, tracker, _echo_for(cfg, run, echo))
         return TrainResult(run.root, completed, result["epoch"], tracker.run_id, cfg)
     except BaseException:

@@ -13,7 +13,7 @@ from medimgen.config.schema import GenerationConfig
 from medimgen.losses import kl_loss
 from medimgen.networks import build_autoencoder, build_discriminator
 from medimgen.training.outputs import save_images
-from medimgen.training.perceptual import build_perceptual_loss
+from medimgen.perceptual import build_perceptual_loss
 
 
 class AutoencoderTask:

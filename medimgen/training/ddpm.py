@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medimgen.config.schema import GenerationConfig, SchedulerConfig, UNetConfig
-from medimgen.diffusion import sampling_scheduler, target_for, training_scheduler
+from medimgen.config.schema import GenerationConfig
+from medimgen.diffusion import generate, target_for, training_scheduler
 from medimgen.networks import build_unet
 from medimgen.training.outputs import save_images
 
@@ -27,21 +27,13 @@ class DiffusionTask:
     def __init__(self, cfg: GenerationConfig, device: torch.device):
         self.cfg = cfg
         self.device = device
-        self.unet = build_unet(self.unet_config, cfg.data.spatial_dims, self.in_channels).to(device)
+        self.unet = build_unet(cfg.unet_for(self.name), cfg.data.spatial_dims, self.in_channels).to(device)
         self.modules: dict[str, nn.Module] = {"unet": self.unet}
         self.phase_modules = {"diffusion": ["unet"]}
-        self.scheduler = training_scheduler(self.scheduler_config)
+        self.scheduler = training_scheduler(cfg.scheduler_for(self.name))
         self.num_plot_samples = 4 if cfg.data.spatial_dims == 2 else 1
 
     # -- what differs between DDPM and LDM
-    @property
-    def unet_config(self) -> UNetConfig:
-        return self.cfg.ddpm_unet
-
-    @property
-    def scheduler_config(self) -> SchedulerConfig:
-        return self.cfg.ddpm_scheduler
-
     @property
     def in_channels(self) -> int:
         return self.cfg.data.in_channels
@@ -51,9 +43,6 @@ class DiffusionTask:
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return x
-
-    def sample_shape(self, n: int) -> tuple[int, ...]:
-        return (n, self.cfg.data.in_channels, *self.cfg.data.image_size)
 
     # -- loop hooks
     def active_phases(self, epoch: int) -> list[str]:
@@ -68,7 +57,7 @@ class DiffusionTask:
             t = torch.randint(0, self.scheduler.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
         noisy = self.scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
         pred = unet(noisy, timesteps=t)
-        target = target_for(self.scheduler, self.scheduler_config.prediction_type, x, noise, t)
+        target = target_for(self.scheduler, self.cfg.scheduler_for(self.name).prediction_type, x, noise, t)
         return F.mse_loss(pred.float(), target.float())
 
     def loss(self, phase: str, batch: dict, state: dict):
@@ -86,19 +75,9 @@ class DiffusionTask:
             count += x.shape[0]
         return {"loss": total / max(1, count)}
 
-    @torch.no_grad()
-    def sample(self, unet: nn.Module, n: int, seed: int, sampler: str | None = None, steps: int | None = None,
-               progress: bool = False) -> torch.Tensor:
+    def sample(self, unet: nn.Module, n: int, seed: int) -> torch.Tensor:
         """n images in the model range, reproducible for a seed (the global RNG is left untouched)."""
-        scheduler = sampling_scheduler(self.scheduler_config, sampler, steps)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            x = torch.randn(self.sample_shape(n), device=self.device)
-            for t in _progress(scheduler.timesteps, progress):
-                out = unet(x, timesteps=torch.full((n,), int(t), device=self.device, dtype=torch.long))
-                x, _ = scheduler.step(out, t, x)
-        lo, hi = self.cfg.data.intensity_range
-        return self.decode(x).float().clamp(lo, hi)
+        return generate(self.cfg, self.name, unet, n, seed, device=self.device, decode=self.decode)
 
     def plot(self, stem: Path, batch: dict, model: Callable[[str], nn.Module]) -> Path | None:
         images = self.sample(model("unet"), self.num_plot_samples, PLOT_SEED)
@@ -110,10 +89,3 @@ class DiffusionTask:
     def load_extra_state(self, state: dict) -> None:
         pass
 
-
-def _progress(timesteps, progress: bool):
-    if not progress:
-        return timesteps
-    from tqdm import tqdm
-
-    return tqdm(timesteps, desc="sampling", leave=False)

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -24,10 +24,13 @@ import torch
 from torch import nn
 
 from medimgen.config.schema import TrainConfig
+from medimgen.devices import amp_dtype, autocast
 from medimgen.errors import MedimgenError
 from medimgen.tracking import Tracker
 from medimgen.training.memory_guard import Refit
-from medimgen.training.outputs import RunDir, atomic_json, atomic_torch_save, plot_losses
+from medimgen.atomic import write_json_atomic
+from medimgen.runs import RunDir, read_checkpoint, write_checkpoint
+from medimgen.training.outputs import plot_losses
 
 CHECKPOINT_FORMAT = 1
 
@@ -44,14 +47,6 @@ class Task(Protocol):
     def plot(self, stem: Path, batch: dict, model: Callable[[str], nn.Module]) -> Path | None: ...
     def extra_state(self) -> dict: ...
     def load_extra_state(self, state: dict) -> None: ...
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or mode == "off":
-        return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
 def seed_everything(seed: int) -> None:
@@ -152,10 +147,7 @@ class Trainer:
         }
 
     def load(self, path: Path) -> dict:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise MedimgenError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
+        ckpt = read_checkpoint(path)
         if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("model") != self.task.name:
             raise MedimgenError(f"{path} is not a medimgen {self.task.name} checkpoint")
         try:
@@ -192,9 +184,7 @@ class Trainer:
                 p.requires_grad_(True)
 
     def _autocast(self):
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     @contextmanager
     def _out_of_memory(self, where: str):
@@ -215,7 +205,7 @@ class Trainer:
 
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        self.cfg = getattr(refit.config, f"train_{self.task.name}")
+        self.cfg = refit.config.train_for(self.task.name)
         apply_checkpointing(self.task.modules, refit.config, self.task.name)
         if not self.cfg.ema_decay:
             self.ema = None
@@ -299,7 +289,7 @@ class Trainer:
                     self.history[k] = self.history.get(k, [None] * (len(self.history["epoch"]) - 1))
                     self.history[k].append(metrics.get(k))
             self.tracker.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=epoch + 1)
-            atomic_json(dict(self.history), self.run.loss_dict)
+            write_json_atomic(self.run.loss_dict, dict(self.history))
             plot_losses(self.history, self.run.plots / "loss.png")
             if (epoch + 1) % cfg.val_plot_interval == 0 or epoch == cfg.epochs - 1:
                 for m in self.task.modules.values():
@@ -310,12 +300,12 @@ class Trainer:
                     self.tracker.log_artifact(path, "plots")
             val = metrics.get("val_loss")
             state = self.state(epoch + 1)
-            atomic_torch_save(state, self.run.last)
+            write_checkpoint(state, self.run.last)
             if val is not None and val < self.best_val:
                 self.best_val = val
                 state["best_val"] = val
-                atomic_torch_save(state, self.run.best)
-                atomic_torch_save(self.state(epoch + 1), self.run.last)  # keep best_val in last too
+                write_checkpoint(state, self.run.best)
+                write_checkpoint(self.state(epoch + 1), self.run.last)  # keep best_val in last too
             self.opt.echo(f"{self.task.name} epoch {epoch + 1}/{cfg.epochs} "
                           + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
             if self.opt.on_epoch is not None:

@@ -126,7 +126,7 @@ def apply_checkpointing(modules: dict, cfg: GenerationConfig, model: str) -> Non
         if cfg.autoencoder.activation_checkpointing and not getattr(modules["autoencoder"], "_checkpointed", False):
             enable_autoencoder_checkpointing(modules["autoencoder"])
     else:
-        unet_cfg = cfg.ddpm_unet if model == "ddpm" else cfg.ldm_unet
+        unet_cfg = cfg.unet_for(model)
         if unet_cfg.activation_checkpointing and not getattr(modules["unet"], "_checkpointed", False):
             enable_unet_checkpointing(modules["unet"])
 

@@ -1,100 +1,13 @@
-"""The run folder: layout, atomic writes, loss history and plots.
-
-medimgen_results/DatasetXXX_Name/<model>/<2d|3d>/<train-val-test|fold_N>/
-    checkpoints/last.pt, checkpoints/best.pt   (atomic: a uniquely named temporary file, then renamed)
-    plots/loss.png, plots/epoch_NNNN.(gif|png)
-    loss_dict.json                              (dict of per-epoch lists)
-    config.yaml                                 (the resolved config of this run)
-    geometry.json                               (spacing, axis order, orientation of a training case)
-    nnUNetPlans.json, dataset.json              (copied from nnU-Net)
-    log.txt                                     (when tracking.output_mode is 'log')
-    .lock                                       (held by the training process; holds its PID)
-
-Nothing here is ever unpickled: checkpoints are read with ``torch.load(weights_only=True)``.
-"""
+"""Training plots: loss curves and sample/reconstruction images of the run folder's plots/."""
 
 from __future__ import annotations
 
-import json
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from medimgen.atomic import atomic_path, write_bytes_atomic
-
-
-@dataclass(frozen=True)
-class RunDir:
-    root: Path
-
-    @classmethod
-    def for_run(cls, results: Path, dataset: str, model: str, dim: str, split: str) -> "RunDir":
-        return cls(Path(results) / dataset / model / dim / split)
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def plots(self) -> Path:
-        return self.root / "plots"
-
-    @property
-    def last(self) -> Path:
-        return self.checkpoints / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.checkpoints / "best.pt"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    def checkpoint_meta(self) -> dict:
-        """``model`` kind and ``mlflow_run_id`` of the last checkpoint, read memory-mapped (no weights loaded)."""
-        from medimgen.errors import MedimgenError
-
-        if not self.last.is_file():
-            raise MedimgenError(f"no checkpoint in {self.checkpoints}: train the model first")
-        state = torch.load(self.last, map_location="cpu", weights_only=True, mmap=True)
-        return {"model": state.get("model"), "mlflow_run_id": state.get("mlflow_run_id")}
-
-    @property
-    def loss_dict(self) -> Path:
-        return self.root / "loss_dict.json"
-
-    @property
-    def geometry(self) -> Path:
-        from medimgen.geometry import FILE
-
-        return self.root / FILE
-
-    @property
-    def log(self) -> Path:
-        return self.root / "log.txt"
-
-    def make(self) -> None:
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.plots.mkdir(parents=True, exist_ok=True)
-
-    def copy_nnunet_files(self, dataset_folder: Path, plans_identifier: str) -> None:
-        for name in (f"{plans_identifier}.json", "dataset.json"):
-            src = Path(dataset_folder) / name
-            if src.is_file():
-                shutil.copy2(src, self.root / name)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def atomic_json(obj, path: Path) -> None:
-    write_bytes_atomic(path, json.dumps(obj).encode())
+from medimgen.atomic import atomic_path
 
 
 def _matplotlib():

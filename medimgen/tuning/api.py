@@ -89,7 +89,7 @@ def apply_trial(config_path: Path, dim: str, trial, study_name: str) -> tuple[Pa
 def _check_perceptual_weights(base, space) -> None:
     """Stop before the first trial (not N failed trials) when a perceptual network the trials would use has no
     weights on disk: tuning never downloads."""
-    from medimgen.training.perceptual import check_weights_available
+    from medimgen.perceptual import check_weights_available
 
     searched = {p.name: p for p in space.params}
     net = searched.get("losses.perceptual_network")
@@ -150,7 +150,8 @@ def tune(
     from medimgen.planning.api import CONFIG_NAME
     from medimgen.plans import DatasetPlans
     from medimgen.tracking import git_commit
-    from medimgen.training.api import run_dir_for
+    from medimgen.data.splits import split_name
+    from medimgen.runs import RunDir
     from medimgen.tuning import metrics as objectives
 
     if objective not in OBJECTIVES:
@@ -168,11 +169,11 @@ def tune(
     space, dropped = space.restrict(base, [override_key(o) for o in config_sets])
     if model == "autoencoder" and trials > 0:
         _check_perceptual_weights(base, space)
-    split_name = "train-val-test" if splitting == "train-val-test" else f"fold_{fold}"
     ae_run = None
     if model == "ldm":
-        ae_run = Path(autoencoder_run) if autoencoder_run else run_dir_for(plans, "autoencoder", model_type, split_name).root
-        if not (ae_run / "checkpoints" / "last.pt").is_file():
+        ae_run = Path(autoencoder_run) if autoencoder_run else RunDir.standard(
+            plans.name, "autoencoder", model_type, split_name(splitting, fold)).root
+        if not RunDir(ae_run).is_trained():
             raise MedimgenError(f"tuning the LDM needs a trained autoencoder: none at {ae_run} "
                                 f"(train one, or pass --autoencoder RUN_FOLDER)")
 

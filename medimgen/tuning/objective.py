@@ -134,7 +134,9 @@ class TrialObjective:
         return fit_to_memory(cfg, cfg.memory.target_gb)  # every trial fits the GPU like a planned config
 
     def _train_and_score(self, trial, cfg: GenerationConfig, run_root: Path, tracker, tags: dict) -> dict[str, float]:
-        from medimgen.evaluation.api import score_target, target_from_run
+        from medimgen.evaluation.api import score_model
+        from medimgen.requests import SampleOptions
+        from medimgen.runs import TrainedModel
         from medimgen.training.api import RunSetup, train
 
         if run_root.exists():  # a folder left by a study of the same name that was deleted
@@ -143,9 +145,10 @@ class TrialObjective:
                          run_name=run_root.name, parent_run_id=self.parent, tags=tags, on_epoch=self._pruning(trial))
         train(self.model, self.dataset, self.splitting, self.model_type, self.fold, device=self.device,
               echo=lambda *_: None, setup=setup)
-        target = target_from_run(run_root)
-        return score_target(target, self.real_images(target.cfg), int(self.space.budget["num_samples"]), self.extractor,
-                            seed=trial.number, steps=int(self.space.budget["sampling_steps"]), device=self.device)
+        model = TrainedModel.from_run(run_root)
+        options = SampleOptions(seed=trial.number, steps=int(self.space.budget["sampling_steps"]), device=self.device)
+        return score_model(model, self.real_images(model.cfg), int(self.space.budget["num_samples"]), self.extractor,
+                           options)
 
     def _fail(self, trial, reason: str, run_id: str | None, metrics: dict | None = None) -> TrialFailed:
         trial.set_user_attr("failure", reason)
@@ -169,7 +172,7 @@ class TrialObjective:
         length = ""
         try:
             cfg = self.trial_config(config_sets)
-            run = getattr(cfg, f"train_{self.model}")
+            run = cfg.train_for(self.model)
             length = f"{run.epochs} epoch(s) x {run.iterations_per_epoch} iteration(s)"
             scores = self._train_and_score(trial, cfg, run_root, tracker, tags)
         except optuna.TrialPruned as e:

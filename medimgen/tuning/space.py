@@ -11,10 +11,9 @@ from typing import Any, Sequence
 
 from medimgen.config import apply_overrides
 from medimgen.config.io import parse_override
-from medimgen.config.schema import GenerationConfig
+from medimgen.config.schema import MODELS, GenerationConfig
 from medimgen.errors import MedimgenError
 
-MODELS = ("autoencoder", "ldm", "ddpm")
 SECTIONS = ("budget", "objective", "pruner", *MODELS)
 SPEC_KEYS = {"float": {"type", "low", "high", "log"}, "int": {"type", "low", "high", "step", "log"},
              "categorical": {"type", "choices"}}

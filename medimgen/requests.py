@@ -1,0 +1,40 @@
+"""What a command asks for, typed once by the CLI and passed by keyword: which trained model, how to sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A trained model: ``model`` is a run folder, an MLflow model URI (models:/NAME@alias, models:/NAME/3,
+    runs:/ID/model), or a kind (ddpm, ldm, autoencoder; auto: the LDM if trained, else the DDPM) whose
+    standard run of ``dataset_id`` / ``dim`` / ``splitting`` (+ ``fold``) is meant."""
+
+    model: str = "auto"
+    dataset_id: int | str | None = None
+    dim: str = "3d"
+    splitting: str = "train-val-test"
+    fold: int = 0
+    checkpoint: str = "best"  # best | last (run folders)
+
+    @property
+    def is_uri(self) -> bool:
+        return ":/" in self.model
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """How to sample: ``scheduler`` ddim/ddpm and ``steps`` (None: the config's), ``batch_size`` images per
+    forward pass (None: all), ``amp`` mixed precision on a GPU, ``resample`` to the dataset's original median
+    spacing, ``crop`` back to the data size the model's image size pads (see README, Sampling)."""
+
+    seed: int = 0
+    scheduler: str | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    device: str | None = None
+    amp: bool = False
+    resample: bool = False
+    crop: bool = True
+    progress: bool = False
