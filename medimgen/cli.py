@@ -251,6 +251,9 @@ _sample_options = [
     _device_option,
     click.option("--amp", is_flag=True, help="Mixed precision on a GPU."),
     click.option("--resample", is_flag=True, help="Resample to the dataset's original median spacing (nnU-Net's resampling)."),
+    click.option("--no-crop", is_flag=True,
+                 help="Keep the model's padded image size (default: crop each sample back to the data size "
+                      "the plan recorded, data.data_size)."),
     click.option("-p", "--progress", is_flag=True, help="Show progress bars."),
 ]
 
@@ -272,11 +275,12 @@ def _sample_command():
     @_with(_sample_options)
     @friendly_errors
     def command(dataset_id, model_type, num_images, save_path, model, splitting, fold, checkpoint, scheduler, steps,
-                seed, batch_size, device, amp, resample, progress):
+                seed, batch_size, device, amp, resample, no_crop, progress):
         from medimgen.sampling import sample_to_folder
 
         files = sample_to_folder(save_path, num_images, model, dataset_id, model_type, splitting, fold, checkpoint,
-                                 scheduler, steps, seed, batch_size, device, amp, resample, progress)
+                                 scheduler, steps, seed, batch_size, device, amp, resample, progress,
+                                 crop=not no_crop)
         click.echo(f"wrote {len(files)} NIfTI file(s) to {save_path}")
 
     return command
@@ -299,12 +303,12 @@ def sample_entry() -> None:
 @_with(_sample_options)
 @friendly_errors
 def export_cmd(dataset_id, model_type, num_images, target_id, name, model, splitting, fold, checkpoint, scheduler,
-               steps, seed, batch_size, device, amp, resample, progress):
+               steps, seed, batch_size, device, amp, resample, no_crop, progress):
     """Sample NUM_IMAGES images into a new nnU-Net raw dataset (imagesTr, labelsTr masks, dataset.json)."""
     from medimgen.export import export_dataset
 
     out = export_dataset(dataset_id, model_type, num_images, target_id, name, model, splitting, fold, scheduler, steps,
-                         seed, batch_size, device, progress)
+                         seed, batch_size, device, progress, crop=not no_crop)
     click.echo(f"wrote {out}; next: nnUNetv2_plan_and_preprocess -d {target_id} --verify_dataset_integrity")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from medimgen.errors import MedimgenError
 from medimgen.importer import foreground_mask
-from medimgen.sampling import resolve_device, resolve_sampler, save_samples, write_nifti
+from medimgen.sampling import crop_to_data, resolve_device, resolve_sampler, save_samples, write_nifti
 
 
 def export_dataset(
@@ -32,6 +32,7 @@ def export_dataset(
     batch_size: int | None = None,
     device: str | None = None,
     progress: bool = False,
+    crop: bool = True,
 ) -> Path:
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
@@ -48,12 +49,14 @@ def export_dataset(
     images = sampler.sample(num_images, seed, sched, n_steps, batch_size, progress=progress)
     try:
         files = save_samples(images, sampler, out / "imagesTr", seed, sched, n_steps, prefix="synth",
-                             channel_suffix=True, sidecar_dir=out / "provenance")
+                             channel_suffix=True, sidecar_dir=out / "provenance", crop=crop)
         (out / "labelsTr").mkdir()
+        images, pad = crop_to_data(images, sampler.cfg, crop)  # the labels cover what the images cover
+        shift = [-p * s for p, s in zip(pad, sampler.geometry.spacing)]
         for i, image in enumerate(images):
             mask = foreground_mask(image[0]).astype(np.uint8)
             write_nifti(mask, out / "labelsTr" / f"synth_{i:04d}.nii.gz", sampler.geometry, sampler.geometry.spacing,
-                        dtype=np.uint8)
+                        dtype=np.uint8, shift=shift)
         generate_dataset_json(
             str(out), channel_names={str(i): n for i, n in enumerate(sampler.cfg.data.channel_names)},
             labels={"background": 0, "foreground": 1}, num_training_cases=len(images), file_ending=".nii.gz",
