@@ -27,7 +27,7 @@ from medimgen.training import MODELS
 from medimgen.training.lock import RunLock
 from medimgen.training.loop import LoopOptions, Trainer, amp_dtype, seed_everything
 from medimgen.training.memory_guard import MemoryGuard
-from medimgen.training.outputs import RunDir
+from medimgen.training.outputs import PLOT_EXAMPLES, RunDir
 
 DIMS = ("2d", "3d")
 
@@ -197,7 +197,7 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
         trainer = Trainer(
             task, tcfg, run, tracker, dev, batches,
             val_batches=lambda: validation_batches(cfg, plans, val_ids, getattr(cfg, f"train_{model}").batch_size),
-            plot_batch=lambda: next(validation_batches(cfg, plans, val_ids[:1], 1)),
+            plot_batch=lambda: next(validation_batches(cfg, plans, val_ids[:PLOT_EXAMPLES], PLOT_EXAMPLES)),
             options=LoopOptions(progress=progress, echo=run_echo, stop_after_epoch=stop_after_epoch,
                                 on_epoch=setup.on_epoch, memory_guard=guard, on_refit=on_refit),
             config_yaml=render_generation_config(cfg),
