@@ -208,7 +208,7 @@ def save_images(rows, path_stem: Path, value_range=(-1.0, 1.0), title: str = "",
         tiles = [[_view(a[z] if z is not None else a, view, scale) for a in row] for row in arrays]
         h, w = tiles[0][0].shape
         ncols = max(len(r) for r in tiles)
-        canvas = np.zeros((header + len(tiles) * (h + gap), ncols * (w + gap) - gap), np.uint8)
+        canvas = np.zeros((header + len(tiles) * (h + gap) - gap, ncols * (w + gap) - gap), np.uint8)
         for i, row in enumerate(tiles):
             for j, t in enumerate(row):
                 y, x = header + i * (h + gap), j * (w + gap)
