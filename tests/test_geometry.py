@@ -146,3 +146,21 @@ def test_plots_radiological_readable_several_titled(dim, tmp_path):
     assert top >= 20 and frame[:top].max() > 0  # a title was drawn
     tile = frame[top:, :w]
     assert tile[: h // 4, -w // 4:].mean() > 200 and tile[-h // 4:, : w // 4].mean() < 50  # left-anterior at top right
+
+
+def test_data_size_validated_and_old_configs_load_without_it():
+    from pathlib import Path
+
+    from medimgen.config import apply_overrides
+    from medimgen.config.io import load_config
+    from medimgen.errors import MedimgenError
+    from medimgen.sampling import data_crop
+
+    old = load_config(Path(__file__).parent / "data" / "Dataset501_config_8GB.yaml")  # planned before data_size
+    assert old.get("3d").data.data_size == () and data_crop(old.get("3d")) is None  # no crop, no crash
+    with pytest.raises(MedimgenError, match=r"'3d\.data\.data_size': must be a list of 3 values"):
+        apply_overrides(old, ["3d.data.data_size=[10,20]"])
+    with pytest.raises(MedimgenError, match=r"'3d\.data\.data_size': must be a list of values >= 1"):
+        apply_overrides(old, ["3d.data.data_size=[0,20,20]"])
+    cfg = apply_overrides(old, ["3d.data.data_size=[95,100,111]"]).get("3d")  # image_size [96, 128, 112]
+    assert [(b.start, b.stop) for b in data_crop(cfg)] == [(1, 96), (14, 114), (1, 112)]  # ceil(padding / 2) first
