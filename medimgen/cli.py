@@ -254,6 +254,9 @@ _sampling_options = [
 ]
 _output_options = [
     click.option("--resample", is_flag=True, help="Resample to the dataset's original median spacing (nnU-Net's resampling)."),
+    click.option("--no-crop", is_flag=True,
+                 help="Keep the model's padded image size (default: crop each sample back to the data size "
+                      "the plan recorded, data.data_size)."),
 ]
 _progress_option = click.option("-p", "--progress", is_flag=True, help="Show progress bars.")
 _model_choice = click.option(
@@ -277,7 +280,10 @@ def _requests(kw: dict, dataset_id, model_type):
 
     ref = ModelRef(kw.pop("model"), dataset_id, model_type, kw.pop("splitting"), kw.pop("fold"), kw.pop("checkpoint"))
     names = ("seed", "scheduler", "steps", "batch_size", "device", "amp", "resample", "progress")
-    return ref, SampleOptions(**{k: kw.pop(k) for k in names if k in kw})
+    options = {k: kw.pop(k) for k in names if k in kw}
+    if "no_crop" in kw:
+        options["crop"] = not kw.pop("no_crop")
+    return ref, SampleOptions(**options)
 
 
 def _sample_command():

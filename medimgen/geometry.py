@@ -12,6 +12,9 @@ import json
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from medimgen.atomic import write_bytes_atomic
 from medimgen.errors import MedimgenError
@@ -52,9 +55,20 @@ class Geometry:
 
 def training_geometry(plans: dict, spacing, properties: dict | None) -> Geometry:
     """Geometry from nnU-Net's plans (axis order, original spacing), the config's spacing and one case's
-    properties as nnU-Net's dataset class returns them (``sitk_stuff``: direction and origin)."""
-    stuff = (properties or {}).get("sitk_stuff") or {}
+    properties as nnU-Net's dataset class returns them (``sitk_stuff``: direction and origin).
+
+    The origin is that of the case's preprocessed data: the raw image's origin moved to the first voxel of
+    the region nnU-Net kept when it cropped the case to its nonzero bounding box."""
+    properties = properties or {}
+    stuff = properties.get("sitk_stuff") or {}
     direction, origin = stuff.get("direction"), stuff.get("origin")
+    tb = [int(a) for a in plans.get("transpose_backward", range(3))]
+    bbox, raw_spacing = properties.get("bbox_used_for_cropping"), properties.get("spacing")
+    if direction is not None and origin is not None and bbox is not None and raw_spacing is not None:
+        n = len(origin)  # bbox: transposed axes; raw spacing: file (numpy) axes; the last n are the image's
+        lower = [float(bbox[tb[i]][0]) for i in range(len(tb))][-n:][::-1]  # SimpleITK (x, y[, z]) order
+        step = [float(s) for s in raw_spacing][-n:][::-1]
+        origin = np.asarray(origin, float) + np.asarray(direction, float).reshape(n, n) @ (np.asarray(lower) * step)
     return Geometry(
         tuple(float(s) for s in spacing),
         tuple(int(a) for a in plans.get("transpose_backward", range(3))),
@@ -62,6 +76,71 @@ def training_geometry(plans: dict, spacing, properties: dict | None) -> Geometry
         tuple(float(x) for x in direction) if direction is not None else None,
         tuple(float(x) for x in origin) if origin is not None else None,
     )
+
+
+def _direction(geometry: Geometry, n: int) -> np.ndarray:
+    d = geometry.direction
+    return np.asarray(d, float).reshape(n, n) if d is not None and len(d) == n * n else np.eye(n)
+
+
+def to_file_image(geometry: Geometry, volume: np.ndarray, spacing: Sequence[float], shift=None):
+    """(array in SimpleITK numpy order, spacing, direction, origin; the last two None when unknown) of a
+    preprocessed-order volume, the way nnU-Net writes its images back.
+
+    ``shift``: per axis of ``volume``, mm from the data's first voxel (the geometry's origin) to ``volume``'s
+    first voxel (negative where the volume has padding before the data). A 2D sample of a 3D dataset (the
+    geometry's direction has 9 values) is a one-slice 3D image: nnU-Net's 2d configuration slices along the
+    first preprocessed axis, so the sample is that slice (at the case's first one) with the source's
+    direction cosines, in-plane spacing and origin, and the raw median spacing as its thickness."""
+    volume = np.asarray(volume)
+    shift = [float(x) for x in shift] if shift is not None else [0.0] * volume.ndim
+    spacing = [float(s) for s in spacing]
+    three_d_source = geometry.direction is not None and len(geometry.direction) == 9
+    if volume.ndim == 2 and three_d_source:
+        volume, spacing, shift = volume[None], [geometry.original_spacing[0], *spacing], [0.0, *shift]
+    if volume.ndim == 3:
+        tb = list(geometry.transpose_backward)
+        array, sp, sh = volume.transpose(tb), [spacing[i] for i in tb], [shift[i] for i in tb]
+    else:  # a 2D dataset (or a run without orientation): keep the two in-plane axes in original order
+        tf = np.argsort(geometry.transpose_backward)
+        flip = len(tf) == 3 and tf[1] > tf[2]
+        array, sp, sh = (volume.T, spacing[::-1], shift[::-1]) if flip else (volume, spacing, shift)
+    n = array.ndim
+    if geometry.direction is None or len(geometry.direction) != n * n or geometry.origin is None:
+        return array, sp, None, None
+    origin = np.asarray(geometry.origin, float) + _direction(geometry, n) @ np.asarray(sh[::-1])
+    return array, sp, tuple(geometry.direction), tuple(float(o) for o in origin)
+
+
+def radiological_view(geometry: Geometry | None, axes: Sequence[int]) -> tuple[bool, bool, bool]:
+    """(transpose, flip rows, flip columns) that show a 2D slice as a radiologist views it.
+
+    ``axes``: the preprocessed axes of the slice's rows and columns. Convention (patient coordinates as
+    SimpleITK/DICOM, LPS): the patient's left on the image's right and anterior up (axial), the patient's
+    left on the right and superior up (coronal), anterior on the left and superior up (sagittal). Each
+    slice axis is matched to the patient axis its direction cosine is closest to; without an orientation
+    the array axes are taken as LPS (nnU-Net's SimpleITK order), which is what nnU-Net's arrays are for
+    data stored without rotation."""
+    if geometry is None:
+        return False, False, False
+    tf = np.argsort(geometry.transpose_backward)
+    n = 3 if geometry.direction is None or len(geometry.direction) == 9 else 2
+    d = _direction(geometry, n)
+    vecs = []
+    for a in axes:  # preprocessed axis -> file numpy axis -> SimpleITK axis -> direction column
+        file_axis = int(tf[a]) if a < len(tf) else a
+        vecs.append(d[:, min(n - 1, max(0, len(tf) - 1 - file_axis))])
+    patient = [int(np.argmax(np.abs(v))) for v in vecs]
+    right = 0 if 0 in patient else 1  # L-R is horizontal; else (sagittal) A-P is
+    transpose = patient[1] != right and patient[0] == right
+    if transpose:
+        vecs, patient = vecs[::-1], patient[::-1]
+    # wanted sign of each displayed axis' index direction: right -> +L (or +P), down -> +P (axial) or -S
+    want_col = 1.0
+    want_row = 1.0 if patient[0] == 1 and right == 0 else -1.0
+    flip_rows = np.sign(vecs[0][patient[0]]) != want_row
+    flip_cols = np.sign(vecs[1][patient[1]]) != want_col
+    return bool(transpose), bool(flip_rows), bool(flip_cols)
 
 
 def case_geometry(plans, dim: str, identifier: str, spacing) -> Geometry:

@@ -3,7 +3,9 @@
 Samples are generated in nnU-Net's preprocessed space (target spacing, transposed axes,
 normalised intensities mapped into the model range) and written back the way nnU-Net writes
 images: axes transposed back (``transpose_backward``), spacing of the configuration,
-origin/direction of a training case, intensities in the dataset's units (exactly HU for CT).
+origin/direction of a training case, cropped back to the data the model's padded image_size
+holds (``data.data_size``; ``crop=False`` keeps image_size, its origin moved so the data stays
+in place), intensities in the dataset's units (exactly HU for CT).
 The geometry comes from the run folder's geometry.json or the model's meta.json (written at
 training time); nothing from a run folder, a model or nnU-Net's folders is ever unpickled.
 Optionally they are resampled to the dataset's original median spacing with nnU-Net's own
@@ -26,7 +28,7 @@ from medimgen.data.intensity import IntensityMap
 from medimgen.devices import amp_dtype, autocast, resolve_device
 from medimgen.diffusion import generate, latent_decoder
 from medimgen.errors import MedimgenError
-from medimgen.geometry import Geometry
+from medimgen.geometry import Geometry, to_file_image
 from medimgen.requests import ModelRef, SampleOptions
 from medimgen.runs import TrainedModel
 
@@ -89,16 +91,26 @@ def resolve_sampler(ref: ModelRef) -> Sampler:
 
 
 # ---------------------------------------------------------------------- NIfTI output
-def _to_file_order(volume: np.ndarray, geometry: Geometry, spacing: Sequence[float]):
-    """(array in SimpleITK numpy order, spacing in that order) from a preprocessed-order volume."""
-    if volume.ndim == 3:
-        tb = list(geometry.transpose_backward)
-        return volume.transpose(tb), [spacing[i] for i in tb]
-    # 2D slice of (possibly transposed) 3D data: keep the two in-plane axes in original order
-    tf = np.argsort(geometry.transpose_backward)
-    if tf[1] > tf[2]:
-        return volume.T, list(spacing)[::-1]
-    return volume, list(spacing)
+def data_crop(cfg: GenerationConfig) -> tuple[slice, ...] | None:
+    """The region of an image_size sample that holds the data (``data.data_size``, centred as the loader
+    centres cases: nnU-Net's loader and the validation crop put ceil(padding / 2) before the data);
+    None for configs without data_size (planned by an older medimgen: no crop)."""
+    size, data = tuple(cfg.data.image_size), tuple(cfg.data.data_size)
+    if not data or len(data) != len(size):
+        return None
+    data = tuple(min(d, s) for d, s in zip(data, size))
+    return tuple(slice((s - d + 1) // 2, (s - d + 1) // 2 + d) for s, d in zip(size, data))
+
+
+def crop_to_data(samples: np.ndarray, cfg: GenerationConfig, crop: bool = True) -> tuple[np.ndarray, tuple[int, ...]]:
+    """((N, C, *size) cropped to the data region (unchanged with crop=False or no data_size), the data's first
+    voxel in the returned arrays: per axis, voxels of padding left before it (0 after cropping))."""
+    box = data_crop(cfg)
+    if box is None:
+        return samples, (0,) * (samples.ndim - 2)
+    if not crop:
+        return samples, tuple(b.start for b in box)
+    return samples[(slice(None), slice(None), *box)], (0,) * len(box)
 
 
 def resample_to_original(volume: np.ndarray, cfg: GenerationConfig, geometry: Geometry) -> tuple[np.ndarray, tuple]:
@@ -113,16 +125,19 @@ def resample_to_original(volume: np.ndarray, cfg: GenerationConfig, geometry: Ge
 
 
 def write_nifti(volume: np.ndarray, path: Path, geometry: Geometry, spacing: Sequence[float],
-                dtype=np.float32) -> Path:
-    """One channel (*spatial, preprocessed order) -> NIfTI the way nnU-Net's SimpleITKIO writes images."""
+                dtype=np.float32, shift: Sequence[float] | None = None) -> Path:
+    """One channel (*spatial, preprocessed order) -> NIfTI the way nnU-Net's SimpleITKIO writes images.
+
+    ``shift``: mm from the data's first voxel to the volume's first voxel per axis (negative for padding
+    kept by --no-crop), so the origin stays where the data lives (medimgen.geometry.to_file_image)."""
     import SimpleITK as sitk
 
-    array, sp = _to_file_order(volume, geometry, spacing)
+    array, sp, direction, origin = to_file_image(geometry, volume, spacing, shift)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype)))
     image.SetSpacing([float(s) for s in sp[::-1]])
-    if geometry.direction is not None and len(geometry.direction) == array.ndim ** 2:
-        image.SetDirection(geometry.direction)
-        image.SetOrigin(geometry.origin)
+    if direction is not None:
+        image.SetDirection(direction)
+        image.SetOrigin(origin)
     with atomic_path(path, suffix=".nii.gz") as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
     return path
@@ -136,14 +151,19 @@ def _free_stem(folder: Path, prefix: str, index: int) -> tuple[str, int]:
 
 def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, seed: int, scheduler: str, steps: int,
                  resample: bool = False, prefix: str = "sample", channel_suffix: bool = False,
-                 sidecar_dir: Path | None = None) -> list[Path]:
-    """Write every sample (all channels) as NIfTI + a JSON sidecar; never overwrite existing files."""
+                 sidecar_dir: Path | None = None, crop: bool = True) -> list[Path]:
+    """Write every sample (all channels) as NIfTI + a JSON sidecar; never overwrite existing files.
+
+    ``crop``: cut each (N, C, *image_size) sample back to the data it pads (``data.data_size``); without it
+    the padded model size is written, its origin moved so that the data region stays in place."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sidecar_dir = Path(sidecar_dir) if sidecar_dir else out_dir
     sidecar_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     index = 0
+    samples, pad = crop_to_data(samples, sampler.cfg, crop)
+    shift = [-p * s for p, s in zip(pad, sampler.geometry.spacing)]  # mm from the data to the array's first voxel
     for i, sample in enumerate(samples):
         spacing = sampler.geometry.spacing
         if resample:
@@ -152,10 +172,11 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, see
         files = []
         for c in range(sample.shape[0]):
             name = f"{stem}_{c:04d}.nii.gz" if channel_suffix or sample.shape[0] > 1 else f"{stem}.nii.gz"
-            files.append(write_nifti(sample[c], out_dir / name, sampler.geometry, spacing))
+            files.append(write_nifti(sample[c], out_dir / name, sampler.geometry, spacing, shift=shift))
         sidecar = {"model": sampler.source, "kind": sampler.kind, "dataset": sampler.dataset, "seed": seed,
                    "index": i, "scheduler": scheduler, "steps": steps,
                    "spacing": list(spacing), "resampled_to_original_spacing": resample,
+                   "cropped_to_data_size": data_crop(sampler.cfg) is not None and crop,
                    "channels": list(sampler.cfg.data.channel_names), "files": [f.name for f in files]}
         (sidecar_dir / f"{stem}.json").write_text(json.dumps(sidecar, indent=2))
         written += files
@@ -170,4 +191,4 @@ def sample_to_folder(save_path: Path | str, num_images: int, ref: ModelRef, opti
     sampler = resolve_sampler(ref).to(resolve_device(options.device))
     name, n_steps = sampler.schedule(options.scheduler, options.steps)
     images = sampler.sample(num_images, options.seed, name, n_steps, options.batch_size, options.amp, options.progress)
-    return save_samples(images, sampler, save_path, options.seed, name, n_steps, options.resample)
+    return save_samples(images, sampler, save_path, options.seed, name, n_steps, options.resample, crop=options.crop)

@@ -89,10 +89,13 @@ def make_phantom(
     return np.stack(images), label
 
 
-def _affine(spacing: Sequence[float]) -> np.ndarray:
+def _affine(spacing: Sequence[float], rotation=None, origin=None) -> np.ndarray:
+    """NIfTI (RAS) affine: ``rotation`` (direction cosines, columns per axis; default identity) times the spacing."""
+    n = len(spacing)
     aff = np.eye(4)
-    for i, s in enumerate(spacing):
-        aff[i, i] = s
+    aff[:n, :n] = (np.eye(n) if rotation is None else np.asarray(rotation, float)) @ np.diag(spacing)
+    if origin is not None:
+        aff[:n, 3] = origin
     return aff
 
 
@@ -107,11 +110,14 @@ def make_synthetic_dataset(
     modality: Modality = "MRI",
     seed: int = 0,
     overwrite: bool = False,
+    rotation: Sequence[Sequence[float]] | None = None,
+    origin: Sequence[float] | None = None,
 ) -> Path:
     """Write ``nnunet_raw/DatasetXXX_name`` (imagesTr, labelsTr, dataset.json) and return it.
 
     ``shape``/``spacing`` are in NIfTI (x, y[, z]) order; 2 values make a 2D dataset
-    (2D NIfTI files, which nnU-Net plans as 2d only).
+    (2D NIfTI files, which nnU-Net plans as 2d only). ``rotation`` (an orthonormal matrix, columns the RAS
+    direction of each axis) and ``origin`` (mm, RAS) give the files a real-like oblique geometry.
     """
     if len(shape) not in (2, 3) or len(spacing) != len(shape):
         raise MedimgenError(f"shape and spacing must both have 2 or 3 values, got {tuple(shape)} and {tuple(spacing)}")
@@ -135,8 +141,9 @@ def make_synthetic_dataset(
         image, label = make_phantom(shape, spacing, channels, modality, rng)
         case = f"case_{i:03d}"
         for c in range(channels):
-            nib.save(nib.Nifti1Image(image[c], _affine(spacing)), folder / "imagesTr" / f"{case}_{c:04d}.nii.gz")
-        nib.save(nib.Nifti1Image(label, _affine(spacing)), folder / "labelsTr" / f"{case}.nii.gz")
+            nib.save(nib.Nifti1Image(image[c], _affine(spacing, rotation, origin)),
+                     folder / "imagesTr" / f"{case}_{c:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(label, _affine(spacing, rotation, origin)), folder / "labelsTr" / f"{case}.nii.gz")
     if modality == "CT":
         channel_names = {str(c): "CT" for c in range(channels)}
     else:

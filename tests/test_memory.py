@@ -234,6 +234,10 @@ def test_downscaled_plan_loads_batches_at_generated_size(planned_3d, nnunet_env)
     assert math.prod(cfg.data.image_size) < math.prod(cfg.data.crop_size)
     assert all(s <= c and s % d == 0 for s, c, d in zip(cfg.data.image_size, cfg.data.crop_size, cfg.data.size_divisor))
     assert cfg.data.spacing[1] > planned_3d.data.spacing[1]
+    # samples are still cropped back to the data, now fewer (coarser) voxels
+    expected = [min(s, round(d * s / c)) for d, s, c in zip(planned_3d.data.data_size, cfg.data.image_size,
+                                                             cfg.data.crop_size)]
+    assert list(cfg.data.data_size) == expected and planned_3d.data.data_size
     plans = DatasetPlans.from_id(ANISO_3D)
     ids = open_cases(plans.preprocessed_folder("3d")).identifiers
     b = next(TrainBatches(cfg, plans, ids, 2, num_workers=0))

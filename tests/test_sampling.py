@@ -44,13 +44,15 @@ def test_samples_match_dataset_geometry_and_range(dim, kind, request, nnunet_env
         assert lo[c] - 1e-3 <= data.min() and data.max() <= hi[c] + 1e-3
         assert data.std() > 0
         if dim == "3d":
-            # nnU-Net order (z, y, x) written back in the raw files' (x, y, z) order, same spacing and orientation
-            assert img.shape == tuple(cfg.data.image_size[::-1])
+            # nnU-Net order (z, y, x) written back in the raw files' (x, y, z) order, same spacing and orientation,
+            # cropped back to the data size the plan recorded
+            assert img.shape == tuple(cfg.data.data_size[::-1])
             assert img.header.get_zooms() == pytest.approx(tuple(cfg.data.spacing[::-1]), rel=1e-5)
             np.testing.assert_allclose(img.affine[:3, :3], ref.affine[:3, :3], atol=1e-5)
-        else:
-            assert img.shape == tuple(cfg.data.image_size[::-1])
+        else:  # a one-slice volume in the source's orientation: nnU-Net's 2d slices along z here
+            assert img.shape == (*cfg.data.data_size[::-1], 1)
             assert img.header.get_zooms()[:2] == pytest.approx(tuple(cfg.data.spacing[::-1]), rel=1e-5)
+            np.testing.assert_allclose(img.affine[:3, :2], ref.affine[:3, :2], atol=1e-5)
     side = json.loads((tmp_path / "sample_0000.json").read_text())
     assert side["kind"] == kind and side["seed"] == 7 and side["scheduler"] == "ddim" and side["steps"] == 2
     assert side["model"].endswith("checkpoints/best.pt")
@@ -86,7 +88,7 @@ def test_resample_to_original_spacing(flow_3d, tmp_path):
     target = plans["original_median_spacing_after_transp"]
     img = nib.load(str(files[0]))
     assert img.header.get_zooms() == pytest.approx(tuple(target[::-1]), rel=1e-4)
-    expected = [round(s * c / t) for s, c, t in zip(cfg.data.image_size, cfg.data.spacing, target)]
+    expected = [round(s * c / t) for s, c, t in zip(cfg.data.data_size, cfg.data.spacing, target)]
     assert img.shape == tuple(expected[::-1])
 
 

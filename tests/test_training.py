@@ -38,6 +38,14 @@ def _check_outputs(result, dim: str, epochs: int = 2):
         assert gif.n_frames == result.config.data.image_size[0] > 1
     else:
         assert (root / "plots" / f"epoch_{epochs:04d}.png").read_bytes()[:4] == b"\x89PNG"
+    from PIL import Image
+
+    from medimgen.training.outputs import PLOT_EXAMPLES
+
+    # several examples (autoencoder: input | output per row), each at least 256 px on its short side, a title above
+    width, height = Image.open(next((root / "plots").glob(f"epoch_{epochs:04d}.*"))).size
+    columns = 2 if root.parts[-3] == "autoencoder" else PLOT_EXAMPLES  # validation images there: 1 (3d) or 3 (2d)
+    assert height >= 20 + 256 and width >= columns * 256
     history = json.loads((root / "loss_dict.json").read_text())
     assert not list(root.rglob("*.pkl")) and not list(root.rglob("*.tmp"))  # nothing to unpickle, no temporary left
     geometry = json.loads((root / "geometry.json").read_text())

@@ -86,6 +86,11 @@ class DataConfig:
     native_spacing: tuple[float, ...] = doc(
         "nnU-Net spacing of the preprocessed data when the memory fitter coarsened `spacing` (empty: unchanged)",
         default_factory=tuple, gt=0)
+    data_size: tuple[int, ...] = doc(
+        "voxels (at `spacing`) of the data that image_size pads: the median preprocessed shape the plan was made "
+        "from (scaled with `spacing` by the memory fitter); samples are centre-cropped to it on output, as the "
+        "loader centres cases in image_size (`sample --no-crop` keeps image_size; empty: no crop)",
+        default_factory=tuple, ge=1)
 
 
 @dataclass(frozen=True)

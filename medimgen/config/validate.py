@@ -88,7 +88,7 @@ def check_generation(cfg: GenerationConfig, where: str = "") -> None:
     data, nd = cfg.data, cfg.data.spatial_dims
     if nd not in (2, 3):
         raise _bad(_join(where, "data.spatial_dims"), "2 or 3", nd)
-    for name in ("image_size", "size_divisor", "spacing", "crop_size", "native_spacing"):
+    for name in ("image_size", "size_divisor", "spacing", "crop_size", "native_spacing", "data_size"):
         value = getattr(data, name)
         if len(value) != nd and (value or name in ("image_size", "size_divisor", "spacing")):
             raise _bad(_join(where, f"data.{name}"), f"a list of {nd} values (data.spatial_dims)", value)

@@ -167,6 +167,7 @@ def plan_generation(
         intensity_case_mean=tuple(intensity_stats.case_mean) if intensity_stats else (),
         intensity_case_std=tuple(intensity_stats.case_std) if intensity_stats else (),
         intensity_background=tuple(intensity_stats.background) if intensity_stats else (),
+        data_size=tuple(min(int(round(m)), s) for m, s in zip(median, image_size)),
     )
     ae_channels = autoencoder_channels(n_ae)
     autoencoder = AutoencoderConfig(

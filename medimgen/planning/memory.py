@@ -190,9 +190,11 @@ def _downscale(cfg: GenerationConfig, factor: float) -> GenerationConfig:
         losses = dataclasses.replace(losses, perceptual_network="none")  # slices now too small for it
     disc = cfg.discriminator  # each strided layer halves the image: fewer layers fit a smaller one
     disc = dataclasses.replace(disc, num_layers=min(disc.num_layers, discriminator_layers(size)))
+    # the data inside the crop shrinks with the image: samples are still cropped back to it
+    data_size = tuple(min(s, max(1, round(d * s / c))) for d, s, c in zip(data.data_size, size, crop))
     return dataclasses.replace(cfg, losses=losses, discriminator=disc, data=dataclasses.replace(
         data, image_size=size, crop_size=tuple(crop), spacing=spacing,
-        native_spacing=tuple(data.native_spacing or data.spacing)))
+        native_spacing=tuple(data.native_spacing or data.spacing), data_size=data_size))
 
 
 def fit_to_memory(cfg: GenerationConfig, target_gb: float) -> GenerationConfig:

@@ -26,6 +26,7 @@ from medimgen.tracking import Tracker, git_commit, sigterm_interrupts
 from medimgen.training.lock import RunLock
 from medimgen.training.loop import LoopOptions, Trainer, seed_everything
 from medimgen.training.memory_guard import MemoryGuard
+from medimgen.training.outputs import PLOT_EXAMPLES
 
 
 @dataclass
@@ -185,7 +186,7 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
         trainer = Trainer(
             task, tcfg, run, tracker, dev, batches,
             val_batches=lambda: validation_batches(cfg, plans, val_ids, cfg.train_for(model).batch_size),
-            plot_batch=lambda: next(validation_batches(cfg, plans, val_ids[:1], 1)),
+            plot_batch=lambda: next(validation_batches(cfg, plans, val_ids[:PLOT_EXAMPLES], PLOT_EXAMPLES)),
             options=LoopOptions(progress=progress, echo=run_echo, stop_after_epoch=stop_after_epoch,
                                 on_epoch=setup.on_epoch, memory_guard=guard, on_refit=on_refit),
             config_yaml=render_generation_config(cfg),

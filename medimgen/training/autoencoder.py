@@ -12,8 +12,8 @@ from torch import nn
 from medimgen.config.schema import GenerationConfig
 from medimgen.losses import kl_loss
 from medimgen.networks import build_autoencoder, build_discriminator
-from medimgen.training.outputs import save_images
 from medimgen.perceptual import build_perceptual_loss
+from medimgen.training.outputs import PLOT_EXAMPLES, plot_images
 
 
 class AutoencoderTask:
@@ -91,10 +91,13 @@ class AutoencoderTask:
 
     def plot(self, stem: Path, batch: dict, model: Callable[[str], nn.Module]) -> Path | None:
         ae = model("autoencoder")
-        x = batch["image"][:1].to(self.device)
-        z_mu, _ = ae.encode(x)
-        recon = ae.decode(z_mu).float().clamp(*self.cfg.data.intensity_range)
-        return save_images([x[0], recon[0]], stem, tuple(self.cfg.data.intensity_range))
+        rows = []
+        for image in batch["image"][:PLOT_EXAMPLES]:  # one at a time: no bigger batch than training's
+            x = image[None].to(self.device)
+            z_mu, _ = ae.encode(x)
+            rows.append([x[0], ae.decode(z_mu).float().clamp(*self.cfg.data.intensity_range)[0]])
+        return plot_images(rows, stem, self.cfg, f"AUTOENCODER reconstructions of {len(rows)} validation "
+                                                 f"image(s): input | output")
 
     def extra_state(self) -> dict:
         return {}

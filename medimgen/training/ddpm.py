@@ -12,7 +12,7 @@ from torch import nn
 from medimgen.config.schema import GenerationConfig
 from medimgen.diffusion import generate, target_for, training_scheduler
 from medimgen.networks import build_unet
-from medimgen.training.outputs import save_images
+from medimgen.training.outputs import PLOT_EXAMPLES, plot_images
 
 VAL_SEED = 1234
 PLOT_SEED = 4321
@@ -31,7 +31,7 @@ class DiffusionTask:
         self.modules: dict[str, nn.Module] = {"unet": self.unet}
         self.phase_modules = {"diffusion": ["unet"]}
         self.scheduler = training_scheduler(cfg.scheduler_for(self.name))
-        self.num_plot_samples = 4 if cfg.data.spatial_dims == 2 else 1
+        self.num_plot_samples = PLOT_EXAMPLES
 
     # -- what differs between DDPM and LDM
     @property
@@ -80,8 +80,9 @@ class DiffusionTask:
         return generate(self.cfg, self.name, unet, n, seed, device=self.device, decode=self.decode)
 
     def plot(self, stem: Path, batch: dict, model: Callable[[str], nn.Module]) -> Path | None:
-        images = self.sample(model("unet"), self.num_plot_samples, PLOT_SEED)
-        return save_images(list(images), stem, tuple(self.cfg.data.intensity_range))
+        n, step = self.num_plot_samples, self.cfg.train_for(self.name).batch_size  # no bigger batches than training's
+        images = torch.cat([self.sample(model("unet"), min(step, n - i), PLOT_SEED + i) for i in range(0, n, step)])
+        return plot_images(list(images), stem, self.cfg, f"{self.name.upper()} samples ({n}, seed {PLOT_SEED})")
 
     def extra_state(self) -> dict:
         return {}

@@ -1,4 +1,5 @@
-"""Training plots: loss curves and sample/reconstruction images of the run folder's plots/."""
+"""Training plots: loss curves and sample/reconstruction images of the run folder's plots/ (titled, radiological
+orientation, >= 256 px per image)."""
 
 from __future__ import annotations
 
@@ -47,17 +48,110 @@ def to_uint8(x: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
     return (a * 255).round().astype(np.uint8)
 
 
-def save_images(images: list[torch.Tensor], path_stem: Path, value_range=(-1.0, 1.0)) -> Path:
-    """Side-by-side images (each (C, *spatial)): a PNG for 2D, a GIF across the first axis for 3D."""
-    from PIL import Image
+PLOT_EXAMPLES = 4  # images per plot (samples, or input/output pairs of reconstructions)
+PLOT_MIN_SIZE = 256  # px on the short side of every shown image (nearest-neighbour upscaling)
 
-    arrays = [to_uint8(im[0], *value_range) for im in images]  # first channel
-    if arrays[0].ndim == 2:
+
+def plot_geometry(path_stem: Path):
+    """The geometry.json of the run a plot belongs to (``<run>/plots/epoch_NNNN``), None when absent or unreadable."""
+    from medimgen.errors import MedimgenError
+    from medimgen.geometry import FILE, Geometry
+
+    path = Path(path_stem).parent.parent / FILE
+    try:
+        return Geometry.from_dict(json.loads(path.read_text()), str(path)) if path.is_file() else None
+    except (MedimgenError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _view(a: np.ndarray, view: tuple[bool, bool, bool], scale: tuple[int, int]) -> np.ndarray:
+    transpose, flip_rows, flip_cols = view
+    if flip_rows:
+        a = a[::-1]
+    if flip_cols:
+        a = a[:, ::-1]
+    if transpose:
+        a = a.T
+    return np.repeat(np.repeat(a, scale[0], axis=0), scale[1], axis=1)
+
+
+def _scale(shape: tuple[int, int], spacing, transpose: bool) -> tuple[int, int]:
+    """Integer nearest-neighbour factors: square pixels in mm (within rounding), short side >= PLOT_MIN_SIZE."""
+    sp = [float(s) for s in spacing] if spacing is not None and len(spacing) == 2 else [1.0, 1.0]
+    if transpose:
+        shape, sp = shape[::-1], sp[::-1]
+    ratio = [max(1, min(8, round(s / min(sp)))) for s in sp]
+    k = max(1, -(-PLOT_MIN_SIZE // min(n * r for n, r in zip(shape, ratio))))
+    return ratio[0] * k, ratio[1] * k
+
+
+def _font(size: int = 16):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def save_images(rows, path_stem: Path, value_range=(-1.0, 1.0), title: str = "", geometry=None,
+                spacing=None) -> Path:
+    """A titled grid of images (each (C, *spatial), first channel shown): a PNG for 2D, a GIF across the
+    first preprocessed axis (the through-plane one) for 3D, one frame per slice, named in the header.
+
+    ``rows``: a list of rows, each a list of images (a flat list of images is one row). Slices are shown
+    in radiological orientation (medimgen.geometry.radiological_view: the patient's left on the image's
+    right, anterior/superior up) from ``geometry`` (the run's geometry.json; None: arrays as stored) and
+    upscaled with nearest neighbours so that each image is at least PLOT_MIN_SIZE px on its short side,
+    with square pixels in mm when ``spacing`` (of the two shown axes) is given."""
+    from PIL import Image, ImageDraw
+
+    from medimgen.geometry import radiological_view
+
+    if rows and not isinstance(rows[0], (list, tuple)):
+        rows = [rows]
+    arrays = [[to_uint8(im[0], *value_range) for im in row] for row in rows]
+    three_d = arrays[0][0].ndim == 3
+    view = radiological_view(geometry, (1, 2))
+    shape = arrays[0][0].shape[-2:]
+    scale = _scale(shape, spacing, view[0])
+    gap, font = 4, _font()
+    header = 24 if not three_d else 44
+
+    def frame(z: int | None) -> Image.Image:
+        tiles = [[_view(a[z] if z is not None else a, view, scale) for a in row] for row in arrays]
+        h, w = tiles[0][0].shape
+        ncols = max(len(r) for r in tiles)
+        canvas = np.zeros((header + len(tiles) * (h + gap) - gap, ncols * (w + gap) - gap), np.uint8)
+        for i, row in enumerate(tiles):
+            for j, t in enumerate(row):
+                y, x = header + i * (h + gap), j * (w + gap)
+                canvas[y:y + h, x:x + w] = t
+        image = Image.fromarray(canvas)
+        draw = ImageDraw.Draw(image)
+        draw.text((4, 3), title, fill=255, font=font)
+        if z is not None:
+            draw.text((4, 23), f"slice {z + 1}/{depth} along preprocessed axis 0 (through-plane)", fill=200, font=font)
+        return image
+
+    if not three_d:
         path = path_stem.with_suffix(".png")
-        Image.fromarray(np.concatenate(arrays, axis=1)).save(path)
+        with atomic_path(path, suffix=".png") as tmp:
+            frame(None).save(tmp, format="PNG")
         return path
     path = path_stem.with_suffix(".gif")
-    depth = arrays[0].shape[0]
-    frames = [Image.fromarray(np.concatenate([a[z] for a in arrays], axis=1)) for z in range(depth)]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=120, loop=0)
+    depth = arrays[0][0].shape[0]
+    frames = [frame(z) for z in range(depth)]
+    with atomic_path(path, suffix=".gif") as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=120, loop=0)
     return path
+
+
+def plot_images(rows, path_stem: Path, cfg, what: str) -> Path:
+    """save_images for a training plot of ``cfg`` (GenerationConfig): titled with the model, dimensionality,
+    epoch (from ``epoch_NNNN``) and ``what`` is shown, oriented by the run's geometry.json."""
+    stem = Path(path_stem)
+    epoch = stem.name.split("_")[-1].lstrip("0") or "0"
+    title = f"{what} | {cfg.data.spatial_dims}D, epoch {epoch}"
+    return save_images(rows, stem, tuple(cfg.data.intensity_range), title, plot_geometry(stem),
+                       tuple(cfg.data.spacing)[-2:])
