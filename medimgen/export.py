@@ -51,8 +51,8 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
     sched, n_steps = sampler.schedule(options.scheduler, options.steps)
     images = sampler.sample(num_images, options.seed, sched, n_steps, options.batch_size, options.amp, options.progress)
     try:
-        files = save_samples(images, sampler, out / "imagesTr", options.seed, sched, n_steps, options.resample,
-                             prefix="synth", channel_suffix=True, sidecar_dir=out / "provenance", crop=options.crop)
+        files = save_samples(images, sampler, out / "imagesTr", options, sched, n_steps, prefix="synth",
+                             channel_suffix=True, sidecar_dir=out / "provenance")
         (out / "labelsTr").mkdir()
         for first_channel in [f for f in files if f.name.endswith("_0000.nii.gz")]:
             _mask_like(first_channel, out / "labelsTr" / first_channel.name.replace("_0000.nii.gz", ".nii.gz"))

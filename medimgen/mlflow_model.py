@@ -20,12 +20,14 @@ from mlflow.pyfunc import PythonModel
 
 class SampleRequest(pydantic.BaseModel):
     """One request: ``num_images`` images from ``seed`` (``sampler``: ddim or ddpm, ``steps``: DDIM steps;
-    None: the config's defaults)."""
+    None: the config's defaults; ``crop``: cut back to the data size the model's image size pads, as the
+    NIfTI outputs are)."""
 
     num_images: int = 1
     seed: int = 0
     sampler: str | None = None
     steps: int | None = None
+    crop: bool = True
 
 
 class MedimgenSamplerModel(PythonModel):
@@ -39,8 +41,11 @@ class MedimgenSamplerModel(PythonModel):
         self.sampler = Sampler.load(context.artifacts["sampler"]).to(resolve_device())
 
     def predict(self, context, model_input: list[SampleRequest], params=None):
-        arrays = [self.sampler.sample(num_images=r.num_images, seed=r.seed, sampler=r.sampler,
-                                      steps=r.steps or None) for r in model_input]
+        from medimgen.sampling import crop_to_data
+
+        arrays = [crop_to_data(self.sampler.sample(num_images=r.num_images, seed=r.seed, sampler=r.sampler,
+                                                   steps=r.steps or None), self.sampler.cfg, r.crop)[0]
+                  for r in model_input]
         return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 

@@ -149,13 +149,15 @@ def _free_stem(folder: Path, prefix: str, index: int) -> tuple[str, int]:
     return f"{prefix}_{index:04d}", index
 
 
-def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, seed: int, scheduler: str, steps: int,
-                 resample: bool = False, prefix: str = "sample", channel_suffix: bool = False,
-                 sidecar_dir: Path | None = None, crop: bool = True) -> list[Path]:
-    """Write every sample (all channels) as NIfTI + a JSON sidecar; never overwrite existing files.
+def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, options: SampleOptions, scheduler: str,
+                 steps: int, prefix: str = "sample", channel_suffix: bool = False,
+                 sidecar_dir: Path | None = None) -> list[Path]:
+    """Write every sample (all channels) as NIfTI + a JSON sidecar saying how it was made; never overwrite files.
 
-    ``crop``: cut each (N, C, *image_size) sample back to the data it pads (``data.data_size``); without it
-    the padded model size is written, its origin moved so that the data region stays in place."""
+    ``options.crop``: cut each (N, C, *image_size) sample back to the data it pads (``data.data_size``); without
+    it the padded model size is written, its origin moved so that the data region stays in place.
+    ``options.resample``: to the dataset's original median spacing."""
+    crop, resample = options.crop, options.resample
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sidecar_dir = Path(sidecar_dir) if sidecar_dir else out_dir
@@ -173,8 +175,8 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, see
         for c in range(sample.shape[0]):
             name = f"{stem}_{c:04d}.nii.gz" if channel_suffix or sample.shape[0] > 1 else f"{stem}.nii.gz"
             files.append(write_nifti(sample[c], out_dir / name, sampler.geometry, spacing, shift=shift))
-        sidecar = {"model": sampler.source, "kind": sampler.kind, "dataset": sampler.dataset, "seed": seed,
-                   "index": i, "scheduler": scheduler, "steps": steps,
+        sidecar = {"model": sampler.source, "kind": sampler.kind, "dataset": sampler.dataset, "seed": options.seed,
+                   "index": i, "scheduler": scheduler, "steps": steps, "amp": options.amp,
                    "spacing": list(spacing), "resampled_to_original_spacing": resample,
                    "cropped_to_data_size": data_crop(sampler.cfg) is not None and crop,
                    "channels": list(sampler.cfg.data.channel_names), "files": [f.name for f in files]}
@@ -191,4 +193,4 @@ def sample_to_folder(save_path: Path | str, num_images: int, ref: ModelRef, opti
     sampler = resolve_sampler(ref).to(resolve_device(options.device))
     name, n_steps = sampler.schedule(options.scheduler, options.steps)
     images = sampler.sample(num_images, options.seed, name, n_steps, options.batch_size, options.amp, options.progress)
-    return save_samples(images, sampler, save_path, options.seed, name, n_steps, options.resample, crop=options.crop)
+    return save_samples(images, sampler, save_path, options, name, n_steps)

@@ -159,3 +159,22 @@ def test_planned_configs_pass_validation(planned):
 
     for dim, cfg in planned.configs.items():
         check_generation(cfg, dim)
+
+
+def test_results_live_in_derived_and_old_layouts_still_load(planned):
+    """Results (memory predictions, latent scale) sit in `derived:`, apart from the settings; a config written
+    before that section existed (results among train_ldm / memory) loads with them moved there."""
+    from medimgen.config.io import to_dict
+
+    cfg = planned.get("3d")
+    assert cfg.derived.predicted_peak_gb and "derived:" in render_yaml(planned)
+    old = to_dict(cfg)
+    derived = old.pop("derived")
+    old["train_ldm"]["latent_scale_factor"] = 0.25
+    old["memory"].update(fitted=derived["memory_fitted"], predicted_peak_gb=derived["predicted_peak_gb"])
+    back = from_dict(GenerationConfig, old, "3d")
+    assert back.derived.latent_scale_factor == 0.25
+    assert back.derived.predicted_peak_gb == cfg.derived.predicted_peak_gb
+    assert dataclasses.replace(back, derived=cfg.derived) == cfg
+    assert back.train_for("ldm") is back.train_ldm and back.unet_for("ddpm") is back.ddpm_unet
+    assert back.with_train("ddpm", batch_size=3).train_ddpm.batch_size == 3

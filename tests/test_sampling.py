@@ -157,3 +157,47 @@ def test_sample_without_trained_model_is_clear(nnunet_env, tmp_path, monkeypatch
     assert r.exit_code == 2 and "no trained ldm or ddpm" in r.output
     r = CliRunner().invoke(main, ["sample", str(ANISO_3D), "3d", "1", str(tmp_path / "o"), "--model", "models:/Nope@x"])
     assert r.exit_code == 2 and "cannot load MLflow model models:/Nope@x" in r.output
+
+
+def test_moved_results_folder_keeps_the_ldm_working(flow_2d, nnunet_env, tmp_path):
+    """An LDM run refers to its autoencoder run by a relative path: a copied results tree samples the same images,
+    with the original autoencoder run out of the way."""
+    import shutil
+
+    from medimgen.runs import RunDir, read_checkpoint
+
+    ldm = RunDir(flow_2d["ldm"].run_dir)
+    dataset_root = ldm.root.parents[2]  # results/DatasetXXX
+    moved = tmp_path / "moved" / dataset_root.name
+    shutil.copytree(dataset_root, moved)
+    assert not Path(read_checkpoint(ldm.last)["extra"]["autoencoder_run"]).is_absolute()
+    ae = dataset_root / "autoencoder"
+    hidden = dataset_root / "autoencoder.hidden"
+    reference = from_run(ldm.root).sample(1, seed=3, steps=2)
+    ae.rename(hidden)
+    try:
+        with pytest.raises(Exception):
+            from_run(ldm.root)  # the original LDM really needs its autoencoder run
+        copy = from_run(moved / ldm.root.relative_to(dataset_root)).sample(1, seed=3, steps=2)
+    finally:
+        hidden.rename(ae)
+    np.testing.assert_allclose(copy, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_export_dataset_honours_checkpoint_amp_and_resample(flow_3d, nnunet_env, tmp_path):
+    """`export-dataset --checkpoint last --amp --resample` (these options were once accepted and dropped)."""
+    r = CliRunner().invoke(main, ["export-dataset", str(ANISO_3D), "3d", "1", "-t", "302", "--steps", "2",
+                                  "--model", "ddpm", "--checkpoint", "last", "--amp", "--resample"])
+    assert r.exit_code == 0, r.output
+    out = nnunet_env["nnUNet_raw"] / "Dataset302_AnisoSynth"
+    sidecar = json.loads((out / "provenance" / "synth_0000.json").read_text())
+    assert sidecar["model"].endswith("last.pt") and sidecar["amp"] is True
+    assert sidecar["resampled_to_original_spacing"] is True
+    cfg = flow_3d["ddpm"].config
+    target = json.loads((flow_3d["ddpm"].run_dir / "nnUNetPlans.json").read_text())["original_median_spacing_after_transp"]
+    expected = [round(s * c / t) for s, c, t in zip(cfg.data.data_size, cfg.data.spacing, target)]
+    assert tuple(expected) != tuple(cfg.data.data_size)  # resampling changes the size: the check below can fail
+    image = nib.load(str(out / "imagesTr" / "synth_0000_0000.nii.gz"))
+    label = nib.load(str(out / "labelsTr" / "synth_0000.nii.gz"))
+    assert image.header.get_zooms() == pytest.approx(tuple(target[::-1]), rel=1e-4) and image.shape == tuple(expected[::-1])
+    assert label.shape == image.shape and np.allclose(label.affine, image.affine)

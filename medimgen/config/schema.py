@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from medimgen import __version__
+
 
 _REQUIRED = object()
 
@@ -255,7 +257,7 @@ class MedimgenConfig:
 
     dataset: DatasetInfo
     configs: dict  # {"2d": GenerationConfig, "3d": GenerationConfig}
-    medimgen_version: str = "0.1.0"
+    medimgen_version: str = __version__
 
     def get(self, dim: str) -> GenerationConfig:
         from medimgen.errors import MedimgenError

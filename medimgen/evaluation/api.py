@@ -170,6 +170,23 @@ def evaluate(ref: ModelRef, real: str = "test", num_samples: int = 16, extractor
     feats = build_extractor(extractor, weights, model.dataset, model.cfg.data.spatial_dims,
                             IntensityMap.from_config(model.cfg.data))
     scores = score_model(model, images, num_samples, feats, options)
+    num_generated = 0 if model.kind == "autoencoder" else num_samples
+    report = {
+        "model": model.source, "kind": model.kind, "dataset": model.dataset, "dim": model.dim,
+        "mlflow_model_run_id": model.mlflow_run_id, "seed": options.seed, "num_generated": num_generated,
+        "real": {"subset": real, "splitting": ref.splitting, "fold": ref.fold, "cases": len(ids), "images": len(images)},
+        "feature_extractor": feats.name if feats is not None else None,
+        "scores": scores, "objectives": objective_values(scores, model.kind),
+        "notes": _notes(scores, model.kind, extractor, feats, len(images), num_samples),
+    }
+    default = (model.run_root or Path.cwd()) / f"evaluation_{model.kind}_{model.dim}_{real}.json"
+    report["json"] = str(_write_report(report, Path(output) if output else default))
+    report["mlflow_run_id"] = _log_to_mlflow(report, Path(report["json"]), model.mlflow_run_id) if track else None
+    return report
+
+
+def _notes(scores: dict, kind: str, extractor: str, feats, num_real: int, num_samples: int) -> list[str]:
+    """What the report's numbers do not say by themselves."""
     notes = []
     if feats is None and extractor == "none":
         notes.append("no Fréchet distance / MMD: --extractor none")
@@ -177,32 +194,21 @@ def evaluate(ref: ModelRef, real: str = "test", num_samples: int = 16, extractor
         notes.append("no Fréchet distance / MMD: no feature extractor has weights on this machine "
                      "(train nnU-Net on the dataset, or put RadImageNet/MedicalNet/InceptionV3 weights in the torch hub cache)")
     else:
-        notes.append(f"Fréchet distances are biased by the number of images (here {len(images)} real vs "
-                     f"{len(images) if model.kind == 'autoencoder' else num_samples} generated/reconstructed): "
+        notes.append(f"Fréchet distances are biased by the number of images (here {num_real} real vs "
+                     f"{num_real if kind == 'autoencoder' else num_samples} generated/reconstructed): "
                      f"compare scores only at the same K, real subset and extractor")
-    for key, n, fix in (("ms_ssim_real", len(images), "use --real train or all"),
+    for key, n, fix in (("ms_ssim_real", num_real, "use --real train or all"),
                         ("ms_ssim_generated", num_samples, "raise -k")):
         if key in scores and n < 2:
             notes.append(f"{key} and ms_ssim_gap are nan: MS-SSIM diversity compares pairs, so it needs at least "
                          f"2 images (here {n}; {fix})")
-    if model.kind == "autoencoder" and "lpips.alex" not in scores:
+    if kind == "autoencoder" and "lpips.alex" not in scores:
         notes.append("no LPIPS: AlexNet weights are not in the torch hub cache")
-    report = {
-        "model": model.source, "kind": model.kind, "dataset": model.dataset, "dim": model.dim,
-        "mlflow_model_run_id": model.mlflow_run_id, "seed": options.seed,
-        "num_generated": 0 if model.kind == "autoencoder" else num_samples,
-        "real": {"subset": real, "splitting": ref.splitting, "fold": ref.fold, "cases": len(ids), "images": len(images)},
-        "feature_extractor": feats.name if feats is not None else None,
-        "scores": scores, "objectives": objective_values(scores, model.kind), "notes": notes,
-    }
-    if output is None:
-        base = model.run_root if model.run_root is not None else Path.cwd()
-        output = base / f"evaluation_{model.kind}_{model.dim}_{real}.json"
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(report), indent=2, default=float))
-    tmp.replace(output)
-    report["json"] = str(output)
-    report["mlflow_run_id"] = _log_to_mlflow(report, output, model.mlflow_run_id) if track else None
-    return report
+    return notes
+
+
+def _write_report(report: dict, path: Path) -> Path:
+    from medimgen.atomic import write_bytes_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_bytes_atomic(path, json.dumps(_json_safe(report), indent=2, default=float).encode())

@@ -7,6 +7,7 @@ docs/heuristics.md lists them in words.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -106,6 +107,97 @@ def epochs_for(model: str, samples_per_epoch: int, batch_size: int) -> tuple[int
     return epochs, iterations
 
 
+@dataclass(frozen=True)
+class _Levels:
+    """The networks' levels from nnU-Net's architecture, and the generated image size they allow."""
+
+    dims: int
+    ae_strides: tuple
+    ddpm_channels: tuple
+    ddpm_strides: tuple
+    ldm_channels: tuple
+    ldm_strides: tuple
+    divisor: tuple[int, ...]
+    image_size: tuple[int, ...]
+    latent_size: tuple[int, ...]
+
+
+def _levels(cm) -> _Levels:
+    arch = cm.network_arch_init_kwargs
+    dims = len(cm.patch_size)
+    nn_strides = [list(s) for s in arch["strides"]]
+    features = list(arch["features_per_stage"])
+    ae_strides = autoencoder_strides(nn_strides, dims)
+    ae_factor = total_stride(ae_strides, dims)
+    ddpm_channels, ddpm_strides = unet_levels(features, nn_strides, 0, MAX_DDPM_LEVELS)
+    ldm_channels, ldm_strides = unet_levels(features, nn_strides, len(ae_strides), MAX_LDM_LEVELS)
+    ldm_factor = tuple(a * b for a, b in zip(ae_factor, total_stride(ldm_strides, dims)))
+    divisor = tuple(int(np.lcm(a, b)) for a, b in zip(total_stride(ddpm_strides, dims), ldm_factor))
+    image_size = round_up([float(v) for v in cm.median_image_size_in_voxels], divisor)
+    return _Levels(dims, ae_strides, ddpm_channels, ddpm_strides, ldm_channels, ldm_strides, divisor, image_size,
+                   tuple(s // f for s, f in zip(image_size, ae_factor)))
+
+
+def _samples_per_epoch(plans: DatasetPlans, dims: int) -> int:
+    """Training cases; 2D trains on slices: an epoch draws one slice per case and per ~8 slices of depth."""
+    n_train_cases = max(1, round(plans.num_training * (1 - VALIDATION_FRACTION)))
+    if dims == 3:
+        return n_train_cases
+    depth = plans.manager.get_configuration(NNUNET_CONFIGURATION["3d"]).median_image_size_in_voxels[0] \
+        if "3d" in plans.available_dims else 1
+    return n_train_cases * max(1, int(round(float(depth) / 8)))
+
+
+def _data_config(plans: DatasetPlans, dim: str, cm, lv: _Levels, intensity_low, intensity_high,
+                 intensity_stats) -> DataConfig:
+    median = [float(v) for v in cm.median_image_size_in_voxels]
+    fg = plans.foreground_intensity_properties
+    return DataConfig(
+        nnunet_configuration=NNUNET_CONFIGURATION[dim],
+        spatial_dims=lv.dims,
+        in_channels=plans.num_channels,
+        channel_names=plans.channel_names,
+        image_size=lv.image_size,
+        size_divisor=lv.divisor,
+        spacing=tuple(float(s) for s in cm.spacing),
+        median_image_size=tuple(int(round(m)) for m in median),
+        nnunet_patch_size=tuple(int(p) for p in cm.patch_size),
+        nnunet_batch_size=int(cm.batch_size),
+        normalization_schemes=tuple(cm.normalization_schemes),
+        intensity_low=tuple(float(v) for v in intensity_low),
+        intensity_high=tuple(float(v) for v in intensity_high),
+        intensity_mean=tuple(float(p["mean"]) for p in fg),
+        intensity_std=tuple(float(p["std"]) for p in fg),
+        intensity_case_mean=tuple(intensity_stats.case_mean) if intensity_stats else (),
+        intensity_case_std=tuple(intensity_stats.case_std) if intensity_stats else (),
+        intensity_background=tuple(intensity_stats.background) if intensity_stats else (),
+        data_size=tuple(min(int(round(m)), s) for m, s in zip(median, lv.image_size)),
+    )
+
+
+def _networks(lv: _Levels) -> dict:
+    ae_channels = autoencoder_channels(len(lv.ae_strides))
+    return dict(
+        autoencoder=AutoencoderConfig(channels=ae_channels, strides=lv.ae_strides, latent_channels=LATENT_CHANNELS[lv.dims],
+                                      attention_levels=(False,) * len(ae_channels), norm_num_groups=norm_groups(ae_channels)),
+        discriminator=DiscriminatorConfig(num_layers=discriminator_layers(lv.image_size)),
+        ddpm_unet=UNetConfig(channels=lv.ddpm_channels, strides=lv.ddpm_strides, norm_num_groups=norm_groups(lv.ddpm_channels),
+                             attention_levels=attention_levels(lv.image_size, lv.ddpm_strides, lv.dims)),
+        ldm_unet=UNetConfig(channels=lv.ldm_channels, strides=lv.ldm_strides, norm_num_groups=norm_groups(lv.ldm_channels),
+                            attention_levels=attention_levels(lv.latent_size, lv.ldm_strides, lv.dims)),
+    )
+
+
+def _training(samples: int, batch: int) -> dict:
+    def train(model: str, lr: float, disc_lr: float | None = None, ema: float | None = None) -> TrainConfig:
+        epochs, iterations = epochs_for(model, samples, batch)
+        return TrainConfig(epochs=epochs, batch_size=batch, iterations_per_epoch=iterations, learning_rate=lr,
+                           disc_learning_rate=disc_lr, ema_decay=ema, val_plot_interval=max(1, epochs // PLOTS_PER_RUN))
+
+    return dict(train_autoencoder=train("autoencoder", 1e-4, disc_lr=5e-4), train_ddpm=train("ddpm", 1e-4, ema=0.999),
+                train_ldm=train("ldm", 2.5e-5, ema=0.999))
+
+
 def plan_generation(
     plans: DatasetPlans,
     dim: str,
@@ -119,107 +211,21 @@ def plan_generation(
     ``intensity_stats``: medimgen.planning.intensity.IntensityStatistics (how samples go back to the
     dataset's units); None leaves those fields empty (the fingerprint's mean/std are used)."""
     cm = plans.configuration(dim)
-    arch = cm.network_arch_init_kwargs
-    dims = len(cm.patch_size)
-    nn_strides = [list(s) for s in arch["strides"]]
-    features = list(arch["features_per_stage"])
-
-    ae_strides = autoencoder_strides(nn_strides, dims)
-    n_ae = len(ae_strides)
-    ae_factor = total_stride(ae_strides, dims)
-    ddpm_channels, ddpm_strides = unet_levels(features, nn_strides, 0, MAX_DDPM_LEVELS)
-    ldm_channels, ldm_strides = unet_levels(features, nn_strides, n_ae, MAX_LDM_LEVELS)
-    ddpm_factor = total_stride(ddpm_strides, dims)
-    ldm_factor = tuple(a * b for a, b in zip(ae_factor, total_stride(ldm_strides, dims)))
-    divisor = tuple(int(np.lcm(a, b)) for a, b in zip(ddpm_factor, ldm_factor))
-
-    median = [float(v) for v in cm.median_image_size_in_voxels]
-    image_size = round_up(median, divisor)
-    latent_size = tuple(s // f for s, f in zip(image_size, ae_factor))
-
-    batch = generation_batch_size(cm.batch_size, cm.patch_size, image_size)
-    n_train_cases = max(1, round(plans.num_training * (1 - VALIDATION_FRACTION)))
-    # 2D trains on slices: an epoch draws one slice per case and per ~8 slices of depth
-    if dims == 2:
-        depth = plans.manager.get_configuration(NNUNET_CONFIGURATION["3d"]).median_image_size_in_voxels[0] \
-            if "3d" in plans.available_dims else 1
-        samples = n_train_cases * max(1, int(round(float(depth) / 8)))
-    else:
-        samples = n_train_cases
-
-    fg = plans.foreground_intensity_properties
-    data = DataConfig(
-        nnunet_configuration=NNUNET_CONFIGURATION[dim],
-        spatial_dims=dims,
-        in_channels=plans.num_channels,
-        channel_names=plans.channel_names,
-        image_size=image_size,
-        size_divisor=divisor,
-        spacing=tuple(float(s) for s in cm.spacing),
-        median_image_size=tuple(int(round(m)) for m in median),
-        nnunet_patch_size=tuple(int(p) for p in cm.patch_size),
-        nnunet_batch_size=int(cm.batch_size),
-        normalization_schemes=tuple(cm.normalization_schemes),
-        intensity_low=tuple(float(v) for v in intensity_low),
-        intensity_high=tuple(float(v) for v in intensity_high),
-        intensity_mean=tuple(float(p["mean"]) for p in fg),
-        intensity_std=tuple(float(p["std"]) for p in fg),
-        intensity_case_mean=tuple(intensity_stats.case_mean) if intensity_stats else (),
-        intensity_case_std=tuple(intensity_stats.case_std) if intensity_stats else (),
-        intensity_background=tuple(intensity_stats.background) if intensity_stats else (),
-        data_size=tuple(min(int(round(m)), s) for m, s in zip(median, image_size)),
-    )
-    ae_channels = autoencoder_channels(n_ae)
-    autoencoder = AutoencoderConfig(
-        channels=ae_channels,
-        strides=ae_strides,
-        latent_channels=LATENT_CHANNELS[dims],
-        attention_levels=(False,) * len(ae_channels),
-        norm_num_groups=norm_groups(ae_channels),
-    )
-    ddpm_unet = UNetConfig(
-        channels=ddpm_channels,
-        strides=ddpm_strides,
-        attention_levels=attention_levels(image_size, ddpm_strides, dims),
-        norm_num_groups=norm_groups(ddpm_channels),
-    )
-    ldm_unet = UNetConfig(
-        channels=ldm_channels,
-        strides=ldm_strides,
-        attention_levels=attention_levels(latent_size, ldm_strides, dims),
-        norm_num_groups=norm_groups(ldm_channels),
-    )
-
-    def train(model: str, lr: float, disc_lr: float | None = None, ema: float | None = None) -> TrainConfig:
-        epochs, iterations = epochs_for(model, samples, batch)
-        return TrainConfig(
-            epochs=epochs,
-            batch_size=batch,
-            iterations_per_epoch=iterations,
-            learning_rate=lr,
-            disc_learning_rate=disc_lr,
-            ema_decay=ema,
-            val_plot_interval=max(1, epochs // PLOTS_PER_RUN),
-        )
-
-    train_ae = train("autoencoder", 1e-4, disc_lr=5e-4)
+    lv = _levels(cm)
+    batch = generation_batch_size(cm.batch_size, cm.patch_size, lv.image_size)
+    training = _training(_samples_per_epoch(plans, lv.dims), batch)
     return GenerationConfig(
-        data=data,
-        autoencoder=autoencoder,
-        discriminator=DiscriminatorConfig(num_layers=discriminator_layers(image_size)),
-        ddpm_unet=ddpm_unet,
-        ldm_unet=ldm_unet,
+        data=_data_config(plans, dim, cm, lv, intensity_low, intensity_high, intensity_stats),
+        **_networks(lv),
         # DDPM in image space: Ho et al.'s linear schedule; LDM on latents: Rombach/Pinaya's scaled linear
         ddpm_scheduler=SchedulerConfig(schedule="linear_beta", beta_start=1e-4, beta_end=2e-2),
         ldm_scheduler=SchedulerConfig(schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195),
         losses=LossConfig(
-            perceptual_network=perceptual_network(image_size),
-            perceptual_fake_3d=dims == 3,
-            adversarial_warmup_epochs=max(1, train_ae.epochs // 10),
+            perceptual_network=perceptual_network(lv.image_size),
+            perceptual_fake_3d=lv.dims == 3,
+            adversarial_warmup_epochs=max(1, training["train_autoencoder"].epochs // 10),
         ),
-        train_autoencoder=train_ae,
-        train_ddpm=train("ddpm", 1e-4, ema=0.999),
-        train_ldm=train("ldm", 2.5e-5, ema=0.999),
+        **training,
         tracking=TrackingConfig(),
         memory=MemoryConfig(target_gb=float(target_gb)),
     )

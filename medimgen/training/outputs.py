@@ -3,6 +3,7 @@ orientation, >= 256 px per image)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
