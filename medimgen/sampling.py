@@ -191,7 +191,7 @@ def from_run(run_root: Path | str, checkpoint: str = "best") -> Sampler:
         scale = float(state["extra"]["scale_factor"])
     dataset = run_root.parents[2].name
     return Sampler(kind, cfg, unet.eval(), ae.eval() if ae is not None else None, scale,
-                   load_geometry(run_root, cfg.data.spacing), dataset, str(path))
+                   load_geometry(run_root, cfg.data.spacing, cfg.data.plans_identifier), dataset, str(path))
 
 
 def from_uri(uri: str) -> Sampler:

@@ -47,8 +47,8 @@ class Target:
         return f"{self.cfg.data.spatial_dims}d"
 
 
-def _dataset_of(run_root: Path) -> str:
-    plans = run_root / "nnUNetPlans.json"
+def _dataset_of(run_root: Path, cfg: GenerationConfig) -> str:
+    plans = run_root / f"{cfg.data.plans_identifier}.json"  # the run's copy of the plans it was trained on
     if plans.is_file():
         return json.loads(plans.read_text())["dataset_name"]
     return run_root.parents[2].name
@@ -64,11 +64,12 @@ def target_from_run(run_root: Path | str, checkpoint: str = "best") -> Target:
     info = RunDir(run_root).checkpoint_meta()
     if info["model"] == "autoencoder":
         ae, cfg, ckpt = load_autoencoder(RunDir(run_root), torch.device("cpu"))
-        return Target("autoencoder", cfg, _dataset_of(run_root), str(ckpt), autoencoder=ae, run_root=run_root,
+        return Target("autoencoder", cfg, _dataset_of(run_root, cfg), str(ckpt), autoencoder=ae, run_root=run_root,
                       mlflow_run_id=info["mlflow_run_id"])
     sampler = from_run(run_root, checkpoint)
-    return Target(sampler.kind, load_generation_config(run_root / "config.yaml"), _dataset_of(run_root),
-                  sampler.source, sampler=sampler, run_root=run_root, mlflow_run_id=info["mlflow_run_id"])
+    cfg = load_generation_config(run_root / "config.yaml")
+    return Target(sampler.kind, cfg, _dataset_of(run_root, cfg), sampler.source, sampler=sampler, run_root=run_root,
+                  mlflow_run_id=info["mlflow_run_id"])
 
 
 def _run_id_of_uri(uri: str) -> str | None:
@@ -109,7 +110,7 @@ def real_images(cfg: GenerationConfig, dataset: str, subset: str = "test", split
 
     if subset not in SUBSETS:
         raise MedimgenError(f"real images must come from one of {', '.join(SUBSETS)}, got {subset!r}")
-    plans = DatasetPlans.from_id(dataset)
+    plans = DatasetPlans.planned(dataset, cfg)
     identifiers = open_cases(plans.preprocessed_folder(f"{cfg.data.spatial_dims}d")).identifiers
     split = get_split(plans.folder, identifiers, splitting, fold)
     ids = {"val": split.val, "test": split.test, "train": split.train, "all": identifiers}[subset]
@@ -290,7 +291,7 @@ def evaluate(
 
     images, ids = real_images(target.cfg, target.dataset, real, splitting, fold)
     feats = build_extractor(extractor, weights, target.dataset, target.cfg.data.spatial_dims,
-                            IntensityMap.from_config(target.cfg.data))
+                            IntensityMap.from_config(target.cfg.data), target.cfg.data.plans_identifier)
     scores = score_target(target, images, num_samples, feats, seed, scheduler, steps, batch_size, device, progress)
     notes = []
     if feats is None and extractor == "none":

@@ -166,6 +166,7 @@ def plan_generation(
         nnunet_patch_size=tuple(int(p) for p in cm.patch_size),
         nnunet_batch_size=int(cm.batch_size),
         normalization_schemes=tuple(cm.normalization_schemes),
+        plans_identifier=plans.plans_identifier,
         intensity_low=tuple(float(v) for v in intensity_low),
         intensity_high=tuple(float(v) for v in intensity_high),
         intensity_mean=tuple(float(p["mean"]) for p in fg),

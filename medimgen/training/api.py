@@ -135,10 +135,10 @@ def train(
         raise MedimgenError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     if model_type not in DIMS:
         raise MedimgenError(f"MODEL_TYPE must be 2d or 3d, got {model_type!r}")
-    plans = DatasetPlans.from_id(dataset_id)
+    setup = setup or RunSetup()
+    plans = DatasetPlans.planned(dataset_id, setup.config if setup.config is not None else config_path)
     identifiers = open_cases(plans.preprocessed_folder(model_type)).identifiers
     split = get_split(plans.folder, identifiers, splitting, fold)
-    setup = setup or RunSetup()
     run = RunDir(Path(setup.run_root)) if setup.run_root else run_dir_for(plans, model, model_type, split.name)
     with RunLock(run.root) as lock:  # an existing run is locked first: a running one is named before anything else
         return _train_locked(lock, model, plans, split, run, model_type, resume, overrides, config_path, setup,
@@ -161,6 +161,11 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
         cfg = apply_overrides(setup.config, list(overrides))
     else:
         cfg = resolve_config(plans, run, model_type, resume, overrides, config_path)
+    if cfg.data.plans_identifier != plans.plans_identifier:
+        raise MedimgenError(f"the {'run' if resume else 'training'} config has data.plans_identifier="
+                            f"{cfg.data.plans_identifier}, but {plans.name} is planned from {plans.plans_identifier} "
+                            f"(its {CONFIG_NAME}): re-plan with `medimgen plan -d {plans.dataset_id} --plans "
+                            f"{cfg.data.plans_identifier}`, or start a new run")
     tcfg = getattr(cfg, f"train_{model}")
     dev = resolve_device(device)
 

@@ -158,7 +158,7 @@ def tune(
     if trials < 0:
         raise MedimgenError("--trials must be 0 or more")
     space = load_space(space_path, model)
-    plans = DatasetPlans.from_id(dataset_id)
+    plans = DatasetPlans.planned(dataset_id)
     config_path = plans.folder / CONFIG_NAME
     if not config_path.is_file():
         raise MedimgenError(f"{config_path} does not exist: run `medimgen plan -d {plans.dataset_id}` first")
@@ -185,7 +185,7 @@ def tune(
     def features():
         if not feats_cache:
             feats_cache.append(build_extractor(extractor, weights, plans.name, base.data.spatial_dims,
-                                               IntensityMap.from_config(base.data)))
+                                               IntensityMap.from_config(base.data), plans.plans_identifier))
         return feats_cache[0]
 
     names, metrics_note = objectives.choose_metrics(metrics, model, objective,
