@@ -79,7 +79,9 @@ _set_option = click.option(
               help="GPU memory target in GB (default: detected GPU, else 8).")
 @click.option("--force", is_flag=True, help="Re-plan over a hand-edited config (it is backed up first).")
 @click.option("--explain", is_flag=True, help="Print the predicted memory per model (params, activations, total vs target).")
-@click.option("--plans", "plans_identifier", default="nnUNetPlans", show_default=True, help="nnU-Net plans identifier.")
+@click.option("--plans", "plans_identifier", default="nnUNetPlans", show_default=True,
+              help="nnU-Net plans identifier (e.g. nnUNetResEncUNetMPlans); recorded in the config, every later "
+                   "command uses these plans.")
 @click.option("--offline", is_flag=True,
               help="Plan no perceptual loss (losses.perceptual_network=none) when its pretrained weights are absent.")
 @_set_option
@@ -87,7 +89,7 @@ _set_option = click.option(
               help="Space-separated overrides in one string (for MLproject).")
 @friendly_errors
 def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, overrides, override_text):
-    """Turn nnU-Net's nnUNetPlans.json into medimgen_config.yaml (2d and 3d sections)."""
+    """Turn nnU-Net's plans (nnUNetPlans.json, or --plans) into medimgen_config.yaml (2d and 3d sections)."""
     from medimgen.planning import plan_dataset
 
     sets = [*overrides, *override_text.split()]
@@ -112,11 +114,12 @@ def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, 
 def _explain_existing(dataset_id, plans_identifier) -> bool:
     """`plan --explain` alone on a planned dataset: the table of the config as it stands, no re-planning."""
     from medimgen.config import load_config
-    from medimgen.planning.api import CONFIG_NAME, check_memory, weights_notes
-    from medimgen.plans import DatasetPlans
+    from medimgen.paths import config_path
+    from medimgen.planning.api import check_memory, weights_notes
 
-    if not (DatasetPlans.from_id(dataset_id, plans_identifier).folder / CONFIG_NAME).is_file():
-        return False
+    path = config_path(dataset_id)
+    if not path.is_file() or load_config(path).dataset.plans_identifier != plans_identifier:
+        return False  # not planned yet, or from other nnU-Net plans: plan
     report = check_memory(dataset_id, None, None, plans_identifier)
     click.echo(f"{report.path} exists: explaining it as it stands (--force, --set or --gpu-memory re-plan)")
     click.echo(report.table)
@@ -163,7 +166,8 @@ def weights_list_cmd():
               help="Config YAML (default: the dataset's medimgen_config.yaml).")
 @click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None,
               help="GPU memory to check against in GB (default: the config's memory.target_gb).")
-@click.option("--plans", "plans_identifier", default="nnUNetPlans", show_default=True, help="nnU-Net plans identifier.")
+@click.option("--plans", "plans_identifier", default=None,
+              help="nnU-Net plans identifier (default: the one the dataset's config was planned from).")
 @friendly_errors
 def memory_cmd(dataset_id, config_path, gpu_memory, plans_identifier):
     """Predicted peak GPU memory of every model of a config as it stands (no fitting); exit 1 if one does not fit."""

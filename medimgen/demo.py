@@ -71,7 +71,7 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
         return {"config": result.path, "env": env}
     runs = {}
     for step, model in ((4, "autoencoder"), (5, "ldm"), (5, "ddpm")):
-        run = RunDir.standard(DatasetPlans.from_id(dataset_id).name, model, "3d", "train-val-test")
+        run = RunDir.standard(DatasetPlans.planned(dataset_id).name, model, "3d", "train-val-test")
         if run.best.is_file():
             echo(f"[{step}/9] {model} already trained: {run.root}")
         else:
@@ -88,8 +88,8 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
     from medimgen.evaluation.features import find_nnunet_model
     from medimgen.nnunet import train_feature_nnunet
 
-    plans = DatasetPlans.from_id(dataset_id)
-    found = find_nnunet_model(plans.name, 3)
+    plans = DatasetPlans.planned(dataset_id)
+    found = find_nnunet_model(plans.name, 3, plans.plans_identifier)
     if found:
         echo(f"[7/9] a trained nnU-Net is already at {found[0]}: its encoder gives the FID features")
     else:

@@ -160,9 +160,9 @@ def save_geometry(geometry: Geometry, folder: Path) -> Path:
     return path
 
 
-def load_geometry(run_root: Path, spacing) -> Geometry:
+def load_geometry(run_root: Path, spacing, plans_identifier: str = "nnUNetPlans") -> Geometry:
     """The run folder's geometry.json. Run folders from before it existed: axis order and spacing from the
-    copied nnUNetPlans.json (JSON), orientation unknown (identity), with a warning."""
+    copied ``<plans_identifier>.json`` (JSON), orientation unknown (identity), with a warning."""
     run_root = Path(run_root)
     path = run_root / FILE
     if path.is_file():
@@ -173,7 +173,7 @@ def load_geometry(run_root: Path, spacing) -> Geometry:
         return Geometry.from_dict(data, str(path))
     warnings.warn(f"{run_root} has no {FILE} (trained by an older medimgen): samples get the dataset's spacing "
                   f"but an identity orientation; continue the run (-c) once to write it", stacklevel=2)
-    plans_file = run_root / "nnUNetPlans.json"
+    plans_file = run_root / f"{plans_identifier}.json"
     try:
         plans = json.loads(plans_file.read_text()) if plans_file.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -30,10 +30,14 @@ def plan_and_preprocess(
     verify: bool = True,
     env: dict | None = None,
     quiet: bool = False,
+    plans_name: str | None = None,
 ) -> None:
-    """``nnUNetv2_plan_and_preprocess -d ID --verify_dataset_integrity -c ... -np ...``."""
+    """``nnUNetv2_plan_and_preprocess -d ID --verify_dataset_integrity -c ... -np ...`` (``plans_name``: nnU-Net's
+    ``-overwrite_plans_name``, plans written as <plans_name>.json instead of nnUNetPlans.json)."""
     cmd = [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-npfp", str(num_processes),
            "-c", *configurations, "-np", *[str(num_processes)] * len(configurations)]
+    if plans_name:
+        cmd += ["-overwrite_plans_name", plans_name]
     if verify:
         cmd.append("--verify_dataset_integrity")
     run_env = dict(os.environ if env is None else env)
@@ -66,7 +70,7 @@ def train_nnunet_briefly(dataset_id: int | str, configuration: str = "3d_fullres
             self.num_iterations_per_epoch = iterations
             self.num_val_iterations_per_epoch = max(1, iterations // 4)
 
-    plans = DatasetPlans.from_id(dataset_id)
+    plans = DatasetPlans.planned(dataset_id)
     os.environ.setdefault("nnUNet_n_proc_DA", "1")
     os.environ.setdefault("nnUNet_compile", "false")
     dataset_json = json.loads((plans.folder / "dataset.json").read_text())
@@ -90,7 +94,7 @@ def train_feature_nnunet(dataset_id: int | str, model_type: str = "3d", fold: in
 
     if model_type not in NNUNET_CONFIGURATION:
         raise MedimgenError(f"MODEL_TYPE must be 2d or 3d, got {model_type!r}")
-    plans = DatasetPlans.from_id(dataset_id)
+    plans = DatasetPlans.planned(dataset_id)
     plans.preprocessed_folder(model_type)  # the configuration exists and is preprocessed (else one line)
     nnunet_results()  # nnUNet_results is set (else one line)
     return train_nnunet_briefly(plans.dataset_id, NNUNET_CONFIGURATION[model_type], fold, epochs, iterations,

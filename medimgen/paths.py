@@ -14,6 +14,7 @@ from pathlib import Path
 from medimgen.errors import MedimgenError
 
 ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "medimgen_results")
+CONFIG_NAME = "medimgen_config.yaml"  # medimgen's plan, beside nnU-Net's in the preprocessed dataset folder
 
 
 def _root(name: str) -> Path:
@@ -82,14 +83,27 @@ def _maybe(name: str) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def preprocessed_dataset_dir(dataset_id: int | str) -> Path:
-    """nnUNet_preprocessed/DatasetXXX_Name, checked to exist and to hold nnU-Net's plans."""
+def preprocessed_dataset_dir(dataset_id: int | str, plans_identifier: str = "nnUNetPlans") -> Path:
+    """nnUNet_preprocessed/DatasetXXX_Name, checked to exist and to hold nnU-Net's ``<plans_identifier>.json``."""
     root = nnunet_preprocessed()
     name = dataset_name_from_id(dataset_id)
     folder = root / name
-    if not (folder / "nnUNetPlans.json").is_file():
+    plans_file = folder / f"{plans_identifier}.json"
+    if plans_file.is_file():
+        return folder
+    num = int(name[7:10])
+    not_plans = ("dataset", "dataset_fingerprint", "splits_final", "medimgen_splits")
+    others = sorted(p.stem for p in folder.glob("*.json") if p.stem not in not_plans) if folder.is_dir() else []
+    if others:
         raise MedimgenError(
-            f"{name} is not preprocessed yet ({folder / 'nnUNetPlans.json'} missing): "
-            f"run `nnUNetv2_plan_and_preprocess -d {int(name[7:10])} --verify_dataset_integrity` first"
-        )
-    return folder
+            f"{name} has no nnU-Net plans {plans_identifier!r} ({plans_file} missing; plans there: "
+            f"{', '.join(others)}): plan with one of them (`medimgen plan -d {num} --plans {others[0]}`), or create "
+            f"{plans_identifier!r} with nnU-Net (`nnUNetv2_plan_and_preprocess -d {num} -pl <planner>`)")
+    raise MedimgenError(
+        f"{name} is not preprocessed yet ({plans_file} missing): "
+        f"run `nnUNetv2_plan_and_preprocess -d {num} --verify_dataset_integrity` first")
+
+
+def config_path(dataset_id: int | str) -> Path:
+    """nnUNet_preprocessed/DatasetXXX_Name/medimgen_config.yaml (whichever nnU-Net plans it was planned from)."""
+    return nnunet_preprocessed() / dataset_name_from_id(dataset_id) / CONFIG_NAME

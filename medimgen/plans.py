@@ -35,7 +35,27 @@ class DatasetPlans:
 
     @classmethod
     def from_id(cls, dataset_id: int | str, plans_identifier: str = "nnUNetPlans") -> "DatasetPlans":
-        return cls(preprocessed_dataset_dir(dataset_id), plans_identifier)
+        import re
+
+        from medimgen.config.schema import PLANS_IDENTIFIER, PLANS_IDENTIFIER_ALLOWED
+
+        if not re.fullmatch(PLANS_IDENTIFIER, plans_identifier):
+            raise MedimgenError(f"nnU-Net plans identifier must be {PLANS_IDENTIFIER_ALLOWED}, got {plans_identifier!r}")
+        return cls(preprocessed_dataset_dir(dataset_id, plans_identifier), plans_identifier)
+
+    @classmethod
+    def planned(cls, dataset_id: int | str, config=None) -> "DatasetPlans":
+        """The dataset opened with the nnU-Net plans medimgen planned it from (`medimgen plan --plans`): every
+        command after `plan` opens it this way. ``config``: a GenerationConfig (its data.plans_identifier) or a
+        medimgen_config.yaml path (its dataset.plans_identifier); default: the dataset's medimgen_config.yaml,
+        nnUNetPlans while there is none."""
+        if config is not None and not isinstance(config, (str, Path)):
+            return cls.from_id(dataset_id, config.data.plans_identifier)
+        from medimgen.config import load_config
+        from medimgen.paths import config_path
+
+        path = Path(config) if config is not None else config_path(dataset_id)
+        return cls.from_id(dataset_id, load_config(path).dataset.plans_identifier if path.is_file() else "nnUNetPlans")
 
     @property
     def plans_file(self) -> Path:

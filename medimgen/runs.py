@@ -102,17 +102,13 @@ class RunDir:
         state = read_checkpoint(self.checkpoint("last"), mmap=True)
         return {"model": state.get("model"), "mlflow_run_id": state.get("mlflow_run_id")}
 
-    @property
-    def dataset(self) -> str:
-        """The dataset's name, from the copied nnU-Net plans (else the standard layout's folder name)."""
-        for plans in sorted(self.root.glob("*Plans*.json")):
-            try:
-                name = json.loads(plans.read_text()).get("dataset_name")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                continue
-            if name:
-                return str(name)
-        return self.root.parents[2].name
+    def dataset(self, plans_identifier: str) -> str:
+        """The dataset's name, from the run's copy of the nnU-Net plans it was trained on (else the standard
+        layout's folder name)."""
+        try:
+            return str(json.loads((self.root / f"{plans_identifier}.json").read_text())["dataset_name"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return self.root.parents[2].name
 
     def make(self) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -258,7 +254,8 @@ class TrainedModel:
         if kind == "ldm":
             ae, _, _ = load_autoencoder(_autoencoder_run_of(run, state["extra"]))
             scale = float(state["extra"]["scale_factor"])
-        return cls(kind, cfg, _eval(unet), _eval(ae), scale, load_geometry(run.root, cfg.data.spacing), run.dataset,
+        geometry = load_geometry(run.root, cfg.data.spacing, cfg.data.plans_identifier)
+        return cls(kind, cfg, _eval(unet), _eval(ae), scale, geometry, run.dataset(cfg.data.plans_identifier),
                    str(path), mlflow_run_id=state.get("mlflow_run_id"), run_root=run.root)
 
     # ------------------------------------------------------------------ packaged (MLflow model artifact)

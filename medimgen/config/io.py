@@ -170,14 +170,25 @@ def medimgen_config_from_dict(data: Any) -> MedimgenConfig:
             raise _unknown_key(str(k), str(k), valid)
     if "dataset" not in data:
         raise MedimgenError("config key 'dataset' is missing")
-    configs = {dim: from_dict(GenerationConfig, data[dim], dim) for dim in DIMS if data.get(dim) is not None}
+    dataset = from_dict(DatasetInfo, data["dataset"], "dataset")
+    configs = {dim: from_dict(GenerationConfig, _with_plans(data[dim], dataset.plans_identifier), dim)
+               for dim in DIMS if data.get(dim) is not None}
     if not configs:
         raise MedimgenError("the config has neither a '2d' nor a '3d' section")
-    return MedimgenConfig(
-        dataset=from_dict(DatasetInfo, data["dataset"], "dataset"),
-        configs=configs,
-        medimgen_version=str(data.get("medimgen_version", "unknown")),
-    )
+    for dim, c in configs.items():
+        if c.data.plans_identifier != dataset.plans_identifier:
+            raise MedimgenError(
+                f"config key '{dim}.data.plans_identifier': must equal dataset.plans_identifier "
+                f"({dataset.plans_identifier!r}), got {c.data.plans_identifier!r}: re-plan with "
+                f"`medimgen plan --plans {c.data.plans_identifier}` to use other nnU-Net plans")
+    return MedimgenConfig(dataset=dataset, configs=configs, medimgen_version=str(data.get("medimgen_version", "unknown")))
+
+
+def _with_plans(section: Any, plans_identifier: str) -> Any:
+    """A section written before data.plans_identifier existed gets the dataset's (dataset.plans_identifier)."""
+    if isinstance(section, dict) and isinstance(section.get("data"), dict) and "plans_identifier" not in section["data"]:
+        return {**section, "data": {**section["data"], "plans_identifier": plans_identifier}}
+    return section
 
 
 # ----------------------------------------------------------------------------- overrides

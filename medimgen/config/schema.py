@@ -16,12 +16,20 @@ from medimgen import __version__
 _REQUIRED = object()
 
 
-def doc(text: str, default=_REQUIRED, *, ge=None, gt=None, le=None, lt=None, **kwargs):
+# an nnU-Net plans identifier: the plans file's name without .json (nnUNetPlans, nnUNetResEncUNetMPlans, ...)
+PLANS_IDENTIFIER = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+PLANS_IDENTIFIER_ALLOWED = "a plans name of letters, digits, '_', '-' and '.' (the plans file without .json)"
+
+
+def doc(text: str, default=_REQUIRED, *, ge=None, gt=None, le=None, lt=None, pattern=None, **kwargs):
     """A dataclass field with documentation attached (and an optional default).
 
     ``ge``/``gt``/``le``/``lt``: the allowed range of the value (of every element of a list), checked
-    whenever a config is read or overridden (medimgen.config.validate)."""
+    whenever a config is read or overridden (medimgen.config.validate); ``pattern``: (regex, what it allows)
+    a string value must match whole."""
     metadata = {"doc": text}
+    if pattern is not None:
+        metadata["pattern"] = pattern
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     if bounds:
         metadata["bounds"] = bounds
@@ -53,6 +61,10 @@ class DataConfig:
     nnunet_patch_size: tuple[int, ...] = doc("nnU-Net's segmentation patch size (for reference and patch training)")
     nnunet_batch_size: int = doc("nnU-Net's batch size for its patch size (for reference)")
     normalization_schemes: tuple[str, ...] = doc("nnU-Net normalisation per channel (ZScoreNormalization, CTNormalization, ...)")
+    plans_identifier: str = doc(
+        "nnU-Net plans this config was planned from (`medimgen plan --plans`): training, sampling and evaluation read "
+        "<plans_identifier>.json and its preprocessed <plans_identifier>_<configuration> folder",
+        "nnUNetPlans", pattern=(PLANS_IDENTIFIER, PLANS_IDENTIFIER_ALLOWED))
     intensity_range: tuple[float, float] = doc("range the model sees; nnU-Net-normalised intensities are mapped linearly into it", (-1.0, 1.0))
     intensity_low: tuple[float, ...] = doc(
         "per channel, the nnU-Net-normalised value mapped to intensity_range[0] (0.5th percentile: CT from the fingerprint, exact; else of the preprocessed voxels)",
@@ -248,7 +260,9 @@ class DatasetInfo:
     transpose_forward: tuple[int, ...] = doc("nnU-Net's axis transposition of raw to preprocessed arrays")
     transpose_backward: tuple[int, ...] = doc("inverse of transpose_forward")
     original_median_spacing: tuple[float, ...] = doc("median spacing of the raw data (transposed order), mm")
-    plans_identifier: str = doc("nnU-Net plans used", "nnUNetPlans")
+    plans_identifier: str = doc(
+        "nnU-Net plans used (`medimgen plan --plans`; the same as every section's data.plans_identifier)",
+        "nnUNetPlans", pattern=(PLANS_IDENTIFIER, PLANS_IDENTIFIER_ALLOWED))
 
 
 @dataclass(frozen=True)

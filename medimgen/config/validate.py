@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 from medimgen.config.schema import AutoencoderConfig, GenerationConfig, UNetConfig
@@ -38,7 +39,10 @@ def allowed_range(bounds: dict) -> str:
 
 
 def check_field(field: dataclasses.Field, value: Any, key: str) -> None:
-    """The range declared on ``field`` (for a list: on every element); None (null) is never range-checked."""
+    """The range declared on ``field`` (for a list: on every element), or its pattern; None (null) is never checked."""
+    pattern = field.metadata.get("pattern")
+    if pattern and value is not None and not re.fullmatch(pattern[0], str(value)):
+        raise _bad(key, pattern[1], value)
     bounds = field.metadata.get("bounds")
     if not bounds or value is None:
         return

@@ -40,7 +40,7 @@ def real_images(cfg: GenerationConfig, dataset: str, subset: str = "test", split
 
     if subset not in SUBSETS:
         raise MedimgenError(f"real images must come from one of {', '.join(SUBSETS)}, got {subset!r}")
-    plans = DatasetPlans.from_id(dataset)
+    plans = DatasetPlans.planned(dataset, cfg)
     identifiers = open_cases(plans.preprocessed_folder(f"{cfg.data.spatial_dims}d")).identifiers
     split = get_split(plans.folder, identifiers, splitting, fold)
     ids = {"val": split.val, "test": split.test, "train": split.train, "all": identifiers}[subset]
@@ -168,7 +168,7 @@ def evaluate(ref: ModelRef, real: str = "test", num_samples: int = 16, extractor
     model = TrainedModel.resolve(ref)
     images, ids = real_images(model.cfg, model.dataset, real, ref.splitting, ref.fold)
     feats = build_extractor(extractor, weights, model.dataset, model.cfg.data.spatial_dims,
-                            IntensityMap.from_config(model.cfg.data))
+                            IntensityMap.from_config(model.cfg.data), model.cfg.data.plans_identifier)
     scores = score_model(model, images, num_samples, feats, options)
     num_generated = 0 if model.kind == "autoencoder" else num_samples
     report = {

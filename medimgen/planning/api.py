@@ -16,9 +16,9 @@ from medimgen.errors import MedimgenError
 from medimgen.planning.heuristics import plan_generation
 from medimgen.planning.intensity import case_statistics, intensity_bounds, intensity_statistics
 from medimgen.planning.memory import detect_gpu_memory_gb, fit_to_memory
+from medimgen.paths import CONFIG_NAME
 from medimgen.plans import DatasetPlans
 
-CONFIG_NAME = "medimgen_config.yaml"
 
 HEADER = """medimgen generation config for {name}, planned from {plans}.json by medimgen {version}.
 Edit freely: values are validated when read, and `medimgen plan` will not overwrite an
@@ -37,10 +37,6 @@ class PlanResult:
         from medimgen.planning.memory import explain
 
         return "\n".join(explain(cfg, dim) for dim, cfg in self.config.configs.items())
-
-
-def config_path(dataset_id: int | str) -> Path:
-    return DatasetPlans.from_id(dataset_id).folder / CONFIG_NAME
 
 
 def weights_notes(planned: dict, fitted: MedimgenConfig, offline: bool) -> list[str]:
@@ -159,14 +155,17 @@ class MemoryReport:
 
 
 def check_memory(dataset_id: int | str | None = None, config_path: str | Path | None = None,
-                 gpu_memory_gb: float | None = None, plans_identifier: str = "nnUNetPlans") -> MemoryReport:
-    """Predicted peak of every model of a config as it stands (hand edits included), without fitting."""
+                 gpu_memory_gb: float | None = None, plans_identifier: str | None = None) -> MemoryReport:
+    """Predicted peak of every model of a config as it stands (hand edits included), without fitting.
+
+    ``plans_identifier``: the nnU-Net plans to check the dataset for (default: those its config records)."""
     from medimgen.planning.memory import explain, misfits
 
     if config_path is None:
         if dataset_id is None:
             raise MedimgenError("give a DATASET_ID or --config FILE")
-        plans = DatasetPlans.from_id(dataset_id, plans_identifier)
+        plans = (DatasetPlans.from_id(dataset_id, plans_identifier) if plans_identifier
+                 else DatasetPlans.planned(dataset_id))
         config_path = plans.folder / CONFIG_NAME
         if not config_path.is_file():
             raise MedimgenError(f"no {CONFIG_NAME} in {plans.folder}: run `medimgen plan -d {dataset_id}` first")

@@ -19,7 +19,7 @@ from medimgen.data.splits import get_split
 from medimgen.devices import amp_dtype, resolve_device
 from medimgen.errors import MedimgenError
 from medimgen.geometry import case_geometry, save_geometry
-from medimgen.planning.api import CONFIG_NAME
+from medimgen.paths import CONFIG_NAME
 from medimgen.plans import DatasetPlans
 from medimgen.runs import RunDir, log_run_model
 from medimgen.tracking import Tracker, git_commit, sigterm_interrupts
@@ -124,10 +124,10 @@ def train(
         raise MedimgenError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     if model_type not in DIMS:
         raise MedimgenError(f"MODEL_TYPE must be 2d or 3d, got {model_type!r}")
-    plans = DatasetPlans.from_id(dataset_id)
+    setup = setup or RunSetup()
+    plans = DatasetPlans.planned(dataset_id, setup.config if setup.config is not None else config_path)
     identifiers = open_cases(plans.preprocessed_folder(model_type)).identifiers
     split = get_split(plans.folder, identifiers, splitting, fold)
-    setup = setup or RunSetup()
     run = RunDir(Path(setup.run_root)) if setup.run_root else RunDir.standard(plans.name, model, model_type, split.name)
     with RunLock(run.root) as lock:  # an existing run is locked first: a running one is named before anything else
         return _train_locked(lock, model, plans, split, run, model_type, resume, overrides, config_path, setup,
@@ -150,6 +150,11 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
         cfg = apply_overrides(setup.config, list(overrides))
     else:
         cfg = resolve_config(plans, run, model_type, resume, overrides, config_path)
+    if cfg.data.plans_identifier != plans.plans_identifier:
+        raise MedimgenError(f"the {'run' if resume else 'training'} config has data.plans_identifier="
+                            f"{cfg.data.plans_identifier}, but {plans.name} is planned from {plans.plans_identifier} "
+                            f"(its {CONFIG_NAME}): re-plan with `medimgen plan -d {plans.dataset_id} --plans "
+                            f"{cfg.data.plans_identifier}`, or start a new run")
     tcfg = cfg.train_for(model)
     dev = resolve_device(device)
 

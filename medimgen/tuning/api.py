@@ -147,7 +147,7 @@ def tune(
     from medimgen.data.intensity import IntensityMap
     from medimgen.evaluation.features import build_extractor
     from medimgen.paths import medimgen_results
-    from medimgen.planning.api import CONFIG_NAME
+    from medimgen.paths import CONFIG_NAME
     from medimgen.plans import DatasetPlans
     from medimgen.tracking import git_commit
     from medimgen.data.splits import split_name
@@ -159,7 +159,7 @@ def tune(
     if trials < 0:
         raise MedimgenError("--trials must be 0 or more")
     space = load_space(space_path, model)
-    plans = DatasetPlans.from_id(dataset_id)
+    plans = DatasetPlans.planned(dataset_id)
     config_path = plans.folder / CONFIG_NAME
     if not config_path.is_file():
         raise MedimgenError(f"{config_path} does not exist: run `medimgen plan -d {plans.dataset_id}` first")
@@ -186,7 +186,7 @@ def tune(
     def features():
         if not feats_cache:
             feats_cache.append(build_extractor(extractor, weights, plans.name, base.data.spatial_dims,
-                                               IntensityMap.from_config(base.data)))
+                                               IntensityMap.from_config(base.data), plans.plans_identifier))
         return feats_cache[0]
 
     names, metrics_note = objectives.choose_metrics(metrics, model, objective,
