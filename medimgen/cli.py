@@ -206,7 +206,7 @@ def _train_command(model: str | None):
         sets = [*overrides, *override_text.split()]
         resume = resume or resume_value
         try:
-            result = train(model, dataset_id, splitting=splitting, model_type=model_type, fold=fold, progress=progress,
+            result = train(model, dataset_id, splitting=splitting, dim=model_type, fold=fold, progress=progress,
                            resume=resume, overrides=sets, config_path=config_path, device=device)
         except KeyboardInterrupt:
             click.echo("interrupted: the last finished epoch is saved; continue with -c", err=True)

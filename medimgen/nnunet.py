@@ -81,7 +81,7 @@ def train_nnunet_briefly(dataset_id: int | str, configuration: str = "3d_fullres
     return Path(trainer.output_folder_base)
 
 
-def train_feature_nnunet(dataset_id: int | str, model_type: str = "3d", fold: int = 0, epochs: int = 2,
+def train_feature_nnunet(dataset_id: int | str, dim: str = "3d", fold: int = 0, epochs: int = 2,
                          iterations: int = 10, device: str | None = None) -> Path:
     """`medimgen train-feature-nnunet`: the demo's short nnU-Net training (``epochs`` x ``iterations``, trainer
     folder ``nnUNetTrainerMedimgenDemo__<plans>__<configuration>`` in nnUNet_results) for a dataset's 2d or
@@ -92,10 +92,10 @@ def train_feature_nnunet(dataset_id: int | str, model_type: str = "3d", fold: in
     from medimgen.paths import nnunet_results
     from medimgen.plans import NNUNET_CONFIGURATION, DatasetPlans
 
-    if model_type not in NNUNET_CONFIGURATION:
-        raise MedimgenError(f"MODEL_TYPE must be 2d or 3d, got {model_type!r}")
+    if dim not in NNUNET_CONFIGURATION:
+        raise MedimgenError(f"MODEL_TYPE must be 2d or 3d, got {dim!r}")
     plans = DatasetPlans.planned(dataset_id)
-    plans.preprocessed_folder(model_type)  # the configuration exists and is preprocessed (else one line)
+    plans.preprocessed_folder(dim)  # the configuration exists and is preprocessed (else one line)
     nnunet_results()  # nnUNet_results is set (else one line)
-    return train_nnunet_briefly(plans.dataset_id, NNUNET_CONFIGURATION[model_type], fold, epochs, iterations,
+    return train_nnunet_briefly(plans.dataset_id, NNUNET_CONFIGURATION[dim], fold, epochs, iterations,
                                 device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -108,7 +108,7 @@ def train(
     model: str,
     dataset_id: int | str,
     splitting: str = "train-val-test",
-    model_type: str = "3d",
+    dim: str = "3d",
     fold: int = 0,
     progress: bool = False,
     resume: bool = False,
@@ -122,15 +122,15 @@ def train(
     """Train ``model`` ('ddpm' | 'autoencoder' | 'ldm') on a planned dataset; see README 'Training'."""
     if model not in MODELS:
         raise MedimgenError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
-    if model_type not in DIMS:
-        raise MedimgenError(f"MODEL_TYPE must be 2d or 3d, got {model_type!r}")
+    if dim not in DIMS:
+        raise MedimgenError(f"MODEL_TYPE must be 2d or 3d, got {dim!r}")
     setup = setup or RunSetup()
     plans = DatasetPlans.planned(dataset_id, setup.config if setup.config is not None else config_path)
-    identifiers = open_cases(plans.preprocessed_folder(model_type)).identifiers
+    identifiers = open_cases(plans.preprocessed_folder(dim)).identifiers
     split = get_split(plans.folder, identifiers, splitting, fold)
-    run = RunDir(Path(setup.run_root)) if setup.run_root else RunDir.standard(plans.name, model, model_type, split.name)
+    run = RunDir(Path(setup.run_root)) if setup.run_root else RunDir.standard(plans.name, model, dim, split.name)
     with RunLock(run.root) as lock:  # an existing run is locked first: a running one is named before anything else
-        return _train_locked(lock, model, plans, split, run, model_type, resume, overrides, config_path, setup,
+        return _train_locked(lock, model, plans, split, run, dim, resume, overrides, config_path, setup,
                              progress, device, stop_after_epoch, echo)
 
 
@@ -142,14 +142,14 @@ def _check_run(run: RunDir, model: str, resume: bool) -> None:
                             f"or move/delete that folder to start over")
 
 
-def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: RunDir, model_type: str, resume: bool,
+def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: RunDir, dim: str, resume: bool,
                   overrides: Sequence[str], config_path, setup: RunSetup, progress: bool, device: str | None,
                   stop_after_epoch: int | None, echo: Callable[[str], None]) -> TrainResult:
     _check_run(run, model, resume)
     if setup.config is not None and not resume:
         cfg = apply_overrides(setup.config, list(overrides))
     else:
-        cfg = resolve_config(plans, run, model_type, resume, overrides, config_path)
+        cfg = resolve_config(plans, run, dim, resume, overrides, config_path)
     if cfg.data.plans_identifier != plans.plans_identifier:
         raise MedimgenError(f"the {'run' if resume else 'training'} config has data.plans_identifier="
                             f"{cfg.data.plans_identifier}, but {plans.name} is planned from {plans.plans_identifier} "
@@ -199,15 +199,15 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
         previous_run_id = trainer.load(run.last)["mlflow_run_id"] if resume else None  # before any file is written
         save_generation_config(cfg, run.config)
         run.copy_nnunet_files(plans.folder, plans.plans_identifier)
-        save_geometry(case_geometry(plans, model_type, sorted(split.train)[0], cfg.data.spacing), run.root)
-        dim_split = f"{model_type}_{split.name}"
+        save_geometry(case_geometry(plans, dim, sorted(split.train)[0], cfg.data.spacing), run.root)
+        dim_split = f"{dim}_{split.name}"
         tracker.start(
             experiment=cfg.tracking.experiment_name or plans.name,
             run_name=setup.run_name or f"{model}_{dim_split}",
             tracking_uri=cfg.tracking.tracking_uri,
             run_id=previous_run_id,
             tags={
-                "medimgen.model": model, "medimgen.dim": model_type, "medimgen.split": split.name,
+                "medimgen.model": model, "medimgen.dim": dim, "medimgen.split": split.name,
                 "medimgen.dataset": plans.name, "medimgen.version": __version__, "git_commit": git_commit(),
                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 "amp_dtype": str(amp_dtype(tcfg.amp, dev)).replace("torch.", "") if amp_dtype(tcfg.amp, dev) else "off",
@@ -217,7 +217,7 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
                 **setup.tags,
             },
         )
-        tracker.log_params({"dataset": plans.name, "model": model, "dim": model_type, "split": split.name,
+        tracker.log_params({"dataset": plans.name, "model": model, "dim": dim, "split": split.name,
                             **flatten(cfg)})
         result = trainer.fit()
         completed = result["completed"]

@@ -115,11 +115,91 @@ def _named_values(trial, names: Sequence[str], objective: str) -> dict[str, floa
     return {**objectives.values(scores, names), "scalar": trial.value}
 
 
+@dataclass
+class _Setup:
+    """What every trial of this invocation shares (made once, before the study opens)."""
+
+    plans: object  # DatasetPlans
+    config_path: Path
+    space: object  # tuning.space.SearchSpace, restricted to what can matter
+    base: object  # the dataset's GenerationConfig with the user's --set
+    config_sets: list[str]
+    budget_sets: dict
+    dropped: list[str]
+    autoencoder_run: Path | None
+
+
+def _setup(dataset_id, model: str, dim: str, trials: int, space_path, objective: str, overrides: Sequence[str],
+           autoencoder_run, splitting: str, fold: int) -> _Setup:
+    """Check the request and load what the trials share; one line for whatever is wrong."""
+    from medimgen.data.splits import split_name
+    from medimgen.paths import CONFIG_NAME
+    from medimgen.plans import DatasetPlans
+    from medimgen.runs import RunDir
+
+    if objective not in OBJECTIVES:
+        raise MedimgenError(f"--objective must be pareto or scalar, got {objective!r}")
+    if trials < 0:
+        raise MedimgenError("--trials must be 0 or more")
+    space = load_space(space_path, model)
+    plans = DatasetPlans.planned(dataset_id)
+    config_path = plans.folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise MedimgenError(f"{config_path} does not exist: run `medimgen plan -d {plans.dataset_id}` first")
+    config_sets, budget_sets = space.split_budget(list(overrides))
+    base = apply_overrides(load_config(config_path).get(dim), config_sets)
+    space.validate(base)
+    space, dropped = space.restrict(base, [override_key(o) for o in config_sets])
+    if model == "autoencoder" and trials > 0:
+        _check_perceptual_weights(base, space)
+    ae_run = None
+    if model == "ldm":
+        ae_run = Path(autoencoder_run) if autoencoder_run else RunDir.standard(
+            plans.name, "autoencoder", dim, split_name(splitting, fold)).root
+        if not RunDir(ae_run).is_trained():
+            raise MedimgenError(f"tuning the LDM needs a trained autoencoder: none at {ae_run} "
+                                f"(train one, or pass --autoencoder RUN_FOLDER)")
+    return _Setup(plans, config_path, space, base, config_sets, budget_sets, dropped, ae_run)
+
+
+def _require_features(names: Sequence[str], feats, model: str, dataset_id) -> None:
+    from medimgen.tuning import metrics as objectives
+
+    needs = [n for n in names if objectives.METRICS[n].features]
+    if needs and feats is None:
+        raise MedimgenError(
+            f"tuning scores these trials by {', '.join(needs)}, which needs a feature extractor, and none has "
+            f"weights here: run `medimgen train-feature-nnunet -d {dataset_id}` (a short nnU-Net training "
+            f"whose encoder gives dataset-specific features), or `medimgen weights download radimagenet|"
+            f"medicalnet|inception`, or pass --extractor NAME --weights FILE"
+            + ("; or score the autoencoder without features: --metrics ms_ssim_loss,l1" if model == "autoencoder"
+               else ""))
+
+
+def _optimize(study, objective_fn: TrialObjective, runs: StudyRuns, parent: str | None, trials: int,
+              timeout: float | None, progress: bool) -> None:
+    """Run the trials; the study's parent run ends FINISHED, FAILED or KILLED with them."""
+    env_run = os.environ.pop("MLFLOW_RUN_ID", None)  # trials must not attach to `mlflow run`'s run
+    status = "KILLED"  # unless optimize returns or fails
+    try:
+        study.optimize(objective_fn, n_trials=trials, timeout=timeout, catch=(TrialFailed,), gc_after_trial=True,
+                       callbacks=[objective_fn.after_trial], show_progress_bar=progress)
+        status = "FINISHED"
+    except Exception:
+        status = "FAILED"
+        raise
+    finally:
+        if env_run is not None:
+            os.environ["MLFLOW_RUN_ID"] = env_run
+        if parent and runs.enabled and parent != env_run:
+            runs.log(parent, {}, status=status)
+
+
 @sigterm_interrupts()  # SIGTERM ends the trial's and the study's MLflow runs as KILLED, like Ctrl-C
 def tune(
     dataset_id: int | str,
     model: str = "ldm",
-    model_type: str = "3d",
+    dim: str = "3d",
     trials: int = 20,
     space_path: str | Path | None = None,
     storage: str | None = None,
@@ -147,37 +227,12 @@ def tune(
     from medimgen.data.intensity import IntensityMap
     from medimgen.evaluation.features import build_extractor
     from medimgen.paths import medimgen_results
-    from medimgen.paths import CONFIG_NAME
-    from medimgen.plans import DatasetPlans
     from medimgen.tracking import git_commit
-    from medimgen.data.splits import split_name
-    from medimgen.runs import RunDir
     from medimgen.tuning import metrics as objectives
 
-    if objective not in OBJECTIVES:
-        raise MedimgenError(f"--objective must be pareto or scalar, got {objective!r}")
-    if trials < 0:
-        raise MedimgenError("--trials must be 0 or more")
-    space = load_space(space_path, model)
-    plans = DatasetPlans.planned(dataset_id)
-    config_path = plans.folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise MedimgenError(f"{config_path} does not exist: run `medimgen plan -d {plans.dataset_id}` first")
-    config_sets, budget_sets = space.split_budget(list(overrides))
-    base = apply_overrides(load_config(config_path).get(model_type), config_sets)
-    space.validate(base)
-    space, dropped = space.restrict(base, [override_key(o) for o in config_sets])
-    if model == "autoencoder" and trials > 0:
-        _check_perceptual_weights(base, space)
-    ae_run = None
-    if model == "ldm":
-        ae_run = Path(autoencoder_run) if autoencoder_run else RunDir.standard(
-            plans.name, "autoencoder", model_type, split_name(splitting, fold)).root
-        if not RunDir(ae_run).is_trained():
-            raise MedimgenError(f"tuning the LDM needs a trained autoencoder: none at {ae_run} "
-                                f"(train one, or pass --autoencoder RUN_FOLDER)")
-
-    name = study_name or f"{plans.name}/{model}/{model_type}/{objective}"
+    st = _setup(dataset_id, model, dim, trials, space_path, objective, overrides, autoencoder_run, splitting, fold)
+    plans, space, base = st.plans, st.space, st.base
+    name = study_name or f"{plans.name}/{model}/{dim}/{objective}"
     tuning_root = medimgen_results() / plans.name / "tuning"
     storage_obj, storage_desc = open_storage(storage, tuning_root / "optuna.db")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -186,7 +241,7 @@ def tune(
     def features():
         if not feats_cache:
             feats_cache.append(build_extractor(extractor, weights, plans.name, base.data.spatial_dims,
-                                               IntensityMap.from_config(base.data), plans.plans_identifier))
+                                               IntensityMap.from_config(base.data), base.data.plans_identifier))
         return feats_cache[0]
 
     names, metrics_note = objectives.choose_metrics(metrics, model, objective,
@@ -195,55 +250,33 @@ def tune(
     study = load_study(storage_obj, storage_desc, name, objective, space, names)
     echo(f"study {name} in {storage_desc}: {len(study.trials)} trial(s) so far, running {trials} more")
 
+    parent = None
     if trials > 0:
-        for note in dropped:
+        for note in [*st.dropped, *([metrics_note] if metrics_note else [])]:
             echo(f"note: {note}")
-        if metrics_note:
-            echo(f"note: {metrics_note}")
-        needs = [n for n in names if objectives.METRICS[n].features]
-        feats = features() if needs else None
-        if needs and feats is None:
-            raise MedimgenError(
-                f"tuning scores these trials by {', '.join(needs)}, which needs a feature extractor, and none has "
-                f"weights here: run `medimgen train-feature-nnunet -d {plans.dataset_id}` (a short nnU-Net training "
-                f"whose encoder gives dataset-specific features), or `medimgen weights download radimagenet|"
-                f"medicalnet|inception`, or pass --extractor NAME --weights FILE"
-                + ("; or score the autoencoder without features: --metrics ms_ssim_loss,l1" if model == "autoencoder"
-                   else ""))
+        feats = features() if any(objectives.METRICS[n].features for n in names) else None
+        _require_features(names, feats, model, plans.dataset_id)
         echo(f"objectives: {objectives.describe(names, feats.name if feats is not None else None)}")
-        echo(f"trial budget: {space.describe_budget(budget_sets)}")
+        echo(f"trial budget: {space.describe_budget(st.budget_sets)}")
         runs = StudyRuns(track, base.tracking.experiment_name or plans.name)
-        objective_fn = TrialObjective(name, plans.name, model, model_type, objective, space, base, config_sets,
-                                      tuning_root / f"{model}_{model_type}_{objective}", feats, runs, None,
-                                      splitting=splitting, fold=fold, autoencoder_run=ae_run, device=device, echo=echo,
-                                      metrics=names, budget=budget_sets)
+        objective_fn = TrialObjective(name, plans.name, model, dim, objective, space, base, st.config_sets,
+                                      tuning_root / f"{model}_{dim}_{objective}", feats, runs, None,
+                                      splitting=splitting, fold=fold, autoencoder_run=st.autoencoder_run,
+                                      device=device, echo=echo, metrics=names, budget=st.budget_sets)
         objective_fn.check()
         parent = runs.parent(
             study, storage_obj,
-            tags={"run_name": f"tune_{model}_{model_type}", "medimgen.tuning_parent": "true", "optuna.study": name,
-                  "medimgen.model": model, "medimgen.dim": model_type, "medimgen.dataset": plans.name,
+            tags={"run_name": f"tune_{model}_{dim}", "medimgen.tuning_parent": "true", "optuna.study": name,
+                  "medimgen.model": model, "medimgen.dim": dim, "medimgen.dataset": plans.name,
                   "medimgen.version": __version__, "git_commit": git_commit() or "unknown"},
             params={"study": name, "storage": storage_desc, "objective": objective, "space": str(space.path),
                     "objectives": ",".join(names), "feature_extractor": feats.name if feats is not None else "none",
                     "real": "+".join(objective_fn.subsets),
                     **{f"budget.{k}": v for k, v in space.budget.items()},
-                    **{f"budget.{k}.set": o for k, o in budget_sets.items()}},
+                    **{f"budget.{k}.set": o for k, o in st.budget_sets.items()}},
             artifacts=[space.path])
         objective_fn.parent = parent
-        env_run = os.environ.pop("MLFLOW_RUN_ID", None)  # trials must not attach to `mlflow run`'s run
-        status = "KILLED"  # unless optimize returns or fails
-        try:
-            study.optimize(objective_fn, n_trials=trials, timeout=timeout, catch=(TrialFailed,), gc_after_trial=True,
-                           callbacks=[objective_fn.after_trial], show_progress_bar=progress)
-            status = "FINISHED"
-        except Exception:
-            status = "FAILED"
-            raise
-        finally:
-            if env_run is not None:
-                os.environ["MLFLOW_RUN_ID"] = env_run
-            if parent and runs.enabled and parent != env_run:
-                runs.log(parent, {}, status=status)
+        _optimize(study, objective_fn, runs, parent, trials, timeout, progress)
 
     front = best_trials(study, objective)
     result = TuneResult(
@@ -256,7 +289,7 @@ def tune(
     if apply_best:
         if not front:
             raise MedimgenError(f"study {name} has no completed trial yet: nothing to apply")
-        result.applied, result.backup = apply_trial(config_path, model_type, front[0], name)
+        result.applied, result.backup = apply_trial(st.config_path, dim, front[0], name)
     return result
 
 

@@ -38,7 +38,7 @@ class TrialObjective:
     study_name: str
     dataset: str  # DatasetXXX_Name
     model: str
-    model_type: str
+    dim: str
     objective: str  # pareto | scalar
     space: SearchSpace
     base: GenerationConfig  # the dataset's config with the user's overrides
@@ -143,7 +143,7 @@ class TrialObjective:
             run_root.rename(run_root.with_name(f"{run_root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
         setup = RunSetup(config=cfg, run_root=run_root, autoencoder_run=self.autoencoder_run, tracker=tracker,
                          run_name=run_root.name, parent_run_id=self.parent, tags=tags, on_epoch=self._pruning(trial))
-        train(self.model, self.dataset, self.splitting, self.model_type, self.fold, device=self.device,
+        train(self.model, self.dataset, self.splitting, self.dim, self.fold, device=self.device,
               echo=lambda *_: None, setup=setup)
         model = TrainedModel.from_run(run_root)
         options = SampleOptions(seed=trial.number, steps=int(self.space.budget["sampling_steps"]), device=self.device)
