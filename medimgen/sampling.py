@@ -164,23 +164,22 @@ def _networks(kind: str, cfg: GenerationConfig):
 
 
 def from_run(run_root: Path | str, checkpoint: str = "best") -> Sampler:
-    """A Sampler from a training run folder (checkpoints/best.pt or last.pt, config.yaml)."""
+    """A Sampler from a training run folder (config.yaml and checkpoints/best.pt, else last.pt: a run that has
+    not validated yet). best.pt holds the sampling weights (EMA where used); from last.pt the EMA copy is taken."""
+    from medimgen.training.outputs import RunDir
+
     run_root = Path(run_root)
-    path = run_root / "checkpoints" / f"{checkpoint}.pt"
-    if not path.is_file():
-        path = run_root / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise MedimgenError(f"no checkpoint in {run_root / 'checkpoints'}: train the model first")
+    path = RunDir(run_root).sampling_checkpoint(checkpoint)
     cfg = load_generation_config(run_root / "config.yaml")
     state = torch.load(path, map_location="cpu", weights_only=True)
     kind = state["model"]
     if kind not in ("ddpm", "ldm"):
         raise MedimgenError(f"{path} is a {kind} checkpoint; sampling needs a ddpm or ldm run")
     unet, ae = _networks(kind, cfg)
-    if state.get("ema"):
+    if state.get("ema"):  # last.pt: the full resume state with its AveragedModel
         ema = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
         unet.load_state_dict(ema)
-    else:
+    else:  # best.pt (already the EMA weights when the run had EMA), or a run without EMA
         unet.load_state_dict(state["modules"]["unet"])
     scale = None
     if kind == "ldm":

@@ -1,7 +1,9 @@
 """The run folder: layout, atomic writes, loss history and plots.
 
 medimgen_results/DatasetXXX_Name/<model>/<2d|3d>/<train-val-test|fold_N>/
-    checkpoints/last.pt, checkpoints/best.pt   (atomic: a uniquely named temporary file, then renamed)
+    checkpoints/last.pt                         (full resume state: all networks, optimisers, EMA, RNG, ...)
+    checkpoints/best.pt                         (sampling weights only, EMA where used; see training/loop.py)
+                                                (both atomic: a uniquely named temporary file, then renamed)
     plots/loss.png, plots/epoch_NNNN.(gif|png)
     loss_dict.json                              (dict of per-epoch lists)
     config.yaml                                 (the resolved config of this run)
@@ -54,13 +56,19 @@ class RunDir:
     def config(self) -> Path:
         return self.root / "config.yaml"
 
-    def checkpoint_meta(self) -> dict:
-        """``model`` kind and ``mlflow_run_id`` of the last checkpoint, read memory-mapped (no weights loaded)."""
+    def sampling_checkpoint(self, checkpoint: str = "best") -> Path:
+        """The checkpoint a reader that samples/evaluates/registers loads: ``checkpoint`` ('best' or 'last'),
+        else last.pt (a run that has not validated yet has no best.pt), else best.pt."""
         from medimgen.errors import MedimgenError
 
-        if not self.last.is_file():
-            raise MedimgenError(f"no checkpoint in {self.checkpoints}: train the model first")
-        state = torch.load(self.last, map_location="cpu", weights_only=True, mmap=True)
+        for path in (self.checkpoints / f"{checkpoint}.pt", self.last, self.best):
+            if path.is_file():
+                return path
+        raise MedimgenError(f"no checkpoint in {self.checkpoints}: train the model first")
+
+    def checkpoint_meta(self) -> dict:
+        """``model`` kind and ``mlflow_run_id`` of the run's checkpoint, read memory-mapped (no weights loaded)."""
+        state = torch.load(self.sampling_checkpoint("last"), map_location="cpu", weights_only=True, mmap=True)
         return {"model": state.get("model"), "mlflow_run_id": state.get("mlflow_run_id")}
 
     @property
