@@ -78,7 +78,8 @@ _set_option = click.option(
 @click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None,
               help="GPU memory target in GB (default: detected GPU, else 8).")
 @click.option("--force", is_flag=True, help="Re-plan over a hand-edited config (it is backed up first).")
-@click.option("--explain", is_flag=True, help="Print the predicted memory per model (params, activations, total vs target).")
+@click.option("--explain", is_flag=True, help="Print the predicted memory per model (params, activations, total vs target) "
+              "and the disk a run will use (best.pt, last.pt, registered model, plots, samples).")
 @click.option("--plans", "plans_identifier", default="nnUNetPlans", show_default=True,
               help="nnU-Net plans identifier (e.g. nnUNetResEncUNetMPlans); recorded in the config, every later "
                    "command uses these plans.")
@@ -125,7 +126,12 @@ def _explain_existing(dataset_id, plans_identifier) -> bool:
     click.echo(report.table)
     for line in report.misfits:
         click.echo(f"does not fit: {line}")
-    for note in weights_notes({}, load_config(report.path), offline=False):
+    from medimgen.planning.disk import explain_disk
+
+    cfg = load_config(report.path)
+    for dim, c in cfg.configs.items():
+        click.echo(explain_disk(c, dim))
+    for note in weights_notes({}, cfg, offline=False):
         click.echo(note)
     return True
 

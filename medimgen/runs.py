@@ -1,7 +1,9 @@
 """Trained runs: the one place that knows a run folder, its checkpoints, and how to load a trained model.
 
 medimgen_results/DatasetXXX_Name/<model>/<2d|3d>/<train-val-test|fold_N>/
-    checkpoints/last.pt, checkpoints/best.pt   (atomic: a uniquely named temporary file, then renamed)
+    checkpoints/last.pt                         (full resume state: all networks, optimisers, EMA, RNG, ...)
+    checkpoints/best.pt                         (sampling weights only, EMA where used; training/loop.py)
+                                                (both atomic: a uniquely named temporary file, then renamed)
     plots/loss.png, plots/epoch_NNNN.(gif|png)
     loss_dict.json                              (dict of per-epoch lists)
     config.yaml                                 (the resolved config of this run)
@@ -91,8 +93,8 @@ class RunDir:
         return self.last.is_file() or self.best.is_file()
 
     def checkpoint(self, which: str = "best") -> Path:
-        """checkpoints/<which>.pt, else last.pt (a run that has not validated yet has no best)."""
-        for path in (self.checkpoints / f"{which}.pt", self.last):
+        """checkpoints/<which>.pt, else last.pt (a run that has not validated yet has no best), else best.pt."""
+        for path in (self.checkpoints / f"{which}.pt", self.last, self.best):
             if path.is_file():
                 return path
         raise MedimgenError(f"no checkpoint in {self.checkpoints}: train the model first")
@@ -158,7 +160,8 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
 
 
 def sampling_weights(state: dict, network: str) -> dict:
-    """The weights of ``network`` to sample/evaluate with: the EMA copy when the run kept one, else the raw ones."""
+    """The weights of ``network`` to sample/evaluate with: from last.pt the EMA copy when the run kept one, else
+    the raw ones; best.pt holds just these (already the EMA copy where there is one)."""
     ema = state.get("ema")
     if ema and network == state.get("ema_module", "unet"):
         return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}

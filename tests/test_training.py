@@ -71,8 +71,8 @@ def _check_mlflow(result, model: str):
     assert [m.step for m in history] == [1, 2]
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"plots", "checkpoints", "run"} <= artifacts
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {"checkpoints/best.pt", "checkpoints/last.pt"}
+    assert {"plots", "run"} <= artifacts
+    assert "checkpoints" not in artifacts  # tracking.log_checkpoints is false by default (tests/test_disk.py)
     assert "run/config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id, "run")}
     assert "plots/loss.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     exp = client.get_experiment(run.info.experiment_id)

@@ -187,6 +187,9 @@ class TrackingConfig:
     tracking_uri: Optional[str] = doc("MLflow tracking URI (null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)", None)
     log_models: bool = doc("log trained samplers as MLflow pyfunc models", True)
     register_models: bool = doc("register logged models as DatasetXXX_<model>_<dim>", True)
+    log_checkpoints: bool = doc(
+        "also copy checkpoints/best.pt and last.pt into the MLflow run (large: last.pt holds the optimiser and EMA; "
+        "without it MLflow gets the registered model and the small artifacts only)", False)
     output_mode: Literal["print", "log"] = doc("print progress to the terminal, or write it to log.txt", "print")
 
 

@@ -34,9 +34,11 @@ class PlanResult:
     notes: tuple[str, ...] = ()  # one line each, for the user (e.g. pretrained weights that are absent)
 
     def explain(self) -> str:
+        from medimgen.planning.disk import explain_disk
         from medimgen.planning.memory import explain
 
-        return "\n".join(explain(cfg, dim) for dim, cfg in self.config.configs.items())
+        return "\n".join([*(explain(cfg, dim) for dim, cfg in self.config.configs.items()),
+                          *(explain_disk(cfg, dim) for dim, cfg in self.config.configs.items())])
 
 
 def weights_notes(planned: dict, fitted: MedimgenConfig, offline: bool) -> list[str]:

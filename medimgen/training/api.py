@@ -224,7 +224,8 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
         tracker.log_artifacts([run.config, run.loss_dict, run.geometry, run.root / "dataset.json",
                                run.root / f"{plans.plans_identifier}.json"], "run")
         if completed:
-            tracker.log_artifacts([run.best, run.last], "checkpoints")
+            if cfg.tracking.log_checkpoints:  # off by default: the run folder has them, MLflow gets the model
+                tracker.log_artifacts([run.best, run.last], "checkpoints")
             if model in DIFFUSION_MODELS and cfg.tracking.log_models and tracker.enabled:
                 _log_model(run, cfg, tracker, _echo_for(cfg, run, echo))
         return TrainResult(run.root, completed, result["epoch"], tracker.run_id, cfg)

@@ -19,6 +19,7 @@ from medimgen.training.outputs import PLOT_EXAMPLES, plot_images
 class AutoencoderTask:
     name = "autoencoder"
     ema_module = None
+    sampling_modules = ("autoencoder",)  # best.pt: no discriminator
 
     def __init__(self, cfg: GenerationConfig, device: torch.device):
         from monai.losses import PatchAdversarialLoss

@@ -23,6 +23,7 @@ class DiffusionTask:
 
     name = "ddpm"
     ema_module = "unet"
+    sampling_modules = ("unet",)  # best.pt (LDM: the autoencoder stays in its own run's best.pt)
 
     def __init__(self, cfg: GenerationConfig, device: torch.device):
         self.cfg = cfg

@@ -1,6 +1,6 @@
 """Latent diffusion: the diffusion task on the latents of a trained autoencoder of the same dataset/split.
 
-The autoencoder is the best checkpoint (else last) of the autoencoder run with the same
+The autoencoder is the best checkpoint (weights only; else last) of the autoencoder run with the same
 dataset, dimensionality and split/fold, built from that run's own saved config. The latent
 scale factor (1 / std of latents over a sample of training batches) is computed once,
 stored in the LDM checkpoint and the run's config (``derived.latent_scale_factor``), and reused on

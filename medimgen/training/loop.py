@@ -4,8 +4,16 @@ A task (DDPM, autoencoder, LDM) supplies modules, optimiser *phases* (e.g. gener
 discriminator) and a loss per phase; the loop owns everything else: AMP (bf16 where the
 GPU supports it, else fp16 with a GradScaler per phase; off on CPU), gradient accumulation
 (loss divided by the number of micro-batches), gradient clipping, EMA, learning-rate
-schedule, validation, plots, loss history, atomic checkpoints with exact resume (model,
-optimisers, scalers, EMA, LR schedulers, epoch, RNG states, history) and MLflow logging.
+schedule, validation, plots, loss history, atomic checkpoints and MLflow logging.
+
+Two checkpoints per run: ``last.pt`` is the full resume state (every module, optimisers,
+scalers, EMA, LR schedulers, epoch, RNG states, history), rewritten after every epoch;
+``best.pt`` (written when the validation loss improves) holds only what sampling, evaluation and
+registration read: the weights of the task's ``sampling_modules`` (the EMA copy where there is
+one, else the trained weights; no discriminator, no optimiser), the resolved config, the task's
+extra state (LDM: latent scale factor, autoencoder checkpoint), model kind, epoch, best_val and
+MLflow run id, marked ``"weights_only": True``. Readers that sample take best.pt, else last.pt
+(a run that has not validated yet); only resuming reads last.pt.
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ CHECKPOINT_FORMAT = 1
 
 class Task(Protocol):
     name: str
-    modules: dict[str, nn.Module]  # everything saved in checkpoints
+    modules: dict[str, nn.Module]  # everything saved in last.pt
+    sampling_modules: tuple[str, ...]  # the modules saved in best.pt (what sampling/evaluation need)
     phase_modules: dict[str, list[str]]  # optimiser phase -> names of the modules it trains
     ema_module: str | None  # module that gets an EMA copy (used for validation/sampling)
 
@@ -146,10 +155,28 @@ class Trainer:
             "config": self.config_yaml,
         }
 
+    def sampling_state(self, epoch: int) -> dict:
+        """best.pt: the sampling weights (EMA where there is one) and what readers of a run need, no resume state."""
+        names = getattr(self.task, "sampling_modules", tuple(self.task.modules))
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.task.name,
+            "weights_only": True,
+            "epoch": epoch,
+            "modules": {k: self.eval_model(k).state_dict() for k in names},
+            "ema_weights": self.ema is not None,  # modules[ema_module] is the EMA copy
+            "best_val": self.best_val,
+            "mlflow_run_id": self.tracker.run_id,
+            "extra": self.task.extra_state(),
+            "config": self.config_yaml,
+        }
+
     def load(self, path: Path) -> dict:
         ckpt = read_checkpoint(path)
         if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("model") != self.task.name:
             raise MedimgenError(f"{path} is not a medimgen {self.task.name} checkpoint")
+        if ckpt.get("weights_only"):
+            raise MedimgenError(f"{path} holds sampling weights only; a run continues from its last.pt")
         try:
             for k, m in self.task.modules.items():
                 m.load_state_dict(ckpt["modules"][k])
@@ -299,13 +326,10 @@ class Trainer:
                 if path is not None:
                     self.tracker.log_artifact(path, "plots")
             val = metrics.get("val_loss")
-            state = self.state(epoch + 1)
-            write_checkpoint(state, self.run.last)
             if val is not None and val < self.best_val:
                 self.best_val = val
-                state["best_val"] = val
-                write_checkpoint(state, self.run.best)
-                write_checkpoint(self.state(epoch + 1), self.run.last)  # keep best_val in last too
+                write_checkpoint(self.sampling_state(epoch + 1), self.run.best)
+            write_checkpoint(self.state(epoch + 1), self.run.last)
             self.opt.echo(f"{self.task.name} epoch {epoch + 1}/{cfg.epochs} "
                           + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
             if self.opt.on_epoch is not None:

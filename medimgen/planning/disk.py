@@ -1,0 +1,142 @@
+"""Predict the disk a planned run will use: checkpoints, registered model, plots and samples.
+
+Sizes follow from the networks' parameter and buffer tensors (built on PyTorch's meta device:
+nothing is allocated) and from what each file holds (training/loop.py):
+
+- ``best.pt``: the sampling networks' weights (EMA copy where used; no discriminator, no
+  optimiser), float32, plus config and metadata.
+- ``last.pt``: every trained network, AdamW's two moments per trained parameter (+ one step
+  counter per tensor), the EMA copy (DDPM/LDM with ``ema_decay``), RNG states and history.
+- registered model (DDPM/LDM, ``tracking.log_models``): the sampling weights as safetensors;
+  an LDM's model bundles its autoencoder (a fresh process samples from it alone).
+- plots: one GIF (3D) / PNG (2D) per plotted epoch, at most one byte per shown voxel.
+- samples: a float32 NIfTI per channel (gzip barely compresses generated noise-like values).
+
+``tests/test_training.py::test_disk_estimate_matches_a_trained_run`` checks best.pt, last.pt
+and the registered model within ``TOLERANCE`` of a real run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from medimgen.config.schema import GenerationConfig
+
+MODELS = ("autoencoder", "ddpm", "ldm")
+TOLERANCE = 0.10  # relative error of best/last/registered, checked against a tiny trained run
+# torch.save (zip): per tensor one archive entry (headers + 64-byte alignment) and its pickle record
+TORCH_BYTES_PER_TENSOR = 320
+TORCH_FIXED_BYTES = {"best": 16_000, "last": 40_000}  # config YAML, RNG states, history, zip directory
+SAFETENSORS_BYTES_PER_TENSOR = 110  # JSON header entry (name, dtype, shape, offsets)
+MODEL_FILES_BYTES = 20_000  # MLmodel, config.yaml, meta.json, mlflow_model.py, environment files
+LOSS_PLOT_BYTES = 60_000
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """Bytes and number of the tensors of a network's state_dict; ``trainable``: of its parameters."""
+
+    bytes: int
+    count: int
+    trainable_bytes: int
+    trainable_count: int
+    params: int
+
+    def __add__(self, other: "Tensors") -> "Tensors":
+        return Tensors(*(a + b for a, b in zip(self.astuple(), other.astuple())))
+
+    def astuple(self) -> tuple[int, ...]:
+        return self.bytes, self.count, self.trainable_bytes, self.trainable_count, self.params
+
+
+NONE = Tensors(0, 0, 0, 0, 0)
+
+
+def _tensors(build) -> Tensors:
+    with torch.device("meta"):
+        net = build()
+    state = net.state_dict()
+    params = [p for p in net.parameters() if p.requires_grad]
+    return Tensors(sum(t.numel() * t.element_size() for t in state.values()), len(state),
+                   sum(p.numel() * p.element_size() for p in params), len(params), sum(p.numel() for p in params))
+
+
+def _networks(cfg: GenerationConfig, model: str) -> tuple[Tensors, Tensors, Tensors]:
+    """(sampling network of the run, other trained networks, networks bundled only in the registered model)."""
+    from medimgen.networks import build_autoencoder, build_discriminator, build_unet
+
+    nd, c = cfg.data.spatial_dims, cfg.data.in_channels
+    if model == "autoencoder":
+        ae = _tensors(lambda: build_autoencoder(cfg.autoencoder, nd, c))
+        disc = _tensors(lambda: build_discriminator(cfg.discriminator, nd, c)) if cfg.losses.adversarial_weight > 0 else NONE
+        return ae, disc, NONE
+    if model == "ddpm":
+        return _tensors(lambda: build_unet(cfg.ddpm_unet, nd, c)), NONE, NONE
+    unet = _tensors(lambda: build_unet(cfg.ldm_unet, nd, cfg.autoencoder.latent_channels))
+    return unet, NONE, _tensors(lambda: build_autoencoder(cfg.autoencoder, nd, c))
+
+
+def _torch_file(t: Tensors, fixed: int) -> int:
+    return t.bytes + TORCH_BYTES_PER_TENSOR * t.count + fixed
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    model: str
+    params: int  # trained parameters of the run (autoencoder: with the discriminator)
+    best: int  # bytes of checkpoints/best.pt
+    last: int  # bytes of checkpoints/last.pt
+    registered: int  # bytes of one registered model version (0: not logged)
+    plots: int  # bytes of the run's plots
+    sample: int  # bytes of one generated image (all channels; 0 for the autoencoder)
+    mlflow_checkpoints: int  # bytes copied into MLflow by tracking.log_checkpoints
+
+    @property
+    def run_total(self) -> int:
+        """One training run: its folder, its MLflow artifacts and one registered version (no samples)."""
+        return self.best + self.last + self.registered + self.plots + self.mlflow_checkpoints
+
+
+def estimate_disk(cfg: GenerationConfig, model: str) -> DiskEstimate:
+    """Predicted sizes of the files one training run of ``model`` (``cfg`` as planned) writes."""
+    sampling, others, bundled = _networks(cfg, model)
+    train = getattr(cfg, f"train_{model}")
+    ema = bool(train.ema_decay) and model != "autoencoder"
+    trained = sampling + others
+    adam = Tensors(2 * trained.trainable_bytes + 4 * trained.trainable_count, 3 * trained.trainable_count, 0, 0, 0)
+    ema_copy = Tensors(sampling.bytes + 8, sampling.count + 1, 0, 0, 0) if ema else NONE
+    best = _torch_file(sampling, TORCH_FIXED_BYTES["best"])
+    last = _torch_file(trained + adam + ema_copy, TORCH_FIXED_BYTES["last"])
+    registered = 0
+    if model != "autoencoder" and cfg.tracking.log_models:
+        weights = sampling + bundled
+        registered = weights.bytes + SAFETENSORS_BYTES_PER_TENSOR * weights.count + MODEL_FILES_BYTES
+    voxels = math.prod(cfg.data.image_size)
+    shown = {"autoencoder": 2, "ddpm": 4, "ldm": 4}[model] if cfg.data.spatial_dims == 2 else {"autoencoder": 2}.get(model, 1)
+    plotted = len({e for e in range(train.val_plot_interval, train.epochs + 1, train.val_plot_interval)} | {train.epochs})
+    plots = plotted * voxels * shown + LOSS_PLOT_BYTES
+    sample = 0 if model == "autoencoder" else voxels * cfg.data.in_channels * 4
+    mlflow_ckpt = best + last if cfg.tracking.log_checkpoints else 0
+    return DiskEstimate(model, trained.params, best, last, registered, plots, sample, mlflow_ckpt)
+
+
+def explain_disk(cfg: GenerationConfig, dim: str, num_samples: int = 100) -> str:
+    """The disk table of ``medimgen plan --explain``."""
+    rows = [estimate_disk(cfg, m) for m in MODELS]
+    lines = [f"{dim}: disk per run (MB; best.pt = sampling weights, last.pt = resume state, registered = one MLflow "
+             f"model version{', checkpoints also copied to MLflow' if cfg.tracking.log_checkpoints else ''})",
+             f"  {'model':<12}{'params':>12}{'best.pt':>10}{'last.pt':>10}{'registered':>12}{'plots':>9}"
+             f"{'run total':>11}{f'{num_samples} samples':>13}"]
+    for e in rows:
+        lines.append(f"  {e.model:<12}{e.params:>12,}{e.best / MB:>10.1f}{e.last / MB:>10.1f}"
+                     f"{e.registered / MB:>12.1f}{e.plots / MB:>9.1f}{e.run_total / MB:>11.1f}"
+                     f"{num_samples * e.sample / MB:>13.1f}")
+    total = sum(e.run_total for e in rows)
+    samples = sum(num_samples * e.sample for e in rows)
+    lines.append(f"  total {dim}: {total / MB:.1f} MB for the three runs (+ {samples / MB:.1f} MB for {num_samples} "
+                 f"samples of each generator); each further registered version adds its 'registered' size")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""Disk: one full resume checkpoint and one weights-only best.pt per run, checkpoints in MLflow only when asked,
+registered versions hold only the sampling weights, and the plan-time disk estimate matches a trained run."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from medimgen.cli import main
+from medimgen.planning.disk import TOLERANCE, estimate_disk
+from medimgen.sampling import from_run
+from medimgen.training.api import train
+from tests.conftest import ANISO_3D
+from tests.training_helpers import tiny_overrides
+
+RESUME_KEYS = {"optimizers", "lr_schedulers", "scalers", "ema", "rng", "history"}
+SAMPLING_MODULES = {"autoencoder": {"autoencoder"}, "ddpm": {"unet"}, "ldm": {"unet"}}
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("model", ["autoencoder", "ddpm", "ldm"])
+def test_run_has_one_resume_and_one_weights_only_checkpoint(model, flow_2d):
+    root = flow_2d[model].run_dir
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    last, best = _load(root / "checkpoints" / "last.pt"), _load(root / "checkpoints" / "best.pt")
+    assert RESUME_KEYS <= set(last) and not last.get("weights_only")
+    assert all(opt["state"] for opt in last["optimizers"].values())  # AdamW moments are in last.pt
+    assert best["weights_only"] is True and not RESUME_KEYS & set(best)
+    assert set(best["modules"]) == SAMPLING_MODULES[model]  # no discriminator, no optimiser
+    assert best["model"] == model and best["config"] and best["mlflow_run_id"] == flow_2d[model].mlflow_run_id
+    assert (root / "checkpoints" / "best.pt").stat().st_size < (root / "checkpoints" / "last.pt").stat().st_size / 2
+    if best["epoch"] == last["epoch"]:  # same epoch: best.pt holds exactly the weights sampling used from last.pt
+        if last["ema"] is not None:
+            ema = {k[len("module."):]: v for k, v in last["ema"].items() if k.startswith("module.")}
+            assert best["ema_weights"] and best["modules"]["unet"].keys() == ema.keys()
+            for k, v in ema.items():
+                torch.testing.assert_close(best["modules"]["unet"][k], v)
+        else:
+            for k, v in best["modules"][model].items():
+                torch.testing.assert_close(v, last["modules"][model][k])
+    if model == "ldm":
+        assert best["extra"]["scale_factor"] == pytest.approx(flow_2d[model].config.train_ldm.latent_scale_factor)
+
+
+def test_sampling_reads_best_and_falls_back_to_last(flow_2d, tmp_path):
+    """A run that has not validated yet (no best.pt) samples from last.pt's EMA weights: the same images."""
+    root = flow_2d["ddpm"].run_dir
+    assert _load(root / "checkpoints" / "best.pt")["epoch"] == _load(root / "checkpoints" / "last.pt")["epoch"]
+    sampler = from_run(root)
+    assert sampler.source.endswith("best.pt")
+    copy = tmp_path / "Dataset201_Aniso" / "ddpm" / "2d" / "train-val-test"
+    shutil.copytree(root, copy)
+    (copy / "checkpoints" / "best.pt").unlink()
+    fallback = from_run(copy)
+    assert fallback.source.endswith("last.pt")
+    np.testing.assert_array_equal(sampler.sample(1, seed=3, steps=2), fallback.sample(1, seed=3, steps=2))
+
+
+def _artifact_files(client, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out += _artifact_files(client, run_id, a.path) if a.is_dir else [a.path]
+    return out
+
+
+def test_checkpoints_go_to_mlflow_only_when_asked(flow_2d, workspace, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for result in flow_2d.values():  # default: tracking.log_checkpoints false
+        files = _artifact_files(client, result.mlflow_run_id)
+        assert "run/config.yaml" in files and not [f for f in files if f.endswith(".pt")], files
+    sets = tiny_overrides(workspace["config"].get("2d"), epochs=1) + ["tracking.log_checkpoints=true",
+                                                                       "tracking.log_models=false"]
+    monkeypatch.setenv("medimgen_results", str(tmp_path))
+    result = train("ddpm", ANISO_3D, "5-fold", "2d", fold=0, overrides=sets, echo=lambda *_: None)
+    files = _artifact_files(client, result.mlflow_run_id)
+    assert {"checkpoints/best.pt", "checkpoints/last.pt"} <= set(files)
+
+
+def test_bad_log_checkpoints_value_is_one_line(workspace):
+    from medimgen.config import apply_overrides
+    from medimgen.errors import MedimgenError
+
+    with pytest.raises(MedimgenError, match="tracking.log_checkpoints"):
+        apply_overrides(workspace["config"].get("2d"), ["tracking.log_checkpoints=sometimes"])
+
+
+def _registered_size(client, run_id: str) -> tuple[int, set[str]]:
+    import mlflow
+
+    (version,) = client.search_model_versions(f"run_id='{run_id}'")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=tmp))
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        weights = {k.split(".", 1)[0] for p in files if p.name == "weights.safetensors" for k in load_file(str(p))}
+        return sum(p.stat().st_size for p in files), weights
+
+
+@pytest.mark.parametrize("model", ["autoencoder", "ddpm", "ldm"])
+def test_disk_estimate_matches_a_trained_run(model, flow_2d):
+    """Predicted best.pt, last.pt and registered model within TOLERANCE of the real files; the registered
+    version holds the sampling weights once (LDM: with its autoencoder, which sampling needs)."""
+    from mlflow import MlflowClient
+
+    result = flow_2d[model]
+    est = estimate_disk(result.config, model)
+    for name, predicted in (("best.pt", est.best), ("last.pt", est.last)):
+        real = (result.run_dir / "checkpoints" / name).stat().st_size
+        assert predicted == pytest.approx(real, rel=TOLERANCE), (name, predicted, real)
+    if model == "autoencoder":
+        assert est.registered == 0
+        return
+    real, weights = _registered_size(MlflowClient(), result.mlflow_run_id)
+    assert weights == ({"unet", "autoencoder"} if model == "ldm" else {"unet"})
+    assert est.registered == pytest.approx(real, rel=TOLERANCE), (est.registered, real)
+
+
+def test_plan_explain_reports_disk(workspace, nnunet_env):
+    r = CliRunner().invoke(main, ["plan", "-d", str(ANISO_3D), "--explain"])
+    assert r.exit_code == 0, r.output
+    assert "disk per run" in r.output and "last.pt" in r.output and "total 3d:" in r.output and "total 2d:" in r.output
