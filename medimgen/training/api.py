@@ -142,10 +142,8 @@ def _check_run(run: RunDir, model: str, resume: bool) -> None:
                             f"or move/delete that folder to start over")
 
 
-def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: RunDir, dim: str, resume: bool,
-                  overrides: Sequence[str], config_path, setup: RunSetup, progress: bool, device: str | None,
-                  stop_after_epoch: int | None, echo: Callable[[str], None]) -> TrainResult:
-    _check_run(run, model, resume)
+def _run_config(plans: DatasetPlans, run: RunDir, dim: str, resume: bool, overrides: Sequence[str], config_path,
+                setup: RunSetup) -> GenerationConfig:
     if setup.config is not None and not resume:
         cfg = apply_overrides(setup.config, list(overrides))
     else:
@@ -155,84 +153,124 @@ def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: Ru
                             f"{cfg.data.plans_identifier}, but {plans.name} is planned from {plans.plans_identifier} "
                             f"(its {CONFIG_NAME}): re-plan with `medimgen plan -d {plans.dataset_id} --plans "
                             f"{cfg.data.plans_identifier}`, or start a new run")
-    tcfg = cfg.train_for(model)
-    dev = resolve_device(device)
+    return cfg
 
-    seed_everything(tcfg.seed)
+
+def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: RunDir, dim: str, resume: bool,
+                  overrides: Sequence[str], config_path, setup: RunSetup, progress: bool, device: str | None,
+                  stop_after_epoch: int | None, echo: Callable[[str], None]) -> TrainResult:
+    _check_run(run, model, resume)
+    cfg = _run_config(plans, run, dim, resume, overrides, config_path, setup)
+    dev = resolve_device(device)
+    seed_everything(cfg.train_for(model).seed)
     task = build_task(model, cfg, dev, plans, split.name, run, setup.autoencoder_run)  # writes nothing (LDM: needs its AE)
     lock.acquire()  # creates the folder of a new run; the check again: another process may have started it
     _check_run(run, model, resume)
-    batches = TrainBatches(cfg, plans, split.train, tcfg.batch_size, seed=tcfg.seed)
-    tracker = setup.tracker or Tracker()
-    completed = False
-    try:
-        if model == "ldm" and not resume:
-            scale = task.compute_scale_factor(batches)
-            cfg = dataclasses.replace(cfg, derived=dataclasses.replace(cfg.derived, latent_scale_factor=scale))
-        if model == "ldm":
-            cfg = dataclasses.replace(cfg, autoencoder=task.cfg.autoencoder)
-        run.make()
-        val_ids = split.val or split.train[:1]
-        run_echo = _echo_for(cfg, run, echo)
+    return _Job(model, plans, split, run, cfg, task, dev, setup, echo).execute(resume, progress, stop_after_epoch)
 
-        def on_refit(refit) -> TrainBatches:
-            """A memory re-fit in the first steps: new batches, the change recorded in config.yaml and MLflow."""
-            nonlocal cfg, batches
-            cfg = refit.config
-            batches.close()
-            batches = TrainBatches(cfg, plans, split.train, cfg.train_for(model).batch_size, seed=tcfg.seed)
-            save_generation_config(cfg, run.config)
-            trainer.config_yaml = render_generation_config(cfg)
-            tracker.set_tags({"memory.refit": f"{refit.reason}: {'; '.join(refit.changes)}"})
-            tracker.log_artifacts([run.config], "run")
-            return batches
 
-        guard = MemoryGuard(cfg, model, dev, run_echo, lambda m: tracker.log_metrics(m, step=0))
-        trainer = Trainer(
-            task, tcfg, run, tracker, dev, batches,
-            val_batches=lambda: validation_batches(cfg, plans, val_ids, cfg.train_for(model).batch_size),
-            plot_batch=lambda: next(validation_batches(cfg, plans, val_ids[:PLOT_EXAMPLES], PLOT_EXAMPLES)),
+class _Job:
+    """One locked training run: batches, trainer and MLflow run. Its config may change on the way (the LDM's
+    latent scale, a memory re-fit); config.yaml and MLflow follow."""
+
+    def __init__(self, model: str, plans: DatasetPlans, split, run: RunDir, cfg: GenerationConfig, task,
+                 device: torch.device, setup: RunSetup, echo: Callable[[str], None]):
+        self.model, self.plans, self.split, self.run, self.cfg, self.task = model, plans, split, run, cfg, task
+        self.device, self.setup, self.echo = device, setup, echo
+        self.tcfg = cfg.train_for(model)
+        self.batches = TrainBatches(cfg, plans, split.train, self.tcfg.batch_size, seed=self.tcfg.seed)
+        self.tracker = setup.tracker or Tracker()
+        self.trainer: Trainer | None = None
+
+    def execute(self, resume: bool, progress: bool, stop_after_epoch: int | None) -> TrainResult:
+        try:
+            self._derive(resume)
+            self.run.make()
+            self.trainer = self._make_trainer(progress, stop_after_epoch)
+            previous_run_id = self.trainer.load(self.run.last)["mlflow_run_id"] if resume else None  # before any write
+            self._write_run_files()
+            self._start_tracking(previous_run_id)
+            result = self.trainer.fit()
+            self._finish(result["completed"])
+            return TrainResult(self.run.root, result["completed"], result["epoch"], self.tracker.run_id, self.cfg)
+        except BaseException:
+            self.tracker.end("KILLED")
+            raise
+        finally:
+            self.batches.close()
+            if self.tracker.run_id:
+                self.tracker.end("FINISHED")
+
+    def _derive(self, resume: bool) -> None:
+        """The LDM's latent scale (once, at the start of a new run) and the autoencoder it was trained with."""
+        if self.model != "ldm":
+            return
+        cfg = self.cfg
+        if not resume:
+            cfg = dataclasses.replace(cfg, derived=dataclasses.replace(
+                cfg.derived, latent_scale_factor=self.task.compute_scale_factor(self.batches)))
+        self.cfg = dataclasses.replace(cfg, autoencoder=self.task.cfg.autoencoder)
+
+    def _make_trainer(self, progress: bool, stop_after_epoch: int | None) -> Trainer:
+        val_ids = self.split.val or self.split.train[:1]
+        run_echo = _echo_for(self.cfg, self.run, self.echo)
+        guard = MemoryGuard(self.cfg, self.model, self.device, run_echo, lambda m: self.tracker.log_metrics(m, step=0))
+        return Trainer(
+            self.task, self.tcfg, self.run, self.tracker, self.device, self.batches,
+            val_batches=lambda: validation_batches(self.cfg, self.plans, val_ids, self.cfg.train_for(self.model).batch_size),
+            plot_batch=lambda: next(validation_batches(self.cfg, self.plans, val_ids[:PLOT_EXAMPLES], PLOT_EXAMPLES)),
             options=LoopOptions(progress=progress, echo=run_echo, stop_after_epoch=stop_after_epoch,
-                                on_epoch=setup.on_epoch, memory_guard=guard, on_refit=on_refit),
-            config_yaml=render_generation_config(cfg),
+                                on_epoch=self.setup.on_epoch, memory_guard=guard, on_refit=self._on_refit),
+            config_yaml=render_generation_config(self.cfg),
         )
-        previous_run_id = trainer.load(run.last)["mlflow_run_id"] if resume else None  # before any file is written
-        save_generation_config(cfg, run.config)
-        run.copy_nnunet_files(plans.folder, plans.plans_identifier)
-        save_geometry(case_geometry(plans, dim, sorted(split.train)[0], cfg.data.spacing), run.root)
-        dim_split = f"{dim}_{split.name}"
-        tracker.start(
-            experiment=cfg.tracking.experiment_name or plans.name,
-            run_name=setup.run_name or f"{model}_{dim_split}",
-            tracking_uri=cfg.tracking.tracking_uri,
+
+    def _on_refit(self, refit) -> TrainBatches:
+        """A memory re-fit in the first steps: new batches, the change recorded in config.yaml and MLflow."""
+        self.cfg = refit.config
+        self.batches.close()
+        self.batches = TrainBatches(self.cfg, self.plans, self.split.train, self.cfg.train_for(self.model).batch_size,
+                                    seed=self.tcfg.seed)
+        save_generation_config(self.cfg, self.run.config)
+        self.trainer.config_yaml = render_generation_config(self.cfg)
+        self.tracker.set_tags({"memory.refit": f"{refit.reason}: {'; '.join(refit.changes)}"})
+        self.tracker.log_artifacts([self.run.config], "run")
+        return self.batches
+
+    def _write_run_files(self) -> None:
+        save_generation_config(self.cfg, self.run.config)
+        self.run.copy_nnunet_files(self.plans.folder, self.plans.plans_identifier)
+        save_geometry(case_geometry(self.plans, self.cfg.dim, sorted(self.split.train)[0], self.cfg.data.spacing),
+                      self.run.root)
+
+    def _start_tracking(self, previous_run_id: str | None) -> None:
+        model, dim, split, dev, setup = self.model, self.cfg.dim, self.split.name, self.device, self.setup
+        amp = amp_dtype(self.tcfg.amp, dev)
+        self.tracker.start(
+            experiment=self.cfg.tracking.experiment_name or self.plans.name,
+            run_name=setup.run_name or f"{model}_{dim}_{split}",
+            tracking_uri=self.cfg.tracking.tracking_uri,
             run_id=previous_run_id,
             tags={
-                "medimgen.model": model, "medimgen.dim": dim, "medimgen.split": split.name,
-                "medimgen.dataset": plans.name, "medimgen.version": __version__, "git_commit": git_commit(),
+                "medimgen.model": model, "medimgen.dim": dim, "medimgen.split": split,
+                "medimgen.dataset": self.plans.name, "medimgen.version": __version__, "git_commit": git_commit(),
                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                "amp_dtype": str(amp_dtype(tcfg.amp, dev)).replace("torch.", "") if amp_dtype(tcfg.amp, dev) else "off",
-                "perceptual_network": cfg.losses.perceptual_network if model == "autoencoder" else None,
-                "medimgen.run_dir": str(run.root),
+                "amp_dtype": str(amp).replace("torch.", "") if amp else "off",
+                "perceptual_network": self.cfg.losses.perceptual_network if model == "autoencoder" else None,
+                "medimgen.run_dir": str(self.run.root),
                 "mlflow.parentRunId": setup.parent_run_id,
                 **setup.tags,
             },
         )
-        tracker.log_params({"dataset": plans.name, "model": model, "dim": dim, "split": split.name,
-                            **flatten(cfg)})
-        result = trainer.fit()
-        completed = result["completed"]
-        tracker.log_artifacts([run.config, run.loss_dict, run.geometry, run.root / "dataset.json",
-                               run.root / f"{plans.plans_identifier}.json"], "run")
-        if completed:
-            if cfg.tracking.log_checkpoints:  # off by default: the run folder has them, MLflow gets the model
-                tracker.log_artifacts([run.best, run.last], "checkpoints")
-            if model in DIFFUSION_MODELS and cfg.tracking.log_models and tracker.enabled:
-                _log_model(run, cfg, tracker, _echo_for(cfg, run, echo))
-        return TrainResult(run.root, completed, result["epoch"], tracker.run_id, cfg)
-    except BaseException:
-        tracker.end("KILLED")
-        raise
-    finally:
-        batches.close()
-        if tracker.run_id:
-            tracker.end("FINISHED")
+        self.tracker.log_params({"dataset": self.plans.name, "model": model, "dim": dim, "split": split,
+                                 **flatten(self.cfg)})
+
+    def _finish(self, completed: bool) -> None:
+        run, cfg = self.run, self.cfg
+        self.tracker.log_artifacts([run.config, run.loss_dict, run.geometry, run.root / "dataset.json",
+                                    run.root / f"{self.plans.plans_identifier}.json"], "run")
+        if not completed:
+            return
+        if cfg.tracking.log_checkpoints:  # off by default: the run folder has them, MLflow gets the model
+            self.tracker.log_artifacts([run.best, run.last], "checkpoints")
+        if self.model in DIFFUSION_MODELS and cfg.tracking.log_models and self.tracker.enabled:
+            _log_model(run, cfg, self.tracker, _echo_for(cfg, run, self.echo))
