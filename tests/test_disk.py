@@ -49,7 +49,7 @@ def test_run_has_one_resume_and_one_weights_only_checkpoint(model, flow_2d):
             for k, v in best["modules"][model].items():
                 torch.testing.assert_close(v, last["modules"][model][k])
     if model == "ldm":
-        assert best["extra"]["scale_factor"] == pytest.approx(flow_2d[model].config.train_ldm.latent_scale_factor)
+        assert best["extra"]["scale_factor"] == pytest.approx(flow_2d[model].config.derived.latent_scale_factor)
 
 
 def test_sampling_reads_best_and_falls_back_to_last(flow_2d, tmp_path):

@@ -21,8 +21,11 @@ from medimgen.config.schema import DIMS, DatasetInfo, GenerationConfig, Medimgen
 from medimgen.config.validate import check_field, check_generation
 from medimgen.errors import MedimgenError
 
-# Results that configs written before the `derived` section kept among the inputs: (section, key) -> derived key
+# Results that configs written before the `derived` section kept among the inputs: (section, key) -> derived key.
+# Every train_* section had a latent_scale_factor; only the LDM's was ever set (the others were null).
 _MOVED_TO_DERIVED = {("train_ldm", "latent_scale_factor"): "latent_scale_factor",
+                     ("train_ddpm", "latent_scale_factor"): None,
+                     ("train_autoencoder", "latent_scale_factor"): None,
                      ("memory", "fitted"): "memory_fitted",
                      ("memory", "predicted_peak_gb"): "predicted_peak_gb"}
 
@@ -157,7 +160,8 @@ def _derived_apart(data: dict) -> dict:
     for (sec, key), new in _MOVED_TO_DERIVED.items():
         if isinstance(data.get(sec), dict) and key in data[sec]:
             value = data[sec].pop(key)
-            derived.setdefault(new, value)
+            if new is not None:
+                derived.setdefault(new, value)
     return data
 
 
