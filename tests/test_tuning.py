@@ -402,12 +402,12 @@ def test_objectives_and_the_real_images_they_need(tune_env, monkeypatch):
 
     counts = {"val": 1, "train": 5, "test": 2}
 
-    def fake_real_images(cfg, dataset, subset, *args):
+    def fake_real_cases(cfg, dataset, subset, *args):
         if not counts[subset]:
             raise MedimgenError(f"the train-val-test split of {dataset} has no {subset} cases: choose ...")
-        return torch.zeros(counts[subset], 1, 4, 4), [subset] * counts[subset]
+        return torch.zeros(counts[subset], 1, 4, 4), torch.zeros(counts[subset], 1, 4, 4), [subset] * counts[subset]
 
-    monkeypatch.setattr("medimgen.evaluation.api.real_images", fake_real_images)
+    monkeypatch.setattr("medimgen.evaluation.api.real_cases", fake_real_cases)
     notes = []
     space = load_space(tune_env["space"], "autoencoder")
 

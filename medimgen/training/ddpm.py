@@ -11,6 +11,7 @@ from torch import nn
 
 from medimgen.config.schema import GenerationConfig
 from medimgen.diffusion import generate, target_for, training_scheduler
+from medimgen.labels import join, label_channels, network_channels
 from medimgen.networks import build_unet
 from medimgen.training.outputs import PLOT_EXAMPLES, plot_images
 
@@ -28,6 +29,7 @@ class DiffusionTask:
         self.cfg = cfg
         self.device = device
         self.unet = build_unet(cfg.unet_for(self.name), cfg.data.spatial_dims, self.in_channels).to(device)
+        self.labels = label_channels(cfg) > 0  # joint model: one-hot label channels after the image channels
         self.modules: dict[str, nn.Module] = {"unet": self.unet}
         self.phase_modules = {"diffusion": ["unet"]}
         self.scheduler = training_scheduler(cfg.scheduler_for(self.name))
@@ -36,7 +38,11 @@ class DiffusionTask:
     # -- what differs between DDPM and LDM
     @property
     def in_channels(self) -> int:
-        return self.cfg.data.in_channels
+        return network_channels(self.cfg)
+
+    def inputs(self, batch: dict) -> torch.Tensor:
+        """What the model generates from a batch: the images, with a joint model's one-hot label channels."""
+        return join(batch["image"].to(self.device), batch["label"], self.cfg)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images
@@ -62,7 +68,7 @@ class DiffusionTask:
 
     def loss(self, phase: str, batch: dict, state: dict):
         with torch.no_grad():
-            x = self.encode(batch["image"])
+            x = self.encode(self.inputs(batch))
         loss = self._diffusion_loss(self.unet, x)
         return loss, {"loss": loss.item()}
 
@@ -70,7 +76,7 @@ class DiffusionTask:
         gen = torch.Generator().manual_seed(VAL_SEED)  # same noise and timesteps every validation
         total, count = 0.0, 0
         for batch in batches:
-            x = self.encode(batch["image"].to(self.device))
+            x = self.encode(self.inputs(batch))
             total += self._diffusion_loss(model("unet"), x, gen).item() * x.shape[0]
             count += x.shape[0]
         return {"loss": total / max(1, count)}
