@@ -142,6 +142,15 @@ def test_export_pairs_and_mixed_dataset_pass_nnunet(flow_3d, nnunet_env):
     pre = nnunet_env["nnUNet_preprocessed"] / "Dataset312_AnisoMixed"
     assert (pre / "nnUNetPlans.json").is_file()
     _splits_ok(json.loads((pre / "splits_final.json").read_text()), synthetic, real)  # kept by preprocessing
+    # nnU-Net's own trainer reads those folds: synthetic cases train, real ones validate
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # what nnunetv2.run.run_training adds
+    trainer = nnUNetTrainer(plans, "3d_fullres", 0, json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))
+    train_keys, val_keys = trainer.do_split()
+    assert set(synthetic) <= set(train_keys) and set(val_keys) <= set(real) and val_keys
 
 
 def test_autoencoder_learns_the_labels(nnunet_env, workspace, tmp_path, monkeypatch):
@@ -206,3 +215,28 @@ def test_image_only_model_exports_marked_masks(nnunet_env, workspace, tmp_path, 
                                   "--model", "ddpm", "--mix-real"])
     assert r.exit_code == 2 and "needs a model that generates labels" in r.output
     assert not list(nnunet_env["nnUNet_raw"].glob("Dataset314_*"))
+
+
+def test_mixed_splits_keep_synthetic_cases_out_of_validation():
+    from medimgen.export import mixed_splits
+
+    real = [f"case_{i:03d}" for i in range(7)]
+    synthetic = ["synth_0000", "synth_0001"]
+    _splits_ok(mixed_splits(real, synthetic), synthetic, real)
+    assert len(mixed_splits(real[:3], synthetic)) == 3  # fewer real cases than folds: one per case
+
+
+def test_evaluate_reports_pair_sanity_checks(flow_2d, nnunet_env, tmp_path):
+    from medimgen.evaluation.api import evaluate
+    from medimgen.requests import ModelRef, SampleOptions
+
+    report = evaluate(ModelRef(str(flow_2d["ddpm"].run_dir)), real="train", num_samples=2, extractor="none",
+                      options=SampleOptions(steps=2), track=False, output=tmp_path / "eval.json")
+    s = report["scores"]
+    assert s["labels_valid"] == 1.0
+    for name in ("organ", "lesion"):
+        for key in ("generated_mean", "generated_std", "real_mean", "real_std"):
+            assert 0 <= s[f"label_fraction.{name}.{key}"] <= 1
+        assert s[f"label_fraction.{name}.real_mean"] > 0  # every phantom has both labels
+        inside = s[f"label_inside_foreground.{name}"]
+        assert inside != inside or 0 <= inside <= 1  # nan when an untrained model generates none of it

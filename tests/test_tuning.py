@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from medimgen.cli import main
 from medimgen.config import is_user_edited, load_config
 from medimgen.errors import MedimgenError
-from medimgen.tuning.space import load_space
+from medimgen.tuning.space import default_space_path, load_space
 from tests.training_helpers import tiny_overrides
 
 TUNE_2D = 211  # ids in use by other test modules: 201, 202, 203 (test_memory)
@@ -379,6 +379,15 @@ def test_switched_off_losses_and_set_values_are_not_searched(tune_env, tmp_path)
     path.write_text("autoencoder:\n  losses.perceptual_weight: {type: float, low: 0.1, high: 2.0}\n")
     with pytest.raises(MedimgenError, match="nothing left to search"):
         load_space(path, "autoencoder").restrict(off)
+
+    # the label loss weights (default space) are searched for joint image+label models only
+    defaults = load_space(default_space_path(), "autoencoder")
+    joint = apply_overrides(cfg, ["data.generate_labels=true", "data.label_values=[1]", "data.label_names=[a]"])
+    image_only = apply_overrides(cfg, ["data.generate_labels=false"])
+    assert {"losses.label_ce_weight", "losses.label_dice_weight"} <= {p.name for p in defaults.restrict(joint)[0].params}
+    kept, notes = defaults.restrict(image_only)
+    assert not {"losses.label_ce_weight", "losses.label_dice_weight"} & {p.name for p in kept.params}
+    assert any(n.startswith("losses.label_ce_weight is not searched: data.generate_labels is false") for n in notes)
 
 
 def test_objectives_and_the_real_images_they_need(tune_env, monkeypatch):

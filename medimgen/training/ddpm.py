@@ -86,9 +86,18 @@ class DiffusionTask:
         return generate(self.cfg, self.name, unet, n, seed, device=self.device, decode=self.decode)
 
     def plot(self, stem: Path, batch: dict, model: Callable[[str], nn.Module]) -> Path | None:
+        """Samples (first row) and, for a joint model, their label maps (second row, label values spread over the
+        intensity range)."""
         n, step = self.num_plot_samples, self.cfg.train_for(self.name).batch_size  # no bigger batches than training's
-        images = torch.cat([self.sample(model("unet"), min(step, n - i), PLOT_SEED + i) for i in range(0, n, step)])
-        return plot_images(list(images), stem, self.cfg, f"{self.name.upper()} samples ({n}, seed {PLOT_SEED})")
+        pairs = [generate(self.cfg, self.name, model("unet"), min(step, n - i), PLOT_SEED + i, device=self.device,
+                          decode=self.decode, labels=True) for i in range(0, n, step)]
+        images = torch.cat([p[0] for p in pairs])
+        what = f"{self.name.upper()} samples ({n}, seed {PLOT_SEED})"
+        if not self.labels:
+            return plot_images(list(images), stem, self.cfg, what)
+        lo, hi = self.cfg.data.intensity_range
+        labels = torch.cat([p[1] for p in pairs]).float().cpu() / max(self.cfg.data.label_values)
+        return plot_images([list(images), list(lo + (hi - lo) * labels)], stem, self.cfg, what + " | their labels")
 
     def extra_state(self) -> dict:
         return {}
