@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 
 import click
@@ -327,16 +328,24 @@ def sample_entry() -> None:
 @click.argument("model_type", type=click.Choice(["2d", "3d"]), metavar="MODEL_TYPE")
 @click.argument("num_images", type=_positive)
 @click.option("-t", "--target-id", type=click.IntRange(1, 999), required=True, help="Id of the new nnU-Net dataset.")
-@click.option("--name", default=None, help="Name of the new dataset (default: <source name>Synth).")
+@click.option("--name", default=None, help="Name of the new dataset (default: <source name>Synth, or Mixed).")
+@click.option("--mix-real", is_flag=True,
+              help="Also copy the source dataset's real training cases, and write a splits_final.json whose "
+                   "validation folds hold real cases only (needs a model that generates labels).")
 @_model_choice
 @_with(_model_options + _sampling_options + _output_options + [_progress_option])
 @friendly_errors
-def export_cmd(dataset_id, model_type, num_images, target_id, name, **kw):
-    """Sample NUM_IMAGES images into a new nnU-Net raw dataset (imagesTr, labelsTr masks, dataset.json)."""
+def export_cmd(dataset_id, model_type, num_images, target_id, name, mix_real, **kw):
+    """Sample NUM_IMAGES images (with their generated labels; foreground masks for an image-only model) into a new
+    nnU-Net raw dataset (imagesTr, labelsTr, dataset.json)."""
     from medimgen.export import export_dataset
 
     ref, options = _requests(kw, dataset_id, model_type)
-    out = export_dataset(dataset_id, num_images, target_id, ref=ref, options=options, name=name)
+    out = export_dataset(dataset_id, num_images, target_id, ref=ref, options=options, name=name, mix_real=mix_real)
+    from medimgen.labels import GENERATED_MASK_KEY
+
+    if json.loads((out / "dataset.json").read_text()).get(GENERATED_MASK_KEY):
+        click.echo("note: this model is image-only, so every label is a foreground mask, not the dataset's labels")
     click.echo(f"wrote {out}; next: nnUNetv2_plan_and_preprocess -d {target_id} --verify_dataset_integrity")
 
 

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from medimgen.config.schema import GenerationConfig, SchedulerConfig
+from medimgen.labels import network_channels, split
 
 
 def _schedule_args(cfg: SchedulerConfig) -> dict:
@@ -54,12 +55,13 @@ def target_for(scheduler, prediction_type: str, images, noise, timesteps):
 
 
 def sample_shape(cfg: GenerationConfig, model: str, n: int) -> tuple[int, ...]:
-    """Shape of ``n`` starting noises: images for a DDPM, latents of the autoencoder for an LDM."""
+    """Shape of ``n`` starting noises: images (+ one-hot label channels of a joint model) for a DDPM, latents
+    of the autoencoder for an LDM."""
     if model == "ldm":
         from medimgen.networks import latent_size
 
         return (n, cfg.autoencoder.latent_channels, *latent_size(cfg))
-    return (n, cfg.data.in_channels, *cfg.data.image_size)
+    return (n, network_channels(cfg), *cfg.data.image_size)
 
 
 def latent_decoder(autoencoder: torch.nn.Module, scale_factor: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -85,9 +87,16 @@ def sample(network: torch.nn.Module, scheduler, shape: tuple[int, ...], seed: in
 
 def generate(cfg: GenerationConfig, model: str, network: torch.nn.Module, n: int, seed: int = 0,
              sampler: str | None = None, steps: int | None = None, device: torch.device | str = "cpu",
-             decode: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False) -> torch.Tensor:
-    """``n`` images of a trained ``model`` (ddpm/ldm) of ``cfg``, in the model's intensity range."""
+             decode: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False,
+             labels: bool = False):
+    """``n`` images of a trained ``model`` (ddpm/ldm) of ``cfg``, in the model's intensity range.
+
+    ``labels``: return (images, label maps) instead, the label maps (n, 1, *size) long in nnU-Net's label values
+    for a joint model (``data.generate_labels``: a DDPM's one-hot channels or the LDM's decoded logits, see
+    medimgen.labels), None for an image-only model."""
     scheduler = sampling_scheduler(cfg.scheduler_for(model), sampler, steps)
     x = sample(network, scheduler, sample_shape(cfg, model, n), seed, device, decode, progress)
+    images, label = split(x, cfg, logits=model == "ldm")
     lo, hi = cfg.data.intensity_range
-    return x.float().clamp(lo, hi)
+    images = images.float().clamp(lo, hi)
+    return (images, label) if labels else images

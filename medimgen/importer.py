@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from medimgen.errors import MedimgenError
+from medimgen.labels import GENERATED_MASK_KEY
 
 _NII = re.compile(r"^(?P<stem>.+)\.nii(?:\.gz)?$")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<chan>\d{4})$")
@@ -227,7 +228,9 @@ def import_dataset(
             str(tmp), channel_names={str(i): n for i, n in enumerate(names)}, labels=label_names,
             num_training_cases=len(cases), file_ending=".nii.gz", dataset_name=out.name,
             description=f"imported by medimgen from {source} ({grouping})"
-                        + (f"; {made_masks} foreground masks generated" if made_masks else ""))
+                        + (f"; {made_masks} foreground masks generated" if made_masks else ""),
+            # the planner must not take generated body masks for real labels (medimgen.labels.real_labels)
+            **({GENERATED_MASK_KEY: True} if made_masks else {}))
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

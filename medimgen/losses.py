@@ -25,3 +25,12 @@ class PerChannel(torch.nn.Module):
         if channels == 1:
             return self.loss(input, target)
         return sum(self.loss(input[:, c:c + 1], target[:, c:c + 1]) for c in range(channels)) / channels
+
+
+def label_loss(ce_weight: float, dice_weight: float) -> torch.nn.Module:
+    """Cross-entropy + soft Dice on a joint autoencoder's label logits (B, K+1, *S) against class indices
+    (B, 1, *S), as nnU-Net trains segmentation: Dice over the foreground classes, batch Dice (MONAI DiceCELoss)."""
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
+                      lambda_ce=ce_weight, lambda_dice=dice_weight)

@@ -103,8 +103,9 @@ def build_unet(cfg: UNetConfig, spatial_dims: int, in_channels: int, out_channel
     return unet
 
 
-def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: int) -> nn.Module:
-    """MONAI AutoencoderKL with nnU-Net's per-axis strides."""
+def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: int,
+                      out_channels: int | None = None) -> nn.Module:
+    """MONAI AutoencoderKL with nnU-Net's per-axis strides (``out_channels``: default ``in_channels``)."""
     from monai.networks.nets import AutoencoderKL
     from monai.networks.nets.autoencoderkl import AEKLDownsample
 
@@ -113,7 +114,7 @@ def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: in
     ae = AutoencoderKL(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
-        out_channels=in_channels,
+        out_channels=out_channels or in_channels,
         channels=tuple(cfg.channels),
         latent_channels=cfg.latent_channels,
         num_res_blocks=cfg.num_res_blocks,
@@ -139,6 +140,22 @@ def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: in
     if cfg.activation_checkpointing:
         enable_autoencoder_checkpointing(ae)
     return ae
+
+
+def autoencoder_for(cfg: GenerationConfig) -> nn.Module:
+    """The autoencoder of a config: encodes image (+ one-hot label) channels, decodes image channels (+ one label
+    logit per class for a joint model, medimgen.labels)."""
+    from medimgen.labels import autoencoder_out_channels, network_channels
+
+    return build_autoencoder(cfg.autoencoder, cfg.data.spatial_dims, network_channels(cfg), autoencoder_out_channels(cfg))
+
+
+def unet_for(cfg: GenerationConfig, model: str) -> nn.Module:
+    """The diffusion UNet of ``model``: on autoencoder latents (ldm) or on image (+ one-hot label) channels (ddpm)."""
+    from medimgen.labels import network_channels
+
+    channels = cfg.autoencoder.latent_channels if model == "ldm" else network_channels(cfg)
+    return build_unet(cfg.unet_for(model), cfg.data.spatial_dims, channels)
 
 
 def build_discriminator(cfg: DiscriminatorConfig, spatial_dims: int, in_channels: int) -> nn.Module:

@@ -35,7 +35,7 @@ from medimgen.config import load_generation_config, save_generation_config
 from medimgen.config.schema import DIFFUSION_MODELS, MODELS, GenerationConfig
 from medimgen.errors import MedimgenError
 from medimgen.geometry import Geometry, load_geometry
-from medimgen.networks import build_autoencoder, build_unet
+from medimgen.networks import autoencoder_for, unet_for
 from medimgen.requests import ModelRef
 
 # files of a packaged model (the MLflow model's artifact, or any folder): safetensors + YAML + JSON
@@ -187,7 +187,7 @@ def load_autoencoder(run: RunDir, device: torch.device | str = "cpu"):
             f"`medimgen train autoencoder` (same dataset, splitting and model type)")
     path = run.checkpoint("best")
     cfg = load_generation_config(run.config)
-    ae = build_autoencoder(cfg.autoencoder, cfg.data.spatial_dims, cfg.data.in_channels)
+    ae = autoencoder_for(cfg)
     try:
         ae.load_state_dict(sampling_weights(read_checkpoint(path), "autoencoder"))
     except (KeyError, RuntimeError) as e:
@@ -201,10 +201,8 @@ def load_autoencoder(run: RunDir, device: torch.device | str = "cpu"):
 # ---------------------------------------------------------------------------------------------- trained models
 def _networks(kind: str, cfg: GenerationConfig):
     """(UNet or None, autoencoder or None) of a trained ``kind``, built from its config."""
-    nd = cfg.data.spatial_dims
-    unet = build_unet(cfg.unet_for(kind), nd, cfg.autoencoder.latent_channels if kind == "ldm" else cfg.data.in_channels) \
-        if kind in DIFFUSION_MODELS else None
-    ae = build_autoencoder(cfg.autoencoder, nd, cfg.data.in_channels) if kind in ("ldm", "autoencoder") else None
+    unet = unet_for(cfg, kind) if kind in DIFFUSION_MODELS else None
+    ae = autoencoder_for(cfg) if kind in ("ldm", "autoencoder") else None
     return unet, ae
 
 

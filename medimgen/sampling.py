@@ -29,6 +29,7 @@ from medimgen.devices import amp_dtype, autocast, resolve_device
 from medimgen.diffusion import generate, latent_decoder
 from medimgen.errors import MedimgenError
 from medimgen.geometry import Geometry, to_file_image
+from medimgen.labels import label_channels
 from medimgen.requests import ModelRef, SampleOptions
 from medimgen.runs import TrainedModel
 
@@ -49,30 +50,52 @@ class Sampler(TrainedModel):
         name = scheduler or cfg.sampler
         return name, cfg.num_train_timesteps if name == "ddpm" else int(steps or cfg.num_inference_steps)
 
+    @property
+    def generates_labels(self) -> bool:
+        """Whether the model generates a label map with every image (``data.generate_labels``)."""
+        return label_channels(self.cfg) > 0
+
     @torch.no_grad()
     def sample(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
                batch_size: int | None = None, amp: bool = False, progress: bool = False) -> np.ndarray:
         """(N, C, *image_size) float32 in the dataset's intensity units; same seed -> same images."""
-        model_range = self.sample_model_range(num_images, seed, sampler, steps, batch_size, amp, progress)
+        return self.sample_pairs(num_images, seed, sampler, steps, batch_size, amp, progress)[0]
+
+    @torch.no_grad()
+    def sample_pairs(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
+                     batch_size: int | None = None, amp: bool = False, progress: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(images (N, C, *image_size) float32 in the dataset's units, label maps (N, *image_size) uint8 in
+        nnU-Net's label values, or None for an image-only model); same seed -> same pairs."""
+        model_range, labels = self.sample_model_range(num_images, seed, sampler, steps, batch_size, amp, progress,
+                                                      labels=True)
         imap = IntensityMap.from_config(self.cfg.data)
-        return imap.to_original(model_range, channel_axis=1).numpy().astype(np.float32)
+        images = imap.to_original(model_range, channel_axis=1).numpy().astype(np.float32)
+        return images, None if labels is None else labels[:, 0].numpy().astype(np.uint8)
 
     @torch.no_grad()
     def sample_model_range(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-                           batch_size: int | None = None, amp: bool = False, progress: bool = False) -> torch.Tensor:
-        """(N, C, *image_size) float32 CPU tensor in the model's range (what the evaluation compares)."""
+                           batch_size: int | None = None, amp: bool = False, progress: bool = False,
+                           labels: bool = False):
+        """(N, C, *image_size) float32 CPU tensor in the model's range (what the evaluation compares); ``labels``:
+        (that, label maps (N, 1, *image_size) long or None for an image-only model)."""
         if num_images < 1:
             raise MedimgenError("NUM_IMAGES must be at least 1")
         decode = latent_decoder(self.autoencoder, self.scale_factor) if self.kind == "ldm" else None
         bs = batch_size or num_images
-        out = []
+        out, out_labels = [], []
         for start in range(0, num_images, bs):
             n = min(bs, num_images - start)
             with autocast(self.device, amp_dtype("auto" if amp else "off", self.device)):
-                images = generate(self.cfg, self.kind, self.unet, n, seed + start, sampler, steps, self.device,
-                                  decode, progress)
+                images, label = generate(self.cfg, self.kind, self.unet, n, seed + start, sampler, steps, self.device,
+                                         decode, progress, labels=True)
             out.append(images.float().cpu())
-        return torch.cat(out)
+            if label is not None:
+                out_labels.append(label.cpu())
+        images = torch.cat(out)
+        if not labels:
+            return images
+        return images, torch.cat(out_labels) if out_labels else None
 
 
 def from_run(run_root: Path | str, checkpoint: str = "best") -> Sampler:
@@ -113,15 +136,18 @@ def crop_to_data(samples: np.ndarray, cfg: GenerationConfig, crop: bool = True) 
     return samples[(slice(None), slice(None), *box)], (0,) * len(box)
 
 
-def resample_to_original(volume: np.ndarray, cfg: GenerationConfig, geometry: Geometry) -> tuple[np.ndarray, tuple]:
-    """(C, *spatial) resampled with nnU-Net's resampling to the dataset's original median spacing."""
+def resample_to_original(volume: np.ndarray, cfg: GenerationConfig, geometry: Geometry,
+                         is_seg: bool = False) -> tuple[np.ndarray, tuple]:
+    """(C, *spatial) resampled with nnU-Net's resampling to the dataset's original median spacing (``is_seg``: a
+    label map, resampled as nnU-Net resamples segmentations, keeping its label values)."""
     from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 
     target = tuple(geometry.original_spacing[-volume.ndim + 1:])
     current = tuple(geometry.spacing)
     new_shape = [int(round(s * c / t)) for s, c, t in zip(volume.shape[1:], current, target)]
-    out = resample_data_or_seg_to_shape(volume, new_shape, current, target, is_seg=False, order=3, order_z=0)
-    return out.astype(np.float32), target
+    out = resample_data_or_seg_to_shape(volume, new_shape, current, target, is_seg=is_seg, order=1 if is_seg else 3,
+                                        order_z=0)
+    return (out.astype(np.uint8) if is_seg else out.astype(np.float32)), target
 
 
 def write_nifti(volume: np.ndarray, path: Path, geometry: Geometry, spacing: Sequence[float],
@@ -151,24 +177,36 @@ def _free_stem(folder: Path, prefix: str, index: int) -> tuple[str, int]:
 
 def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, options: SampleOptions, scheduler: str,
                  steps: int, prefix: str = "sample", channel_suffix: bool = False,
-                 sidecar_dir: Path | None = None) -> list[Path]:
+                 sidecar_dir: Path | None = None, labels: np.ndarray | None = None,
+                 label_dir: Path | None = None) -> list[Path]:
     """Write every sample (all channels) as NIfTI + a JSON sidecar saying how it was made; never overwrite files.
 
-    ``options.crop``: cut each (N, C, *image_size) sample back to the data it pads (``data.data_size``); without
-    it the padded model size is written, its origin moved so that the data region stays in place.
-    ``options.resample``: to the dataset's original median spacing."""
+    ``labels``: (N, *image_size) uint8 label maps generated with the samples, written with the same crop,
+    resampling (nearest neighbour, as nnU-Net resamples segmentations) and geometry as uint8 NIfTI:
+    ``<stem>_label.nii.gz`` beside the image, or ``<stem>.nii.gz`` in ``label_dir`` (nnU-Net's labelsTr); the
+    sidecar names both. ``options.crop``: cut each (N, C, *image_size) sample back to the data it pads
+    (``data.data_size``); without it the padded model size is written, its origin moved so that the data region
+    stays in place. ``options.resample``: to the dataset's original median spacing. Returns the image files."""
     crop, resample = options.crop, options.resample
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sidecar_dir = Path(sidecar_dir) if sidecar_dir else out_dir
     sidecar_dir.mkdir(parents=True, exist_ok=True)
+    if label_dir is not None:
+        Path(label_dir).mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     index = 0
     samples, pad = crop_to_data(samples, sampler.cfg, crop)
+    if labels is not None:
+        labels = crop_to_data(labels[:, None], sampler.cfg, crop)[0]
     shift = [-p * s for p, s in zip(pad, sampler.geometry.spacing)]  # mm from the data to the array's first voxel
+    label_names = {n: int(v) for n, v in zip(sampler.cfg.data.label_names, sampler.cfg.data.label_values)}
     for i, sample in enumerate(samples):
         spacing = sampler.geometry.spacing
+        label = None if labels is None else labels[i]
         if resample:
+            if label is not None:
+                label = resample_to_original(label, sampler.cfg, sampler.geometry, is_seg=True)[0]
             sample, spacing = resample_to_original(sample, sampler.cfg, sampler.geometry)
         stem, index = _free_stem(out_dir, prefix, index)
         files = []
@@ -180,6 +218,11 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, opt
                    "spacing": list(spacing), "resampled_to_original_spacing": resample,
                    "cropped_to_data_size": data_crop(sampler.cfg) is not None and crop,
                    "channels": list(sampler.cfg.data.channel_names), "files": [f.name for f in files]}
+        if label is not None:
+            label_file = Path(label_dir) / f"{stem}.nii.gz" if label_dir is not None else out_dir / f"{stem}_label.nii.gz"
+            write_nifti(label[0], label_file, sampler.geometry, spacing, dtype=np.uint8, shift=shift)
+            sidecar.update({"label_file": f"{label_file.parent.name}/{label_file.name}" if label_dir is not None
+                            else label_file.name, "labels": {"background": 0, **label_names}})
         (sidecar_dir / f"{stem}.json").write_text(json.dumps(sidecar, indent=2))
         written += files
         index += 1
@@ -189,8 +232,10 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, opt
 # ---------------------------------------------------------------------- the library call behind the CLI
 def sample_to_folder(save_path: Path | str, num_images: int, ref: ModelRef, options: SampleOptions = SampleOptions()
                      ) -> list[Path]:
-    """Sample ``num_images`` from the model ``ref`` names and write them (NIfTI + JSON sidecars) into ``save_path``."""
+    """Sample ``num_images`` from the model ``ref`` names and write them (NIfTI + JSON sidecars; a joint model's
+    label maps as ``<stem>_label.nii.gz``) into ``save_path``. Returns the image files."""
     sampler = resolve_sampler(ref).to(resolve_device(options.device))
     name, n_steps = sampler.schedule(options.scheduler, options.steps)
-    images = sampler.sample(num_images, options.seed, name, n_steps, options.batch_size, options.amp, options.progress)
-    return save_samples(images, sampler, save_path, options, name, n_steps)
+    images, labels = sampler.sample_pairs(num_images, options.seed, name, n_steps, options.batch_size, options.amp,
+                                          options.progress)
+    return save_samples(images, sampler, save_path, options, name, n_steps, labels=labels)

@@ -22,3 +22,6 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert report["scores"]["fid.nnunet_encoder"] >= 0
     assert out["tuning"].trials == 2
     assert (tmp_path / "mlflow.db").is_file()
+    mixed = out["mixed_dataset"]  # the demo ends with a real + synthetic nnU-Net dataset
+    assert len(list((mixed / "labelsTr").glob("synth_*.nii.gz"))) == 4
+    assert json.loads((mixed / "dataset.json").read_text())["labels"] == {"background": 0, "organ": 1, "lesion": 2}

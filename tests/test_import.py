@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 
 import nibabel as nib
@@ -49,6 +50,13 @@ def test_import_image_only_then_nnunet_and_plan(empty_env, tmp_path):
     r = CliRunner().invoke(main, ["plan", "-d", "31"])
     assert r.exit_code == 0, r.output
     assert (empty_env["nnUNet_preprocessed"] / "Dataset031_NoLabels" / "medimgen_config.yaml").is_file()
+    # the generated masks are marked, so the planner plans an image-only model
+    from medimgen.config.io import load_config
+    from medimgen.labels import GENERATED_MASK_KEY
+
+    assert json.loads((out / "dataset.json").read_text())[GENERATED_MASK_KEY] is True
+    cfg = load_config(empty_env["nnUNet_preprocessed"] / "Dataset031_NoLabels" / "medimgen_config.yaml")
+    assert not any(c.data.generate_labels for c in cfg.configs.values())
 
 
 def test_foreground_mask_finds_body():

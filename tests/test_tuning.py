@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from medimgen.cli import main
 from medimgen.config import is_user_edited, load_config
 from medimgen.errors import MedimgenError
-from medimgen.tuning.space import load_space
+from medimgen.tuning.space import default_space_path, load_space
 from tests.training_helpers import tiny_overrides
 
 TUNE_2D = 211  # ids in use by other test modules: 201, 202, 203 (test_memory)
@@ -380,6 +380,15 @@ def test_switched_off_losses_and_set_values_are_not_searched(tune_env, tmp_path)
     with pytest.raises(MedimgenError, match="nothing left to search"):
         load_space(path, "autoencoder").restrict(off)
 
+    # the label loss weights (default space) are searched for joint image+label models only
+    defaults = load_space(default_space_path(), "autoencoder")
+    joint = apply_overrides(cfg, ["data.generate_labels=true", "data.label_values=[1]", "data.label_names=[a]"])
+    image_only = apply_overrides(cfg, ["data.generate_labels=false"])
+    assert {"losses.label_ce_weight", "losses.label_dice_weight"} <= {p.name for p in defaults.restrict(joint)[0].params}
+    kept, notes = defaults.restrict(image_only)
+    assert not {"losses.label_ce_weight", "losses.label_dice_weight"} & {p.name for p in kept.params}
+    assert any(n.startswith("losses.label_ce_weight is not searched: data.generate_labels is false") for n in notes)
+
 
 def test_objectives_and_the_real_images_they_need(tune_env, monkeypatch):
     """Objective choice (a study keeps its own; weight-free autoencoder default), the scalar sum, and the
@@ -402,12 +411,12 @@ def test_objectives_and_the_real_images_they_need(tune_env, monkeypatch):
 
     counts = {"val": 1, "train": 5, "test": 2}
 
-    def fake_real_images(cfg, dataset, subset, *args):
+    def fake_real_cases(cfg, dataset, subset, *args):
         if not counts[subset]:
             raise MedimgenError(f"the train-val-test split of {dataset} has no {subset} cases: choose ...")
-        return torch.zeros(counts[subset], 1, 4, 4), [subset] * counts[subset]
+        return torch.zeros(counts[subset], 1, 4, 4), torch.zeros(counts[subset], 1, 4, 4), [subset] * counts[subset]
 
-    monkeypatch.setattr("medimgen.evaluation.api.real_images", fake_real_images)
+    monkeypatch.setattr("medimgen.evaluation.api.real_cases", fake_real_cases)
     notes = []
     space = load_space(tune_env["space"], "autoencoder")
 

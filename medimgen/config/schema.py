@@ -105,6 +105,14 @@ class DataConfig:
         "from (scaled with `spacing` by the memory fitter); samples are centre-cropped to it on output, as the "
         "loader centres cases in image_size (`sample --no-crop` keeps image_size; empty: no crop)",
         default_factory=tuple, ge=1)
+    generate_labels: bool = doc(
+        "generate a label map with every image (joint model): planned true when dataset.json has real labels "
+        "(not the body masks `medimgen import` makes); the labels enter the networks as one-hot channels after "
+        "the image channels (medimgen.labels)", False)
+    label_values: tuple[int, ...] = doc(
+        "nnU-Net label values of the foreground labels a joint model generates (dataset.json labels; background 0 "
+        "is implied)", default_factory=tuple, ge=1)
+    label_names: tuple[str, ...] = doc("names of label_values, from dataset.json", default_factory=tuple)
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,11 @@ class LossConfig:
     perceptual_fake_3d: bool = doc("3D: apply a 2D network on slices along the three axes", True)
     perceptual_fake_3d_ratio: float = doc("3D fake-3D: fraction of slices used", 0.2, gt=0, le=1)
     adversarial_warmup_epochs: int = doc("epochs of autoencoder training before the discriminator joins", 0, ge=0)
+    label_ce_weight: float = doc(
+        "joint models: weight of the cross-entropy on the autoencoder's label logits (1.0: as nnU-Net weighs CE "
+        "next to Dice)", 1.0, ge=0)
+    label_dice_weight: float = doc(
+        "joint models: weight of the soft Dice loss on the autoencoder's label logits (1.0, as nnU-Net)", 1.0, ge=0)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,14 @@ def check_generation(cfg: GenerationConfig, where: str = "") -> None:
     if any(s % d for s, d in zip(data.image_size, data.size_divisor)):
         raise MedimgenError(f"config key '{_join(where, 'data.image_size')}': must be divisible per axis by "
                             f"data.size_divisor {_show(data.size_divisor)}, got {_show(data.image_size)}")
+    if data.generate_labels and not data.label_values:
+        raise MedimgenError(f"config key '{_join(where, 'data.generate_labels')}': true needs data.label_values "
+                            f"(the foreground label values of dataset.json), got none")
+    if data.label_names and len(data.label_names) != len(data.label_values):
+        raise _bad(_join(where, "data.label_names"), f"one name per data.label_values ({len(data.label_values)})",
+                   data.label_names)
+    if len(set(data.label_values)) != len(data.label_values):
+        raise _bad(_join(where, "data.label_values"), "distinct values", data.label_values)
     for name in ("autoencoder", "ddpm_unet", "ldm_unet"):
         check_network(getattr(cfg, name), _join(where, name), nd)
     _divides(_join(where, "autoencoder"), cfg.autoencoder.strides, nd, data.image_size, "data.image_size")

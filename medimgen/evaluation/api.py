@@ -4,6 +4,9 @@ Generative models (DDPM, LDM): Fréchet distance and MMD on a named feature extr
 among generated pairs (diversity) and among real pairs, and their gap. Autoencoders: PSNR,
 SSIM, MS-SSIM and L1 of reconstructions of the real images (LPIPS when its AlexNet weights are
 on disk), and the Fréchet distance of reconstructions to the originals (rFID).
+Joint image+label models (``data.generate_labels``): the autoencoder's label reconstruction Dice
+(``label_dice``, per label and mean), and sanity checks of generated pairs (``labels_valid``, per-label volume
+fractions generated vs real, fraction of each label inside the generated image's foreground).
 
 Real images are the un-augmented, centre-cropped preprocessed cases of a split subset
 (``val``, ``test``, ``train`` or ``all``), exactly as the validation loop sees them; 2D
@@ -24,6 +27,7 @@ from medimgen.errors import MedimgenError
 from medimgen.evaluation.features import FeatureExtractor, build_extractor
 from medimgen.evaluation.metrics import frechet_distance, mean_pairwise_ms_ssim, mmd, reconstruction_metrics
 from medimgen.requests import ModelRef, SampleOptions
+from medimgen.labels import dice_per_label, join, label_channels, split
 from medimgen.runs import TrainedModel
 from medimgen.sampling import Sampler
 
@@ -33,6 +37,13 @@ SUBSETS = ("val", "test", "train", "all")
 def real_images(cfg: GenerationConfig, dataset: str, subset: str = "test", splitting: str = "train-val-test",
                 fold: int = 0) -> tuple[torch.Tensor, list[str]]:
     """(N, C, *image_size) model-range images of a split subset, and their case identifiers."""
+    images, _, ids = real_cases(cfg, dataset, subset, splitting, fold)
+    return images, ids
+
+
+def real_cases(cfg: GenerationConfig, dataset: str, subset: str = "test", splitting: str = "train-val-test",
+               fold: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """As :func:`real_images`, with the (N, 1, *image_size) label maps (nnU-Net values, -1 padding)."""
     from medimgen.data.cases import open_cases
     from medimgen.data.loader import validation_samples
     from medimgen.data.splits import get_split
@@ -46,8 +57,8 @@ def real_images(cfg: GenerationConfig, dataset: str, subset: str = "test", split
     ids = {"val": split.val, "test": split.test, "train": split.train, "all": identifiers}[subset]
     if not ids:
         raise MedimgenError(f"the {split.name} split of {dataset} has no {subset} cases: choose --real val, train or all")
-    images = torch.stack([s["image"] for s in validation_samples(cfg, plans, ids)])
-    return images, ids
+    samples = list(validation_samples(cfg, plans, ids))
+    return torch.stack([s["image"] for s in samples]), torch.stack([s["label"] for s in samples]), ids
 
 
 def _extractor_scores(prefix: str, generated: torch.Tensor, real: torch.Tensor, extractor: FeatureExtractor,
@@ -73,14 +84,36 @@ def generation_scores(generated: torch.Tensor, real: torch.Tensor, extractor: Fe
 
 
 @torch.no_grad()
-def reconstruct(autoencoder: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 4) -> torch.Tensor:
+def reconstruct(autoencoder: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 4,
+                cfg: GenerationConfig | None = None, labels: torch.Tensor | None = None):
+    """Reconstructions of ``images``; for a joint autoencoder (``cfg`` with data.generate_labels) the images are
+    encoded with their ``labels`` and (reconstructed images, reconstructed label maps) are returned."""
     autoencoder.to(device).eval()
-    out = []
+    joint = cfg is not None and label_channels(cfg) > 0
+    if joint and labels is None:
+        raise MedimgenError("this autoencoder generates labels: reconstructing needs the real label maps")
+    out, out_labels = [], []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)
+        if joint:
+            x = join(x, labels[i:i + batch_size], cfg)
         z_mu, _ = autoencoder.encode(x)
-        out.append(autoencoder.decode(z_mu).float().clamp(-1, 1).cpu())
-    return torch.cat(out)
+        image, label = split(autoencoder.decode(z_mu), cfg, logits=True) if joint else (autoencoder.decode(z_mu), None)
+        out.append(image.float().clamp(-1, 1).cpu())
+        if label is not None:
+            out_labels.append(label.cpu())
+    return (torch.cat(out), torch.cat(out_labels)) if joint else torch.cat(out)
+
+
+def label_dice_scores(recon: torch.Tensor, real: torch.Tensor, cfg: GenerationConfig) -> dict[str, float]:
+    """Dice of reconstructed vs real label maps per label (over all images together) and their mean."""
+    ref = real.long().clamp(min=0)
+    names = cfg.data.label_names or tuple(str(v) for v in cfg.data.label_values)
+    per = dice_per_label(recon, ref, cfg.data.label_values)
+    scores = {f"label_dice.{n}": per[v] for n, v in zip(names, cfg.data.label_values)}
+    valid = [d for d in per.values() if d == d]
+    scores["label_dice"] = sum(valid) / len(valid) if valid else math.nan
+    return scores
 
 
 def _lpips(recon: torch.Tensor, real: torch.Tensor, device: torch.device) -> float | None:
@@ -109,17 +142,54 @@ def reconstruction_scores(recon: torch.Tensor, real: torch.Tensor, extractor: Fe
     return scores
 
 
+def label_sanity_scores(images: torch.Tensor, labels: torch.Tensor, real_labels: torch.Tensor | None,
+                        cfg: GenerationConfig) -> dict[str, float]:
+    """Sanity checks of generated image+label pairs: ``labels_valid`` (1 when every generated value is background or
+    one of data.label_values), per label the volume fraction of generated and real label maps (mean, std over
+    images; padding of real cases counts as background), and the fraction of the label's voxels inside the
+    generated image's foreground (body mask of the first channel, as `medimgen import` makes: near 1 expected)."""
+    import numpy as np
+
+    from medimgen.importer import foreground_mask
+
+    gen = labels[:, 0].numpy()
+    allowed = {0, *(int(v) for v in cfg.data.label_values)}
+    scores = {"labels_valid": float(set(np.unique(gen).tolist()) <= allowed)}
+    names = cfg.data.label_names or tuple(str(v) for v in cfg.data.label_values)
+    bodies = np.stack([foreground_mask(im[0].numpy()) for im in images])
+    for name, v in zip(names, cfg.data.label_values):
+        frac = (gen == int(v)).reshape(len(gen), -1).mean(1)
+        scores[f"label_fraction.{name}.generated_mean"] = float(frac.mean())
+        scores[f"label_fraction.{name}.generated_std"] = float(frac.std())
+        if real_labels is not None and len(real_labels):
+            real = (real_labels[:, 0].numpy() == int(v)).reshape(len(real_labels), -1).mean(1)
+            scores[f"label_fraction.{name}.real_mean"] = float(real.mean())
+            scores[f"label_fraction.{name}.real_std"] = float(real.std())
+        inside = (gen == int(v)) & bodies
+        total = int((gen == int(v)).sum())
+        scores[f"label_inside_foreground.{name}"] = float(inside.sum() / total) if total else math.nan
+    return scores
+
+
 def score_model(model: TrainedModel, real: torch.Tensor, num_samples: int, extractor: FeatureExtractor | None,
-                options: SampleOptions = SampleOptions()) -> dict[str, float]:
-    """Reconstruction scores of an autoencoder, or generation scores of ``num_samples`` images of a DDPM/LDM."""
+                options: SampleOptions = SampleOptions(), real_labels: torch.Tensor | None = None) -> dict[str, float]:
+    """Reconstruction scores of an autoencoder (with label Dice for a joint one: needs ``real_labels``), or
+    generation scores of ``num_samples`` images of a DDPM/LDM."""
     dev = resolve_device(options.device)
     if model.kind == "autoencoder":
+        if label_channels(model.cfg):
+            recon, recon_labels = reconstruct(model.autoencoder, real, dev, cfg=model.cfg, labels=real_labels)
+            return {**reconstruction_scores(recon, real, extractor, dev),
+                    **label_dice_scores(recon_labels, real_labels, model.cfg)}
         return reconstruction_scores(reconstruct(model.autoencoder, real, dev), real, extractor, dev)
     sampler = Sampler.of(model).to(dev)
     name, n_steps = sampler.schedule(options.scheduler, options.steps)
-    generated = sampler.sample_model_range(num_samples, options.seed, name, n_steps, options.batch_size, options.amp,
-                                           options.progress)
-    return generation_scores(generated, real, extractor, dev)
+    generated, labels = sampler.sample_model_range(num_samples, options.seed, name, n_steps, options.batch_size,
+                                                   options.amp, options.progress, labels=True)
+    scores = generation_scores(generated, real, extractor, dev)
+    if labels is not None:
+        scores.update(label_sanity_scores(generated, labels, real_labels, model.cfg))
+    return scores
 
 
 def objective_names(kind: str) -> tuple[str, str]:
@@ -166,10 +236,10 @@ def evaluate(ref: ModelRef, real: str = "test", num_samples: int = 16, extractor
     from medimgen.data.intensity import IntensityMap
 
     model = TrainedModel.resolve(ref)
-    images, ids = real_images(model.cfg, model.dataset, real, ref.splitting, ref.fold)
+    images, labels, ids = real_cases(model.cfg, model.dataset, real, ref.splitting, ref.fold)
     feats = build_extractor(extractor, weights, model.dataset, model.cfg.data.spatial_dims,
                             IntensityMap.from_config(model.cfg.data), model.cfg.data.plans_identifier)
-    scores = score_model(model, images, num_samples, feats, options)
+    scores = score_model(model, images, num_samples, feats, options, labels)
     num_generated = 0 if model.kind == "autoencoder" else num_samples
     report = {
         "model": model.source, "kind": model.kind, "dataset": model.dataset, "dim": model.dim,

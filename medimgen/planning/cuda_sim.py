@@ -248,19 +248,16 @@ def _frozen(modules):
 
 def _diffusion_parts(cfg: GenerationConfig, model: str):
     from medimgen.diffusion import target_for, training_scheduler
-    from medimgen.networks import build_autoencoder, build_unet
-    nd = cfg.data.spatial_dims
+    from medimgen.networks import autoencoder_for, unet_for
     sched_cfg = cfg.scheduler_for(model)
     scheduler = training_scheduler(sched_cfg)
     frozen = None
     if model == "ldm":
-        frozen = build_autoencoder(cfg.autoencoder, nd, cfg.data.in_channels)
+        frozen = autoencoder_for(cfg)
         for p in frozen.parameters():
             p.requires_grad_(False)
         frozen.eval()
-        unet = build_unet(cfg.ldm_unet, nd, cfg.autoencoder.latent_channels)
-    else:
-        unet = build_unet(cfg.ddpm_unet, nd, cfg.data.in_channels)
+    unet = unet_for(cfg, model)
 
     def loss(batch):
         x = batch["image"]
@@ -340,12 +337,14 @@ def _autoencoder_parts(cfg: GenerationConfig):
     from monai.losses import PatchAdversarialLoss
 
     from medimgen.losses import kl_loss
-    from medimgen.networks import build_autoencoder, build_discriminator
+    from medimgen.labels import label_channels
+    from medimgen.networks import autoencoder_for, build_discriminator
 
     nd, ch = cfg.data.spatial_dims, cfg.data.in_channels
-    ae = build_autoencoder(cfg.autoencoder, nd, ch)
+    ae = autoencoder_for(cfg)
     adversarial = cfg.losses.adversarial_weight > 0
     disc = build_discriminator(cfg.discriminator, nd, ch) if adversarial else None
+    joint = label_channels(cfg) > 0
     perceptual = _perceptual(cfg)
     adv = PatchAdversarialLoss(criterion="least_squares")
     keep: dict = {}
@@ -354,9 +353,16 @@ def _autoencoder_parts(cfg: GenerationConfig):
     def generator(batch):
         keep.clear()  # the loop drops the previous step's state before the next forward
         x = batch["image"]
-        recon, z_mu, z_sigma = ae(x)
+        out, z_mu, z_sigma = ae(x)
+        recon = out[:, :ch]
         keep["recon"] = recon  # the loop keeps it for the discriminator phase
-        total = rec(recon.float(), x.float()) + cfg.losses.kl_weight * kl_loss(z_mu.float(), z_sigma.float())
+        total = rec(recon.float(), x[:, :ch].float()) + cfg.losses.kl_weight * kl_loss(z_mu.float(), z_sigma.float())
+        if joint:  # cross-entropy + soft Dice on the label logits, as the trainer computes them
+            logits = out[:, ch:].float()
+            probs = torch.softmax(logits, dim=1)
+            target = torch.zeros_like(logits[:, 0], dtype=torch.long)
+            total = total + F.cross_entropy(logits, target) + (1 - probs.sum() / probs.numel())
+            x = x[:, :ch]
         if perceptual is not None:
             total = total + cfg.losses.perceptual_weight * perceptual(recon.float(), x.float())
         if disc is not None:
@@ -366,7 +372,7 @@ def _autoencoder_parts(cfg: GenerationConfig):
 
     def discriminator(batch):
         fake = disc(keep["recon"].detach().contiguous().float())[-1]
-        real = disc(batch["image"].contiguous().float())[-1]
+        real = disc(batch["image"][:, :ch].contiguous().float())[-1]
         d = 0.5 * (adv(fake, target_is_real=False, for_discriminator=True)
                    + adv(real, target_is_real=True, for_discriminator=True))
         return cfg.losses.adversarial_weight * d
@@ -385,7 +391,9 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
     train = cfg.train_for(model)
     amp = train.amp != "off"  # 'auto' is AMP on any GPU this plan targets
     accum = max(1, train.grad_accumulation_steps)
-    shape = (train.batch_size, cfg.data.in_channels, *cfg.data.image_size)
+    from medimgen.labels import network_channels
+
+    shape = (train.batch_size, network_channels(cfg), *cfg.data.image_size)
     tracker = LiveBytes()
     with FakeTensorMode(allow_non_fake_inputs=True), cuda_autocast_policy(), tracker:
         trained, frozen, phases, ema_of = (_autoencoder_parts(cfg) if model == "autoencoder"

@@ -25,6 +25,7 @@ from medimgen.config.schema import (
     UNetConfig,
 )
 from medimgen.networks import total_stride
+from medimgen.labels import real_labels
 from medimgen.plans import NNUNET_CONFIGURATION, DatasetPlans
 
 # --- constants of the rules (documented in docs/heuristics.md)
@@ -152,6 +153,7 @@ def _data_config(plans: DatasetPlans, dim: str, cm, lv: _Levels, intensity_low, 
                  intensity_stats) -> DataConfig:
     median = [float(v) for v in cm.median_image_size_in_voxels]
     fg = plans.foreground_intensity_properties
+    labels = real_labels(plans.dataset_json)
     return DataConfig(
         nnunet_configuration=NNUNET_CONFIGURATION[dim],
         spatial_dims=lv.dims,
@@ -173,6 +175,9 @@ def _data_config(plans: DatasetPlans, dim: str, cm, lv: _Levels, intensity_low, 
         intensity_case_std=tuple(intensity_stats.case_std) if intensity_stats else (),
         intensity_background=tuple(intensity_stats.background) if intensity_stats else (),
         data_size=tuple(min(int(round(m)), s) for m, s in zip(median, lv.image_size)),
+        generate_labels=bool(labels),
+        label_values=tuple(labels.values()),
+        label_names=tuple(labels),
     )
 
 

@@ -115,8 +115,10 @@ def _simulated(cfg: GenerationConfig, model: str, batch: int):
         cfg.unet_for(model), cfg.scheduler_for(model),
         cfg.autoencoder if model == "ldm" else None)
     from medimgen import networks
+    from medimgen.labels import autoencoder_out_channels, network_channels
 
-    key = (model, cfg.data.spatial_dims, cfg.data.in_channels, tuple(cfg.data.image_size), nets, key_train,
+    key = (model, cfg.data.spatial_dims, network_channels(cfg), autoencoder_out_channels(cfg), tuple(cfg.data.image_size),
+           nets, key_train,
            networks.FLASH_ATTENTION)
     if key not in _simulations:
         from medimgen.planning.cuda_sim import simulate

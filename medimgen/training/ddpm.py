@@ -11,6 +11,7 @@ from torch import nn
 
 from medimgen.config.schema import GenerationConfig
 from medimgen.diffusion import generate, target_for, training_scheduler
+from medimgen.labels import join, label_channels, network_channels
 from medimgen.networks import build_unet
 from medimgen.training.outputs import PLOT_EXAMPLES, plot_images
 
@@ -29,6 +30,7 @@ class DiffusionTask:
         self.cfg = cfg
         self.device = device
         self.unet = build_unet(cfg.unet_for(self.name), cfg.data.spatial_dims, self.in_channels).to(device)
+        self.labels = label_channels(cfg) > 0  # joint model: one-hot label channels after the image channels
         self.modules: dict[str, nn.Module] = {"unet": self.unet}
         self.phase_modules = {"diffusion": ["unet"]}
         self.scheduler = training_scheduler(cfg.scheduler_for(self.name))
@@ -37,7 +39,11 @@ class DiffusionTask:
     # -- what differs between DDPM and LDM
     @property
     def in_channels(self) -> int:
-        return self.cfg.data.in_channels
+        return network_channels(self.cfg)
+
+    def inputs(self, batch: dict) -> torch.Tensor:
+        """What the model generates from a batch: the images, with a joint model's one-hot label channels."""
+        return join(batch["image"].to(self.device), batch["label"], self.cfg)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images
@@ -63,7 +69,7 @@ class DiffusionTask:
 
     def loss(self, phase: str, batch: dict, state: dict):
         with torch.no_grad():
-            x = self.encode(batch["image"])
+            x = self.encode(self.inputs(batch))
         loss = self._diffusion_loss(self.unet, x)
         return loss, {"loss": loss.item()}
 
@@ -71,7 +77,7 @@ class DiffusionTask:
         gen = torch.Generator().manual_seed(VAL_SEED)  # same noise and timesteps every validation
         total, count = 0.0, 0
         for batch in batches:
-            x = self.encode(batch["image"].to(self.device))
+            x = self.encode(self.inputs(batch))
             total += self._diffusion_loss(model("unet"), x, gen).item() * x.shape[0]
             count += x.shape[0]
         return {"loss": total / max(1, count)}
@@ -81,9 +87,18 @@ class DiffusionTask:
         return generate(self.cfg, self.name, unet, n, seed, device=self.device, decode=self.decode)
 
     def plot(self, stem: Path, batch: dict, model: Callable[[str], nn.Module]) -> Path | None:
+        """Samples (first row) and, for a joint model, their label maps (second row, label values spread over the
+        intensity range)."""
         n, step = self.num_plot_samples, self.cfg.train_for(self.name).batch_size  # no bigger batches than training's
-        images = torch.cat([self.sample(model("unet"), min(step, n - i), PLOT_SEED + i) for i in range(0, n, step)])
-        return plot_images(list(images), stem, self.cfg, f"{self.name.upper()} samples ({n}, seed {PLOT_SEED})")
+        pairs = [generate(self.cfg, self.name, model("unet"), min(step, n - i), PLOT_SEED + i, device=self.device,
+                          decode=self.decode, labels=True) for i in range(0, n, step)]
+        images = torch.cat([p[0] for p in pairs])
+        what = f"{self.name.upper()} samples ({n}, seed {PLOT_SEED})"
+        if not self.labels:
+            return plot_images(list(images), stem, self.cfg, what)
+        lo, hi = self.cfg.data.intensity_range
+        labels = torch.cat([p[1] for p in pairs]).float().cpu() / max(self.cfg.data.label_values)
+        return plot_images([list(images), list(lo + (hi - lo) * labels)], stem, self.cfg, what + " | their labels")
 
     def extra_state(self) -> dict:
         return {}

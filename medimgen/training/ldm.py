@@ -28,6 +28,13 @@ class LatentDiffusionTask(DiffusionTask):
 
     def __init__(self, cfg: GenerationConfig, device: torch.device, autoencoder_run: RunDir, run_root: Path):
         self.autoencoder, ae_cfg, _ = load_autoencoder(autoencoder_run, device)
+        if (ae_cfg.data.generate_labels, tuple(ae_cfg.data.label_values)) != (
+                cfg.data.generate_labels, tuple(cfg.data.label_values)):
+            raise MedimgenError(
+                f"the autoencoder in {autoencoder_run.root} was trained with data.generate_labels="
+                f"{str(ae_cfg.data.generate_labels).lower()} (labels {list(ae_cfg.data.label_values)}), this config has "
+                f"{str(cfg.data.generate_labels).lower()} (labels {list(cfg.data.label_values)}): retrain the "
+                f"autoencoder or match data.generate_labels")
         if tuple(ae_cfg.data.image_size) != tuple(cfg.data.image_size) or ae_cfg.data.in_channels != cfg.data.in_channels:
             raise MedimgenError(
                 f"the autoencoder in {autoencoder_run.root} was trained for images {list(ae_cfg.data.image_size)} "
@@ -46,7 +53,7 @@ class LatentDiffusionTask(DiffusionTask):
 
     @torch.no_grad()
     def compute_scale_factor(self, batches) -> float:
-        latents = [self.autoencoder.encode_stage_2_inputs(next(batches)["image"].to(self.device)).float()
+        latents = [self.autoencoder.encode_stage_2_inputs(self.inputs(next(batches))).float()
                    for _ in range(SCALE_BATCHES)]
         std = torch.cat([z.flatten() for z in latents]).std().item()
         self.scale_factor = 1.0 / max(std, 1e-8)

@@ -63,7 +63,14 @@ class TrialObjective:
 
     def real_images(self, cfg: GenerationConfig, subsets: Sequence[str] | None = None) -> torch.Tensor:
         """The real images the trials are scored against (cached per image geometry and subsets)."""
-        from medimgen.evaluation.api import real_images
+        return self._real_cases(cfg, subsets)[0]
+
+    def real_labels(self, cfg: GenerationConfig, subsets: Sequence[str] | None = None) -> torch.Tensor:
+        """The label maps of :meth:`real_images` (a joint autoencoder is scored on both)."""
+        return self._real_cases(cfg, subsets)[1]
+
+    def _real_cases(self, cfg: GenerationConfig, subsets: Sequence[str] | None = None):
+        from medimgen.evaluation.api import real_cases
 
         subsets = tuple(subsets or self.subsets)
         key = (tuple(cfg.data.image_size), tuple(cfg.data.crop_size), tuple(cfg.data.spacing), subsets)
@@ -71,13 +78,13 @@ class TrialObjective:
             parts = []
             for s in subsets:
                 try:
-                    parts.append(real_images(cfg, self.dataset, s, self.splitting, self.fold)[0])
+                    parts.append(real_cases(cfg, self.dataset, s, self.splitting, self.fold)[:2])
                 except MedimgenError as e:
                     if len(subsets) == 1 or "has no" not in str(e):
                         raise
             if not parts:
                 raise MedimgenError(f"the split of {self.dataset} has no {' or '.join(subsets)} cases")
-            self._real[key] = torch.cat(parts)
+            self._real[key] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
         return self._real[key]
 
     def _count(self, subsets: Sequence[str]) -> int:
@@ -148,7 +155,7 @@ class TrialObjective:
         model = TrainedModel.from_run(run_root)
         options = SampleOptions(seed=trial.number, steps=int(self.space.budget["sampling_steps"]), device=self.device)
         return score_model(model, self.real_images(model.cfg), int(self.space.budget["num_samples"]), self.extractor,
-                           options)
+                           options, self.real_labels(model.cfg))
 
     def _fail(self, trial, reason: str, run_id: str | None, metrics: dict | None = None) -> TrialFailed:
         trial.set_user_attr("failure", reason)

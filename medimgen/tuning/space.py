@@ -125,7 +125,8 @@ class SearchSpace:
     def restrict(self, cfg: GenerationConfig, fixed: Sequence[str] = ()) -> tuple["SearchSpace", list[str]]:
         """(the space without the parameters that cannot matter, one note per dropped parameter): those the user
         fixed with ``--set`` (keys in ``fixed``: the explicit value wins), and the weights and settings of losses
-        that ``cfg`` switches off (perceptual_network none or perceptual_weight 0; adversarial_weight 0)."""
+        that ``cfg`` switches off (perceptual_network none or perceptual_weight 0; adversarial_weight 0; the label
+        losses of an image-only model)."""
         names = {p.name for p in self.params}
         why = {n: "fixed by --set" for n in names if n in set(fixed)}
         searched = names - set(why)
@@ -138,6 +139,8 @@ class SearchSpace:
         if "losses.adversarial_weight" not in searched and losses.adversarial_weight == 0:
             off.append(("losses.adversarial_weight is 0",
                         ("losses.adversarial_", "discriminator.", "train_autoencoder.disc_learning_rate")))
+        if not cfg.data.generate_labels:
+            off.append(("data.generate_labels is false", ("losses.label_",)))
         for reason, prefixes in off:
             for n in sorted(searched):
                 if n.startswith(prefixes):
