@@ -202,7 +202,7 @@ def test_samples_not_clipped_to_percentiles(planned):
     values = torch.linspace(r0, r1, int(np.prod(shape))).reshape(shape)
     sampler = Sampler(kind="ddpm", cfg=cfg, unet=torch.nn.Identity(), autoencoder=None, scale_factor=None,
                       geometry=None, dataset="Dataset201_Aniso")
-    sampler.sample_model_range = lambda *a, **k: values
+    sampler.sample_model_range = lambda *a, labels=False, **k: (values, None) if labels else values
     out = sampler.sample(1)
     np.testing.assert_allclose(out, imap.to_original(values, channel_axis=1).numpy(), rtol=1e-6)
     assert out[0, 0].max() > fg[0]["percentile_99_5"] or out[0, 0].min() < fg[0]["percentile_00_5"]
