@@ -37,7 +37,7 @@ autoencoder:
 
 @pytest.fixture(scope="module")
 def postgres():
-    with postgres_helpers.postgres_server(("optuna", "mlflow", "other")) as urls:
+    with postgres_helpers.postgres_server(("optuna", "mlflow", "other", "empty")) as urls:
         yield urls
 
 
@@ -55,6 +55,29 @@ def test_rdb_storage_has_heartbeat_and_retry(postgres, tmp_path):
     assert isinstance(storage, optuna.storages.RDBStorage) and description == postgres["other"]
     assert storage.get_heartbeat_interval() == 7 and storage.grace_period == 21
     assert storage.get_heartbeat_stale_trial_callback() is not None
+
+
+OPEN = """
+import sys, time
+import optuna
+from medimgen.tuning.study import open_storage
+
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all together
+storage, _ = open_storage(sys.argv[1], None)
+optuna.create_study(storage=storage, study_name="together", load_if_exists=True)
+"""
+
+
+@needs_postgres
+def test_workers_starting_together_on_an_empty_database(postgres):
+    """Four workers open an empty database at the same moment: they race to create Optuna's tables (one wins,
+    the others try again) and all open the one study."""
+    start = time.time() + 5
+    workers = [subprocess.Popen([sys.executable, "-c", OPEN, postgres["empty"], str(start)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    outputs = [w.communicate(timeout=120)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0] * 4, outputs
+    assert [s.study_name for s in optuna.get_all_study_summaries(postgres["empty"])] == ["together"]
 
 
 WORKER = """
@@ -179,7 +202,7 @@ def test_two_workers_share_one_postgres_study_and_one_parent_run(shared_env, pos
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "medimgen", "tune", *shared_env["args"], "--trials", "2",
+    cmd = [str(Path(sys.executable).parent / "medimgen"), "tune", *shared_env["args"], "--trials", "2",
            "--storage", postgres["optuna"], "--study-name", "shared"]
     workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 cwd=shared_env["base"]) for _ in range(2)]

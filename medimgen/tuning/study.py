@@ -69,7 +69,7 @@ def server_storage(url: str, description: str, heartbeat_interval: int = HEARTBE
 
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
     grace = grace_period or 3 * heartbeat_interval
-    for attempt in range(3):
+    for attempt in range(5):
         try:
             with warnings.catch_warnings():  # heartbeat and retry are experimental in Optuna
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -82,7 +82,7 @@ def server_storage(url: str, description: str, heartbeat_interval: int = HEARTBE
             raise MedimgenError(f"the Optuna storage {description} needs the database driver {e.name}: "
                                 f"pip install 'medimgen[postgres]' (PostgreSQL) or that driver") from None
         except Exception as e:
-            if attempt == 2 or "already exists" not in str(e) and "IntegrityError" not in type(e).__name__ + str(e):
+            if attempt == 4 or "already exists" not in str(e) and "IntegrityError" not in type(e).__name__ + str(e):
                 raise MedimgenError(f"cannot open the Optuna storage {description} ({type(e).__name__}: "
                                     f"{str(e).splitlines()[0][:300]})") from None
             time.sleep(0.5 + random.random())  # another worker is creating the tables
@@ -97,6 +97,7 @@ def study_lock(storage, name: str, timeout: float = LOCK_TIMEOUT):
 
     storage = optuna.storages.get_storage(storage)
     lock = f"{name}.lock"
+    seen: dict[int, float] = {}  # when this worker first found a marker without a time (its maker died at once)
     while True:
         try:
             study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], lock)
@@ -105,13 +106,13 @@ def study_lock(storage, name: str, timeout: float = LOCK_TIMEOUT):
         except optuna.exceptions.DuplicatedStudyError:
             try:
                 held = storage.get_study_id_from_name(lock)
-                since = storage.get_study_user_attrs(held).get("since")
-                if since is not None and time.time() - float(since) > timeout:
+                since = storage.get_study_user_attrs(held).get("since", seen.setdefault(held, time.time()))
+                if time.time() - float(since) > timeout:
                     storage.delete_study(held)
                     continue
             except KeyError:  # released meanwhile
                 continue
-            time.sleep(0.2)
+            time.sleep(0.5)
     try:
         yield
     finally:
