@@ -98,6 +98,7 @@ study.optimize(objective, n_trials=1)
 
 
 @needs_postgres
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried(postgres, tmp_path):
     """A worker dies (SIGKILL) inside a trial: its trial stays RUNNING until its heartbeat is older than the grace
     period; then the next worker's optimize() fails it and runs it again (same values, a new trial number)."""
