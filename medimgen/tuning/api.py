@@ -4,7 +4,9 @@
   ``DatasetXXX_Name/<model>/<dim>/<objective>``, stored in
   ``medimgen_results/DatasetXXX_Name/tuning/optuna.db`` (sqlite) unless ``--storage`` names a
   journal file (several workers on one machine) or an RDB URL such as PostgreSQL (several
-  machines). An existing study is continued (``load_if_exists``): ``--trials N`` adds N trials.
+  machines; Optuna's heartbeat fails a dead worker's trial, which then runs again, and all workers
+  share one MLflow parent run). An existing study is continued (``load_if_exists``): ``--trials N``
+  adds N trials.
 - Objectives (medimgen.tuning.metrics, ``--metrics``): DDPM/LDM: FID on a named feature extractor
   and the MS-SSIM gap to the real images. Autoencoders: rFID of reconstructions and 1 - their
   MS-SSIM when a feature extractor has weights, else 1 - MS-SSIM and L1 (no weights needed);
@@ -191,8 +193,18 @@ def _optimize(study, objective_fn: TrialObjective, runs: StudyRuns, parent: str 
     finally:
         if env_run is not None:
             os.environ["MLFLOW_RUN_ID"] = env_run
-        if parent and runs.enabled and parent != env_run:
-            runs.log(parent, {}, status=status)
+        if parent and runs.enabled and parent != env_run and not _others_running(study):
+            runs.log(parent, {}, status=status)  # the last worker of a shared study ends the parent run
+
+
+def _others_running(study) -> bool:
+    """Whether other workers still run trials of the study (this worker's own have ended)."""
+    import optuna
+
+    try:
+        return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+    except Exception:  # the storage is gone: nothing to wait for
+        return False
 
 
 @sigterm_interrupts()  # SIGTERM ends the trial's and the study's MLflow runs as KILLED, like Ctrl-C

@@ -1,4 +1,5 @@
-"""MLflow for a study: one parent run per study and the per-trial bookkeeping (through medimgen.tracking's
+"""MLflow for a study: one parent run per study, shared by all its workers (made once, under the study's lock),
+and the per-trial bookkeeping (through medimgen.tracking's
 ClientRuns, so trials' own training runs are unaffected). Never stops tuning."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medimgen.tracking import ClientRuns
-from medimgen.tuning.study import PARENT_ATTR
+from medimgen.tuning.study import PARENT_ATTR, study_lock
 
 
 class StudyRuns(ClientRuns):
@@ -30,12 +31,12 @@ class StudyRuns(ClientRuns):
         known = study.user_attrs.get(PARENT_ATTR)
         if known and self.reopen(known):
             return known
-        run_id = self._create(tags["run_name"], run_tags)
-        study.set_user_attr(PARENT_ATTR, run_id)
-        winner = _reload_attrs(study, storage).get(PARENT_ATTR, run_id)  # another worker may have been faster
-        if winner != run_id:
-            self.delete(run_id)
-            return winner
+        with study_lock(storage, study.study_name):  # check and set: one parent for all workers of the study
+            known = _reload_attrs(study, storage).get(PARENT_ATTR)  # another worker may have been faster
+            if known and self.reopen(known):
+                return known
+            run_id = self._create(tags["run_name"], run_tags)
+            study.set_user_attr(PARENT_ATTR, run_id)
         self.log_params(run_id, params, artifacts)
         return run_id
 

@@ -1,8 +1,11 @@
 """Optuna study storage: sqlite by default, a journal file for several workers on one machine, an RDB URL
-across machines; one study per dataset/model/dim/objective that keeps its search space."""
+(PostgreSQL) across machines, with heartbeat and retry of a dead worker's trial; a lock every worker of a study
+shares; one study per dataset/model/dim/objective that keeps its search space."""
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from medimgen.errors import MedimgenError
@@ -12,10 +15,17 @@ OBJECTIVES = ("pareto", "scalar")
 PARENT_ATTR = "mlflow_parent_run_id"
 SPACE_ATTR = "search_space"
 OBJECTIVES_ATTR = "objectives"  # the objective names, in order
+HEARTBEAT_INTERVAL = 60  # seconds between a running trial's heartbeats (server databases)
+MAX_RETRY = 3  # a trial failed by heartbeat runs again up to this often
+LOCK_TIMEOUT = 120.0  # seconds after which a worker's study_lock counts as abandoned
 
 
-def open_storage(storage: str | None, default_db: Path):
-    """(Optuna storage, description): sqlite by default; a journal file; or an RDB URL."""
+def open_storage(storage: str | None, default_db: Path, heartbeat_interval: int = HEARTBEAT_INTERVAL,
+                 grace_period: int | None = None, max_retry: int | None = MAX_RETRY):
+    """(Optuna storage, description): sqlite by default; a journal file; or an RDB URL. A server database
+    (postgresql://, mysql://: several machines) gets Optuna's heartbeat: a trial whose worker stopped beating for
+    ``grace_period`` seconds (default: 3 heartbeats) is failed by the next worker and retried (up to ``max_retry``
+    times, same values, new trial number). The description hides the URL's password."""
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if not storage:
@@ -26,6 +36,9 @@ def open_storage(storage: str | None, default_db: Path):
         path = Path(storage.removeprefix("journal:")).expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path))), f"journal:{path}"
+    if "://" in storage and not storage.startswith("sqlite:"):
+        description = _hide_password(storage)
+        return server_storage(storage, description, heartbeat_interval, grace_period, max_retry), description
     if "://" in storage:
         return storage, storage
     if storage.endswith((".db", ".sqlite", ".sqlite3")):
@@ -34,6 +47,79 @@ def open_storage(storage: str | None, default_db: Path):
         return f"sqlite:///{path}", f"sqlite:///{path}"
     raise MedimgenError(f"--storage must be a journal file (*.log, *.journal or journal:PATH), an sqlite file "
                         f"(*.db) or an RDB URL (sqlite:///..., postgresql://user:pw@host/db); got {storage!r}")
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can read: RDBStorage reports it
+        return url.split("@")[-1] if "@" in url else url
+
+
+def server_storage(url: str, description: str, heartbeat_interval: int = HEARTBEAT_INTERVAL,
+                   grace_period: int | None = None, max_retry: int | None = MAX_RETRY):
+    """Optuna's RDBStorage on a database server, with heartbeat and retry of stale trials. Workers that start
+    together on an empty database race to create Optuna's tables: a failed first attempt is tried again."""
+    import random
+    import warnings
+
+    import optuna
+
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
+    grace = grace_period or 3 * heartbeat_interval
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # heartbeat and retry are experimental in Optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                callback = {"heartbeat_stale_trial_callback": retry(max_retry=max_retry)} if retry else {
+                    "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)}
+                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                                  heartbeat_interval=heartbeat_interval, grace_period=grace,
+                                                  **callback)
+        except ModuleNotFoundError as e:
+            raise MedimgenError(f"the Optuna storage {description} needs the database driver {e.name}: "
+                                f"pip install 'medimgen[postgres]' (PostgreSQL) or that driver") from None
+        except Exception as e:
+            if attempt == 4 or "already exists" not in str(e) and "IntegrityError" not in type(e).__name__ + str(e):
+                raise MedimgenError(f"cannot open the Optuna storage {description} ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:300]})") from None
+            time.sleep(0.5 + random.random())  # another worker is creating the tables
+
+
+@contextmanager
+def study_lock(storage, name: str, timeout: float = LOCK_TIMEOUT):
+    """A mutex shared by every worker of study ``name``, on any storage: a marker study ``<name>.lock`` that
+    only one worker can create (Optuna refuses a second study of a name), deleted on leave. A marker older than
+    ``timeout`` seconds (its worker died inside) is broken."""
+    import optuna
+
+    storage = optuna.storages.get_storage(storage)
+    lock = f"{name}.lock"
+    seen: dict[int, float] = {}  # when this worker first found a marker without a time (its maker died at once)
+    while True:
+        try:
+            study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], lock)
+            storage.set_study_user_attr(study_id, "since", time.time())
+            break
+        except optuna.exceptions.DuplicatedStudyError:
+            try:
+                held = storage.get_study_id_from_name(lock)
+                since = storage.get_study_user_attrs(held).get("since", seen.setdefault(held, time.time()))
+                if time.time() - float(since) > timeout:
+                    storage.delete_study(held)
+                    continue
+            except KeyError:  # released meanwhile
+                continue
+            time.sleep(0.5)
+    try:
+        yield
+    finally:
+        try:
+            storage.delete_study(study_id)
+        except KeyError:  # broken by another worker after the timeout
+            pass
 
 
 def recorded_objectives(storage, name: str, model: str) -> tuple[str, ...] | None:
