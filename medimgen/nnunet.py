@@ -116,7 +116,10 @@ def _check_run(cmd: list[str], what: str, env: dict | None = None) -> None:
 def preprocess_with_plans(source_id: int | str, target_id: int | str, plans_identifier: str,
                           configurations: Sequence[str], num_processes: int = 2) -> None:
     """Preprocess dataset ``target_id`` with the plans of ``source_id`` (same patch size, spacing, normalisation
-    and network), nnU-Net's way: ``nnUNetv2_move_plans_between_datasets`` then ``nnUNetv2_preprocess``."""
+    and network), nnU-Net's way: ``nnUNetv2_extract_fingerprint --verify_dataset_integrity``,
+    ``nnUNetv2_move_plans_between_datasets``, ``nnUNetv2_preprocess``."""
+    _check_run([nnunet_command("nnUNetv2_extract_fingerprint"), "-d", str(target_id), "-np", str(num_processes),
+                "--verify_dataset_integrity"], f"nnUNetv2_extract_fingerprint -d {target_id}")
     _check_run([nnunet_command("nnUNetv2_move_plans_between_datasets"), "-s", str(source_id), "-t", str(target_id),
                 "-sp", plans_identifier, "-tp", plans_identifier],
                f"nnUNetv2_move_plans_between_datasets -s {source_id} -t {target_id}")

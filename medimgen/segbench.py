@@ -182,7 +182,8 @@ def _default_configuration(plans) -> str:
 
 
 def _generator_cases(ref: ModelRef, plans, identifiers: list[str]) -> list[str] | None:
-    """The cases the generation model trained on (its split's train + val), None when its run folder does not say."""
+    """The cases the generation model trained on (its split's training cases; its validation cases only chose the
+    checkpoint), None when its run folder does not say."""
     from medimgen.data.splits import get_split
     from medimgen.runs import find_run
 
@@ -195,7 +196,7 @@ def _generator_cases(ref: ModelRef, plans, identifiers: list[str]) -> list[str] 
         split = get_split(plans.folder, identifiers, "5-fold", int(root.name[5:]))
     else:
         return None
-    return [*split.train, *split.val]
+    return list(split.train)
 
 
 def _mixed_dataset(src: str, target_id: int, synthetic: int | None, ref: ModelRef, options: SampleOptions,

@@ -105,7 +105,7 @@ def test_benchmark_end_to_end_on_a_tiny_2d_dataset(tmp_path, monkeypatch):
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "medimgen_results"):
         (tmp_path / var).mkdir()
         monkeypatch.setenv(var, str(tmp_path / var))
-    for var, value in (("nnUNet_n_proc_DA", "0"), ("nnUNet_def_n_proc", "1"), ("nnUNet_compile", "false"),
+    for var, value in (("nnUNet_n_proc_DA", "1"), ("nnUNet_def_n_proc", "1"), ("nnUNet_compile", "false"),
                        ("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")):
         monkeypatch.setenv(var, value)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
@@ -115,7 +115,7 @@ def test_benchmark_end_to_end_on_a_tiny_2d_dataset(tmp_path, monkeypatch):
     plan_and_preprocess(240, configurations=("2d",), quiet=True)
     cfg = plan_dataset(240, force=True).config.get("2d")
     assert cfg.data.generate_labels
-    train("ddpm", 240, "5-fold", "2d", fold=0, overrides=tiny_overrides(cfg, epochs=1), echo=lambda *_: None)
+    ddpm = train("ddpm", 240, "5-fold", "2d", fold=0, overrides=tiny_overrides(cfg, epochs=1), echo=lambda *_: None)
 
     args = ["benchmark-segmentation", "-d", "240", "-t", "241", "-c", "2d", "--trainer", "nnUNetTrainerMedimgenTiny",
             "--steps", "2", "--device", "cpu"]
@@ -159,3 +159,21 @@ def test_benchmark_end_to_end_on_a_tiny_2d_dataset(tmp_path, monkeypatch):
     assert json.loads((out / "segbench.json").read_text())["labels"] == result["labels"]
     bad = CliRunner().invoke(main, [*args, "--synthetic", "3", "--no-mlflow"])
     assert bad.exit_code == 2 and "holds 2 synthetic cases" in bad.output and "Traceback" not in bad.output
+
+    # a generator trained on fold 1 saw fold 0's validation cases: refused before anything is sampled
+    import shutil
+
+    shutil.copytree(ddpm.run_dir, tmp_path / "elsewhere" / "fold_1")
+    leak = CliRunner().invoke(main, ["benchmark-segmentation", "-d", "240", "-t", "242", "--synthetic", "2", "-c", "2d",
+                                     "--model", str(tmp_path / "elsewhere" / "fold_1"), "--no-mlflow"])
+    assert leak.exit_code == 2 and "trained on 2 of the 2 validation cases of fold 0" in leak.output, leak.output
+    assert not list((tmp_path / "nnUNet_raw").glob("Dataset242_*"))
+
+
+def test_benchmark_bad_input_is_one_line(empty_env):
+    from click.testing import CliRunner
+
+    from medimgen.cli import main
+
+    r = CliRunner().invoke(main, ["benchmark-segmentation", "-d", "77", "-t", "78", "--synthetic", "2"])
+    assert r.exit_code == 2 and "dataset 077 not found" in r.output and "Traceback" not in r.output
