@@ -117,9 +117,13 @@ def preprocess_with_plans(source_id: int | str, target_id: int | str, plans_iden
                           configurations: Sequence[str], num_processes: int = 2) -> None:
     """Preprocess dataset ``target_id`` with the plans of ``source_id`` (same patch size, spacing, normalisation
     and network), nnU-Net's way: ``nnUNetv2_extract_fingerprint --verify_dataset_integrity``,
-    ``nnUNetv2_move_plans_between_datasets``, ``nnUNetv2_preprocess``."""
+    ``nnUNetv2_move_plans_between_datasets`` (with dataset.json copied as nnU-Net's planner does), ``nnUNetv2_preprocess``."""
     _check_run([nnunet_command("nnUNetv2_extract_fingerprint"), "-d", str(target_id), "-np", str(num_processes),
                 "--verify_dataset_integrity"], f"nnUNetv2_extract_fingerprint -d {target_id}")
+    from medimgen.paths import dataset_name_from_id, nnunet_preprocessed, nnunet_raw
+
+    name = dataset_name_from_id(target_id)  # nnU-Net's planner copies dataset.json; its preprocessor reads the copy
+    shutil.copy2(nnunet_raw() / name / "dataset.json", nnunet_preprocessed() / name / "dataset.json")
     _check_run([nnunet_command("nnUNetv2_move_plans_between_datasets"), "-s", str(source_id), "-t", str(target_id),
                 "-sp", plans_identifier, "-tp", plans_identifier],
                f"nnUNetv2_move_plans_between_datasets -s {source_id} -t {target_id}")
