@@ -139,6 +139,7 @@ def nnunet_train(dataset_id: int | str, configuration: str, fold: int, trainer: 
     (CUDA_VISIBLE_DEVICES: nnU-Net takes cuda, cpu or mps)."""
     env = dict(os.environ)
     env["nnUNet_extTrainer"] = os.pathsep.join(p for p in (env.get("nnUNet_extTrainer"), str(TRAINERS_DIR)) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # epoch lines as they happen, not in pipe-sized chunks
     kind, _, index = device.partition(":")
     if kind == "cuda" and index:
         env["CUDA_VISIBLE_DEVICES"] = index
