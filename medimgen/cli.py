@@ -349,6 +349,42 @@ def export_cmd(dataset_id, model_type, num_images, target_id, name, mix_real, **
     click.echo(f"wrote {out}; next: nnUNetv2_plan_and_preprocess -d {target_id} --verify_dataset_integrity")
 
 
+@main.command("benchmark-segmentation")
+@click.option("-d", "--dataset", "dataset_id", required=True, help="nnU-Net dataset id (e.g. 1 or 001) or name.")
+@click.option("-t", "--target-id", type=click.IntRange(1, 999), required=True,
+              help="Id of the real + synthetic dataset: exported now (with --synthetic), or reused if it exists.")
+@click.option("--synthetic", type=_positive, default=None, help="Generated cases to add (export-dataset --mix-real).")
+@click.option("-c", "--configuration", default=None, help="nnU-Net configuration (default: 3d_fullres; 2d for 2D data).")
+@click.option("-f", "--fold", type=_fold, default=0, show_default=True,
+              help="nnU-Net fold of both arms (and of the default generation model, trained with 5-fold).")
+@click.option("--trainer", default="nnUNetTrainer", show_default=True,
+              help="nnU-Net trainer class of both arms, e.g. nnUNetTrainer_100epochs; nnUNetTrainerMedimgenTiny "
+                   "(2 x 10 iterations) only checks the pipeline.")
+@_model_choice
+@click.option("--model-type", type=click.Choice(["2d", "3d"]), default=None,
+              help="Generation model type (default: 3d for 3D data).")
+@click.option("--splitting", type=click.Choice(["train-val-test", "5-fold"]), default="5-fold", show_default=True,
+              help="Split the generation model was trained with (it must not have trained on a validation case).")
+@_with(_sampling_options + [_progress_option])
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Folder for segbench.json/.md (default: medimgen_results/DatasetXXX/segbench/...).")
+@click.option("--no-mlflow", is_flag=True, help="Do not log the benchmark to MLflow.")
+@friendly_errors
+def benchmark_segmentation_cmd(dataset_id, target_id, synthetic, configuration, fold, trainer, model, model_type,
+                               splitting, output, no_mlflow, **kw):
+    """Measure the Dice that synthetic data adds to nnU-Net: train it on the real cases and on real + synthetic
+    (same fold, configuration, trainer), validate both on the same real cases, report per-label differences."""
+    from medimgen.requests import SampleOptions
+    from medimgen.segbench import BenchmarkSetup, Generator, benchmark_segmentation
+
+    result = benchmark_segmentation(dataset_id, target_id, synthetic, BenchmarkSetup(configuration, fold, trainer,
+                                    kw["device"]), Generator(model, model_type, splitting), SampleOptions(**kw),
+                                    output=output, track=not no_mlflow, echo=click.echo)
+    click.echo(open(result["markdown"]).read())
+    click.echo(f"wrote {result['json']} and {result['markdown']}"
+               + (f"; MLflow run {result['mlflow_run_id']}" if result["mlflow_run_id"] else ""))
+
+
 _extractor_option = click.option(
     "--extractor", default="auto", show_default=True,
     help="Features for FID/MMD: nnunet (the dataset's trained nnU-Net encoder), nnunet:/path/to/model_folder, "

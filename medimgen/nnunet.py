@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,3 +100,62 @@ def train_feature_nnunet(dataset_id: int | str, dim: str = "3d", fold: int = 0, 
     nnunet_results()  # nnUNet_results is set (else one line)
     return train_nnunet_briefly(plans.dataset_id, NNUNET_CONFIGURATION[dim], fold, epochs, iterations,
                                 device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# medimgen's short nnU-Net trainers (nnUNetTrainerMedimgenTiny), given to nnUNetv2_train through nnUNet_extTrainer
+TRAINERS_DIR = Path(__file__).resolve().with_name("nnunet_trainers")
+
+
+def _check_run(cmd: list[str], what: str, env: dict | None = None) -> None:
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if out.returncode != 0:
+        tail = (out.stdout or "").strip().splitlines()[-1:]
+        raise MedimgenError(f"{what} failed (exit {out.returncode})" + (f": {tail[0][:300]}" if tail else ""))
+
+
+def preprocess_with_plans(source_id: int | str, target_id: int | str, plans_identifier: str,
+                          configurations: Sequence[str], num_processes: int = 2) -> None:
+    """Preprocess dataset ``target_id`` with the plans of ``source_id`` (same patch size, spacing, normalisation
+    and network), nnU-Net's way: ``nnUNetv2_extract_fingerprint --verify_dataset_integrity``,
+    ``nnUNetv2_move_plans_between_datasets`` (with dataset.json copied as nnU-Net's planner does), ``nnUNetv2_preprocess``."""
+    _check_run([nnunet_command("nnUNetv2_extract_fingerprint"), "-d", str(target_id), "-np", str(num_processes),
+                "--verify_dataset_integrity"], f"nnUNetv2_extract_fingerprint -d {target_id}")
+    from medimgen.paths import dataset_name_from_id, nnunet_preprocessed, nnunet_raw
+
+    name = dataset_name_from_id(target_id)  # nnU-Net's planner copies dataset.json; its preprocessor reads the copy
+    shutil.copy2(nnunet_raw() / name / "dataset.json", nnunet_preprocessed() / name / "dataset.json")
+    _check_run([nnunet_command("nnUNetv2_move_plans_between_datasets"), "-s", str(source_id), "-t", str(target_id),
+                "-sp", plans_identifier, "-tp", plans_identifier],
+               f"nnUNetv2_move_plans_between_datasets -s {source_id} -t {target_id}")
+    _check_run([nnunet_command("nnUNetv2_preprocess"), "-d", str(target_id), "-plans_name", plans_identifier,
+                "-c", *configurations, "-np", *[str(num_processes)] * len(configurations)],
+               f"nnUNetv2_preprocess -d {target_id}")
+
+
+def nnunet_train(dataset_id: int | str, configuration: str, fold: int, trainer: str, plans_identifier: str,
+                 device: str, log_file: Path, resume: bool = False, echo=None) -> None:
+    """``nnUNetv2_train ID CONFIGURATION FOLD -tr TRAINER -p PLANS -device DEV [--c]``, nnU-Net's own command;
+    its output goes to ``log_file``, its epoch lines to ``echo``. ``device`` cuda:N runs on GPU N
+    (CUDA_VISIBLE_DEVICES: nnU-Net takes cuda, cpu or mps)."""
+    env = dict(os.environ)
+    env["nnUNet_extTrainer"] = os.pathsep.join(p for p in (env.get("nnUNet_extTrainer"), str(TRAINERS_DIR)) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # epoch lines as they happen, not in pipe-sized chunks
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and index:
+        env["CUDA_VISIBLE_DEVICES"] = index
+    cmd = [nnunet_command("nnUNetv2_train"), str(dataset_id), configuration, str(fold), "-tr", trainer,
+           "-p", plans_identifier, "-device", kind] + (["--c"] if resume else [])
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    last = ""
+    with open(log_file, "a") as log, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, bufsize=1) as proc:
+        log.write("$ " + " ".join(cmd) + "\n")
+        for line in proc.stdout:
+            log.write(line)
+            if line.strip():
+                last = line.strip()
+            if echo and re.search(r"(^|: )(Epoch \d+$|Pseudo dice|Mean Validation Dice)", line.rstrip()):
+                echo(line.rstrip())
+    if proc.returncode != 0:
+        raise MedimgenError(f"nnUNetv2_train {dataset_id} {configuration} {fold} -tr {trainer} failed "
+                            f"(exit {proc.returncode}): {last[:300]} (full output: {log_file})")
