@@ -26,7 +26,7 @@ FLOORS = [
     ("registry, evaluation, export", ["medimgen.registry", "medimgen.mlflow_model", "medimgen.evaluation",
                                       "medimgen.export"]),
     ("tuning", ["medimgen.tuning"]),
-    ("commands", ["medimgen.cli", "medimgen.demo"]),
+    ("commands", ["medimgen.cli", "medimgen.demo", "medimgen.__main__"]),
 ]
 
 

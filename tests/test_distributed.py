@@ -133,7 +133,6 @@ def test_two_ranks_equal_one_process_with_accumulation(model, workspace, tmp_pat
 
 
 # ------------------------------------------------------------------ torchrun end to end: outputs, MLflow, resume
-@pytest.mark.slow
 def test_torchrun_run_writes_once_and_continues_on_one_rank(workspace, tmp_path, monkeypatch):
     """`medimgen train ... --gpus 2` (torchrun, 2 CPU ranks) stops after its 1-epoch budget: one MLflow run, the
     files of one writer, the effective batch recorded; `-c` with 2 epochs continues it on a single process,
