@@ -205,13 +205,20 @@ def _train_command(model: str | None):
     @_set_option
     @click.option("--overrides", "override_text", default="", metavar="'K=V K=V'",
                   help="Space-separated overrides in one string (for MLproject).")
+    @click.option("--gpus", type=_positive, default=1, show_default=True,
+                  help="Train on N GPUs of this machine (torchrun, one process per GPU; the effective batch is kept).")
     @friendly_errors
     def command(dataset_id, splitting, model_type, progress, resume, resume_value, fold, config_path, device,
-                overrides, override_text, model=model):
+                overrides, override_text, gpus, model=model):
         from medimgen.training.api import train
 
         sets = [*overrides, *override_text.split()]
         resume = resume or resume_value
+        if gpus > 1:
+            from medimgen.distributed import launch_training
+
+            return launch_training(gpus, model, dataset_id, splitting, model_type, fold, progress, resume, sets,
+                                   config_path, device)
         try:
             result = train(model, dataset_id, splitting=splitting, dim=model_type, fold=fold, progress=progress,
                            resume=resume, overrides=sets, config_path=config_path, device=device)
@@ -219,7 +226,8 @@ def _train_command(model: str | None):
             click.echo("interrupted: the last finished epoch is saved; continue with -c", err=True)
             sys.exit(130)
         state = "finished" if result.completed else f"stopped after epoch {result.epoch}"
-        click.echo(f"{model} {state}: {result.run_dir}" + (f" (MLflow run {result.mlflow_run_id})" if result.mlflow_run_id else ""))
+        if result.rank == 0:  # torchrun: every rank returns, rank 0 speaks
+            click.echo(f"{model} {state}: {result.run_dir}" + (f" (MLflow run {result.mlflow_run_id})" if result.mlflow_run_id else ""))
 
     return command
 

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medimgen"
 # lowest first; a module may import its own floor and those below. Longest prefix wins.
 FLOORS = [
     ("base", ["medimgen", "medimgen.errors", "medimgen.atomic", "medimgen.paths", "medimgen.devices",
-              "medimgen.requests"]),
+              "medimgen.requests", "medimgen.distributed"]),
     ("config", ["medimgen.config"]),
     ("building blocks", ["medimgen.plans", "medimgen.networks", "medimgen.diffusion", "medimgen.losses", "medimgen.labels",
                          "medimgen.weights", "medimgen.perceptual", "medimgen.synthetic", "medimgen.importer"]),
@@ -27,7 +27,7 @@ FLOORS = [
     ("registry, evaluation, export", ["medimgen.registry", "medimgen.mlflow_model", "medimgen.evaluation",
                                       "medimgen.export", "medimgen.segbench"]),
     ("tuning", ["medimgen.tuning"]),
-    ("commands", ["medimgen.cli", "medimgen.demo"]),
+    ("commands", ["medimgen.cli", "medimgen.demo", "medimgen.__main__"]),
 ]
 
 

@@ -220,6 +220,15 @@ class DerivedConfig:
                                   default_factory=dict)
     latent_scale_factor: Optional[float] = doc(
         "LDM only: 1/std of the autoencoder latents, computed once when LDM training starts (null until then)", None)
+    world_size: int = doc("processes (GPUs) the run trains on (set by training; torchrun / --gpus)", 1, ge=1)
+    micro_batch_size: Optional[int] = doc(
+        "micro-batch per process as trained (set by training: train_*.batch_size, lowered only where several "
+        "processes need it to keep the effective batch)", None, ge=1)
+    grad_accumulation_steps: Optional[int] = doc(
+        "micro-batches per optimiser step on each process as trained (set by training)", None, ge=1)
+    effective_batch_size: Optional[int] = doc(
+        "samples per optimiser step = micro_batch_size x grad_accumulation_steps x world_size (set by training; "
+        "the planned batch_size x grad_accumulation_steps where it divides)", None, ge=1)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from medimgen import __version__
+from medimgen import __version__, distributed
 from medimgen.config import (apply_overrides, flatten, load_config, load_generation_config, render_generation_config,
                              save_generation_config)
 from medimgen.config.schema import DIFFUSION_MODELS, DIMS, MODELS, GenerationConfig
@@ -36,6 +37,7 @@ class TrainResult:
     epoch: int
     mlflow_run_id: str | None
     config: GenerationConfig
+    rank: int = 0  # several ranks (torchrun): which one returned this
 
 
 @dataclass
@@ -129,9 +131,11 @@ def train(
     identifiers = open_cases(plans.preprocessed_folder(dim)).identifiers
     split = get_split(plans.folder, identifiers, splitting, fold)
     run = RunDir(Path(setup.run_root)) if setup.run_root else RunDir.standard(plans.name, model, dim, split.name)
-    with RunLock(run.root) as lock:  # an existing run is locked first: a running one is named before anything else
-        return _train_locked(lock, model, plans, split, run, dim, resume, overrides, config_path, setup,
-                             progress, device, stop_after_epoch, echo)
+    with distributed.joined(resolve_device(device)) as dev:  # torchrun's ranks: one process group, a GPU each
+        # an existing run is locked first (by rank 0 of several): a running one is named before anything else
+        with RunLock(run.root) if distributed.is_main() else contextlib.nullcontext() as lock:
+            return _train_locked(lock, model, plans, split, run, dim, resume, overrides, config_path, setup,
+                                 progress, dev, stop_after_epoch, echo)
 
 
 def _check_run(run: RunDir, model: str, resume: bool) -> None:
@@ -156,17 +160,17 @@ def _run_config(plans: DatasetPlans, run: RunDir, dim: str, resume: bool, overri
     return cfg
 
 
-def _train_locked(lock: RunLock, model: str, plans: DatasetPlans, split, run: RunDir, dim: str, resume: bool,
-                  overrides: Sequence[str], config_path, setup: RunSetup, progress: bool, device: str | None,
+def _train_locked(lock: RunLock | None, model: str, plans: DatasetPlans, split, run: RunDir, dim: str, resume: bool,
+                  overrides: Sequence[str], config_path, setup: RunSetup, progress: bool, device: torch.device,
                   stop_after_epoch: int | None, echo: Callable[[str], None]) -> TrainResult:
     _check_run(run, model, resume)
     cfg = _run_config(plans, run, dim, resume, overrides, config_path, setup)
-    dev = resolve_device(device)
-    seed_everything(cfg.train_for(model).seed)
-    task = build_task(model, cfg, dev, plans, split.name, run, setup.autoencoder_run)  # writes nothing (LDM: needs its AE)
-    lock.acquire()  # creates the folder of a new run; the check again: another process may have started it
-    _check_run(run, model, resume)
-    return _Job(model, plans, split, run, cfg, task, dev, setup, echo).execute(resume, progress, stop_after_epoch)
+    seed_everything(distributed.rank_seed(cfg.train_for(model).seed))  # several ranks: DDP gives all rank 0's weights
+    task = build_task(model, cfg, device, plans, split.name, run, setup.autoencoder_run)  # writes nothing (LDM: its AE)
+    if lock is not None:
+        lock.acquire()  # creates the folder of a new run; the check again: another process may have started it
+        _check_run(run, model, resume)
+    return _Job(model, plans, split, run, cfg, task, device, setup, echo).execute(resume, progress, stop_after_epoch)
 
 
 class _Job:
@@ -177,22 +181,28 @@ class _Job:
                  device: torch.device, setup: RunSetup, echo: Callable[[str], None]):
         self.model, self.plans, self.split, self.run, self.cfg, self.task = model, plans, split, run, cfg, task
         self.device, self.setup, self.echo = device, setup, echo
-        self.tcfg = cfg.train_for(model)
-        self.batches = TrainBatches(cfg, plans, split.train, self.tcfg.batch_size, seed=self.tcfg.seed)
-        self.tracker = setup.tracker or Tracker()
+        self.main = distributed.is_main()  # several ranks: rank 0 writes the run files and tracks
+        self.cfg = self._record_world(cfg)  # sets self.tcfg: what each rank runs
+        self.batches = TrainBatches(cfg, plans, split.train, self.tcfg.batch_size,
+                                    seed=distributed.rank_seed(self.tcfg.seed))
+        self.tracker = setup.tracker or Tracker(enabled=self.main)
         self.trainer: Trainer | None = None
 
     def execute(self, resume: bool, progress: bool, stop_after_epoch: int | None) -> TrainResult:
         try:
             self._derive(resume)
-            self.run.make()
+            if self.main:
+                self.run.make()
             self.trainer = self._make_trainer(progress, stop_after_epoch)
             previous_run_id = self.trainer.load(self.run.last)["mlflow_run_id"] if resume else None  # before any write
-            self._write_run_files()
-            self._start_tracking(previous_run_id)
+            distributed.barrier()  # every rank has read last.pt before rank 0 writes
+            if self.main:
+                self._write_run_files()
+                self._start_tracking(previous_run_id)
             result = self.trainer.fit()
             self._finish(result["completed"])
-            return TrainResult(self.run.root, result["completed"], result["epoch"], self.tracker.run_id, self.cfg)
+            return TrainResult(self.run.root, result["completed"], result["epoch"], self.tracker.run_id, self.cfg,
+                               distributed.rank())
         except BaseException:
             self.tracker.end("KILLED")
             raise
@@ -201,32 +211,53 @@ class _Job:
             if self.tracker.run_id:
                 self.tracker.end("FINISHED")
 
+    def _record_world(self, cfg: GenerationConfig) -> GenerationConfig:
+        """The planned effective batch on this many ranks (distributed.split_batch): each rank's micro-batch,
+        accumulation and iterations (self.tcfg), recorded in ``derived``."""
+        planned = cfg.train_for(self.model)
+        world = distributed.world_size()
+        share = distributed.split_batch(planned.batch_size, planned.grad_accumulation_steps,
+                                        planned.iterations_per_epoch, world)
+        self.tcfg = dataclasses.replace(planned, batch_size=share.micro_batch_size,
+                                        grad_accumulation_steps=share.grad_accumulation_steps,
+                                        iterations_per_epoch=share.iterations_per_epoch)
+        if self.main and share.effective_batch_size != planned.batch_size * planned.grad_accumulation_steps:
+            self.echo(f"{world} ranks x micro-batch {share.micro_batch_size} x accumulation "
+                      f"{share.grad_accumulation_steps}: effective batch {share.effective_batch_size} (planned "
+                      f"{planned.batch_size * planned.grad_accumulation_steps})")
+        return dataclasses.replace(cfg, derived=dataclasses.replace(
+            cfg.derived, world_size=world, micro_batch_size=share.micro_batch_size,
+            grad_accumulation_steps=share.grad_accumulation_steps, effective_batch_size=share.effective_batch_size))
+
     def _derive(self, resume: bool) -> None:
-        """The LDM's latent scale (once, at the start of a new run) and the autoencoder it was trained with."""
+        """The LDM's latent scale (once, at the start of a new run; rank 0's, on every rank) and the autoencoder it
+        was trained with."""
         if self.model != "ldm":
             return
         cfg = self.cfg
         if not resume:
-            cfg = dataclasses.replace(cfg, derived=dataclasses.replace(
-                cfg.derived, latent_scale_factor=self.task.compute_scale_factor(self.batches)))
+            scale = distributed.broadcast(self.task.compute_scale_factor(self.batches) if self.main else None)
+            self.task.scale_factor = scale
+            cfg = dataclasses.replace(cfg, derived=dataclasses.replace(cfg.derived, latent_scale_factor=scale))
         self.cfg = dataclasses.replace(cfg, autoencoder=self.task.cfg.autoencoder)
 
     def _make_trainer(self, progress: bool, stop_after_epoch: int | None) -> Trainer:
         val_ids = self.split.val or self.split.train[:1]
-        run_echo = _echo_for(self.cfg, self.run, self.echo)
-        guard = MemoryGuard(self.cfg, self.model, self.device, run_echo, lambda m: self.tracker.log_metrics(m, step=0))
+        run_echo = _echo_for(self.cfg, self.run, self.echo) if self.main else (lambda msg: None)
+        guard = MemoryGuard(self.cfg, self.model, self.device, run_echo, lambda m: self.tracker.log_metrics(m, step=0)) \
+            if distributed.world_size() == 1 else None  # a re-fit would have to reach every rank: not with several
         return Trainer(
             self.task, self.tcfg, self.run, self.tracker, self.device, self.batches,
             val_batches=lambda: validation_batches(self.cfg, self.plans, val_ids, self.cfg.train_for(self.model).batch_size),
             plot_batch=lambda: next(validation_batches(self.cfg, self.plans, val_ids[:PLOT_EXAMPLES], PLOT_EXAMPLES)),
-            options=LoopOptions(progress=progress, echo=run_echo, stop_after_epoch=stop_after_epoch,
+            options=LoopOptions(progress=progress and self.main, echo=run_echo, stop_after_epoch=stop_after_epoch,
                                 on_epoch=self.setup.on_epoch, memory_guard=guard, on_refit=self._on_refit),
             config_yaml=render_generation_config(self.cfg),
         )
 
     def _on_refit(self, refit) -> TrainBatches:
         """A memory re-fit in the first steps: new batches, the change recorded in config.yaml and MLflow."""
-        self.cfg = refit.config
+        self.cfg = self._record_world(refit.config)
         self.batches.close()
         self.batches = TrainBatches(self.cfg, self.plans, self.split.train, self.cfg.train_for(self.model).batch_size,
                                     seed=self.tcfg.seed)
@@ -257,12 +288,13 @@ class _Job:
                 "amp_dtype": str(amp).replace("torch.", "") if amp else "off",
                 "perceptual_network": self.cfg.losses.perceptual_network if model == "autoencoder" else None,
                 "medimgen.run_dir": str(self.run.root),
+                "medimgen.world_size": distributed.world_size(),  # this session's ranks (a resumed run may change)
                 "mlflow.parentRunId": setup.parent_run_id,
                 **setup.tags,
             },
         )
         self.tracker.log_params({"dataset": self.plans.name, "model": model, "dim": dim, "split": split,
-                                 **flatten(self.cfg)})
+                                 "world_size": distributed.world_size(), **flatten(self.cfg)})
 
     def _finish(self, completed: bool) -> None:
         run, cfg = self.run, self.cfg

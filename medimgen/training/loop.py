@@ -14,6 +14,11 @@ one, else the trained weights; no discriminator, no optimiser), the resolved con
 extra state (LDM: latent scale factor, autoencoder checkpoint), model kind, epoch, best_val and
 MLflow run id, marked ``"weights_only": True``. Readers that sample take best.pt, else last.pt
 (a run that has not validated yet); only resuming reads last.pt.
+
+Several ranks (torchrun, medimgen.distributed): the trained modules run their forward passes through
+DistributedDataParallel, gradients are averaged once per optimiser step, training losses are averaged over the
+ranks; rank 0 alone validates, plots, writes and logs, and hands its metrics to the others. last.pt keeps every
+rank's RNG state (``rng_ranks``), so a run resumed on as many ranks draws what it would have drawn.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medimgen import distributed
 from medimgen.config.schema import TrainConfig
 from medimgen.devices import amp_dtype, autocast
 from medimgen.errors import MedimgenError
@@ -121,6 +127,7 @@ class Trainer:
             self.schedulers[phase] = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizers[phase], lr_lambda(cfg.lr_schedule, cfg.epochs))
             self.scalers[phase] = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.ddp = distributed.wrap_task(task, device)  # several ranks: the trained modules in DDP (rank 0's weights)
         self.ema = None
         if cfg.ema_decay and task.ema_module:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -137,7 +144,7 @@ class Trainer:
         return self.task.modules[name]
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self, epoch: int) -> dict:
+    def state(self, epoch: int, rng_ranks: list | None = None) -> dict:
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.task.name,
@@ -151,6 +158,7 @@ class Trainer:
             "best_val": self.best_val,
             "mlflow_run_id": self.tracker.run_id,
             "rng": rng_state(),
+            "rng_ranks": rng_ranks or [],  # several ranks: each one's RNG state, by rank
             "extra": self.task.extra_state(),
             "config": self.config_yaml,
         }
@@ -192,7 +200,13 @@ class Trainer:
         self.best_val = ckpt["best_val"]
         self.start_epoch = ckpt["epoch"]
         self.task.load_extra_state(ckpt["extra"])
-        set_rng_state(ckpt["rng"])
+        ranks = ckpt.get("rng_ranks") or []
+        if distributed.rank() < len(ranks):
+            set_rng_state(ranks[distributed.rank()])
+        elif distributed.rank() == 0:
+            set_rng_state(ckpt["rng"])
+        else:  # more ranks than the run had: a fresh seed of its own
+            seed_everything(distributed.rank_seed(self.cfg.seed) + ckpt["epoch"])
         return ckpt
 
     # ------------------------------------------------------------------ one optimiser step
@@ -267,8 +281,9 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                      for k, v in next(self.train_batches).items()}
             state: dict = {"phases": phases}
+            step = (it + 1) % accum == 0 or it == n - 1  # gradients of several ranks are averaged on this micro-step
             for phase in phases:
-                with self._only_trains(phase), self._out_of_memory("training"):
+                with self._only_trains(phase), self._out_of_memory("training"), distributed.no_sync(self.ddp, not step):
                     with self._autocast():
                         loss, logs = self.task.loss(phase, batch, state)
                     if not torch.isfinite(loss):
@@ -277,7 +292,7 @@ class Trainer:
                     self.scalers[phase].scale(loss / accum).backward()
                 for k, v in logs.items():
                     sums[k] += v
-            if (it + 1) % accum == 0 or it == n - 1:
+            if step:
                 self._optimizer_step(phases)
                 if self.opt.memory_guard is not None:
                     self.opt.memory_guard.after_step()
@@ -285,12 +300,14 @@ class Trainer:
                 bar.set_postfix({k: f"{v / (it + 1):.4f}" for k, v in list(sums.items())[:3]})
         for phase in phases:  # a phase that did not train yet (GAN warm-up) keeps its schedule
             self.schedulers[phase].step()
-        return {f"train_{k}": v / n for k, v in sums.items()}
+        return distributed.mean({f"train_{k}": v / n for k, v in sums.items()})
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         cfg = self.cfg
-        self.run.make()
+        main = distributed.is_main()  # several ranks: rank 0 validates, plots, writes and logs
+        if main:
+            self.run.make()
         t_start = time.time()
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.time()
@@ -302,7 +319,7 @@ class Trainer:
                     break
                 except Refit as refit:
                     self._apply_refit(refit)
-            if (epoch + 1) % cfg.val_interval == 0 or epoch == cfg.epochs - 1:
+            if main and ((epoch + 1) % cfg.val_interval == 0 or epoch == cfg.epochs - 1):
                 for m in self.task.modules.values():
                     m.eval()
                 with torch.no_grad(), self._autocast(), self._out_of_memory("validation"):
@@ -310,28 +327,24 @@ class Trainer:
             metrics["epoch_seconds"] = time.time() - t0
             if self.device.type == "cuda":
                 metrics["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            metrics = distributed.broadcast(metrics)  # every rank keeps rank 0's history and best
             self.history["epoch"].append(epoch + 1)
             for k in set(self.history) - {"epoch"} | set(metrics):
                 if k != "epoch":
                     self.history[k] = self.history.get(k, [None] * (len(self.history["epoch"]) - 1))
                     self.history[k].append(metrics.get(k))
-            self.tracker.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=epoch + 1)
-            write_json_atomic(self.run.loss_dict, dict(self.history))
-            plot_losses(self.history, self.run.plots / "loss.png")
-            if (epoch + 1) % cfg.val_plot_interval == 0 or epoch == cfg.epochs - 1:
-                for m in self.task.modules.values():
-                    m.eval()
-                with torch.no_grad(), self._autocast(), self._out_of_memory("plotting"):
-                    path = self.task.plot(self.run.plots / f"epoch_{epoch + 1:04d}", self.plot_batch(), self.eval_model)
-                if path is not None:
-                    self.tracker.log_artifact(path, "plots")
+            if main:
+                self._epoch_outputs(epoch, metrics)
             val = metrics.get("val_loss")
             if val is not None and val < self.best_val:
                 self.best_val = val
-                write_checkpoint(self.sampling_state(epoch + 1), self.run.best)
-            write_checkpoint(self.state(epoch + 1), self.run.last)
-            self.opt.echo(f"{self.task.name} epoch {epoch + 1}/{cfg.epochs} "
-                          + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
+                if main:
+                    write_checkpoint(self.sampling_state(epoch + 1), self.run.best)
+            rngs = distributed.gather(rng_state()) if distributed.active() else None
+            if main:
+                write_checkpoint(self.state(epoch + 1, rngs), self.run.last)
+                self.opt.echo(f"{self.task.name} epoch {epoch + 1}/{cfg.epochs} "
+                              + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
             if self.opt.on_epoch is not None:
                 self.opt.on_epoch(epoch + 1, metrics)
             if self.opt.stop_after_epoch is not None and epoch + 1 >= self.opt.stop_after_epoch and epoch + 1 < cfg.epochs:
@@ -339,3 +352,16 @@ class Trainer:
                 return {"completed": False, "epoch": epoch + 1}
         self.tracker.log_artifact(self.run.plots / "loss.png", "plots")
         return {"completed": True, "epoch": cfg.epochs, "best_val": self.best_val, "seconds": time.time() - t_start}
+
+    def _epoch_outputs(self, epoch: int, metrics: dict) -> None:
+        """MLflow metrics, loss history and plots of an epoch (rank 0)."""
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=epoch + 1)
+        write_json_atomic(self.run.loss_dict, dict(self.history))
+        plot_losses(self.history, self.run.plots / "loss.png")
+        if (epoch + 1) % self.cfg.val_plot_interval == 0 or epoch == self.cfg.epochs - 1:
+            for m in self.task.modules.values():
+                m.eval()
+            with torch.no_grad(), self._autocast(), self._out_of_memory("plotting"):
+                path = self.task.plot(self.run.plots / f"epoch_{epoch + 1:04d}", self.plot_batch(), self.eval_model)
+            if path is not None:
+                self.tracker.log_artifact(path, "plots")
