@@ -255,13 +255,16 @@ _model_options = [
     click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True),
 ]
 _sampling_options = [
-    click.option("--scheduler", type=click.Choice(["ddim", "ddpm"]), default=None,
-                 help="ddim (fast, default from the config) or ddpm (all training timesteps)."),
-    click.option("--steps", type=_positive, default=None, help="DDIM steps (default: the config's num_inference_steps)."),
+    click.option("--scheduler", type=click.Choice(["ddim", "ddpm", "rflow"]), default=None,
+                 help="ddim (fast, default from the config) or ddpm (all training timesteps); rflow for a model "
+                      "trained with rectified flow (its only sampler)."),
+    click.option("--steps", type=_positive, default=None,
+                 help="DDIM / rectified-flow steps (default: the config's num_inference_steps)."),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--batch-size", type=_positive, default=None, help="Images per forward pass (default: all)."),
     _device_option,
-    click.option("--amp", is_flag=True, help="Mixed precision on a GPU."),
+    click.option("--amp/--no-amp", default=True, show_default=True,
+                 help="Mixed precision on a GPU (bf16 where supported, else fp16); no effect on the CPU."),
 ]
 _output_options = [
     click.option("--resample", is_flag=True, help="Resample to the dataset's original median spacing (nnU-Net's resampling)."),

@@ -26,7 +26,7 @@ from medimgen.atomic import atomic_path
 from medimgen.config.schema import DIFFUSION_MODELS, GenerationConfig
 from medimgen.data.intensity import IntensityMap
 from medimgen.devices import amp_dtype, autocast, resolve_device
-from medimgen.diffusion import generate, latent_decoder
+from medimgen.diffusion import generate, latent_decoder, sampler_name
 from medimgen.errors import MedimgenError
 from medimgen.geometry import Geometry, to_file_image
 from medimgen.labels import label_channels
@@ -45,10 +45,14 @@ class Sampler(TrainedModel):
         return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
 
     def schedule(self, scheduler: str | None, steps: int | None) -> tuple[str, int]:
-        """(sampler name, number of steps) after defaults: the config's sampler; DDPM uses every timestep."""
+        """(sampler name, number of steps) after defaults: the config's sampler (rflow for a rectified-flow model);
+        DDPM uses every timestep."""
         cfg = self.cfg.scheduler_for(self.kind)
-        name = scheduler or cfg.sampler
-        return name, cfg.num_train_timesteps if name == "ddpm" else int(steps or cfg.num_inference_steps)
+        name = sampler_name(cfg, scheduler)
+        n = cfg.num_train_timesteps if name == "ddpm" else int(steps or cfg.num_inference_steps)
+        if n > cfg.num_train_timesteps:
+            raise MedimgenError(f"--steps {n}: at most the model's {cfg.num_train_timesteps} training timesteps")
+        return name, n
 
     @property
     def generates_labels(self) -> bool:
@@ -57,13 +61,13 @@ class Sampler(TrainedModel):
 
     @torch.no_grad()
     def sample(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-               batch_size: int | None = None, amp: bool = False, progress: bool = False) -> np.ndarray:
+               batch_size: int | None = None, amp: bool = True, progress: bool = False) -> np.ndarray:
         """(N, C, *image_size) float32 in the dataset's intensity units; same seed -> same images."""
         return self.sample_pairs(num_images, seed, sampler, steps, batch_size, amp, progress)[0]
 
     @torch.no_grad()
     def sample_pairs(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-                     batch_size: int | None = None, amp: bool = False, progress: bool = False
+                     batch_size: int | None = None, amp: bool = True, progress: bool = False
                      ) -> tuple[np.ndarray, np.ndarray | None]:
         """(images (N, C, *image_size) float32 in the dataset's units, label maps (N, *image_size) uint8 in
         nnU-Net's label values, or None for an image-only model); same seed -> same pairs."""
@@ -75,7 +79,7 @@ class Sampler(TrainedModel):
 
     @torch.no_grad()
     def sample_model_range(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-                           batch_size: int | None = None, amp: bool = False, progress: bool = False,
+                           batch_size: int | None = None, amp: bool = True, progress: bool = False,
                            labels: bool = False):
         """(N, C, *image_size) float32 CPU tensor in the model's range (what the evaluation compares); ``labels``:
         (that, label maps (N, 1, *image_size) long or None for an image-only model)."""
