@@ -265,6 +265,9 @@ _sampling_options = [
     _device_option,
     click.option("--amp/--no-amp", default=True, show_default=True,
                  help="Mixed precision on a GPU (bf16 where supported, else fp16); no effect on the CPU."),
+    click.option("--tiled-decoding/--whole-decoding", "tiled_decoding", default=None,
+                 help="LDM: decode in overlapping latent tiles / in one piece (default: tiles on a GPU only when "
+                      "decoding in one piece is predicted not to fit)."),
 ]
 _output_options = [
     click.option("--resample", is_flag=True, help="Resample to the dataset's original median spacing (nnU-Net's resampling)."),
@@ -293,7 +296,7 @@ def _requests(kw: dict, dataset_id, model_type):
     from medimgen.requests import ModelRef, SampleOptions
 
     ref = ModelRef(kw.pop("model"), dataset_id, model_type, kw.pop("splitting"), kw.pop("fold"), kw.pop("checkpoint"))
-    names = ("seed", "scheduler", "steps", "batch_size", "device", "amp", "resample", "progress")
+    names = ("seed", "scheduler", "steps", "batch_size", "device", "amp", "tiled_decoding", "resample", "progress")
     options = {k: kw.pop(k) for k in names if k in kw}
     if "no_crop" in kw:
         options["crop"] = not kw.pop("no_crop")
@@ -312,7 +315,7 @@ def _sample_command():
         from medimgen.sampling import sample_to_folder
 
         ref, options = _requests(kw, dataset_id, model_type)
-        files = sample_to_folder(save_path, num_images, ref=ref, options=options)
+        files = sample_to_folder(save_path, num_images, ref=ref, options=options, echo=click.echo)
         click.echo(f"wrote {len(files)} NIfTI file(s) to {save_path}")
 
     return command
