@@ -86,19 +86,22 @@ _set_option = click.option(
                    "command uses these plans.")
 @click.option("--offline", is_flag=True,
               help="Plan no perceptual loss (losses.perceptual_network=none) when its pretrained weights are absent.")
+@click.option("--scheduler", type=click.Choice(["ddpm", "rflow"]), default=None,
+              help="Noise process of the DDPM and the LDM: ddpm (default) or rflow (rectified flow).")
 @_set_option
 @click.option("--overrides", "override_text", default="", metavar="'K=V K=V'",
               help="Space-separated overrides in one string (for MLproject).")
 @friendly_errors
-def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, overrides, override_text):
+def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, scheduler, overrides, override_text):
     """Turn nnU-Net's plans (nnUNetPlans.json, or --plans) into medimgen_config.yaml (2d and 3d sections)."""
     from medimgen.planning import plan_dataset
 
     sets = [*overrides, *override_text.split()]
-    if explain and not (force or sets or gpu_memory or offline) and _explain_existing(dataset_id, plans_identifier):
+    if explain and not (force or sets or gpu_memory or offline or scheduler) and _explain_existing(dataset_id,
+                                                                                                    plans_identifier):
         return
     result = plan_dataset(dataset_id, gpu_memory_gb=gpu_memory or None, overrides=sets, force=force,
-                          plans_identifier=plans_identifier, offline=offline)
+                          plans_identifier=plans_identifier, offline=offline, scheduler=scheduler)
     if result.backup:
         click.echo(f"backed up the edited config to {result.backup}")
     verb = "re-planned" if result.replaced else "wrote"
