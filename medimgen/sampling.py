@@ -256,10 +256,11 @@ def sample_to_folder(save_path: Path | str, num_images: int, ref: ModelRef, opti
                      echo: Callable[[str], None] | None = None) -> list[Path]:
     """Sample ``num_images`` from the model ``ref`` names and write them (NIfTI + JSON sidecars; a joint model's
     label maps as ``<stem>_label.nii.gz``) into ``save_path``. Returns the image files. ``echo``: gets the
-    predicted memory of sampling (and an LDM's tiled decoding) before sampling starts."""
+    predicted GPU memory of sampling (and an LDM's tiled decoding) before sampling starts, on a GPU (or with
+    ``options.tiled_decoding``)."""
     sampler = resolve_sampler(ref).to(resolve_device(options.device))
     name, n_steps = sampler.schedule(options.scheduler, options.steps)
-    if echo is not None:
+    if echo is not None and (sampler.device.type == "cuda" or options.tiled_decoding):  # GPU memory: on a GPU
         echo(sampler.memory(min(num_images, options.batch_size or num_images), options.amp,
                             options.tiled_decoding).describe())
     images, labels = sampler.sample_pairs(num_images, options.seed, name, n_steps, options.batch_size, options.amp,

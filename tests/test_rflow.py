@@ -119,9 +119,9 @@ def test_rflow_trains_and_samples(rflow_runs, dim, kind):
 def test_sample_steps_cli_and_tiled_decoding(rflow_runs, tmp_path):
     run = rflow_runs["3d"]["ldm"]
     r = CliRunner().invoke(main, ["sample", str(ANISO_3D), "3d", "1", str(tmp_path / "a"), "--model", str(run.run_dir),
-                                  "--steps", "4", "--seed", "3"])
+                                  "--steps", "4", "--seed", "3", "--tiled-decoding"])
     assert r.exit_code == 0, r.output
-    assert "predicted sampling peak" in r.output
+    assert "predicted sampling peak" in r.output and "decoding in latent tiles" in r.output
     side = json.loads((tmp_path / "a" / "sample_0000.json").read_text())
     assert side["scheduler"] == "rflow" and side["steps"] == 4 and side["seed"] == 3
     r = CliRunner().invoke(main, ["sample", str(ANISO_3D), "3d", "1", str(tmp_path / "b"), "--model", str(run.run_dir),
