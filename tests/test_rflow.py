@@ -86,14 +86,23 @@ def _sets(workspace, dim: str, epochs: int = 2) -> list[str]:
     return tiny_overrides(workspace["config"].get(dim), epochs) + RFLOW
 
 
+class _Runs(dict):
+    """{dim: {model: TrainResult}}, each dimensionality trained when first asked for."""
+
+    def __init__(self, workspace):
+        super().__init__()
+        self.workspace = workspace
+
+    def __missing__(self, dim):
+        sets = _sets(self.workspace, dim)
+        self[dim] = {m: train(m, ANISO_3D, "train-val-test", dim, overrides=sets, echo=lambda *_: None)
+                     for m in ("autoencoder", "ldm", "ddpm")}
+        return self[dim]
+
+
 @pytest.fixture(scope="module")
 def rflow_runs(rflow_root, workspace):
-    runs = {}
-    for dim in ("2d", "3d"):
-        sets = _sets(workspace, dim)
-        runs[dim] = {m: train(m, ANISO_3D, "train-val-test", dim, overrides=sets, echo=lambda *_: None)
-                     for m in ("autoencoder", "ldm", "ddpm")}
-    return runs
+    return _Runs(workspace)
 
 
 @pytest.mark.slow
