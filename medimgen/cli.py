@@ -86,19 +86,22 @@ _set_option = click.option(
                    "command uses these plans.")
 @click.option("--offline", is_flag=True,
               help="Plan no perceptual loss (losses.perceptual_network=none) when its pretrained weights are absent.")
+@click.option("--scheduler", type=click.Choice(["ddpm", "rflow"]), default=None,
+              help="Noise process of the DDPM and the LDM: ddpm (default) or rflow (rectified flow).")
 @_set_option
 @click.option("--overrides", "override_text", default="", metavar="'K=V K=V'",
               help="Space-separated overrides in one string (for MLproject).")
 @friendly_errors
-def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, overrides, override_text):
+def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, scheduler, overrides, override_text):
     """Turn nnU-Net's plans (nnUNetPlans.json, or --plans) into medimgen_config.yaml (2d and 3d sections)."""
     from medimgen.planning import plan_dataset
 
     sets = [*overrides, *override_text.split()]
-    if explain and not (force or sets or gpu_memory or offline) and _explain_existing(dataset_id, plans_identifier):
+    if explain and not (force or sets or gpu_memory or offline or scheduler) and _explain_existing(dataset_id,
+                                                                                                    plans_identifier):
         return
     result = plan_dataset(dataset_id, gpu_memory_gb=gpu_memory or None, overrides=sets, force=force,
-                          plans_identifier=plans_identifier, offline=offline)
+                          plans_identifier=plans_identifier, offline=offline, scheduler=scheduler)
     if result.backup:
         click.echo(f"backed up the edited config to {result.backup}")
     verb = "re-planned" if result.replaced else "wrote"
@@ -263,13 +266,19 @@ _model_options = [
     click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True),
 ]
 _sampling_options = [
-    click.option("--scheduler", type=click.Choice(["ddim", "ddpm"]), default=None,
-                 help="ddim (fast, default from the config) or ddpm (all training timesteps)."),
-    click.option("--steps", type=_positive, default=None, help="DDIM steps (default: the config's num_inference_steps)."),
+    click.option("--scheduler", type=click.Choice(["ddim", "ddpm", "rflow"]), default=None,
+                 help="ddim (fast, default from the config) or ddpm (all training timesteps); rflow for a model "
+                      "trained with rectified flow (its only sampler)."),
+    click.option("--steps", type=_positive, default=None,
+                 help="DDIM / rectified-flow steps (default: the config's num_inference_steps)."),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--batch-size", type=_positive, default=None, help="Images per forward pass (default: all)."),
     _device_option,
-    click.option("--amp", is_flag=True, help="Mixed precision on a GPU."),
+    click.option("--amp/--no-amp", default=True, show_default=True,
+                 help="Mixed precision on a GPU (bf16 where supported, else fp16); no effect on the CPU."),
+    click.option("--tiled-decoding/--whole-decoding", "tiled_decoding", default=None,
+                 help="LDM: decode in overlapping latent tiles / in one piece (default: tiles on a GPU only when "
+                      "decoding in one piece is predicted not to fit)."),
 ]
 _output_options = [
     click.option("--resample", is_flag=True, help="Resample to the dataset's original median spacing (nnU-Net's resampling)."),
@@ -298,7 +307,7 @@ def _requests(kw: dict, dataset_id, model_type):
     from medimgen.requests import ModelRef, SampleOptions
 
     ref = ModelRef(kw.pop("model"), dataset_id, model_type, kw.pop("splitting"), kw.pop("fold"), kw.pop("checkpoint"))
-    names = ("seed", "scheduler", "steps", "batch_size", "device", "amp", "resample", "progress")
+    names = ("seed", "scheduler", "steps", "batch_size", "device", "amp", "tiled_decoding", "resample", "progress")
     options = {k: kw.pop(k) for k in names if k in kw}
     if "no_crop" in kw:
         options["crop"] = not kw.pop("no_crop")
@@ -317,7 +326,7 @@ def _sample_command():
         from medimgen.sampling import sample_to_folder
 
         ref, options = _requests(kw, dataset_id, model_type)
-        files = sample_to_folder(save_path, num_images, ref=ref, options=options)
+        files = sample_to_folder(save_path, num_images, ref=ref, options=options, echo=click.echo)
         click.echo(f"wrote {len(files)} NIfTI file(s) to {save_path}")
 
     return command

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import torch
 
 from medimgen.config.schema import GenerationConfig, SchedulerConfig
+from medimgen.errors import MedimgenError
 from medimgen.labels import network_channels, split
 
 
@@ -21,37 +24,106 @@ def _schedule_args(cfg: SchedulerConfig) -> dict:
     return {"beta_start": cfg.beta_start, "beta_end": cfg.beta_end}
 
 
-def training_scheduler(cfg: SchedulerConfig):
-    """DDPM scheduler used to add noise during training."""
+def _rflow(cfg: SchedulerConfig, spatial_dims: int):
+    """MONAI's rectified-flow scheduler as MAISI uses it: continuous timesteps drawn uniformly, shifted towards the
+    noisy end for images larger than 32^dims voxels (the same shift in training and sampling)."""
+    from monai.networks.schedulers import RFlowScheduler
+
+    return RFlowScheduler(num_train_timesteps=cfg.num_train_timesteps, use_discrete_timesteps=False,
+                          sample_method="uniform", use_timestep_transform=True,
+                          base_img_size_numel=32 ** spatial_dims, spatial_dim=spatial_dims)
+
+
+def is_rflow(scheduler) -> bool:
+    from monai.networks.schedulers import RFlowScheduler
+
+    return isinstance(scheduler, RFlowScheduler)
+
+
+def training_scheduler(cfg: SchedulerConfig, spatial_dims: int = 3):
+    """The scheduler that adds noise during training: DDPM, or rectified flow (``cfg.type``)."""
+    if cfg.type == "rflow":
+        return _rflow(cfg, spatial_dims)
     from monai.networks.schedulers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
                          prediction_type=cfg.prediction_type, **_schedule_args(cfg))
 
 
-def sampling_scheduler(cfg: SchedulerConfig, sampler: str | None = None, steps: int | None = None):
-    """DDPM (all training timesteps) or DDIM (``steps``, default cfg.num_inference_steps) for sampling."""
+def sampler_name(cfg: SchedulerConfig, sampler: str | None = None) -> str:
+    """The sampler a model of ``cfg`` samples with: rflow for a rectified-flow model, else ``sampler`` (ddim/ddpm;
+    default the config's); a sampler the model was not trained for is a one-line error."""
+    if cfg.type == "rflow":
+        if sampler not in (None, "rflow"):
+            raise MedimgenError(f"this model was trained with rectified flow (scheduler type rflow): it samples with "
+                                f"rflow, not {sampler} (choose the number of steps with --steps)")
+        return "rflow"
+    if sampler == "rflow":
+        raise MedimgenError("this model was trained with the DDPM noise schedule (scheduler type ddpm): sample it with "
+                            "ddim or ddpm; rectified flow needs a model trained with scheduler type rflow")
+    return sampler or cfg.sampler
+
+
+def sampling_scheduler(cfg: SchedulerConfig, sampler: str | None = None, steps: int | None = None,
+                       spatial_size: tuple[int, ...] | None = None):
+    """DDPM (all training timesteps), DDIM or rectified flow (``steps``, default cfg.num_inference_steps) for
+    sampling. ``spatial_size``: the sampled (latent) size, which rectified flow's timestep shift depends on."""
     from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-    sampler = sampler or cfg.sampler
+    sampler = sampler_name(cfg, sampler)
     if sampler == "ddpm":
         sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
                               prediction_type=cfg.prediction_type, **_schedule_args(cfg))
         sched.set_timesteps(cfg.num_train_timesteps)
         return sched
+    steps = int(steps or cfg.num_inference_steps)
+    if steps > cfg.num_train_timesteps:
+        raise MedimgenError(f"{steps} sampling steps: at most the {cfg.num_train_timesteps} training timesteps")
+    if sampler == "rflow":
+        if spatial_size is None:
+            raise ValueError("rectified flow needs the sampled spatial size")
+        sched = _rflow(cfg, len(spatial_size))
+        sched.set_timesteps(steps, input_img_size_numel=math.prod(spatial_size))
+        return sched
     sched = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
                           prediction_type=cfg.prediction_type, clip_sample=False, **_schedule_args(cfg))
-    sched.set_timesteps(int(steps or cfg.num_inference_steps))
+    sched.set_timesteps(steps)
     return sched
 
 
 def target_for(scheduler, prediction_type: str, images, noise, timesteps):
-    """What the UNet is trained to predict."""
+    """What the UNet is trained to predict (rectified flow: the velocity images - noise, whatever
+    ``prediction_type``)."""
+    if is_rflow(scheduler):
+        return images - noise
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
         return scheduler.get_velocity(images, noise, timesteps)
     return images
+
+
+def noised(scheduler, prediction_type: str, x: torch.Tensor, generator: torch.Generator | None = None):
+    """(noisy x, timesteps, training target) of a training step on ``x``: noise and timesteps from the global RNG,
+    or from ``generator`` (drawn on the CPU, reproducible). DDPM: integer timesteps drawn uniformly; rectified
+    flow: the scheduler's own ``sample_timesteps``."""
+    if generator is None:
+        noise = torch.randn_like(x)
+    else:
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+    if is_rflow(scheduler):
+        if generator is None:
+            t = scheduler.sample_timesteps(x)
+        else:  # sample_timesteps draws from the global RNG: seed a forked one from the generator
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+                t = scheduler.sample_timesteps(torch.zeros(()).expand(x.shape[0], 1, *x.shape[2:])).to(x.device)
+    elif generator is None:
+        t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],), device=x.device)
+    else:
+        t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
+    noisy = scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
+    return noisy, t, target_for(scheduler, prediction_type, x, noise, t)
 
 
 def sample_shape(cfg: GenerationConfig, model: str, n: int) -> tuple[int, ...]:
@@ -94,8 +166,9 @@ def generate(cfg: GenerationConfig, model: str, network: torch.nn.Module, n: int
     ``labels``: return (images, label maps) instead, the label maps (n, 1, *size) long in nnU-Net's label values
     for a joint model (``data.generate_labels``: a DDPM's one-hot channels or the LDM's decoded logits, see
     medimgen.labels), None for an image-only model."""
-    scheduler = sampling_scheduler(cfg.scheduler_for(model), sampler, steps)
-    x = sample(network, scheduler, sample_shape(cfg, model, n), seed, device, decode, progress)
+    shape = sample_shape(cfg, model, n)
+    scheduler = sampling_scheduler(cfg.scheduler_for(model), sampler, steps, shape[2:])
+    x = sample(network, scheduler, shape, seed, device, decode, progress)
     images, label = split(x, cfg, logits=model == "ldm")
     lo, hi = cfg.data.intensity_range
     images = images.float().clamp(lo, hi)

@@ -114,7 +114,7 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
                             f"labels would be foreground masks next to real labels); plan with data.generate_labels=true")
     sched, n_steps = sampler.schedule(options.scheduler, options.steps)
     images, labels = sampler.sample_pairs(num_images, options.seed, sched, n_steps, options.batch_size, options.amp,
-                                          options.progress)
+                                          options.progress, options.tiled_decoding)
     data = sampler.cfg.data
     preprocessed_splits = None
     try:

@@ -25,16 +25,19 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class SampleOptions:
-    """How to sample: ``scheduler`` ddim/ddpm and ``steps`` (None: the config's), ``batch_size`` images per
-    forward pass (None: all), ``amp`` mixed precision on a GPU, ``resample`` to the dataset's original median
-    spacing, ``crop`` back to the data size the model's image size pads (see README, Sampling)."""
+    """How to sample: ``scheduler`` ddim/ddpm/rflow and ``steps`` (None: the config's), ``batch_size`` images per
+    forward pass (None: all), ``amp`` mixed precision on a GPU (bf16 where supported; nothing on the CPU),
+    ``tiled_decoding`` the LDM's decoder over latent tiles (None: when its predicted memory exceeds the GPU's),
+    ``resample`` to the dataset's original median spacing, ``crop`` back to the data size the model's image size
+    pads (see README, Sampling)."""
 
     seed: int = 0
     scheduler: str | None = None
     steps: int | None = None
     batch_size: int | None = None
     device: str | None = None
-    amp: bool = False
+    amp: bool = True
+    tiled_decoding: bool | None = None
     resample: bool = False
     crop: bool = True
     progress: bool = False

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from medimgen.atomic import atomic_path
 from medimgen.config.schema import DIFFUSION_MODELS, GenerationConfig
 from medimgen.data.intensity import IntensityMap
 from medimgen.devices import amp_dtype, autocast, resolve_device
-from medimgen.diffusion import generate, latent_decoder
+from medimgen.decoding import decoder
+from medimgen.diffusion import generate, sampler_name
 from medimgen.errors import MedimgenError
 from medimgen.geometry import Geometry, to_file_image
 from medimgen.labels import label_channels
@@ -45,47 +46,68 @@ class Sampler(TrainedModel):
         return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
 
     def schedule(self, scheduler: str | None, steps: int | None) -> tuple[str, int]:
-        """(sampler name, number of steps) after defaults: the config's sampler; DDPM uses every timestep."""
+        """(sampler name, number of steps) after defaults: the config's sampler (rflow for a rectified-flow model);
+        DDPM uses every timestep."""
         cfg = self.cfg.scheduler_for(self.kind)
-        name = scheduler or cfg.sampler
-        return name, cfg.num_train_timesteps if name == "ddpm" else int(steps or cfg.num_inference_steps)
+        name = sampler_name(cfg, scheduler)
+        n = cfg.num_train_timesteps if name == "ddpm" else int(steps or cfg.num_inference_steps)
+        if n > cfg.num_train_timesteps:
+            raise MedimgenError(f"--steps {n}: at most the model's {cfg.num_train_timesteps} training timesteps")
+        return name, n
 
     @property
     def generates_labels(self) -> bool:
         """Whether the model generates a label map with every image (``data.generate_labels``)."""
         return label_channels(self.cfg) > 0
 
+    def memory(self, batch: int, amp: bool = True, tiled: bool | None = None):
+        """The predicted sampling peak of ``batch`` images per pass and an LDM's decoding (whole, or the latent tile
+        that fits): medimgen.planning.sampling_memory.SamplingMemory, for this GPU (else the config's target)."""
+        from medimgen.planning.sampling_memory import plan_sampling
+
+        if self.device.type == "cuda":
+            target = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            target = self.cfg.memory.target_gb * 2**30
+        return plan_sampling(self.cfg, self.kind, batch, target, amp, tiled)
+
     @torch.no_grad()
     def sample(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-               batch_size: int | None = None, amp: bool = False, progress: bool = False) -> np.ndarray:
+               batch_size: int | None = None, amp: bool = True, progress: bool = False,
+               tiled: bool | None = None) -> np.ndarray:
         """(N, C, *image_size) float32 in the dataset's intensity units; same seed -> same images."""
-        return self.sample_pairs(num_images, seed, sampler, steps, batch_size, amp, progress)[0]
+        return self.sample_pairs(num_images, seed, sampler, steps, batch_size, amp, progress, tiled)[0]
 
     @torch.no_grad()
     def sample_pairs(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-                     batch_size: int | None = None, amp: bool = False, progress: bool = False
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
+                     batch_size: int | None = None, amp: bool = True, progress: bool = False,
+                     tiled: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(images (N, C, *image_size) float32 in the dataset's units, label maps (N, *image_size) uint8 in
         nnU-Net's label values, or None for an image-only model); same seed -> same pairs."""
         model_range, labels = self.sample_model_range(num_images, seed, sampler, steps, batch_size, amp, progress,
-                                                      labels=True)
+                                                      labels=True, tiled=tiled)
         imap = IntensityMap.from_config(self.cfg.data)
         images = imap.to_original(model_range, channel_axis=1).numpy().astype(np.float32)
         return images, None if labels is None else labels[:, 0].numpy().astype(np.uint8)
 
     @torch.no_grad()
     def sample_model_range(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-                           batch_size: int | None = None, amp: bool = False, progress: bool = False,
-                           labels: bool = False):
+                           batch_size: int | None = None, amp: bool = True, progress: bool = False,
+                           labels: bool = False, tiled: bool | None = None):
         """(N, C, *image_size) float32 CPU tensor in the model's range (what the evaluation compares); ``labels``:
-        (that, label maps (N, 1, *image_size) long or None for an image-only model)."""
+        (that, label maps (N, 1, *image_size) long or None for an image-only model). An LDM decodes in latent
+        tiles when ``tiled``, or (None) on a GPU when decoding whole is predicted not to fit it (:meth:`memory`)."""
         if num_images < 1:
             raise MedimgenError("NUM_IMAGES must be at least 1")
-        decode = latent_decoder(self.autoencoder, self.scale_factor) if self.kind == "ldm" else None
         bs = batch_size or num_images
         out, out_labels = [], []
         for start in range(0, num_images, bs):
             n = min(bs, num_images - start)
+            decode = None
+            if self.kind == "ldm":  # the CPU's memory is not predicted: tiled there only when asked
+                tile = self.memory(n, amp, tiled).tile if tiled or (tiled is None and self.device.type == "cuda") \
+                    else None
+                decode = decoder(self.autoencoder, self.scale_factor, tile, self.cfg.autoencoder)
             with autocast(self.device, amp_dtype("auto" if amp else "off", self.device)):
                 images, label = generate(self.cfg, self.kind, self.unet, n, seed + start, sampler, steps, self.device,
                                          decode, progress, labels=True)
@@ -230,12 +252,17 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, opt
 
 
 # ---------------------------------------------------------------------- the library call behind the CLI
-def sample_to_folder(save_path: Path | str, num_images: int, ref: ModelRef, options: SampleOptions = SampleOptions()
-                     ) -> list[Path]:
+def sample_to_folder(save_path: Path | str, num_images: int, ref: ModelRef, options: SampleOptions = SampleOptions(),
+                     echo: Callable[[str], None] | None = None) -> list[Path]:
     """Sample ``num_images`` from the model ``ref`` names and write them (NIfTI + JSON sidecars; a joint model's
-    label maps as ``<stem>_label.nii.gz``) into ``save_path``. Returns the image files."""
+    label maps as ``<stem>_label.nii.gz``) into ``save_path``. Returns the image files. ``echo``: gets the
+    predicted GPU memory of sampling (and an LDM's tiled decoding) before sampling starts, on a GPU (or with
+    ``options.tiled_decoding``)."""
     sampler = resolve_sampler(ref).to(resolve_device(options.device))
     name, n_steps = sampler.schedule(options.scheduler, options.steps)
+    if echo is not None and (sampler.device.type == "cuda" or options.tiled_decoding):  # GPU memory: on a GPU
+        echo(sampler.memory(min(num_images, options.batch_size or num_images), options.amp,
+                            options.tiled_decoding).describe())
     images, labels = sampler.sample_pairs(num_images, options.seed, name, n_steps, options.batch_size, options.amp,
-                                          options.progress)
+                                          options.progress, options.tiled_decoding)
     return save_samples(images, sampler, save_path, options, name, n_steps, labels=labels)

@@ -17,7 +17,7 @@ FLOORS = [
     ("base", ["medimgen", "medimgen.errors", "medimgen.atomic", "medimgen.paths", "medimgen.devices",
               "medimgen.requests", "medimgen.distributed"]),
     ("config", ["medimgen.config"]),
-    ("building blocks", ["medimgen.plans", "medimgen.networks", "medimgen.diffusion", "medimgen.losses", "medimgen.labels",
+    ("building blocks", ["medimgen.plans", "medimgen.networks", "medimgen.diffusion", "medimgen.decoding", "medimgen.losses", "medimgen.labels",
                          "medimgen.weights", "medimgen.perceptual", "medimgen.synthetic", "medimgen.importer"]),
     ("data and planning", ["medimgen.data", "medimgen.geometry", "medimgen.planning", "medimgen.nnunet",
                            "medimgen.nnunet_trainers"]),

@@ -148,13 +148,19 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    type: Literal["ddpm", "rflow"] = doc(
+        "noise process the model is trained and sampled with: 'ddpm' (beta schedule below; sampled with `sampler`) or "
+        "'rflow' (rectified flow, MONAI's RFlowScheduler: the UNet predicts the velocity image - noise, sampled in "
+        "num_inference_steps Euler steps; schedule, betas, prediction_type and sampler are not used). Configs "
+        "without this key are 'ddpm'", "ddpm")
     num_train_timesteps: int = doc("diffusion steps in training", 1000, ge=1)
     schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = doc("beta schedule", "linear_beta")
     beta_start: float = doc("first beta", 1e-4, gt=0, lt=1)
     beta_end: float = doc("last beta", 2e-2, gt=0, lt=1)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = doc("what the UNet predicts", "epsilon")
     sampler: Literal["ddpm", "ddim"] = doc("sampler used for validation plots and sampling", "ddim")
-    num_inference_steps: int = doc("sampling steps (DDIM); DDPM always uses num_train_timesteps", 50, ge=1)
+    num_inference_steps: int = doc(
+        "sampling steps (DDIM, rflow; at most num_train_timesteps); DDPM always uses num_train_timesteps", 50, ge=1)
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,8 @@ def score_model(model: TrainedModel, real: torch.Tensor, num_samples: int, extra
     sampler = Sampler.of(model).to(dev)
     name, n_steps = sampler.schedule(options.scheduler, options.steps)
     generated, labels = sampler.sample_model_range(num_samples, options.seed, name, n_steps, options.batch_size,
-                                                   options.amp, options.progress, labels=True)
+                                                   options.amp, options.progress, labels=True,
+                                                   tiled=options.tiled_decoding)
     scores = generation_scores(generated, real, extractor, dev)
     if labels is not None:
         scores.update(label_sanity_scores(generated, labels, real_labels, model.cfg))

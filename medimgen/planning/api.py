@@ -11,7 +11,7 @@ from typing import Sequence
 
 from medimgen import __version__
 from medimgen.config.io import apply_overrides, is_user_edited, load_config, save_config
-from medimgen.config.schema import DatasetInfo, MedimgenConfig
+from medimgen.config.schema import DIFFUSION_MODELS, DatasetInfo, MedimgenConfig
 from medimgen.errors import MedimgenError
 from medimgen.planning.heuristics import plan_generation
 from medimgen.planning.intensity import case_statistics, intensity_bounds, intensity_statistics
@@ -123,14 +123,18 @@ def plan_dataset(
     force: bool = False,
     plans_identifier: str = "nnUNetPlans",
     offline: bool = False,
+    scheduler: str | None = None,
 ) -> PlanResult:
     """Plan DatasetXXX and write nnUNet_preprocessed/DatasetXXX/medimgen_config.yaml.
 
     An existing file that was edited by hand is never overwritten silently: without
     ``force`` this raises; with ``force`` the edited file is first copied to a
     timestamped backup beside it. ``offline``: plan losses.perceptual_network=none where the planned
-    network's pretrained weights are absent (without it they are planned anyway, with a note).
+    network's pretrained weights are absent (without it they are planned anyway, with a note). ``scheduler``:
+    the noise process of the DDPM and the LDM (ddpm or rflow; None: as planned, ddpm), before ``overrides``.
     """
+    if scheduler is not None:
+        overrides = [f"{m}_scheduler.type={scheduler}" for m in DIFFUSION_MODELS] + list(overrides)
     plans = DatasetPlans.from_id(dataset_id, plans_identifier)
     path = plans.folder / CONFIG_NAME
     edited = path.exists() and is_user_edited(path)

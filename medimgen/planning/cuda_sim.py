@@ -247,10 +247,10 @@ def _frozen(modules):
 
 
 def _diffusion_parts(cfg: GenerationConfig, model: str):
-    from medimgen.diffusion import target_for, training_scheduler
+    from medimgen.diffusion import noised, training_scheduler
     from medimgen.networks import autoencoder_for, unet_for
     sched_cfg = cfg.scheduler_for(model)
-    scheduler = training_scheduler(sched_cfg)
+    scheduler = training_scheduler(sched_cfg, cfg.data.spatial_dims)
     frozen = None
     if model == "ldm":
         frozen = autoencoder_for(cfg)
@@ -264,11 +264,8 @@ def _diffusion_parts(cfg: GenerationConfig, model: str):
         if frozen is not None:
             with torch.no_grad():
                 x = frozen.encode_stage_2_inputs(x) * 1.0
-        noise = torch.randn_like(x)
-        t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],))
-        noisy = scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
+        noisy, t, target = noised(scheduler, sched_cfg.prediction_type, x)
         pred = unet(noisy, timesteps=t)
-        target = target_for(scheduler, sched_cfg.prediction_type, x, noise, t)
         return F.mse_loss(pred.float(), target.float())
 
     return [unet], [frozen] if frozen is not None else [], {"diffusion": ([unet], loss)}, ([unet] if cfg.train_for(model).ema_decay else [])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medimgen.config.schema import GenerationConfig
-from medimgen.diffusion import generate, target_for, training_scheduler
+from medimgen.diffusion import generate, noised, training_scheduler
 from medimgen.labels import join, label_channels, network_channels
 from medimgen.networks import build_unet
 from medimgen.training.outputs import PLOT_EXAMPLES, plot_images
@@ -33,7 +33,7 @@ class DiffusionTask:
         self.labels = label_channels(cfg) > 0  # joint model: one-hot label channels after the image channels
         self.modules: dict[str, nn.Module] = {"unet": self.unet}
         self.phase_modules = {"diffusion": ["unet"]}
-        self.scheduler = training_scheduler(cfg.scheduler_for(self.name))
+        self.scheduler = training_scheduler(cfg.scheduler_for(self.name), cfg.data.spatial_dims)
         self.num_plot_samples = PLOT_EXAMPLES
 
     # -- what differs between DDPM and LDM
@@ -56,15 +56,8 @@ class DiffusionTask:
         return ["diffusion"]
 
     def _diffusion_loss(self, unet: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None):
-        if generator is None:
-            noise = torch.randn_like(x)
-            t = torch.randint(0, self.scheduler.num_train_timesteps, (x.shape[0],), device=x.device)
-        else:
-            noise = torch.randn(x.shape, generator=generator).to(x.device)
-            t = torch.randint(0, self.scheduler.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
-        noisy = self.scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
+        noisy, t, target = noised(self.scheduler, self.cfg.scheduler_for(self.name).prediction_type, x, generator)
         pred = unet(noisy, timesteps=t)
-        target = target_for(self.scheduler, self.cfg.scheduler_for(self.name).prediction_type, x, noise, t)
         return F.mse_loss(pred.float(), target.float())
 
     def loss(self, phase: str, batch: dict, state: dict):
