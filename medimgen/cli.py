@@ -226,7 +226,7 @@ def _train_command(model: str | None):
 
 @main.group("train")
 def train_group() -> None:
-    """Train a model: ddpm, autoencoder (for LDM) or ldm."""
+    """Train a model: ddpm, autoencoder (for LDM), ldm, or controlnet (label-map conditioning of a trained ldm/ddpm)."""
 
 
 for _model in MODELS:
