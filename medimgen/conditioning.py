@@ -11,7 +11,8 @@ Two sources:
   centres them (2D: three slices per case).
 
 ``augment``: nnU-Net's spatial augmentation (batchgeneratorsv2 SpatialTransform, rotation and scaling in
-nnU-Net's ranges, nearest-neighbour label interpolation) makes new maps from each one.
+nnU-Net's ranges, nearest-neighbour label interpolation; in-plane only for anisotropic 3D data, as nnU-Net)
+makes new maps from each one.
 """
 
 from __future__ import annotations
@@ -114,13 +115,20 @@ def augment(maps: LabelMaps, n: int, seed: int, cfg: GenerationConfig) -> LabelM
     import math
 
     from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, Convert3DTo2DTransform
+
+    from medimgen.data.loader import is_anisotropic
 
     size = tuple(int(s) for s in cfg.data.image_size)
-    rotation = (-math.pi, math.pi) if cfg.data.spatial_dims == 2 else (-math.radians(30), math.radians(30))
-    transform = SpatialTransform(size, patch_center_dist_from_border=0, random_crop=False, p_elastic_deform=0,
-                                 p_rotation=1.0, rotation=rotation, p_scaling=1.0, scaling=(0.7, 1.4),
-                                 p_synchronize_scaling_across_axes=1, bg_style_seg_sampling=False, mode_seg="nearest",
-                                 border_mode_seg="constant", padding_value_seg=0)
+    dummy_2d = cfg.data.spatial_dims == 3 and is_anisotropic(cfg.data.spacing)  # as nnU-Net: in-plane only
+    rotation = (-math.pi, math.pi) if cfg.data.spatial_dims == 2 or dummy_2d else (-math.radians(30), math.radians(30))
+    spatial = SpatialTransform(size[1:] if dummy_2d else size, patch_center_dist_from_border=0, random_crop=False,
+                               p_elastic_deform=0, p_rotation=1.0, rotation=rotation, p_scaling=1.0,
+                               scaling=(0.7, 1.4), p_synchronize_scaling_across_axes=1, bg_style_seg_sampling=False,
+                               mode_seg="nearest", border_mode_seg="constant", padding_value_seg=0)
+    transform = ComposeTransforms([Convert3DTo2DTransform(), spatial, Convert2DTo3DTransform()] if dummy_2d
+                                  else [spatial])
     out, names = [], []
     np_state = np.random.get_state()
     try:
