@@ -291,7 +291,7 @@ def _controlnet_parts(cfg: GenerationConfig):
         for p in m.parameters():
             p.requires_grad_(False)
     controlnet = build_controlnet(cfg)
-    values = cfg.data.label_values or (1,)
+    values = cfg.data.label_values  # none (a dataset without labels): the background channel only
 
     def loss(batch):
         x = batch["image"]
