@@ -237,7 +237,7 @@ def _train_command(model: str | None):
 
 @main.group("train")
 def train_group() -> None:
-    """Train a model: ddpm, autoencoder (for LDM) or ldm."""
+    """Train a model: ddpm, autoencoder (for LDM), ldm, or controlnet (label-map conditioning of a trained ldm/ddpm)."""
 
 
 for _model in MODELS:
@@ -289,7 +289,8 @@ _output_options = [
 _progress_option = click.option("-p", "--progress", is_flag=True, help="Show progress bars.")
 _model_choice = click.option(
     "--model", default="auto", show_default=True,
-    help="ldm, ddpm, auto (LDM if trained, else DDPM), a run folder, or an MLflow URI "
+    help="ldm, ddpm, controlnet, auto (LDM if trained, else DDPM; with --labels the ControlNet), a run folder, or an "
+         "MLflow URI "
          "(models:/NAME@alias, models:/NAME/3, runs:/ID/model).")
 
 
@@ -314,19 +315,45 @@ def _requests(kw: dict, dataset_id, model_type):
     return ref, SampleOptions(**options)
 
 
+_label_options = [
+    click.option("--labels", default=None, metavar="DIR_OR_SPLIT",
+                 help="Generate an image for each label map: a folder of NIfTI label maps, or train/val/test (the "
+                      "split's preprocessed labels); needs a ControlNet (--model controlnet, the default here). "
+                      "NUM_IMAGES: how many maps to use (the first, by name)."),
+    click.option("--augment-labels", type=click.IntRange(0), default=0, show_default=True, metavar="N",
+                 help="With --labels: N images per map, each for the map after nnU-Net's spatial augmentation."),
+]
+
+
+def _label_request(kw: dict, num_images: int):
+    """A LabelRequest from --labels / --augment-labels (removed from ``kw``), or None."""
+    from medimgen.requests import LabelRequest
+
+    source, augment = kw.pop("labels"), kw.pop("augment_labels")
+    if source is None:
+        if augment:
+            raise click.UsageError("--augment-labels needs --labels")
+        return None
+    return LabelRequest(source, augment, limit=num_images)
+
+
 def _sample_command():
     @click.argument("dataset_id")
     @click.argument("model_type", type=click.Choice(["2d", "3d"]), metavar="MODEL_TYPE")
     @click.argument("num_images", type=_positive)
     @click.argument("save_path", type=click.Path(file_okay=False))
     @_model_choice
-    @_with(_model_options + _sampling_options + _output_options + [_progress_option])
+    @_with(_model_options + _sampling_options + _output_options + _label_options + [_progress_option])
     @friendly_errors
     def command(dataset_id, model_type, num_images, save_path, **kw):
-        from medimgen.sampling import sample_to_folder
+        from medimgen.sampling import sample_for_labels, sample_to_folder
 
+        labels = _label_request(kw, num_images)
         ref, options = _requests(kw, dataset_id, model_type)
-        files = sample_to_folder(save_path, num_images, ref=ref, options=options, echo=click.echo)
+        if labels is not None:
+            files = sample_for_labels(save_path, labels, ref=ref, options=options)
+        else:
+            files = sample_to_folder(save_path, num_images, ref=ref, options=options, echo=click.echo)
         click.echo(f"wrote {len(files)} NIfTI file(s) to {save_path}")
 
     return command
@@ -350,15 +377,17 @@ def sample_entry() -> None:
               help="Also copy the source dataset's real training cases, and write a splits_final.json whose "
                    "validation folds hold real cases only (needs a model that generates labels).")
 @_model_choice
-@_with(_model_options + _sampling_options + _output_options + [_progress_option])
+@_with(_model_options + _sampling_options + _output_options + _label_options + [_progress_option])
 @friendly_errors
 def export_cmd(dataset_id, model_type, num_images, target_id, name, mix_real, **kw):
     """Sample NUM_IMAGES images (with their generated labels; foreground masks for an image-only model) into a new
     nnU-Net raw dataset (imagesTr, labelsTr, dataset.json)."""
     from medimgen.export import export_dataset
 
+    labels = _label_request(kw, num_images)
     ref, options = _requests(kw, dataset_id, model_type)
-    out = export_dataset(dataset_id, num_images, target_id, ref=ref, options=options, name=name, mix_real=mix_real)
+    out = export_dataset(dataset_id, num_images, target_id, ref=ref, options=options, name=name, mix_real=mix_real,
+                         labels=labels)
     from medimgen.labels import GENERATED_MASK_KEY
 
     if json.loads((out / "dataset.json").read_text()).get(GENERATED_MASK_KEY):

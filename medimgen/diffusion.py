@@ -144,31 +144,38 @@ def latent_decoder(autoencoder: torch.nn.Module, scale_factor: float) -> Callabl
 @torch.no_grad()
 def sample(network: torch.nn.Module, scheduler, shape: tuple[int, ...], seed: int = 0,
            device: torch.device | str = "cpu", decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-           progress: bool = False) -> torch.Tensor:
+           progress: bool = False, controlnet: torch.nn.Module | None = None,
+           condition: torch.Tensor | None = None) -> torch.Tensor:
     """Reverse diffusion with MONAI's DiffusionInferer from noise drawn with ``seed`` (reproducible; the
-    global RNG is left untouched), then ``decode`` (an LDM's :func:`latent_decoder`)."""
-    from monai.inferers import DiffusionInferer
+    global RNG is left untouched), then ``decode`` (an LDM's :func:`latent_decoder`). ``controlnet``: steered by
+    it with MONAI's ControlNetDiffusionInferer, ``condition`` its input (one-hot label maps, one per sample)."""
+    from monai.inferers import ControlNetDiffusionInferer, DiffusionInferer
 
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         noise = torch.randn(shape, device=device)
-        x = DiffusionInferer(scheduler).sample(noise, network, scheduler, verbose=progress)
+        if controlnet is None:
+            x = DiffusionInferer(scheduler).sample(noise, network, scheduler, verbose=progress)
+        else:
+            x = ControlNetDiffusionInferer(scheduler).sample(noise, network, controlnet, condition.to(device),
+                                                             scheduler, verbose=progress)
     return decode(x) if decode is not None else x
 
 
 def generate(cfg: GenerationConfig, model: str, network: torch.nn.Module, n: int, seed: int = 0,
              sampler: str | None = None, steps: int | None = None, device: torch.device | str = "cpu",
              decode: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False,
-             labels: bool = False):
-    """``n`` images of a trained ``model`` (ddpm/ldm) of ``cfg``, in the model's intensity range.
+             labels: bool = False, controlnet: torch.nn.Module | None = None, condition: torch.Tensor | None = None):
+    """``n`` images of a trained ``model`` (ddpm/ldm) of ``cfg``, in the model's intensity range; ``controlnet``:
+    steered by that ControlNet of ``model`` towards ``condition`` (n one-hot label maps, medimgen.labels).
 
     ``labels``: return (images, label maps) instead, the label maps (n, 1, *size) long in nnU-Net's label values
     for a joint model (``data.generate_labels``: a DDPM's one-hot channels or the LDM's decoded logits, see
     medimgen.labels), None for an image-only model."""
     shape = sample_shape(cfg, model, n)
     scheduler = sampling_scheduler(cfg.scheduler_for(model), sampler, steps, shape[2:])
-    x = sample(network, scheduler, shape, seed, device, decode, progress)
+    x = sample(network, scheduler, shape, seed, device, decode, progress, controlnet, condition)
     images, label = split(x, cfg, logits=model == "ldm")
     lo, hi = cfg.data.intensity_range
     images = images.float().clamp(lo, hi)

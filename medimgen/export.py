@@ -13,6 +13,7 @@ the real cases with every synthetic case added to the training side of every fol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -24,8 +25,8 @@ from medimgen.devices import resolve_device
 from medimgen.errors import MedimgenError
 from medimgen.importer import foreground_mask
 from medimgen.labels import GENERATED_MASK_KEY
-from medimgen.requests import ModelRef, SampleOptions
-from medimgen.sampling import resolve_sampler, save_samples
+from medimgen.requests import LabelRequest, ModelRef, SampleOptions
+from medimgen.sampling import conditioned_pairs, resolve_controlnet, resolve_sampler, save_samples
 
 SYNTH_PREFIX = "synth"
 FOLDS = 5
@@ -88,10 +89,12 @@ def mixed_splits(real: list[str], synthetic: list[str], seed: int = 12345) -> li
 
 
 def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: ModelRef,
-                   options: SampleOptions = SampleOptions(), name: str | None = None, mix_real: bool = False) -> Path:
+                   options: SampleOptions = SampleOptions(), name: str | None = None, mix_real: bool = False,
+                   labels: LabelRequest | None = None) -> Path:
     """Sample ``num_images`` from the model ``ref`` names into nnUNet_raw/DatasetXXX_<name> (imagesTr, labelsTr,
     dataset.json, provenance/); ``mix_real``: with the source's real training cases and a splits_final.json
-    that validates on real cases only (see the module doc)."""
+    that validates on real cases only (see the module doc). ``labels``: a ControlNet's images for those label
+    maps (the first ``num_images`` maps; each map is the case's label)."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
     from medimgen.paths import dataset_name_from_id, nnunet_preprocessed, nnunet_raw
@@ -108,13 +111,20 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
     if mix_real:
         real_folder, src_json = _source_raw(src)
         real_cases = _real_cases(real_folder, src_json)
-    sampler = resolve_sampler(ref).to(resolve_device(options.device))
-    if mix_real and not sampler.generates_labels:
+    if labels is not None:
+        sampler = resolve_controlnet(ref, options)
+        images, labels = conditioned_pairs(sampler, dataclasses.replace(labels, limit=labels.limit or num_images),
+                                           ref, options)
+        num_images = len(images)
+    else:
+        sampler = resolve_sampler(ref).to(resolve_device(options.device))
+    if mix_real and not sampler.generates_labels and labels is None:
         raise MedimgenError(f"--mix-real needs a model that generates labels ({sampler.source} is image-only: its "
                             f"labels would be foreground masks next to real labels); plan with data.generate_labels=true")
     sched, n_steps = sampler.schedule(options.scheduler, options.steps)
-    images, labels = sampler.sample_pairs(num_images, options.seed, sched, n_steps, options.batch_size, options.amp,
-                                          options.progress, options.tiled_decoding)
+    if labels is None:
+        images, labels = sampler.sample_pairs(num_images, options.seed, sched, n_steps, options.batch_size, options.amp,
+                                              options.progress, options.tiled_decoding)
     data = sampler.cfg.data
     preprocessed_splits = None
     try:
@@ -132,7 +142,8 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
         else:
             label_map = dict(src_json.get("labels") or {"background": 0, **{
                 n: int(v) for n, v in zip(data.label_names, data.label_values)}})
-            what = "synthetic image+label pairs"
+            what = ("synthetic images for given label maps (ControlNet)" if sampler.kind == "controlnet"
+                    else "synthetic image+label pairs")
         channel_names = src_json.get("channel_names") or {str(i): n for i, n in enumerate(data.channel_names)}
         if mix_real:
             _copy_real(real_folder, real_cases, len(channel_names), out)

@@ -77,6 +77,16 @@ def join(images: torch.Tensor, label: torch.Tensor, cfg: GenerationConfig) -> to
     return torch.cat([images, onehot.to(images.dtype)], dim=1)
 
 
+def condition_channels(label: torch.Tensor, values) -> torch.Tensor:
+    """(B, 1, *S) label map -> (B, K+1, *S) float one-hot, background first, 0/1: what a ControlNet is conditioned
+    on (padding -1 and values not in ``values`` count as background)."""
+    lab = label[:, 0]
+    idx = torch.zeros_like(lab, dtype=torch.long)
+    for i, v in enumerate(values, start=1):
+        idx = torch.where(lab == int(v), i, idx)  # no boolean indexing: the memory simulation runs this on fake tensors
+    return torch.stack([idx == i for i in range(len(values) + 1)], dim=1).float()
+
+
 def _to_values(idx: torch.Tensor, values) -> torch.Tensor:
     lut = torch.tensor([0, *[int(v) for v in values]], dtype=torch.long, device=idx.device)
     return lut[idx][:, None]

@@ -158,6 +158,68 @@ def unet_for(cfg: GenerationConfig, model: str) -> nn.Module:
     return build_unet(cfg.unet_for(model), cfg.data.spatial_dims, channels)
 
 
+def conditioning_levels(cfg: GenerationConfig) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """(channels, per-axis strides) of the ControlNet's conditioning embedding: for an LDM base it downsamples the
+    image-size label map to the latent size by the autoencoder's strides (``controlnet.conditioning_strides``,
+    empty: the autoencoder's); a DDPM base generates at image size, so one level, no downsampling."""
+    channels = tuple(cfg.controlnet.conditioning_channels)
+    if cfg.controlnet_base() == "ddpm":
+        return channels[:1], ()
+    strides = tuple(tuple(s) for s in (cfg.controlnet.conditioning_strides or cfg.autoencoder.strides))
+    if not cfg.controlnet.conditioning_strides:  # a config from before the ControlNet: levels as planned
+        channels = tuple(channels[min(i, len(channels) - 1)] for i in range(len(strides) + 1))
+    return channels, strides
+
+
+def build_controlnet(cfg: GenerationConfig) -> nn.Module:
+    """MONAI ControlNet for the base generator of ``cfg`` (``controlnet_base``): the base UNet's architecture and
+    per-axis strides, a conditioning embedding reading the one-hot label map (background first) at image size."""
+    from monai.networks.nets import ControlNet
+
+    from medimgen.labels import network_channels
+
+    base = cfg.controlnet_base()
+    ucfg = cfg.unet_for(base)
+    channels, strides = conditioning_levels(cfg)
+    if total_stride(strides, cfg.data.spatial_dims) != (
+            total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims) if base == "ldm" else
+            (1,) * cfg.data.spatial_dims):
+        from medimgen.errors import MedimgenError
+
+        raise MedimgenError(f"controlnet.conditioning_strides {[list(s) for s in strides]} do not bring the label map "
+                            f"to the latent size: their product must equal the autoencoder's strides' "
+                            f"{list(total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims))}")
+    net = ControlNet(
+        spatial_dims=cfg.data.spatial_dims,
+        in_channels=cfg.autoencoder.latent_channels if base == "ldm" else network_channels(cfg),
+        channels=tuple(ucfg.channels),
+        attention_levels=tuple(ucfg.attention_levels),
+        num_res_blocks=ucfg.num_res_blocks,
+        num_head_channels=ucfg.num_head_channels,
+        norm_num_groups=ucfg.norm_num_groups,
+        conditioning_embedding_in_channels=len(cfg.data.label_values) + 1,
+        conditioning_embedding_num_channels=channels,
+        use_flash_attention=FLASH_ATTENTION,
+    )
+    for level, stride in enumerate(ucfg.strides):  # the base UNet's per-axis strides
+        down = net.down_blocks[level].downsampler
+        conv = [m for m in down.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))][0]
+        conv.stride = tuple(int(s) for s in stride)
+    embedding = net.controlnet_cond_embedding  # blocks: (conv, strided conv) per level transition
+    for i, stride in enumerate(strides):
+        conv = [m for m in embedding.blocks[2 * i + 1].modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))][0]
+        conv.stride = tuple(int(s) for s in stride)
+    if cfg.controlnet.activation_checkpointing:
+        enable_controlnet_checkpointing(net)
+    return net
+
+
+def enable_controlnet_checkpointing(net: nn.Module) -> None:
+    for block in [*net.down_blocks, net.middle_block]:
+        block.forward = _checkpointed(block.forward)
+    net._checkpointed = True
+
+
 def build_discriminator(cfg: DiscriminatorConfig, spatial_dims: int, in_channels: int) -> nn.Module:
     from monai.networks.nets import PatchDiscriminator
 

@@ -41,3 +41,14 @@ class SampleOptions:
     resample: bool = False
     crop: bool = True
     progress: bool = False
+
+
+@dataclass(frozen=True)
+class LabelRequest:
+    """Label maps to generate images for (a ControlNet): ``source`` a folder of NIfTI label maps or a split of the
+    dataset (train, val, test); ``augment`` N: N images per map, each after nnU-Net's spatial augmentation of the
+    map (0: one image per map, the map as given); ``limit``: use the first maps only (None: all)."""
+
+    source: str
+    augment: int = 0
+    limit: int | None = None

@@ -32,10 +32,10 @@ import torch
 
 from medimgen.atomic import atomic_path
 from medimgen.config import load_generation_config, save_generation_config
-from medimgen.config.schema import DIFFUSION_MODELS, MODELS, GenerationConfig
+from medimgen.config.schema import DIFFUSION_MODELS, MODELS, SAMPLING_MODELS, GenerationConfig
 from medimgen.errors import MedimgenError
 from medimgen.geometry import Geometry, load_geometry
-from medimgen.networks import autoencoder_for, unet_for
+from medimgen.networks import autoencoder_for, build_controlnet, unet_for
 from medimgen.requests import ModelRef
 
 # files of a packaged model (the MLflow model's artifact, or any folder): safetensors + YAML + JSON
@@ -200,7 +200,10 @@ def load_autoencoder(run: RunDir, device: torch.device | str = "cpu"):
 
 # ---------------------------------------------------------------------------------------------- trained models
 def _networks(kind: str, cfg: GenerationConfig):
-    """(UNet or None, autoencoder or None) of a trained ``kind``, built from its config."""
+    """(UNet or None, autoencoder or None) of a trained ``kind``, built from its config (a ControlNet's: those of
+    its base)."""
+    if kind == "controlnet":
+        kind = cfg.controlnet_base()
     unet = unet_for(cfg, kind) if kind in DIFFUSION_MODELS else None
     ae = autoencoder_for(cfg) if kind in ("ldm", "autoencoder") else None
     return unet, ae
@@ -208,7 +211,8 @@ def _networks(kind: str, cfg: GenerationConfig):
 
 @dataclass
 class TrainedModel:
-    """A trained DDPM, LDM (UNet + its autoencoder + latent scale) or autoencoder, ready to use (eval mode)."""
+    """A trained DDPM, LDM (UNet + its autoencoder + latent scale), autoencoder, or ControlNet (its own network + the
+    DDPM/LDM it steers: ``base_kind``, whose networks fill the other fields), ready to use (eval mode)."""
 
     kind: str  # ddpm | ldm | autoencoder
     cfg: GenerationConfig
@@ -221,6 +225,8 @@ class TrainedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mlflow_run_id: str | None = None
     run_root: Path | None = None
+    controlnet: torch.nn.Module | None = None
+    base_kind: str | None = None  # controlnet: ddpm | ldm
 
     @property
     def dim(self) -> str:
@@ -228,7 +234,7 @@ class TrainedModel:
 
     def to(self, device: str | torch.device):
         self.device = torch.device(device)
-        for net in (self.unet, self.autoencoder):
+        for net in (self.unet, self.autoencoder, self.controlnet):
             if net is not None:
                 net.to(self.device)
         return self
@@ -242,6 +248,8 @@ class TrainedModel:
         state = read_checkpoint(path)
         kind = state["model"]
         cfg = load_generation_config(run.config)
+        if kind == "controlnet":
+            return cls._controlnet_from_run(run, path, state, cfg)
         unet, ae = _networks(kind, cfg)
         scale = None
         try:
@@ -259,6 +267,25 @@ class TrainedModel:
         return cls(kind, cfg, _eval(unet), _eval(ae), scale, geometry, run.dataset(cfg.data.plans_identifier),
                    str(path), mlflow_run_id=state.get("mlflow_run_id"), run_root=run.root)
 
+    @classmethod
+    def _controlnet_from_run(cls, run: RunDir, path: Path, state: dict, cfg: GenerationConfig):
+        """A ControlNet run: its network from its checkpoint, the base from the run ``extra["base_run"]`` names (a
+        path relative to the ControlNet run, like an LDM's autoencoder)."""
+        base_root = (run.root / state["extra"]["base_run"]).resolve()
+        if not RunDir(base_root).is_trained():
+            raise MedimgenError(f"the base model of the ControlNet {run.root} is gone ({base_root} has no checkpoint)")
+        base = cls.from_run(base_root)
+        net = build_controlnet(cfg)
+        try:
+            net.load_state_dict(sampling_weights(state, "controlnet"))
+        except (KeyError, RuntimeError) as e:
+            raise MedimgenError(f"{path} does not fit the ControlNet of {run.config} ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:200]})") from None
+        geometry = load_geometry(run.root, cfg.data.spacing, cfg.data.plans_identifier)
+        return cls("controlnet", cfg, base.unet, base.autoencoder, base.scale_factor, geometry,
+                   run.dataset(cfg.data.plans_identifier), str(path), mlflow_run_id=state.get("mlflow_run_id"),
+                   run_root=run.root, controlnet=_eval(net), base_kind=base.kind)
+
     # ------------------------------------------------------------------ packaged (MLflow model artifact)
     def save(self, folder: Path | str) -> Path:
         """Weights as safetensors + config YAML + meta JSON: everything a fresh process needs (no pickle)."""
@@ -267,13 +294,13 @@ class TrainedModel:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {}
-        for prefix, net in (("unet", self.unet), ("autoencoder", self.autoencoder)):
+        for prefix, net in (("unet", self.unet), ("autoencoder", self.autoencoder), ("controlnet", self.controlnet)):
             if net is not None:
                 tensors.update({f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
         save_file(tensors, str(folder / WEIGHTS))
         save_generation_config(self.cfg, folder / CONFIG)
         meta = {"kind": self.kind, "scale_factor": self.scale_factor, "dataset": self.dataset,
-                "geometry": self.geometry.to_dict(), "source": self.source}
+                "geometry": self.geometry.to_dict(), "source": self.source, "base_kind": self.base_kind}
         (folder / META).write_text(json.dumps(meta, indent=2))
         return folder
 
@@ -297,11 +324,13 @@ class TrainedModel:
         cfg = load_generation_config(folder / CONFIG)
         tensors = load_file(str(folder / WEIGHTS))
         unet, ae = _networks(kind, cfg)
-        for prefix, net in (("unet", unet), ("autoencoder", ae)):
+        controlnet = build_controlnet(cfg) if kind == "controlnet" else None
+        for prefix, net in (("unet", unet), ("autoencoder", ae), ("controlnet", controlnet)):
             if net is not None:
                 net.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
         return cls(kind, cfg, _eval(unet), _eval(ae), scale, geometry, str(meta.get("dataset", "")),
-                   source or meta.get("source", str(folder)))
+                   source or meta.get("source", str(folder)), controlnet=_eval(controlnet),
+                   base_kind=meta.get("base_kind") or (cfg.controlnet_base() if kind == "controlnet" else None))
 
     @classmethod
     def from_uri(cls, uri: str):
@@ -337,11 +366,11 @@ def _eval(net: torch.nn.Module | None):
 
 def log_run_model(run_root: Path | str, run_id: str | None, register: bool = True, alias: str | None = None,
                   tracking_uri: str | None = None, checkpoint: str = "best"):
-    """Log the trained DDPM/LDM of a run folder as an MLflow pyfunc model in ``run_id`` (registered as
+    """Log the trained DDPM/LDM/ControlNet of a run folder as an MLflow pyfunc model in ``run_id`` (registered as
     DatasetXXX_<model>_<dim> when ``register``); see :func:`medimgen.tracking.log_model`."""
     from medimgen.tracking import log_model, registered_name
 
-    model = TrainedModel.resolve(ModelRef(str(run_root), checkpoint=checkpoint), DIFFUSION_MODELS)
+    model = TrainedModel.resolve(ModelRef(str(run_root), checkpoint=checkpoint), SAMPLING_MODELS)
     with tempfile.TemporaryDirectory() as tmp:
         folder = model.save(Path(tmp) / "sampler")
         name = registered_name(model.dataset, model.kind, model.dim) if register else None

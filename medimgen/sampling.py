@@ -23,26 +23,27 @@ import numpy as np
 import torch
 
 from medimgen.atomic import atomic_path
-from medimgen.config.schema import DIFFUSION_MODELS, GenerationConfig
+from medimgen.config.schema import SAMPLING_MODELS, GenerationConfig
 from medimgen.data.intensity import IntensityMap
 from medimgen.devices import amp_dtype, autocast, resolve_device
 from medimgen.decoding import decoder
 from medimgen.diffusion import generate, sampler_name
 from medimgen.errors import MedimgenError
 from medimgen.geometry import Geometry, to_file_image
-from medimgen.labels import label_channels
-from medimgen.requests import ModelRef, SampleOptions
+from medimgen.labels import condition_channels, label_channels
+from medimgen.requests import LabelRequest, ModelRef, SampleOptions
 from medimgen.runs import TrainedModel
 
 
 class Sampler(TrainedModel):
-    """A trained DDPM/LDM that samples (EMA weights when the run had EMA)."""
+    """A trained DDPM/LDM, or a ControlNet steering one towards label maps, that samples (EMA weights when the run
+    had EMA)."""
 
     @classmethod
     def of(cls, model: TrainedModel) -> "Sampler":
         """The sampler of a loaded DDPM/LDM (same networks, no copy)."""
-        if model.kind not in DIFFUSION_MODELS:
-            raise MedimgenError(f"{model.source} is a {model.kind} model; sampling needs a ddpm or ldm")
+        if model.kind not in SAMPLING_MODELS:
+            raise MedimgenError(f"{model.source} is a {model.kind} model; sampling needs a ddpm, ldm or controlnet")
         return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
 
     def schedule(self, scheduler: str | None, steps: int | None) -> tuple[str, int]:
@@ -57,8 +58,19 @@ class Sampler(TrainedModel):
 
     @property
     def generates_labels(self) -> bool:
-        """Whether the model generates a label map with every image (``data.generate_labels``)."""
-        return label_channels(self.cfg) > 0
+        """Whether the model generates a label map with every image (``data.generate_labels``; a ControlNet gets
+        its label maps instead)."""
+        return label_channels(self.cfg) > 0 and self.kind != "controlnet"
+
+    @torch.no_grad()
+    def sample_conditioned(self, maps: torch.Tensor, seed: int = 0, sampler: str | None = None,
+                           steps: int | None = None, batch_size: int | None = None, amp: bool = True,
+                           progress: bool = False, tiled: bool | None = None) -> np.ndarray:
+        """ControlNet: one image per label map ((N, 1, *image_size) nnU-Net label values), (N, C, *image_size)
+        float32 in the dataset's units; same seed and maps -> same images."""
+        model_range = self.sample_model_range(len(maps), seed, sampler, steps, batch_size, amp, progress,
+                                              tiled=tiled, condition=maps)
+        return IntensityMap.from_config(self.cfg.data).to_original(model_range, channel_axis=1).numpy().astype(np.float32)
 
     def memory(self, batch: int, amp: bool = True, tiled: bool | None = None):
         """The predicted sampling peak of ``batch`` images per pass and an LDM's decoding (whole, or the latent tile
@@ -69,7 +81,7 @@ class Sampler(TrainedModel):
             target = torch.cuda.get_device_properties(self.device).total_memory
         else:
             target = self.cfg.memory.target_gb * 2**30
-        return plan_sampling(self.cfg, self.kind, batch, target, amp, tiled)
+        return plan_sampling(self.cfg, self.base_kind or self.kind, batch, target, amp, tiled)
 
     @torch.no_grad()
     def sample(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
@@ -93,24 +105,32 @@ class Sampler(TrainedModel):
     @torch.no_grad()
     def sample_model_range(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
                            batch_size: int | None = None, amp: bool = True, progress: bool = False,
-                           labels: bool = False, tiled: bool | None = None):
+                           labels: bool = False, tiled: bool | None = None, condition: torch.Tensor | None = None):
         """(N, C, *image_size) float32 CPU tensor in the model's range (what the evaluation compares); ``labels``:
         (that, label maps (N, 1, *image_size) long or None for an image-only model). An LDM decodes in latent
-        tiles when ``tiled``, or (None) on a GPU when decoding whole is predicted not to fit it (:meth:`memory`)."""
+        tiles when ``tiled``, or (None) on a GPU when decoding whole is predicted not to fit it (:meth:`memory`).
+        ``condition``: a ControlNet's N label maps (N, 1, *image_size)."""
         if num_images < 1:
             raise MedimgenError("NUM_IMAGES must be at least 1")
+        if (self.kind == "controlnet") != (condition is not None):
+            raise MedimgenError(f"{self.source}: a ControlNet generates images for label maps (sample --labels), "
+                                f"and only a ControlNet does" if self.kind == "controlnet" else
+                                f"{self.source} is a {self.kind}: label maps need a ControlNet (--model controlnet)")
+        kind = self.base_kind or self.kind
         bs = batch_size or num_images
         out, out_labels = [], []
         for start in range(0, num_images, bs):
             n = min(bs, num_images - start)
             decode = None
-            if self.kind == "ldm":  # the CPU's memory is not predicted: tiled there only when asked
+            if kind == "ldm":  # the CPU's memory is not predicted: tiled there only when asked
                 tile = self.memory(n, amp, tiled).tile if tiled or (tiled is None and self.device.type == "cuda") \
                     else None
                 decode = decoder(self.autoencoder, self.scale_factor, tile, self.cfg.autoencoder)
+            cond = None if condition is None else condition_channels(condition[start:start + n].to(self.device),
+                                                                     self.cfg.data.label_values)
             with autocast(self.device, amp_dtype("auto" if amp else "off", self.device)):
-                images, label = generate(self.cfg, self.kind, self.unet, n, seed + start, sampler, steps, self.device,
-                                         decode, progress, labels=True)
+                images, label = generate(self.cfg, kind, self.unet, n, seed + start, sampler, steps, self.device,
+                                         decode, progress, labels=True, controlnet=self.controlnet, condition=cond)
             out.append(images.float().cpu())
             if label is not None:
                 out_labels.append(label.cpu())
@@ -131,8 +151,8 @@ def from_uri(uri: str) -> Sampler:
 
 
 def resolve_sampler(ref: ModelRef) -> Sampler:
-    """The DDPM/LDM ``ref`` names (run folder, MLflow URI, or the dataset's ldm/ddpm/auto run)."""
-    return Sampler.resolve(ref, DIFFUSION_MODELS)
+    """The DDPM/LDM/ControlNet ``ref`` names (run folder, MLflow URI, or the dataset's ldm/ddpm/controlnet/auto run)."""
+    return Sampler.of(Sampler.resolve(ref, SAMPLING_MODELS))
 
 
 # ---------------------------------------------------------------------- NIfTI output
@@ -266,3 +286,64 @@ def sample_to_folder(save_path: Path | str, num_images: int, ref: ModelRef, opti
     images, labels = sampler.sample_pairs(num_images, options.seed, name, n_steps, options.batch_size, options.amp,
                                           options.progress, options.tiled_decoding)
     return save_samples(images, sampler, save_path, options, name, n_steps, labels=labels)
+
+
+# ---------------------------------------------------------------------- images for given label maps (ControlNet)
+def label_maps(sampler: Sampler, request: LabelRequest, ref: ModelRef):
+    """The label maps ``request`` names, in the model's space (medimgen.conditioning), augmented if asked."""
+    from medimgen import conditioning
+
+    if request.augment < 0:
+        raise MedimgenError(f"--augment-labels must be 0 or more, got {request.augment}")
+    if request.source in conditioning.SPLITS:
+        from medimgen.data.cases import open_cases
+        from medimgen.data.splits import get_split
+        from medimgen.plans import DatasetPlans
+
+        plans = DatasetPlans.planned(ref.dataset_id if ref.dataset_id is not None else sampler.dataset, sampler.cfg)
+        identifiers = open_cases(plans.preprocessed_folder(sampler.dim)).identifiers
+        split = get_split(plans.folder, identifiers, ref.splitting, ref.fold)
+        ids = {"train": split.train, "val": split.val, "test": split.test}[request.source]
+        if not ids:
+            raise MedimgenError(f"--labels {request.source}: the {split.name} split has no {request.source} cases")
+        maps = conditioning.from_split(sampler.cfg, plans, sorted(ids), request.limit)
+    else:
+        maps = conditioning.from_folder(request.source, sampler.cfg, sampler.geometry.transpose_backward, request.limit)
+    if request.augment:
+        maps = conditioning.augment(maps, request.augment, 0, sampler.cfg)
+    return maps
+
+
+def sample_for_labels(save_path: Path | str, request: LabelRequest, ref: ModelRef,
+                      options: SampleOptions = SampleOptions(), prefix: str = "sample", label_dir: Path | None = None,
+                      sidecar_dir: Path | None = None, channel_suffix: bool = False) -> list[Path]:
+    """One image per label map (``request``) from the ControlNet ``ref`` names (``auto``: the dataset's
+    controlnet run), written as ``sample_NNNN.nii.gz`` + the map it was conditioned on, ``sample_NNNN_label.nii.gz``
+    (or into ``label_dir``), cropped, resampled and placed exactly as the image. Returns the image files."""
+    sampler = resolve_controlnet(ref, options)
+    images, labels = conditioned_pairs(sampler, request, ref, options)
+    name, n_steps = sampler.schedule(options.scheduler, options.steps)
+    return save_samples(images, sampler, save_path, options, name, n_steps, prefix=prefix,
+                        channel_suffix=channel_suffix, sidecar_dir=sidecar_dir, labels=labels, label_dir=label_dir)
+
+
+def resolve_controlnet(ref: ModelRef, options: SampleOptions = SampleOptions()) -> Sampler:
+    """The ControlNet ``ref`` names (``auto``: the dataset's controlnet run), on the options' device."""
+    if ref.model == "auto":
+        ref = dataclasses.replace(ref, model="controlnet")
+    sampler = resolve_sampler(ref).to(resolve_device(options.device))
+    if sampler.kind != "controlnet":
+        raise MedimgenError(f"{sampler.source} is a {sampler.kind}: label maps need a ControlNet "
+                            f"(`medimgen train controlnet`, then --model controlnet)")
+    return sampler
+
+
+def conditioned_pairs(sampler: Sampler, request: LabelRequest, ref: ModelRef,
+                      options: SampleOptions = SampleOptions()) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, C, *image_size) in the dataset's units, the label maps they were conditioned on (N, *image_size)
+    uint8) for the maps ``request`` names."""
+    maps = label_maps(sampler, request, ref)
+    name, n_steps = sampler.schedule(options.scheduler, options.steps)
+    images = sampler.sample_conditioned(maps.maps, options.seed, name, n_steps, options.batch_size, options.amp,
+                                        options.progress, options.tiled_decoding)
+    return images, maps.maps[:, 0].numpy().astype(np.uint8)

@@ -20,7 +20,7 @@ FLOORS = [
     ("building blocks", ["medimgen.plans", "medimgen.networks", "medimgen.diffusion", "medimgen.decoding", "medimgen.losses", "medimgen.labels",
                          "medimgen.weights", "medimgen.perceptual", "medimgen.synthetic", "medimgen.importer"]),
     ("data and planning", ["medimgen.data", "medimgen.geometry", "medimgen.planning", "medimgen.nnunet",
-                           "medimgen.nnunet_trainers"]),
+                           "medimgen.nnunet_trainers", "medimgen.conditioning"]),
     ("runs and tracking", ["medimgen.tracking", "medimgen.runs"]),
     ("training", ["medimgen.training"]),
     ("sampling", ["medimgen.sampling"]),

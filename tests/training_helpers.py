@@ -30,9 +30,10 @@ def tiny_overrides(cfg: GenerationConfig, epochs: int = 2) -> list[str]:
         "ddpm_scheduler.num_inference_steps=2",
         "ldm_scheduler.num_inference_steps=2",
         "losses.perceptual_network=none",
+        f"controlnet.conditioning_channels={_l([8] * (len(cfg.controlnet.conditioning_strides) + 1))}",
         "losses.adversarial_warmup_epochs=1",
     ]
-    for model in ("autoencoder", "ddpm", "ldm"):
+    for model in ("autoencoder", "ddpm", "ldm", "controlnet"):
         sets += [f"train_{model}.epochs={epochs}", f"train_{model}.iterations_per_epoch=2",
                  f"train_{model}.batch_size=2", f"train_{model}.val_plot_interval=1"]
     return sets

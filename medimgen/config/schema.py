@@ -41,8 +41,9 @@ def doc(text: str, default=_REQUIRED, *, ge=None, gt=None, le=None, lt=None, pat
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
 
 # The one vocabulary: the models medimgen trains and the dimensionalities it plans.
-MODELS = ("ddpm", "autoencoder", "ldm")
-DIFFUSION_MODELS = ("ddpm", "ldm")
+MODELS = ("ddpm", "autoencoder", "ldm", "controlnet")
+DIFFUSION_MODELS = ("ddpm", "ldm")  # unconditional generators (a ControlNet steers one of them with a label map)
+SAMPLING_MODELS = (*DIFFUSION_MODELS, "controlnet")
 DIMS = ("2d", "3d")
 
 
@@ -144,6 +145,22 @@ class UNetConfig:
     num_head_channels: int = doc("channels per attention head", 32, ge=1)
     norm_num_groups: int = doc("group-norm groups (must divide every channel count)", 32, ge=1)
     activation_checkpointing: bool = doc("recompute block activations in backward to save memory", False)
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    base: Literal["auto", "ldm", "ddpm"] = doc(
+        "the trained generator the ControlNet steers: 'auto' takes the dataset's trained ldm run of the same split, "
+        "else its ddpm; a ControlNet run's own config.yaml records the one it was trained on", "auto")
+    conditioning_channels: tuple[int, ...] = doc(
+        "filters of the conditioning embedding's levels (it reads the one-hot label map, background first, at "
+        "image size); a DDPM base uses the first only (no downsampling)", (16, 32, 64), ge=1)
+    conditioning_strides: tuple[tuple[int, ...], ...] = doc(
+        "per-axis strides between the embedding's levels: the autoencoder's strides, so a full-size label map "
+        "reaches the LDM's latent size (one per level transition; empty: the autoencoder's strides; ignored for a "
+        "DDPM base)", default_factory=tuple)
+    activation_checkpointing: bool = doc("recompute the ControlNet's and the frozen UNet's block activations in "
+                                         "backward to save memory", False)
 
 
 @dataclass(frozen=True)
@@ -254,11 +271,16 @@ class GenerationConfig:
     train_ldm: TrainConfig
     tracking: TrackingConfig
     memory: MemoryConfig
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
+    train_controlnet: Optional[TrainConfig] = None
     derived: DerivedConfig = field(default_factory=DerivedConfig)
 
     # -- one section per model, looked up here rather than by building attribute names
     def train_for(self, model: str) -> TrainConfig:
-        """The training section of ``model`` (ddpm, autoencoder, ldm)."""
+        """The training section of ``model`` (ddpm, autoencoder, ldm, controlnet; a config without train_controlnet,
+        planned by an older medimgen, trains the ControlNet like its base)."""
+        if model == "controlnet":
+            return self.train_controlnet or self.train_for(self.controlnet_base())
         return {"ddpm": self.train_ddpm, "autoencoder": self.train_autoencoder, "ldm": self.train_ldm}[model]
 
     def with_train(self, model: str, **changes) -> "GenerationConfig":
@@ -267,12 +289,21 @@ class GenerationConfig:
 
         return replace(self, **{f"train_{model}": replace(self.train_for(model), **changes)})
 
+    def controlnet_base(self) -> str:
+        """The generator a ControlNet of this config steers: ``controlnet.base``, the LDM for 'auto' (what
+        planning assumes; training records the base it found)."""
+        return "ddpm" if self.controlnet.base == "ddpm" else "ldm"
+
     def unet_for(self, model: str) -> UNetConfig:
-        """The diffusion UNet of ``model`` (ddpm or ldm)."""
+        """The diffusion UNet of ``model`` (ddpm or ldm; controlnet: its base's, which the ControlNet copies)."""
+        if model == "controlnet":
+            model = self.controlnet_base()
         return {"ddpm": self.ddpm_unet, "ldm": self.ldm_unet}[model]
 
     def scheduler_for(self, model: str) -> SchedulerConfig:
-        """The noise scheduler of ``model`` (ddpm or ldm)."""
+        """The noise scheduler of ``model`` (ddpm or ldm; controlnet: its base's)."""
+        if model == "controlnet":
+            model = self.controlnet_base()
         return {"ddpm": self.ddpm_scheduler, "ldm": self.ldm_scheduler}[model]
 
     @property

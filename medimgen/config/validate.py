@@ -113,6 +113,15 @@ def check_generation(cfg: GenerationConfig, where: str = "") -> None:
     _divides(_join(where, "ddpm_unet"), cfg.ddpm_unet.strides, nd, data.image_size, "data.image_size")
     latent = tuple(s // a for s, a in zip(data.image_size, _product(cfg.autoencoder.strides, nd)))
     _divides(_join(where, "ldm_unet"), cfg.ldm_unet.strides, nd, latent, "the latent size (image size / autoencoder strides)")
+    cn = cfg.controlnet
+    if cn.conditioning_strides:
+        if any(len(s) != nd or any(v not in (1, 2) for v in s) for s in cn.conditioning_strides):
+            raise _bad(_join(where, "controlnet.conditioning_strides"), f"lists of {nd} strides of 1 or 2",
+                       cn.conditioning_strides)
+        if len(cn.conditioning_channels) != len(cn.conditioning_strides) + 1:
+            raise _bad(_join(where, "controlnet.conditioning_channels"),
+                       f"one more level than controlnet.conditioning_strides ({len(cn.conditioning_strides) + 1})",
+                       cn.conditioning_channels)
     for name in ("ddpm_scheduler", "ldm_scheduler"):
         sched = getattr(cfg, name)
         if sched.num_inference_steps > sched.num_train_timesteps:

@@ -271,6 +271,42 @@ def _diffusion_parts(cfg: GenerationConfig, model: str):
     return [unet], [frozen] if frozen is not None else [], {"diffusion": ([unet], loss)}, ([unet] if cfg.train_for(model).ema_decay else [])
 
 
+def _controlnet_parts(cfg: GenerationConfig):
+    """A ControlNet step: the frozen base UNet (and an LDM's frozen autoencoder) around the trained ControlNet."""
+    from medimgen.diffusion import target_for, training_scheduler
+    from medimgen.labels import condition_channels
+    from medimgen.networks import autoencoder_for, build_controlnet, enable_unet_checkpointing, unet_for
+
+    base = cfg.controlnet_base()
+    sched_cfg = cfg.scheduler_for(base)
+    scheduler = training_scheduler(sched_cfg)
+    unet = unet_for(cfg, base)
+    if cfg.controlnet.activation_checkpointing:
+        enable_unet_checkpointing(unet)
+    frozen = [unet] + ([autoencoder_for(cfg)] if base == "ldm" else [])
+    for m in frozen:
+        for p in m.parameters():
+            p.requires_grad_(False)
+    controlnet = build_controlnet(cfg)
+    values = cfg.data.label_values  # none (a dataset without labels): the background channel only
+
+    def loss(batch):
+        x = batch["image"]
+        if base == "ldm":
+            with torch.no_grad():
+                x = frozen[1].encode_stage_2_inputs(x) * 1.0
+        noise = torch.randn_like(x)
+        t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],))
+        noisy = scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
+        down, mid = controlnet(x=noisy, timesteps=t, controlnet_cond=condition_channels(batch["label"], values))
+        pred = unet(noisy, timesteps=t, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        target = target_for(scheduler, sched_cfg.prediction_type, x, noise, t)
+        return F.mse_loss(pred.float(), target.float())
+
+    ema = [controlnet] if cfg.train_for("controlnet").ema_decay else []
+    return [controlnet], frozen, {"diffusion": ([controlnet], loss)}, ema
+
+
 def _perceptual(cfg: GenerationConfig):
     """MONAI's PerceptualLoss as training builds it, with random backbone weights (sizes only)."""
     from monai.losses import PerceptualLoss
@@ -393,8 +429,9 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
     shape = (train.batch_size, network_channels(cfg), *cfg.data.image_size)
     tracker = LiveBytes()
     with FakeTensorMode(allow_non_fake_inputs=True), cuda_autocast_policy(), tracker:
-        trained, frozen, phases, ema_of = (_autoencoder_parts(cfg) if model == "autoencoder"
-                                           else _diffusion_parts(cfg, model))
+        trained, frozen, phases, ema_of = (_autoencoder_parts(cfg) if model == "autoencoder" else
+                                           _controlnet_parts(cfg) if model == "controlnet" else
+                                           _diffusion_parts(cfg, model))
         for m in [*trained, *frozen]:
             tracker.track([*m.parameters(), *m.buffers()])
             m.train() if m in trained else m.eval()

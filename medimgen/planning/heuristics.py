@@ -14,6 +14,7 @@ import numpy as np
 
 from medimgen.config.schema import (
     AutoencoderConfig,
+    ControlNetConfig,
     DataConfig,
     DiscriminatorConfig,
     GenerationConfig,
@@ -35,7 +36,7 @@ LATENT_CHANNELS = {2: 4, 3: 3}
 MAX_DDPM_LEVELS = 4
 MAX_LDM_LEVELS = 3
 ATTENTION_MAX_POSITIONS = {2: 32 * 32, 3: 16 * 16 * 16}
-TARGET_STEPS = {"autoencoder": 50_000, "ddpm": 100_000, "ldm": 100_000}
+TARGET_STEPS = {"autoencoder": 50_000, "ddpm": 100_000, "ldm": 100_000, "controlnet": 50_000}
 EPOCH_RANGE = (50, 2000)
 PLOTS_PER_RUN = 20
 VALIDATION_FRACTION = 0.2  # train-val-test keeps 70/10/20; 5-fold 80/20: plan for ~80 % of the cases
@@ -189,6 +190,8 @@ def _networks(lv: _Levels) -> dict:
         discriminator=DiscriminatorConfig(num_layers=discriminator_layers(lv.image_size)),
         ddpm_unet=UNetConfig(channels=lv.ddpm_channels, strides=lv.ddpm_strides, norm_num_groups=norm_groups(lv.ddpm_channels),
                              attention_levels=attention_levels(lv.image_size, lv.ddpm_strides, lv.dims)),
+        controlnet=ControlNetConfig(conditioning_channels=tuple(16 * 2 ** min(i, 2) for i in range(len(lv.ae_strides) + 1)),
+                                    conditioning_strides=lv.ae_strides),
         ldm_unet=UNetConfig(channels=lv.ldm_channels, strides=lv.ldm_strides, norm_num_groups=norm_groups(lv.ldm_channels),
                             attention_levels=attention_levels(lv.latent_size, lv.ldm_strides, lv.dims)),
     )
@@ -201,7 +204,9 @@ def _training(samples: int, batch: int) -> dict:
                            disc_learning_rate=disc_lr, ema_decay=ema, val_plot_interval=max(1, epochs // PLOTS_PER_RUN))
 
     return dict(train_autoencoder=train("autoencoder", 1e-4, disc_lr=5e-4), train_ddpm=train("ddpm", 1e-4, ema=0.999),
-                train_ldm=train("ldm", 2.5e-5, ema=0.999))
+                train_ldm=train("ldm", 2.5e-5, ema=0.999),
+                # ControlNet on a frozen generator: MONAI's tutorial rate, half the steps (it starts from the base UNet)
+                train_controlnet=train("controlnet", 2.5e-5, ema=0.999))
 
 
 def plan_generation(

@@ -42,7 +42,7 @@ DOWNSCALE_STEP = 1.25  # generated-size reduction per fitting round (last resort
 
 # the config field names of each model's sections, for the fitter's changes and the keys it names
 _TRAIN_FIELD = {m: f"train_{m}" for m in MODELS}
-_NETWORK_FIELD = {"ddpm": "ddpm_unet", "autoencoder": "autoencoder", "ldm": "ldm_unet"}
+_NETWORK_FIELD = {"ddpm": "ddpm_unet", "autoencoder": "autoencoder", "ldm": "ldm_unet", "controlnet": "controlnet"}
 
 
 def detect_gpu_memory_gb() -> float:
@@ -113,7 +113,8 @@ def _simulated(cfg: GenerationConfig, model: str, batch: int):
         else None, grad_clip=1.0 if train.grad_clip else None, weight_decay=0.01 if train.weight_decay else 0.0)
     nets = (cfg.autoencoder, cfg.discriminator, cfg.losses) if model == "autoencoder" else (
         cfg.unet_for(model), cfg.scheduler_for(model),
-        cfg.autoencoder if model == "ldm" else None)
+        cfg.autoencoder if model == "ldm" or (model == "controlnet" and cfg.controlnet_base() == "ldm") else None,
+        (cfg.controlnet, len(cfg.data.label_values)) if model == "controlnet" else None)
     from medimgen import networks
     from medimgen.labels import autoencoder_out_channels, network_channels
 
@@ -132,14 +133,12 @@ _simulations: dict = {}  # a few bytes each; planning and tuning ask for the sam
 
 # ------------------------------------------------------------------------------------ fitting
 def _network(cfg: GenerationConfig, model: str):
-    """The trained network's section: the autoencoder's, or the UNet of ddpm/ldm."""
-    return cfg.autoencoder if model == "autoencoder" else cfg.unet_for(model)
+    """The trained network's section: the autoencoder's, the UNet of ddpm/ldm, or the ControlNet's."""
+    return getattr(cfg, _NETWORK_FIELD[model])
 
 
 def _set_ckpt(cfg: GenerationConfig, model: str) -> GenerationConfig:
-    if model == "autoencoder":
-        return dataclasses.replace(cfg, autoencoder=dataclasses.replace(cfg.autoencoder, activation_checkpointing=True))
-    return dataclasses.replace(cfg, **{_NETWORK_FIELD[model]: dataclasses.replace(cfg.unet_for(model),
+    return dataclasses.replace(cfg, **{_NETWORK_FIELD[model]: dataclasses.replace(_network(cfg, model),
                                                                                    activation_checkpointing=True)})
 
 

@@ -13,7 +13,7 @@ import torch
 from medimgen import __version__, distributed
 from medimgen.config import (apply_overrides, flatten, load_config, load_generation_config, render_generation_config,
                              save_generation_config)
-from medimgen.config.schema import DIFFUSION_MODELS, DIMS, MODELS, GenerationConfig
+from medimgen.config.schema import DIMS, MODELS, SAMPLING_MODELS, GenerationConfig
 from medimgen.data.cases import open_cases
 from medimgen.data.loader import TrainBatches, validation_batches
 from medimgen.data.splits import get_split
@@ -46,7 +46,7 @@ class RunSetup:
 
     config: GenerationConfig | None = None  # the resolved config (instead of medimgen_config.yaml + overrides)
     run_root: Path | None = None  # run folder (instead of medimgen_results/Dataset/model/dim/split)
-    autoencoder_run: Path | None = None  # LDM: the autoencoder run to build on (instead of the dataset's)
+    autoencoder_run: Path | None = None  # LDM: the autoencoder run to build on (ControlNet: the ddpm/ldm run)
     tracker: Tracker | None = None  # lets the caller see the MLflow run id even when training fails
     run_name: str | None = None
     parent_run_id: str | None = None  # nest the MLflow run under this one
@@ -86,6 +86,16 @@ def build_task(model: str, cfg: GenerationConfig, device: torch.device, plans: D
         from medimgen.training.autoencoder import AutoencoderTask
 
         return AutoencoderTask(cfg, device)
+    if model == "controlnet":
+        from medimgen.training.controlnet import ControlNetTask, find_base
+
+        if run.last.is_file():  # continuing: the base the run was trained on (its checkpoint's relative path)
+            from medimgen.runs import read_checkpoint
+
+            base = RunDir((run.root / read_checkpoint(run.last, mmap=True)["extra"]["base_run"]).resolve())
+        else:
+            base = RunDir(Path(autoencoder_run)) if autoencoder_run else find_base(cfg, plans.name, split_name)
+        return ControlNetTask(cfg, device, base, run.root)
     from medimgen.training.ldm import LatentDiffusionTask
 
     ae_run = RunDir(Path(autoencoder_run)) if autoencoder_run else RunDir.standard(plans.name, "autoencoder", cfg.dim,
@@ -121,7 +131,7 @@ def train(
     echo: Callable[[str], None] = print,
     setup: RunSetup | None = None,
 ) -> TrainResult:
-    """Train ``model`` ('ddpm' | 'autoencoder' | 'ldm') on a planned dataset; see README 'Training'."""
+    """Train ``model`` ('ddpm' | 'autoencoder' | 'ldm' | 'controlnet') on a planned dataset; see README 'Training'."""
     if model not in MODELS:
         raise MedimgenError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     if dim not in DIMS:
@@ -167,6 +177,8 @@ def _train_locked(lock: RunLock | None, model: str, plans: DatasetPlans, split, 
     cfg = _run_config(plans, run, dim, resume, overrides, config_path, setup)
     seed_everything(distributed.rank_seed(cfg.train_for(model).seed))  # several ranks: DDP gives all rank 0's weights
     task = build_task(model, cfg, device, plans, split.name, run, setup.autoencoder_run)  # writes nothing (LDM: its AE)
+    if model == "controlnet":
+        cfg = task.cfg  # the base run's networks with this config's ControlNet sections
     if lock is not None:
         lock.acquire()  # creates the folder of a new run; the check again: another process may have started it
         _check_run(run, model, resume)
@@ -304,5 +316,5 @@ class _Job:
             return
         if cfg.tracking.log_checkpoints:  # off by default: the run folder has them, MLflow gets the model
             self.tracker.log_artifacts([run.best, run.last], "checkpoints")
-        if self.model in DIFFUSION_MODELS and cfg.tracking.log_models and self.tracker.enabled:
+        if self.model in SAMPLING_MODELS and cfg.tracking.log_models and self.tracker.enabled:
             _log_model(run, cfg, self.tracker, _echo_for(cfg, run, self.echo))

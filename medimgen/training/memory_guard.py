@@ -120,9 +120,13 @@ class MemoryGuard:
 
 def apply_checkpointing(modules: dict, cfg: GenerationConfig, model: str) -> None:
     """Switch on activation checkpointing in live networks when the re-fitted config asks for it."""
-    from medimgen.networks import enable_autoencoder_checkpointing, enable_unet_checkpointing
+    from medimgen.networks import (enable_autoencoder_checkpointing, enable_controlnet_checkpointing,
+                                   enable_unet_checkpointing)
 
-    if model == "autoencoder":
+    if model == "controlnet":
+        if cfg.controlnet.activation_checkpointing and not getattr(modules["controlnet"], "_checkpointed", False):
+            enable_controlnet_checkpointing(modules["controlnet"])
+    elif model == "autoencoder":
         if cfg.autoencoder.activation_checkpointing and not getattr(modules["autoencoder"], "_checkpointed", False):
             enable_autoencoder_checkpointing(modules["autoencoder"])
     else:
