@@ -29,9 +29,10 @@ from common import demo_dataset, device_name  # noqa: E402
 
 from medimgen.config import apply_overrides, load_config  # noqa: E402
 from medimgen.diffusion import generate  # noqa: E402
-from medimgen.evaluation.api import real_images, reconstruct  # noqa: E402
+from medimgen.evaluation.api import real_cases, reconstruct  # noqa: E402
 from medimgen.evaluation.metrics import reconstruction_metrics  # noqa: E402
 from medimgen.evaluation.statistics import statistics_mmd  # noqa: E402
+from medimgen.labels import label_channels, network_channels  # noqa: E402
 from medimgen.networks import autoencoder_for, build_unet  # noqa: E402
 from medimgen.plans import DatasetPlans  # noqa: E402
 from medimgen.runs import read_checkpoint  # noqa: E402
@@ -82,7 +83,8 @@ def run_curve(model: str, dataset: int, dim: str, cfg, steps: list[int], args, l
     if model != "autoencoder":
         sets += SCHEDULERS[args.scheduler]
     run_cfg = apply_overrides(cfg, sets)
-    real = real_images(run_cfg, str(dataset), subset="all")[0]
+    real, real_labels, _ = real_cases(run_cfg, str(dataset), subset="all")
+    joint = label_channels(run_cfg) > 0  # a joint image+label model (data.generate_labels): scored on images
     rows: list[dict] = []
     lo_hi = tuple(run_cfg.data.intensity_range)
 
@@ -92,10 +94,11 @@ def run_curve(model: str, dataset: int, dim: str, cfg, steps: list[int], args, l
             ae = autoencoder_for(run_cfg)
             if weights is not None:
                 ae.load_state_dict(weights)
-            m = reconstruction_metrics(reconstruct(ae.eval(), real, torch.device("cpu")), real)
+            recon = reconstruct(ae.eval(), real, torch.device("cpu"), cfg=run_cfg, labels=real_labels)
+            m = reconstruction_metrics(recon[0] if joint else recon, real)
             row = {"step": step, "psnr": m["psnr"], "ssim": m["ssim"], "seconds": seconds}
         else:
-            unet = build_unet(run_cfg.unet_for(model), run_cfg.data.spatial_dims, run_cfg.data.in_channels)
+            unet = build_unet(run_cfg.unet_for(model), run_cfg.data.spatial_dims, network_channels(run_cfg))
             if weights is not None:
                 unet.load_state_dict(weights)
             row = {"step": step, "mmd_raw": ddpm_score(run_cfg, unet, real, args.samples),

@@ -47,8 +47,9 @@ def test_run_has_one_resume_and_one_weights_only_checkpoint(model, flow_2d):
             for k, v in ema.items():
                 torch.testing.assert_close(best["modules"]["unet"][k], v)
         else:
-            for k, v in best["modules"][model].items():
-                torch.testing.assert_close(v, last["modules"][model][k])
+            name = "autoencoder" if model == "autoencoder" else "unet"
+            for k, v in best["modules"][name].items():
+                torch.testing.assert_close(v, last["modules"][name][k])
     if model == "ldm":
         assert best["extra"]["scale_factor"] == pytest.approx(flow_2d[model].config.derived.latent_scale_factor)
 

@@ -41,3 +41,81 @@ def test_statistics_mmd_separates_phantoms_from_noise():
     assert statistics_mmd(blurred_noise, real) > 5 * max(same, 0.01)
     with pytest.raises(ValueError, match="differ in shape"):
         statistics_mmd(noise[:, :, :16], real)
+
+
+# -------------------------------------------------------------------------- slow: the planned models learn (CPU)
+LEARN_STEPS = 240  # optimiser steps of batch 8 (a few CPU minutes at these widths)
+
+
+def _learning_overrides(cfg, model: str, steps: int) -> list[str]:
+    """The plan's config with narrow networks, batch 8 and ``steps`` optimiser steps (validation and plots once)."""
+    net = "autoencoder" if model == "autoencoder" else f"{model}_unet"
+    levels = len(getattr(cfg, net).channels)
+    sets = ["data.num_workers=0", "losses.perceptual_network=none",
+            f"{net}.channels={str([16 * 2 ** min(i, 2) for i in range(levels)]).replace(' ', '')}",
+            f"{net}.num_res_blocks=1", f"{net}.norm_num_groups=8",
+            f"train_{model}.batch_size=8", f"train_{model}.grad_accumulation_steps=1",
+            f"train_{model}.iterations_per_epoch={steps // 2}", f"train_{model}.epochs=2",
+            f"train_{model}.val_plot_interval=2"]
+    if model == "autoencoder":
+        return sets + ["discriminator.channels=8", "losses.adversarial_warmup_epochs=2"]
+    return sets + [f"{net}.num_head_channels=16"]
+
+
+@pytest.mark.slow
+def test_planned_ddpm_learns_2d(workspace, tmp_path, monkeypatch):
+    """After LEARN_STEPS steps the planned 2D DDPM's samples are much closer to the real phantom slices (image-
+    statistics MMD) than the untrained network's samples and than Gaussian noise."""
+    from medimgen.config import apply_overrides
+    from medimgen.diffusion import generate
+    from medimgen.evaluation.api import real_images
+    from medimgen.labels import network_channels
+    from medimgen.networks import build_unet
+    from medimgen.sampling import from_run
+    from medimgen.training.api import train
+    from tests.conftest import ANISO_3D
+
+    sets = _learning_overrides(workspace["config"].get("2d"), "ddpm", LEARN_STEPS)
+    monkeypatch.setenv("medimgen_results", str(tmp_path))
+    result = train("ddpm", ANISO_3D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None)
+    cfg = result.config
+    assert cfg == apply_overrides(workspace["config"].get("2d"), sets)  # the plan's config, only narrowed
+    real = real_images(cfg, str(ANISO_3D), subset="all")[0]
+    lo_hi = tuple(cfg.data.intensity_range)
+    n = 12
+    trained = from_run(result.run_dir, checkpoint="last").sample_model_range(n, seed=7)
+    torch.manual_seed(0)
+    untrained = generate(cfg, "ddpm", build_unet(cfg.ddpm_unet, 2, network_channels(cfg)).eval(), n, seed=7)
+    noise = torch.randn(trained.shape, generator=torch.Generator().manual_seed(7)).clamp(*lo_hi)
+    scores = {name: statistics_mmd(x, real, lo_hi) for name, x in
+              (("trained", trained), ("untrained", untrained), ("noise", noise))}
+    assert scores["trained"] < 0.5 * scores["untrained"] and scores["trained"] < 0.5 * scores["noise"], scores
+
+
+@pytest.mark.slow
+def test_autoencoder_reconstructs_better_after_training_2d(workspace, tmp_path, monkeypatch):
+    """After LEARN_STEPS steps the 2D autoencoder's reconstructions of real slices have clearly higher PSNR and
+    SSIM than the untrained autoencoder's (MONAI's metrics)."""
+    from medimgen.evaluation.api import real_cases, reconstruct
+    from medimgen.evaluation.metrics import reconstruction_metrics
+    from medimgen.labels import label_channels
+    from medimgen.networks import autoencoder_for
+    from medimgen.runs import TrainedModel
+    from medimgen.training.api import train
+    from tests.conftest import ANISO_3D
+
+    sets = _learning_overrides(workspace["config"].get("2d"), "autoencoder", LEARN_STEPS)
+    monkeypatch.setenv("medimgen_results", str(tmp_path))
+    result = train("autoencoder", ANISO_3D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None)
+    cfg = result.config
+    real, labels, _ = real_cases(cfg, str(ANISO_3D), subset="all")
+
+    def scores(ae):  # a joint image+label autoencoder (data.generate_labels) is scored on its images
+        recon = reconstruct(ae, real, torch.device("cpu"), cfg=cfg, labels=labels)
+        return reconstruction_metrics(recon[0] if label_channels(cfg) else recon, real)
+
+    trained = scores(TrainedModel.from_run(result.run_dir).autoencoder)
+    torch.manual_seed(0)
+    untrained = scores(autoencoder_for(cfg).eval())
+    assert trained["psnr"] > untrained["psnr"] + 6, (trained, untrained)  # 6 dB: a quarter of the squared error
+    assert trained["ssim"] > untrained["ssim"] + 0.2, (trained, untrained)
