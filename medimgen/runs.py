@@ -160,10 +160,11 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
 
 
 def sampling_weights(state: dict, network: str) -> dict:
-    """The weights of ``network`` to sample/evaluate with: from last.pt the EMA copy when the run kept one, else
-    the raw ones; best.pt holds just these (already the EMA copy where there is one)."""
+    """The weights of ``network`` to sample/evaluate with: from last.pt the EMA copy when the run kept one and it
+    was past its warm-up (``sampling_ema``; checkpoints from before the warm-up: always), else the raw ones; best.pt
+    holds just these."""
     ema = state.get("ema")
-    if ema and network == state.get("ema_module", "unet"):
+    if ema and state.get("sampling_ema", True) and network == state.get("ema_module", "unet"):
         return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
     return state["modules"][network]
 

@@ -53,6 +53,8 @@ def _check_outputs(result, dim: str, epochs: int = 2):
     assert history["epoch"] == list(range(1, epochs + 1))
     assert len(history["train_loss"]) == len(history["val_loss"]) == epochs
     assert all(v is not None and v == v for v in history["val_loss"])
+    if result.config.train_for(root.parts[-3]).ema_decay and root.parts[-3] != "autoencoder":  # raw and EMA weights
+        assert len(history["val_loss_ema"]) == epochs and all(v is not None for v in history["val_loss_ema"])
     assert load_generation_config(root / "config.yaml") == result.config
     assert (root / "nnUNetPlans.json").is_file() and (root / "dataset.json").is_file()
 
@@ -137,6 +139,8 @@ def test_resume_equals_uninterrupted(model, workspace, tmp_path, monkeypatch):
     assert a["history"]["train_loss"] == pytest.approx(b["history"]["train_loss"], rel=1e-5)
     assert a["history"]["val_loss"] == pytest.approx(b["history"]["val_loss"], rel=1e-5)
     if a["ema"] is not None:
+        assert int(b["ema"]["step"]) == int(a["ema"]["step"]) == 4  # the EMA's warm-up continues where it stopped
+        assert a["history"]["val_loss_ema"] == pytest.approx(b["history"]["val_loss_ema"], rel=1e-5)
         for k, v in a["ema"].items():
             if torch.is_tensor(v) and v.is_floating_point():
                 torch.testing.assert_close(b["ema"][k], v, rtol=1e-5, atol=1e-6)

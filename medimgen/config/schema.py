@@ -211,7 +211,8 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine", "poly"] = doc("learning-rate schedule over epochs", "constant")
     amp: AmpMode = doc("mixed precision: auto (bf16 where supported, else fp16 with GradScaler; off on CPU)", "auto")
     grad_clip: Optional[float] = doc("max gradient norm (null: no clipping)", 1.0, gt=0)
-    ema_decay: Optional[float] = doc("EMA of the weights for sampling (null: off)", None, ge=0, lt=1)
+    ema_decay: Optional[float] = doc("EMA of the weights for sampling, warm-up min(decay, (1+n)/(10+n)) at update n; "
+                                     "used once past 1/(1-decay) updates (null: off)", None, ge=0, lt=1)
     val_interval: int = doc("validate every N epochs", 1, ge=1)
     val_plot_interval: int = doc("save sample/reconstruction plots every N epochs", 10, ge=1)
     seed: int = doc("random seed", 12345)

@@ -6,11 +6,17 @@ GPU supports it, else fp16 with a GradScaler per phase; off on CPU), gradient ac
 (loss divided by the number of micro-batches), gradient clipping, EMA, learning-rate
 schedule, validation, plots, loss history, atomic checkpoints and MLflow logging.
 
+EMA (``ema_decay``, the task's ``ema_module``): a ``training.ema.WeightEMA`` copy with diffusers' warm-up. Validation
+logs the raw weights' losses (``val_loss``, ...) and, with an EMA, the copy's (``val_loss_ema``, ...). Until the copy
+is *ready* (``ema.warmup_steps``: 1/(1 - decay) optimiser steps) plots, best.pt and sampling from last.pt use the raw
+weights and best.pt is chosen by ``val_loss``; from then on they use the EMA copy and best.pt is chosen by
+``val_loss_ema`` (the first ready validation always replaces a best.pt of raw weights). Plot titles say which.
+
 Two checkpoints per run: ``last.pt`` is the full resume state (every module, optimisers,
 scalers, EMA, LR schedulers, epoch, RNG states, history), rewritten after every epoch;
-``best.pt`` (written when the validation loss improves) holds only what sampling, evaluation and
-registration read: the weights of the task's ``sampling_modules`` (the EMA copy where there is
-one, else the trained weights; no discriminator, no optimiser), the resolved config, the task's
+``best.pt`` (written when the selected validation loss improves) holds only what sampling, evaluation and
+registration read: the weights of the task's ``sampling_modules`` (the EMA copy once it is ready, else the
+trained weights; ``ema_weights`` says which; no discriminator, no optimiser), the resolved config, the task's
 extra state (LDM: latent scale factor, autoencoder checkpoint), model kind, epoch, best_val and
 MLflow run id, marked ``"weights_only": True``. Readers that sample take best.pt, else last.pt
 (a run that has not validated yet); only resuming reads last.pt.
@@ -41,10 +47,11 @@ from medimgen.config.schema import TrainConfig
 from medimgen.devices import amp_dtype, autocast
 from medimgen.errors import MedimgenError
 from medimgen.tracking import Tracker
+from medimgen.training.ema import WeightEMA
 from medimgen.training.memory_guard import Refit
 from medimgen.atomic import write_json_atomic
 from medimgen.runs import RunDir, read_checkpoint, write_checkpoint
-from medimgen.training.outputs import plot_losses
+from medimgen.training.outputs import plot_losses, plot_note
 
 CHECKPOINT_FORMAT = 1
 
@@ -128,20 +135,28 @@ class Trainer:
                 self.optimizers[phase], lr_lambda(cfg.lr_schedule, cfg.epochs))
             self.scalers[phase] = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.ddp = distributed.wrap_task(task, device)  # several ranks: the trained modules in DDP (rank 0's weights)
-        self.ema = None
-        if cfg.ema_decay and task.ema_module:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-            self.ema = AveragedModel(task.modules[task.ema_module], multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+        self.ema = WeightEMA(task.modules[task.ema_module], cfg.ema_decay) if cfg.ema_decay and task.ema_module else None
         self.history: dict[str, list] = defaultdict(list)
         self.best_val = float("inf")
+        self.best_ema = False  # whether best.pt (and best_val) are of the EMA copy
         self.start_epoch = 0
 
-    # ------------------------------------------------------------------ model access (EMA for evaluation)
-    def eval_model(self, name: str) -> nn.Module:
+    # ------------------------------------------------------------------ model access (EMA once it is ready)
+    @property
+    def ema_ready(self) -> bool:
+        return self.ema is not None and self.ema.ready
+
+    def raw_model(self, name: str) -> nn.Module:
+        return self.task.modules[name]
+
+    def ema_model(self, name: str) -> nn.Module:
         if self.ema is not None and name == self.task.ema_module:
             return self.ema.module
         return self.task.modules[name]
+
+    def eval_model(self, name: str) -> nn.Module:
+        """What plots and best.pt use: the EMA copy once it is ready, else the trained weights."""
+        return self.ema_model(name) if self.ema_ready else self.raw_model(name)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self, epoch: int, rng_ranks: list | None = None) -> dict:
@@ -154,8 +169,10 @@ class Trainer:
             "lr_schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "scalers": {k: s.state_dict() for k, s in self.scalers.items()},
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "sampling_ema": self.ema_ready,  # sampling from last.pt takes the EMA copy (runs.sampling_weights)
             "history": dict(self.history),
             "best_val": self.best_val,
+            "best_ema": self.best_ema,
             "mlflow_run_id": self.tracker.run_id,
             "rng": rng_state(),
             "rng_ranks": rng_ranks or [],  # several ranks: each one's RNG state, by rank
@@ -172,7 +189,7 @@ class Trainer:
             "weights_only": True,
             "epoch": epoch,
             "modules": {k: self.eval_model(k).state_dict() for k in names},
-            "ema_weights": self.ema is not None,  # modules[ema_module] is the EMA copy
+            "ema_weights": self.ema_ready,  # modules[ema_module] is the EMA copy
             "best_val": self.best_val,
             "mlflow_run_id": self.tracker.run_id,
             "extra": self.task.extra_state(),
@@ -198,6 +215,7 @@ class Trainer:
             self.ema.load_state_dict(ckpt["ema"])
         self.history = defaultdict(list, ckpt["history"])
         self.best_val = ckpt["best_val"]
+        self.best_ema = ckpt.get("best_ema", ckpt["ema"] is not None)  # before warm-up: best.pt held the EMA copy
         self.start_epoch = ckpt["epoch"]
         self.task.load_extra_state(ckpt["extra"])
         ranks = ckpt.get("rng_ranks") or []
@@ -264,7 +282,7 @@ class Trainer:
             scaler.update()
             opt.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update_parameters(self.task.modules[self.task.ema_module])
+            self.ema.update(self.task.modules[self.task.ema_module])
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         from tqdm import tqdm
@@ -323,7 +341,10 @@ class Trainer:
                 for m in self.task.modules.values():
                     m.eval()
                 with torch.no_grad(), self._autocast(), self._out_of_memory("validation"):
-                    metrics.update({f"val_{k}": v for k, v in self.task.validate(self.val_batches(), self.eval_model).items()})
+                    metrics.update({f"val_{k}": v for k, v in self.task.validate(self.val_batches(), self.raw_model).items()})
+                    if self.ema is not None:
+                        metrics.update({f"val_{k}_ema": v
+                                        for k, v in self.task.validate(self.val_batches(), self.ema_model).items()})
             metrics["epoch_seconds"] = time.time() - t0
             if self.device.type == "cuda":
                 metrics["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -335,9 +356,9 @@ class Trainer:
                     self.history[k].append(metrics.get(k))
             if main:
                 self._epoch_outputs(epoch, metrics)
-            val = metrics.get("val_loss")
-            if val is not None and val < self.best_val:
-                self.best_val = val
+            val = metrics.get("val_loss_ema" if self.ema_ready else "val_loss")
+            if val is not None and (val < self.best_val or self.ema_ready != self.best_ema):
+                self.best_val, self.best_ema = val, self.ema_ready
                 if main:
                     write_checkpoint(self.sampling_state(epoch + 1), self.run.best)
             rngs = distributed.gather(rng_state()) if distributed.active() else None
@@ -361,7 +382,9 @@ class Trainer:
         if (epoch + 1) % self.cfg.val_plot_interval == 0 or epoch == self.cfg.epochs - 1:
             for m in self.task.modules.values():
                 m.eval()
-            with torch.no_grad(), self._autocast(), self._out_of_memory("plotting"):
+            note = None if self.ema is None else (f"EMA weights (step {self.ema.step})" if self.ema_ready
+                                                  else f"raw weights (EMA warm-up, step {self.ema.step})")
+            with torch.no_grad(), self._autocast(), self._out_of_memory("plotting"), plot_note(note):
                 path = self.task.plot(self.run.plots / f"epoch_{epoch + 1:04d}", self.plot_batch(), self.eval_model)
             if path is not None:
                 self.tracker.log_artifact(path, "plots")

@@ -4,6 +4,8 @@ orientation, >= 256 px per image)."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +23,26 @@ def _matplotlib():
     return plt
 
 
+_NOTE: ContextVar[str | None] = ContextVar("plot_note", default=None)
+
+
+@contextmanager
+def plot_note(note: str | None):
+    """Within the block, training plot titles (plot_images) end with ``note`` (e.g. which weights: EMA or raw)."""
+    token = _NOTE.set(note)
+    try:
+        yield
+    finally:
+        _NOTE.reset(token)
+
+
 def plot_losses(history: dict[str, list], path: Path) -> Path:
-    """One panel per loss name; train and val curves together."""
+    """One panel per loss name; train and val curves together (an EMA copy's ``val_<name>_ema`` beside ``val``)."""
     plt = _matplotlib()
-    names = sorted({k.split("_", 1)[1] for k in history if k.startswith(("train_", "val_"))})
+    names = sorted({k.split("_", 1)[1].removesuffix("_ema") for k in history if k.startswith(("train_", "val_"))})
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for split in ("train", "val"):
-            key = f"{split}_{name}"
+        for split, key in (("train", f"train_{name}"), ("val", f"val_{name}"), ("val (EMA)", f"val_{name}_ema")):
             pts = [(e, v) for e, v in zip(history.get("epoch", []), history.get(key, [])) if v is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=split)
@@ -153,6 +167,6 @@ def plot_images(rows, path_stem: Path, cfg, what: str) -> Path:
     epoch (from ``epoch_NNNN``) and ``what`` is shown, oriented by the run's geometry.json."""
     stem = Path(path_stem)
     epoch = stem.name.split("_")[-1].lstrip("0") or "0"
-    title = f"{what} | {cfg.data.spatial_dims}D, epoch {epoch}"
+    title = f"{what} | {cfg.data.spatial_dims}D, epoch {epoch}" + (f" | {_NOTE.get()}" if _NOTE.get() else "")
     return save_images(rows, stem, tuple(cfg.data.intensity_range), title, plot_geometry(stem),
                        tuple(cfg.data.spacing)[-2:])
