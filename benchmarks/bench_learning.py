@@ -10,7 +10,7 @@ the reconstructions of the real images (evaluation.metrics.reconstruction_metric
 plan's, narrowed for a CPU (``--width``) and trained at the plan's learning rate with batch ``--batch``
 (train_*.* overrides below); the data is the demo's synthetic phantoms (benchmarks/common.py) unless
 ``--dataset`` names another planned dataset. ``--scheduler`` picks the diffusion schedule (SCHEDULERS: config
-overrides per name; only the planned one for now).
+overrides per name: the planned one, or rectified flow).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from medimgen.runs import read_checkpoint  # noqa: E402
 from medimgen.training.api import RunSetup, train  # noqa: E402
 
 # diffusion schedules to compare: name -> config overrides (a new scheduler type adds its entry here)
-SCHEDULERS: dict[str, list[str]] = {"planned": []}
+SCHEDULERS: dict[str, list[str]] = {"planned": [], "rflow": ["ddpm_scheduler.type=rflow", "ldm_scheduler.type=rflow"]}
 SAMPLE_SEED = 100
 
 
