@@ -46,6 +46,10 @@ class SamplingMemory:
 
 
 _cache: dict = {}
+# measured / simulated peak of an LDM's decoding on a GPU (H200, 2026-11-26, 3D 8 GB plan at 144x192x160: whole
+# 1.189, two latent windows 1.173 and 1.163; benchmarks/README.md): what inference-mode decoding allocates beyond
+# the simulation (cuDNN workspaces of the large 3D convolutions, by the look of it: not yet traced)
+DECODE_OVERHEAD = 1.175
 
 
 def predict_peak(cfg: GenerationConfig, model: str, batch: int = 1, tile: tuple[int, ...] | None = None,
@@ -57,7 +61,8 @@ def predict_peak(cfg: GenerationConfig, model: str, batch: int = 1, tile: tuple[
            tuple(cfg.data.label_values), cfg.unet_for(model), cfg.autoencoder if model == "ldm" else None, batch,
            tile, amp, unet)
     if key not in _cache:
-        _cache[key] = _simulate(cfg, model, batch, tile, amp, unet) * CUDA_OVERHEAD
+        _cache[key] = _simulate(cfg, model, batch, tile, amp, unet) * CUDA_OVERHEAD * \
+            (DECODE_OVERHEAD if model == "ldm" else 1.0)
     return _cache[key]
 
 
