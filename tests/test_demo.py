@@ -25,3 +25,6 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     mixed = out["mixed_dataset"]  # the demo ends with a real + synthetic nnU-Net dataset
     assert len(list((mixed / "labelsTr").glob("synth_*.nii.gz"))) == 4
     assert json.loads((mixed / "dataset.json").read_text())["labels"] == {"background": 0, "organ": 1, "lesion": 2}
+    conditioned = out["conditioned"]  # and with images made for given label maps (the ControlNet)
+    assert len(conditioned) == 2
+    assert all(f.with_name(f.name.replace(".nii.gz", "_label.nii.gz")).is_file() for f in conditioned)
