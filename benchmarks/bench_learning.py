@@ -1,7 +1,7 @@
 """Proof of learning: how far a short training moves the planned models, measured without downloaded weights.
 
     python benchmarks/bench_learning.py [--dataset ID] [--dim 2d] [--models ddpm,autoencoder]
-        [--steps 0,100,200,400] [--samples 16] [--scheduler planned] [--workspace DIR]
+        [--steps 0,100,200,400] [--samples 16] [--scheduler planned] [--set KEY=VALUE ...] [--workspace DIR]
 
 DDPM: the image-statistics MMD (medimgen.evaluation.statistics) of samples of the raw and of the EMA weights
 against all real images of the dataset (model range), after each number of optimiser steps; step 0 is the
@@ -82,6 +82,7 @@ def run_curve(model: str, dataset: int, dim: str, cfg, steps: list[int], args, l
     sets = cpu_overrides(cfg, model, args.width, args.batch, chunk, max(steps) // chunk)
     if model != "autoencoder":
         sets += SCHEDULERS[args.scheduler]
+    sets += list(args.set)
     run_cfg = apply_overrides(cfg, sets)
     real, real_labels, _ = real_cases(run_cfg, str(dataset), subset="all")
     joint = label_channels(run_cfg) > 0  # a joint image+label model (data.generate_labels): scored on images
@@ -147,6 +148,8 @@ def main():
     ap.add_argument("--width", type=int, default=32, help="channels of the first level")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--scheduler", default="planned", choices=sorted(SCHEDULERS))
+    ap.add_argument("--set", action="append", default=[], help="extra config override (e.g. "
+                    "train_ddpm.learning_rate=1e-3), repeatable")
     ap.add_argument("--workspace", default=None, help="folder for nnU-Net data, runs and MLflow (default: a temp one)")
     args = ap.parse_args()
     args.workspace = args.workspace or tempfile.mkdtemp(prefix="bench_learning_")
