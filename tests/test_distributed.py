@@ -180,6 +180,7 @@ def test_torchrun_run_writes_once_and_continues_on_one_rank(workspace, tmp_path,
     assert client.get_run(run.info.run_id).data.tags["medimgen.world_size"] == "1"
 
 
+@pytest.mark.slow
 def test_killed_torchrun_run_continues_with_c(workspace, tmp_path, monkeypatch):
     """A `--gpus 2` run killed (SIGKILL to the whole process group: torchrun and both ranks) after an epoch
     continues with `-c --gpus 2` from its last checkpoint, in the same MLflow run, with no epoch lost or repeated."""
