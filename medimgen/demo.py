@@ -123,14 +123,14 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
     if cn_run.best.is_file():
         echo(f"[11/11] ControlNet already trained: {cn_run.root}")
     else:
-        echo("[11/11] training a ControlNet on the LDM (demo length), then one image for each of 2 validation label "
-             "maps (medimgen sample --labels val)")
+        echo("[11/11] training a ControlNet on the LDM (demo length), then one image for each of 2 training label "
+             "maps (medimgen sample --labels train)")
         train("controlnet", dataset_id, "train-val-test", "3d", overrides=DEMO_OVERRIDES, progress=progress, echo=echo)
     runs["controlnet"] = cn_run.root
     from medimgen.requests import LabelRequest
     from medimgen.sampling import sample_for_labels
 
-    conditioned = sample_for_labels(samples / "controlnet", LabelRequest("val", limit=2),
+    conditioned = sample_for_labels(samples / "controlnet", LabelRequest("train", limit=2),
                                     ModelRef("controlnet", dataset_id, "3d"), SampleOptions(progress=progress))
     echo("")
     echo("Done. Outputs:")
