@@ -162,7 +162,7 @@ def test_torchrun_run_writes_once_and_continues_on_one_rank(workspace, tmp_path,
     assert last["epoch"] == 1 and len(last["rng_ranks"]) == 2
     assert json.loads((root / "loss_dict.json").read_text())["epoch"] == [1]
     assert not list(root.rglob("*.tmp")) and (root / ".lock").read_text() == ""  # released by rank 0
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])  # not a URI an earlier test set
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1
     run = runs[0]
@@ -180,7 +180,6 @@ def test_torchrun_run_writes_once_and_continues_on_one_rank(workspace, tmp_path,
     assert client.get_run(run.info.run_id).data.tags["medimgen.world_size"] == "1"
 
 
-@pytest.mark.slow
 def test_killed_torchrun_run_continues_with_c(workspace, tmp_path, monkeypatch):
     """A `--gpus 2` run killed (SIGKILL to the whole process group: torchrun and both ranks) after an epoch
     continues with `-c --gpus 2` from its last checkpoint, in the same MLflow run, with no epoch lost or repeated."""
@@ -207,8 +206,16 @@ def test_killed_torchrun_run_continues_with_c(workspace, tmp_path, monkeypatch):
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.stderr.read()[-3000:]  # still training when killed
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts each rank in a session of its own, so killing torchrun's group would leave the ranks training
+    # (and rightly holding the run's lock); a scheduler's kill (SLURM's cgroup, docker stop, a node's OOM) takes the
+    # whole tree: torchrun's group and every rank's
+    groups = {os.getpgid(pid) for pid in [proc.pid, *_descendants(proc.pid)]}
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
     proc.wait(timeout=60)
+    gone = time.time() + 30  # a killed process lets go of its files as it exits (a zombie holds none)
+    while time.time() < gone and any(_alive_in(group) for group in groups):
+        time.sleep(0.1)
     done = torch.load(root / "checkpoints" / "last.pt", weights_only=True)["epoch"]
     assert done >= 1
 
@@ -220,9 +227,35 @@ def test_killed_torchrun_run_continues_with_c(workspace, tmp_path, monkeypatch):
     assert history["epoch"][-1] == done + 1 and history["epoch"][-2] == done
     last = torch.load(root / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == done + 1 and len(last["rng_ranks"]) == 2
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])  # not a URI an earlier test set
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")]
     assert sorted(set(steps)) == list(range(1, done + 2))  # every epoch, none missing (a kill between MLflow and
     # last.pt can log the interrupted epoch twice, which MLflow shows as two points at one step)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: Linux)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _alive_in(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -116,6 +116,11 @@ def test_space_keys_are_checked_against_the_config_and_derived_values_apply(tune
     assert tuned.autoencoder.strides == cfg.autoencoder.strides[:1]
     assert tuned.autoencoder.channels == tuple(2 * c for c in cfg.autoencoder.channels[:2])
     assert tuned.losses.kl_weight == 1e-5
+    # the ControlNet's embedding follows the shallower autoencoder to the same latent size (it builds)
+    assert tuned.controlnet.conditioning_strides == cfg.autoencoder.strides[:1]
+    from medimgen.networks import build_controlnet
+
+    build_controlnet(tuned)
 
 
 # ---------------------------------------------------------------------- a real study

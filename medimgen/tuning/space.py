@@ -188,6 +188,10 @@ def _depth(cfg: GenerationConfig, depth: int) -> list[str]:
             f"autoencoder.channels={_list(ae.channels[:d + 1])}"]
     if ae.attention_levels:
         sets.append(f"autoencoder.attention_levels={_list(ae.attention_levels[:d + 1]).lower()}")
+    cn = cfg.controlnet
+    if cn.conditioning_strides:  # the ControlNet's embedding follows the autoencoder down to the same latent size
+        sets += [f"controlnet.conditioning_strides={_list([list(s) for s in cn.conditioning_strides[:d]])}",
+                 f"controlnet.conditioning_channels={_list(cn.conditioning_channels[:d + 1])}"]
     return sets
 
 
