@@ -26,6 +26,7 @@ import torch
 
 from medimgen.config.schema import GenerationConfig
 from medimgen.errors import MedimgenError
+from medimgen.geometry import resample
 
 SPLITS = ("train", "val", "test")
 
@@ -43,8 +44,9 @@ def centre(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
     before it (as the loader centres cases and medimgen.sampling.data_crop cuts them out again)."""
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 
-    bbox = [[(d - s) // 2, (d - s) // 2 + s] for d, s in zip(volume.shape, size)]
-    return crop_and_pad_nd(volume, bbox, 0)
+    from medimgen.data.loader import center_bbox
+
+    return crop_and_pad_nd(volume, center_bbox(volume.shape, size), 0)
 
 
 def _unknown_values(volume: np.ndarray, values: Sequence[int], where: str) -> None:
@@ -57,7 +59,6 @@ def _unknown_values(volume: np.ndarray, values: Sequence[int], where: str) -> No
 def read_label_file(path: Path, cfg: GenerationConfig, transpose_backward: Sequence[int]) -> np.ndarray:
     """One NIfTI label map -> (*image_size) int16 in the model's space (see the module doc)."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 
     try:
         seg, props = SimpleITKIO().read_seg(str(path))
@@ -73,9 +74,7 @@ def read_label_file(path: Path, cfg: GenerationConfig, transpose_backward: Seque
         seg, spacing = seg[0], spacing[1:]
     target = [float(s) for s in cfg.data.spacing]
     if not np.allclose(spacing, target, rtol=1e-3):
-        shape = [int(round(n * s / t)) for n, s, t in zip(seg.shape, spacing, target)]
-        seg = resample_data_or_seg_to_shape(seg[None].astype(np.int16), shape, spacing, target, is_seg=True,
-                                            order=1, order_z=0)[0]
+        seg = resample(seg[None].astype(np.int16), spacing, target, is_seg=True)[0]
     seg = np.asarray(seg).astype(np.int16)
     _unknown_values(seg, cfg.data.label_values, str(path))
     return centre(seg, cfg.data.image_size)

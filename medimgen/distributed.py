@@ -135,13 +135,12 @@ class RankBatch:
 def split_batch(batch_size: int, accumulation: int, iterations: int, ranks: int) -> RankBatch:
     """Keep ``batch_size x accumulation`` samples per optimiser step on ``ranks`` ranks: the accumulation is divided
     by the ranks; where it does not divide, the largest smaller micro-batch that makes it divide; where none does
-    (e.g. a planned batch of 1 on 2 ranks), the planned micro-batch with the accumulation rounded (at least 1)."""
+    (e.g. a planned batch of 1 on 2 ranks), the micro-batch and accumulation nearest to it (the larger micro-batch
+    of equals)."""
     target = batch_size * accumulation
-    micro, accum = batch_size, max(1, round(target / (batch_size * ranks)))
-    for b in range(batch_size, 0, -1):
-        if target % (b * ranks) == 0:
-            micro, accum = b, target // (b * ranks)
-            break
+    options = [(b, max(1, round(target / (b * ranks)))) for b in range(batch_size, 0, -1)]
+    exact = [(b, target // (b * ranks)) for b in range(batch_size, 0, -1) if target % (b * ranks) == 0]
+    micro, accum = exact[0] if exact else min(options, key=lambda o: (abs(o[0] * o[1] * ranks - target), -o[0]))
     rank_iterations = max(1, math.ceil(iterations * batch_size / (micro * ranks)))
     return RankBatch(micro, accum, rank_iterations, micro * accum * ranks)
 
@@ -183,6 +182,7 @@ def no_sync(wrappers: Sequence, skip: bool):
 def launch(nproc: int, args: Sequence[str], device: str | None = None) -> None:
     """``torchrun --standalone --nproc_per_node nproc -m medimgen ARGS`` on this machine (torch.distributed.run);
     a failed rank becomes one line (its own error is printed above)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -198,6 +198,9 @@ def launch(nproc: int, args: Sequence[str], device: str | None = None) -> None:
         first = min(e.failures.values(), key=lambda f: f.local_rank) if e.failures else None
         where = f"rank {first.local_rank} exited with code {first.exitcode}" if first else "a rank failed"
         raise MedimgenError(f"distributed training failed: {where} (its error is above)") from None
+    except SignalException as e:  # Ctrl+C / SIGTERM: torchrun has stopped every rank; the last checkpoint stays
+        raise MedimgenError(f"distributed training stopped by {e.sigval.name}: -c continues it from its last "
+                            f"checkpoint") from None
 
 
 def launch_training(nproc: int, model: str, dataset_id: str, splitting: str, dim: str, fold: int = 0,

@@ -153,6 +153,25 @@ def case_geometry(plans, dim: str, identifier: str, spacing) -> Geometry:
     return training_geometry(plans.plans_dict, spacing, ds.load_case(identifier)[3])
 
 
+def resample(volume: np.ndarray, current: Sequence[float], target: Sequence[float],
+             is_seg: bool = False) -> np.ndarray:
+    """(C, *spatial), 2D or 3D, from spacing ``current`` to ``target`` as nnU-Net's preprocessing resamples
+    (``resample_data_or_seg_to_shape`` with the default plans' arguments: images cubic, segmentations linear per
+    label, nearest-neighbour along the separate axis of anisotropic data)."""
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+
+    nd = volume.ndim - 1
+    current, target = [float(c) for c in current[-nd:]], [float(t) for t in target[-nd:]]
+    shape = [int(round(n * c / t)) for n, c, t in zip(volume.shape[1:], current, target)]
+    flat = nd == 2  # nnU-Net resamples (C, z, y, x): a 2D image is one slice
+    data = volume[:, None] if flat else volume
+    if flat:
+        shape, current, target = [1, *shape], [1.0, *current], [1.0, *target]
+    out = resample_data_or_seg_to_shape(data, shape, current, target, is_seg=is_seg,
+                                        order=1 if is_seg else 3, order_z=0, force_separate_z=None)
+    return out[:, 0] if flat else out
+
+
 def save_geometry(geometry: Geometry, folder: Path) -> Path:
     """Write ``folder/geometry.json`` atomically."""
     path = Path(folder) / FILE

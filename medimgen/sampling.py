@@ -7,7 +7,9 @@ origin/direction of a training case, cropped back to the data the model's padded
 holds (``data.data_size``; ``crop=False`` keeps image_size, its origin moved so the data stays
 in place), intensities in the dataset's units (exactly HU for CT).
 The geometry comes from the run folder's geometry.json or the model's meta.json (written at
-training time); nothing from a run folder, a model or nnU-Net's folders is ever unpickled.
+training time); nothing from a run folder or a model is ever unpickled. Only ``--labels train|val|test`` reads
+nnU-Net's preprocessed folder, through nnU-Net's own dataset class as training does (which unpickles each case's
+properties: the user's own preprocessing output, never a downloaded model).
 Optionally they are resampled to the dataset's original median spacing with nnU-Net's own
 resampling function.
 """
@@ -29,7 +31,7 @@ from medimgen.devices import amp_dtype, autocast, resolve_device
 from medimgen.decoding import decoder
 from medimgen.diffusion import generate, sampler_name
 from medimgen.errors import MedimgenError
-from medimgen.geometry import Geometry, to_file_image
+from medimgen.geometry import Geometry, resample, to_file_image
 from medimgen.labels import condition_channels, label_channels
 from medimgen.requests import LabelRequest, ModelRef, SampleOptions
 from medimgen.runs import TrainedModel
@@ -182,13 +184,8 @@ def resample_to_original(volume: np.ndarray, cfg: GenerationConfig, geometry: Ge
                          is_seg: bool = False) -> tuple[np.ndarray, tuple]:
     """(C, *spatial) resampled with nnU-Net's resampling to the dataset's original median spacing (``is_seg``: a
     label map, resampled as nnU-Net resamples segmentations, keeping its label values)."""
-    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
-
     target = tuple(geometry.original_spacing[-volume.ndim + 1:])
-    current = tuple(geometry.spacing)
-    new_shape = [int(round(s * c / t)) for s, c, t in zip(volume.shape[1:], current, target)]
-    out = resample_data_or_seg_to_shape(volume, new_shape, current, target, is_seg=is_seg, order=1 if is_seg else 3,
-                                        order_z=0)
+    out = resample(volume, tuple(geometry.spacing), target, is_seg=is_seg)
     return (out.astype(np.uint8) if is_seg else out.astype(np.float32)), target
 
 

@@ -86,7 +86,7 @@ def label_names(dataset_json: dict) -> dict[str, str]:
     names = {}
     for name, value in (dataset_json.get("labels") or {}).items():
         key = str(tuple(int(v) for v in value)) if isinstance(value, (list, tuple)) else str(int(value))
-        if key != "0":
+        if key != "0" and name != "ignore":  # nnU-Net's ignore label is never scored
             names[key] = name
     return names
 
@@ -203,13 +203,17 @@ def _mixed_dataset(src: str, target_id: int, synthetic: int | None, ref: ModelRe
                    echo) -> tuple[Path, bool]:
     """nnUNet_raw/DatasetTTT_*: the mixed dataset exported now (``synthetic`` cases), or one exported before."""
     from medimgen.export import export_dataset
-    from medimgen.paths import nnunet_raw
+    from medimgen.paths import nnunet_raw, nnunet_results
 
     found = sorted(nnunet_raw().glob(f"Dataset{target_id:03d}_*"))
     if not found:
         if not synthetic:
             raise MedimgenError(f"dataset {target_id:03d} does not exist yet: give --synthetic N to export N "
                                 f"generated cases into it")
+        stale = sorted(nnunet_results().glob(f"Dataset{target_id:03d}_*"))
+        if stale:  # trainings of an earlier dataset of this id would be reused as this one's
+            raise MedimgenError(f"{stale[0]} holds nnU-Net trainings of an earlier dataset {target_id:03d}: remove "
+                                f"it or choose another --target-id")
         echo(f"exporting the real cases of {src} + {synthetic} synthetic cases as dataset {target_id:03d}")
         return export_dataset(src, synthetic, target_id, ref, options, mix_real=True), True
     folder = found[0]

@@ -60,17 +60,33 @@ def empty_env(tmp_path, monkeypatch) -> dict[str, Path]:
     return roots
 
 
+_PLANNED: dict[Path, tuple[object, bytes]] = {}
+
+
+def plan_once(dataset_id: int):
+    """``plan_dataset(dataset_id, force=True)`` computed once per session (about a minute on 2 cores): a later call
+    puts the same medimgen_config.yaml back (planning is deterministic) and returns the same result."""
+    from medimgen.planning import plan_dataset
+    from medimgen.plans import DatasetPlans
+
+    path = DatasetPlans.from_id(dataset_id).folder / "medimgen_config.yaml"
+    if path not in _PLANNED:
+        result = plan_dataset(dataset_id, force=True)
+        _PLANNED[path] = (result, path.read_bytes())
+    else:
+        path.write_bytes(_PLANNED[path][1])
+    return _PLANNED[path][0]
+
+
 @pytest.fixture(scope="session")
 def workspace(nnunet_roots, tmp_path_factory):
     """Own medimgen_results, MLflow database and cwd (./mlruns) for the training/sampling tests."""
-    from medimgen.planning import plan_dataset
-
     base = tmp_path_factory.mktemp("train")
     mp = pytest.MonkeyPatch()
     mp.setenv("medimgen_results", str(base / "results"))
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base / 'mlflow.db'}")
     mp.chdir(base)
-    cfg = plan_dataset(ANISO_3D, force=True).config
+    cfg = plan_once(ANISO_3D).config
     yield {"base": base, "config": cfg}
     mp.undo()
 

@@ -22,10 +22,9 @@ from medimgen.errors import MedimgenError
 
 @pytest.fixture(scope="module")
 def planned(nnunet_roots):
-    from medimgen.planning import plan_dataset
-    from tests.conftest import ANISO_3D
+    from tests.conftest import ANISO_3D, plan_once
 
-    return plan_dataset(ANISO_3D, force=True).config
+    return plan_once(ANISO_3D).config
 
 
 def test_yaml_round_trip_is_exact(planned, tmp_path):

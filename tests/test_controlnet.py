@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from medimgen.cli import main
-from tests.conftest import ANISO_3D, FLAT_2D
+from tests.conftest import ANISO_3D, FLAT_2D, plan_once
 
 
 def _read(path: Path) -> np.ndarray:
@@ -174,6 +174,7 @@ def test_sample_labels_writes_the_maps_it_followed(controlnet_2d, nnunet_env, tm
     assert len(written) == 6 and len(list(aug.glob("sample_????_0001.nii.gz"))) == 6
     model = TrainedModel.from_run(controlnet_2d.run_dir)
     given = conditioning.from_folder(maps, model.cfg, model.geometry.transpose_backward)
+    _finer_map_reads_as_the_map(maps, tmp_path / "fine", model)
     expected = conditioning.augment(given, 3, 0, model.cfg)  # the declared augmentation, same seed
     expected = crop_to_data(expected.maps.numpy(), model.cfg)[0][:, 0]
     arrays = [_read(p) for p in written]
@@ -188,6 +189,27 @@ def test_sample_labels_writes_the_maps_it_followed(controlnet_2d, nnunet_env, tm
     r = CliRunner().invoke(main, ["sample", str(ANISO_3D), "2d", "1", str(tmp_path / "y"), "--labels", "val",
                                   "--model", "ddpm"])
     assert r.exit_code != 0 and "ControlNet" in r.output and "Traceback" not in r.output
+
+
+def _finer_map_reads_as_the_map(maps: Path, fine: Path, model) -> None:
+    """A 2D map at twice the in-plane resolution is resampled (nnU-Net's segmentation resampling) to the map."""
+    import SimpleITK as sitk
+
+    from medimgen import conditioning
+
+    fine.mkdir()
+    for p in maps.iterdir():
+        img = sitk.ReadImage(str(p))
+        a = sitk.GetArrayFromImage(img)
+        up = sitk.GetImageFromArray(a.repeat(2, axis=-1).repeat(2, axis=-2))
+        up.SetSpacing((img.GetSpacing()[0] / 2, img.GetSpacing()[1] / 2, *img.GetSpacing()[2:]))
+        up.SetOrigin(img.GetOrigin())
+        up.SetDirection(img.GetDirection())
+        sitk.WriteImage(up, str(fine / p.name))
+    coarse = conditioning.from_folder(maps, model.cfg, model.geometry.transpose_backward).maps
+    again = conditioning.from_folder(fine, model.cfg, model.geometry.transpose_backward).maps
+    assert again.shape == coarse.shape
+    assert (again == coarse).float().mean() > 0.9  # linear per label: edges may move by a voxel
 
 
 def test_export_with_labels_passes_nnunet(controlnet_2d, nnunet_env):
@@ -229,7 +251,6 @@ def test_conditioned_samples_follow_the_map(workspace, nnunet_env, tmp_path, mon
     from medimgen.data.cases import open_cases
     from medimgen.data.loader import validation_samples
     from medimgen.data.splits import get_split
-    from medimgen.planning import plan_dataset
     from medimgen.plans import DatasetPlans
     from medimgen.requests import LabelRequest, ModelRef, SampleOptions
     from medimgen.sampling import conditioned_pairs, resolve_controlnet
@@ -237,7 +258,7 @@ def test_conditioned_samples_follow_the_map(workspace, nnunet_env, tmp_path, mon
     from tests.training_helpers import tiny_overrides
 
     monkeypatch.setenv("medimgen_results", str(tmp_path / "results"))
-    cfg = plan_dataset(FLAT_2D, force=True).config.get("2d")
+    cfg = plan_once(FLAT_2D).config.get("2d")
     sets = tiny_overrides(cfg, epochs=FOLLOW_EPOCHS) + [
         "tracking.log_models=false", "data.generate_labels=false",
         f"ddpm_unet.attention_levels={str([False] * len(cfg.ddpm_unet.channels)).replace(' ', '').lower()}"]

@@ -16,14 +16,13 @@ from medimgen.data.intensity import IntensityMap
 from medimgen.data.loader import TrainBatches, validation_batches
 from medimgen.data.splits import SPLIT_FILE, get_split
 from medimgen.errors import MedimgenError
-from medimgen.planning import plan_dataset
 from medimgen.plans import DatasetPlans
-from tests.conftest import ANISO_3D, FLAT_2D
+from tests.conftest import ANISO_3D, FLAT_2D, plan_once
 
 
 @pytest.fixture(scope="module")
 def planned(nnunet_roots):
-    return {ANISO_3D: plan_dataset(ANISO_3D, force=True).config, FLAT_2D: plan_dataset(FLAT_2D, force=True).config}
+    return {ANISO_3D: plan_once(ANISO_3D).config, FLAT_2D: plan_once(FLAT_2D).config}
 
 
 def _setup(planned, dataset, dim, **over):

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
     (2, 4, 10, 1, (2, 4, 10, 8)),  # one process: the plan as it is
     (2, 4, 10, 2, (2, 2, 5, 8)),  # the accumulation divided
     (4, 1, 10, 2, (2, 1, 10, 4)),  # no accumulation to divide: a smaller micro-batch
-    (3, 2, 6, 4, (3, 1, 2, 12)),  # 6 samples per step do not divide over 4 ranks: the nearest (12), said
+    (3, 2, 6, 4, (2, 1, 3, 8)),  # 6 samples per step do not divide over 4 ranks: the nearest (8), said
+    (2, 1, 10, 4, (1, 1, 5, 4)),  # 2 on 4 ranks: micro-batch 1 (4), not the planned 2 (8)
     (1, 1, 4, 2, (1, 1, 2, 2)),
 ])
 def test_split_batch_keeps_the_effective_batch(batch, accum, iters, ranks, expected):

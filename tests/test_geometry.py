@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from medimgen.cli import main
-from medimgen.geometry import Geometry, case_geometry, radiological_view, training_geometry
+from medimgen.geometry import Geometry, case_geometry, radiological_view, resample, training_geometry
 from medimgen.nnunet import plan_and_preprocess
 from medimgen.synthetic import make_synthetic_dataset
 
@@ -165,3 +165,19 @@ def test_data_size_validated_and_old_configs_load_without_it():
         apply_overrides(old, ["3d.data.data_size=[0,20,20]"])
     cfg = apply_overrides(old, ["3d.data.data_size=[95,100,111]"]).get("3d")  # image_size [96, 128, 112]
     assert [(b.start, b.stop) for b in data_crop(cfg)] == [(1, 96), (14, 114), (1, 112)]  # ceil(padding / 2) first
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_resample_as_nnunet_2d_and_3d(nd):
+    """Images and label maps of either dimension to a new spacing: the shape of spacing x size, labels kept."""
+    rng = np.random.default_rng(0)
+    size, current, target = (12, 10, 8)[:nd], (1.0, 0.5, 2.0)[:nd], (0.5, 1.0, 2.0)[:nd]
+    image = rng.normal(size=(2, *size)).astype(np.float32)
+    seg = np.zeros((1, *size), np.int16)
+    seg[(0, *[slice(2, 6)] * nd)] = 3
+    out = resample(image, current, target)
+    expected = tuple(int(round(n * c / t)) for n, c, t in zip(size, current, target))
+    assert out.shape == (2, *expected)
+    labels = resample(seg, current, target, is_seg=True)
+    assert labels.shape == (1, *expected) and set(np.unique(labels)) == {0, 3}
+    assert resample(seg, current, current, is_seg=True).tolist() == seg.tolist()

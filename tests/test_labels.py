@@ -10,7 +10,7 @@ import torch
 from medimgen.errors import MedimgenError
 from medimgen.labels import (GENERATED_MASK_KEY, autoencoder_out_channels, class_index, join, label_channels,
                              logits_to_labels, network_channels, onehot_to_labels, real_labels, to_onehot)
-from tests.conftest import ANISO_3D, FLAT_2D
+from tests.conftest import ANISO_3D, FLAT_2D, plan_once
 
 
 def _joint(cfg, values=(1, 2)):
@@ -33,10 +33,9 @@ def test_onehot_round_trip_and_padding():
 
 
 def test_planned_joint_model_and_channels(nnunet_env):
-    from medimgen.planning import plan_dataset
 
     for ds in (ANISO_3D, FLAT_2D):
-        cfg = plan_dataset(ds, force=True).config
+        cfg = plan_once(ds).config
         assert cfg.configs, ds
         for c in cfg.configs.values():
             assert c.data.generate_labels and c.data.label_values == (1, 2)
@@ -49,9 +48,8 @@ def test_planned_joint_model_and_channels(nnunet_env):
 
 
 def test_decode_label_channels(nnunet_env):
-    from medimgen.planning import plan_dataset
 
-    cfg = plan_dataset(FLAT_2D, force=True).config.get("2d")
+    cfg = plan_once(FLAT_2D).config.get("2d")
     label = torch.tensor([[[[0, 1], [2, 0]]]])
     x = join(torch.zeros(1, cfg.data.in_channels, 2, 2), label, cfg)
     assert x.shape[1] == network_channels(cfg)
@@ -62,9 +60,8 @@ def test_decode_label_channels(nnunet_env):
 
 def test_bad_label_config_is_one_line(nnunet_env):
     from medimgen.config.io import apply_overrides
-    from medimgen.planning import plan_dataset
 
-    cfg = plan_dataset(FLAT_2D, force=True).config
+    cfg = plan_once(FLAT_2D).config
     with pytest.raises(MedimgenError, match="label_values"):
         apply_overrides(cfg, ["2d.data.label_values=[]"])
     with pytest.raises(MedimgenError, match="label_names"):
@@ -193,12 +190,11 @@ def test_image_only_model_exports_marked_masks(nnunet_env, workspace, tmp_path, 
 
     from medimgen.cli import main
     from medimgen.nnunet import plan_and_preprocess
-    from medimgen.planning import plan_dataset
     from medimgen.training.api import train
     from tests.training_helpers import tiny_overrides
 
     monkeypatch.setenv("medimgen_results", str(tmp_path / "results"))
-    cfg = plan_dataset(FLAT_2D, force=True).config.get("2d")
+    cfg = plan_once(FLAT_2D).config.get("2d")
     sets = tiny_overrides(cfg, epochs=1) + ["data.generate_labels=false"]
     result = train("ddpm", FLAT_2D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None)
     assert not result.config.data.generate_labels

@@ -166,9 +166,9 @@ def test_flash_attention_keeps_attention_memory_linear(monkeypatch):
 
 @pytest.fixture(scope="module")
 def planned_3d(nnunet_roots):
-    from tests.conftest import ANISO_3D
+    from tests.conftest import ANISO_3D, plan_once
 
-    return plan_dataset(ANISO_3D, force=True).config.get("3d")
+    return plan_once(ANISO_3D).config.get("3d")
 
 
 def test_prediction_grows_with_batch_and_size_and_checkpointing_lowers_it(planned_3d):
@@ -227,7 +227,7 @@ def test_downscaled_plan_loads_batches_at_generated_size(planned_3d, nnunet_env)
     from medimgen.data.cases import open_cases
     from medimgen.data.loader import TrainBatches, validation_batches
     from medimgen.plans import DatasetPlans
-    from tests.conftest import ANISO_3D
+    from tests.conftest import ANISO_3D, plan_once
 
     cfg = mem._downscale(planned_3d, 2.0)
     assert tuple(cfg.data.crop_size) == tuple(planned_3d.data.image_size)

@@ -111,9 +111,12 @@ def test_zscore_bounds_cover_preprocessed_data(nnunet_env):
 
 
 def test_seed_spelling_medimgen_plan(nnunet_env):
+    """`medimgen_plan` is `medimgen plan` (which the planning tests run in full): same options, same errors."""
     exe = Path(sys.executable).parent / "medimgen_plan"
-    out = subprocess.run([str(exe), "-d", str(FLAT_2D), "--force"], capture_output=True, text=True, env=dict(os.environ))
-    assert out.returncode == 0, out.stderr
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, env=dict(os.environ))
+    assert out.returncode == 0 and "--gpu-memory" in out.stdout, out.stderr
+    out = subprocess.run([str(exe), "-d", "999"], capture_output=True, text=True, env=dict(os.environ))
+    assert out.returncode == 2 and "999" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_replan_refuses_edited_config_and_force_backs_up(nnunet_env):

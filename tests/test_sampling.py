@@ -18,7 +18,7 @@ from medimgen.data.intensity import IntensityMap
 from medimgen.nnunet import plan_and_preprocess
 from medimgen.requests import ModelRef, SampleOptions
 from medimgen.sampling import from_run, sample_to_folder
-from tests.conftest import ANISO_3D, FLAT_2D
+from tests.conftest import ANISO_3D, FLAT_2D, plan_once
 
 
 def _raw_reference(nnunet_env, dataset: str):
@@ -93,13 +93,12 @@ def test_resample_to_original_spacing(flow_3d, tmp_path):
 
 
 def test_ct_samples_in_hounsfield_range(nnunet_env, workspace, tmp_path, monkeypatch):
-    from medimgen.planning import plan_dataset
     from medimgen.plans import DatasetPlans
     from medimgen.training.api import train
     from tests.training_helpers import tiny_overrides
 
     monkeypatch.setenv("medimgen_results", str(tmp_path / "results"))
-    cfg = plan_dataset(FLAT_2D, force=True).config.get("2d")
+    cfg = plan_once(FLAT_2D).config.get("2d")
     train("ddpm", FLAT_2D, "train-val-test", "2d", overrides=tiny_overrides(cfg, epochs=1), echo=lambda *_: None)
     files = sample_to_folder(tmp_path / "out", 2, ModelRef("ddpm", FLAT_2D, "2d"), SampleOptions(steps=2))
     fg = DatasetPlans.from_id(FLAT_2D).foreground_intensity_properties[0]
@@ -140,6 +139,7 @@ def test_training_registers_and_alias_sampling_in_fresh_process(flow_2d, workspa
     assert out.stdout.strip().splitlines()[-1].startswith("ndarray (1, 2,")
 
 
+@pytest.mark.slow  # exports pass nnU-Net's check in tests/test_labels.py and tests/test_controlnet.py too
 def test_export_dataset_passes_nnunet_integrity_check(flow_3d, nnunet_env, tmp_path):
     r = CliRunner().invoke(main, ["export-dataset", str(ANISO_3D), "3d", "3", "-t", "301", "--steps", "2"])
     assert r.exit_code == 0, r.output

@@ -159,9 +159,16 @@ def test_benchmark_end_to_end_on_a_tiny_2d_dataset(tmp_path, monkeypatch):
     assert json.loads((out / "segbench.json").read_text())["labels"] == result["labels"]
     bad = CliRunner().invoke(main, [*args, "--synthetic", "3", "--no-mlflow"])
     assert bad.exit_code == 2 and "holds 2 synthetic cases" in bad.output and "Traceback" not in bad.output
+    # the mixed dataset removed, its nnU-Net trainings left: a new export would be scored by the old trainings
+    import shutil
+
+    for root in ("nnUNet_raw", "nnUNet_preprocessed"):
+        shutil.rmtree(tmp_path / root / "Dataset241_SegMixed")
+    stale = CliRunner().invoke(main, [*args, "--synthetic", "3", "--no-mlflow"])
+    assert stale.exit_code == 2 and "earlier dataset 241" in stale.output, stale.output
+    assert not (tmp_path / "nnUNet_raw" / "Dataset241_SegMixed").exists()
 
     # a generator trained on fold 1 saw fold 0's validation cases: refused before anything is sampled
-    import shutil
 
     shutil.copytree(ddpm.run_dir, tmp_path / "elsewhere" / "fold_1")
     leak = CliRunner().invoke(main, ["benchmark-segmentation", "-d", "240", "-t", "242", "--synthetic", "2", "-c", "2d",

@@ -16,9 +16,8 @@ from click.testing import CliRunner
 from medimgen.cli import main
 from medimgen.config import load_generation_config
 from medimgen.errors import MedimgenError
-from medimgen.planning import plan_dataset
 from medimgen.training.api import train
-from tests.conftest import ANISO_3D
+from tests.conftest import ANISO_3D, plan_once
 from tests.training_helpers import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,6 +193,7 @@ def test_log_mode_writes_log_txt(workspace, tmp_path, monkeypatch):
     assert "ddpm epoch 1/1" in (result.run_dir / "log.txt").read_text()
 
 
+@pytest.mark.slow  # `mlflow run` attaching to its run is also shown by tests/test_mlflow_project.py
 def test_mlflow_run_attaches_to_its_run(workspace, tmp_path):
     """`mlflow run . -e train_ldm -P dataset=N --env-manager local` uses the run MLflow created."""
     from mlflow import MlflowClient
@@ -238,7 +238,7 @@ def test_autoencoder_with_perceptual_loss_from_cached_weights(workspace, tmp_pat
     path, _ = torchvision_weights_file("alex")
     path.parent.mkdir(parents=True)
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
-    cfg = plan_dataset(FLAT_2D, force=True).config.get("2d")
+    cfg = plan_once(FLAT_2D).config.get("2d")
     assert cfg.losses.perceptual_network == "alex"  # 64x64 slices are large enough for AlexNet
     sets = [s for s in tiny_overrides(cfg, epochs=1) if not s.startswith("losses.perceptual_network")]
     result = train("autoencoder", FLAT_2D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None)

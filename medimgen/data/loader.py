@@ -222,7 +222,8 @@ class TrainBatches:
             shutdown()
 
 
-def _center_bbox(shape, size):
+def center_bbox(shape, size):
+    """[[start, stop], ...] of a ``size`` window centred in ``shape`` (negative start: padding before)."""
     bbox = []
     for s, p in zip(shape, size):
         lb = (s - p) // 2
@@ -249,7 +250,7 @@ def validation_samples(cfg: GenerationConfig, plans: DatasetPlans, identifiers: 
         else:
             items = [(data, seg, ident)]
         for d, s, key in items:
-            bbox = _center_bbox(d.shape[1:], size)
+            bbox = center_bbox(d.shape[1:], size)
             d = crop_and_pad_nd(d, [[0, d.shape[0]]] + bbox, 0)
             s = crop_and_pad_nd(s, [[0, s.shape[0]]] + bbox, -1)
             image = imap.to_model(torch.from_numpy(np.ascontiguousarray(d)).float(), channel_axis=0)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medimgen.atomic import write_bytes_atomic
 from medimgen.errors import MedimgenError
 
 SPLITTINGS = ("train-val-test", "5-fold")
@@ -36,9 +37,8 @@ class Split:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    """Atomically, under a name of its own: ranks of a torchrun job write the same split at once."""
+    write_bytes_atomic(path, json.dumps(data, indent=2).encode())
 
 
 def train_val_test(identifiers: list[str], seed: int = SEED) -> dict[str, list[str]]:

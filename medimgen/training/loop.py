@@ -300,6 +300,7 @@ class Trainer:
                      for k, v in next(self.train_batches).items()}
             state: dict = {"phases": phases}
             step = (it + 1) % accum == 0 or it == n - 1  # gradients of several ranks are averaged on this micro-step
+            group = min(accum, n - it + it % accum)  # micro-batches of this step (fewer in an epoch's short last)
             for phase in phases:
                 with self._only_trains(phase), self._out_of_memory("training"), distributed.no_sync(self.ddp, not step):
                     with self._autocast():
@@ -307,7 +308,7 @@ class Trainer:
                     if not torch.isfinite(loss):
                         raise MedimgenError(f"{self.task.name} {phase} loss is {loss.item()} at epoch {epoch + 1}: "
                                             f"lower the learning rate or disable AMP (train_*.amp=off)")
-                    self.scalers[phase].scale(loss / accum).backward()
+                    self.scalers[phase].scale(loss / group).backward()
                 for k, v in logs.items():
                     sums[k] += v
             if step:
