@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from medimgen.cli import main
-from tests.conftest import ANISO_3D, FLAT_2D
+from tests.conftest import ANISO_3D, FLAT_2D, plan_once
 
 _VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "medimgen_results")
 NO_GPU = not torch.cuda.is_available()
@@ -191,13 +191,11 @@ def planned(nnunet_roots):
     other test has: the split file is written by the first training of a dataset, which is not a bad input)."""
     from medimgen.data.cases import open_cases
     from medimgen.data.splits import get_split
-    from medimgen.planning import plan_dataset
     from medimgen.plans import DatasetPlans
 
     for ds, dim in ((ANISO_3D, "3d"), (FLAT_2D, "2d")):
         plans = DatasetPlans.from_id(ds)
-        if not (plans.folder / "medimgen_config.yaml").is_file():
-            plan_dataset(ds)
+        plan_once(ds)
         get_split(plans.folder, open_cases(plans.preprocessed_folder(dim)).identifiers, "train-val-test")
     return nnunet_roots
 

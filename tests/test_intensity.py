@@ -33,10 +33,9 @@ from medimgen.config.schema import GenerationConfig
 from medimgen.data.cases import load_case, open_cases
 from medimgen.data.intensity import IntensityMap
 from medimgen.data.loader import ToModelRange
-from medimgen.planning import plan_dataset
 from medimgen.planning.intensity import case_statistics, raw_case_files
 from medimgen.plans import DatasetPlans
-from tests.conftest import ANISO_3D, FLAT_2D
+from tests.conftest import ANISO_3D, FLAT_2D, plan_once
 
 MASKED_2D = 204  # 2D z-score MRI with a zero background: nnU-Net normalises over the nonzero mask
 EXACT = 1e-4  # float32 round trip, relative to the case's std
@@ -66,7 +65,7 @@ def masked_dataset(nnunet_roots):
 
 @pytest.fixture(scope="module")
 def planned(nnunet_roots, masked_dataset):
-    return {d: plan_dataset(d, force=True).config for d in (ANISO_3D, FLAT_2D, masked_dataset)}
+    return {d: plan_once(d).config for d in (ANISO_3D, FLAT_2D, masked_dataset)}
 
 
 CASES = [(ANISO_3D, "3d", False), (MASKED_2D, "2d", True), (FLAT_2D, "2d", False)]

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from medimgen.cli import main
 from medimgen.tracking import CONTINUES_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker
-from tests.conftest import ANISO_3D
+from tests.conftest import ANISO_3D, plan_once
 from tests.training_helpers import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,11 +140,10 @@ def test_logged_model_has_type_hints_and_predicts(workspace, tmp_path, monkeypat
 
 
 def test_plan_explain_reads_the_existing_config(nnunet_env, monkeypatch):
-    from medimgen.planning import api, plan_dataset
+    from medimgen.planning import api
 
     path = nnunet_env["nnUNet_preprocessed"] / "Dataset201_Aniso" / "medimgen_config.yaml"
-    if not path.is_file():
-        plan_dataset(ANISO_3D)  # about a minute on 2 CPU cores; the test session usually has it already
+    plan_once(ANISO_3D)  # the session's plan (made once)
     mtime, text = path.stat().st_mtime_ns, path.read_text()
 
     def no_planning(*args, **kwargs):
