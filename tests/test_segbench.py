@@ -82,6 +82,23 @@ def test_table_from_nnunet_summaries(tmp_path):
     assert body[0][1:4] == ["80.00", "82.00", "+2.00"]
     with pytest.raises(MedimgenError, match="different cases"):
         compare(a, {c: v for c, v in b.items() if c != "case_002"}, ["organ"])
+    assert label_names({"labels": {"background": 0, "organ": 1, "ignore": 2}}) == {"1": "organ"}  # never scored
+
+
+def test_broken_nnunet_files_are_one_line(tmp_path):
+    from medimgen.segbench import _fold_of
+
+    bad = tmp_path / "summary.json"
+    bad.write_text("{not json")
+    with pytest.raises(MedimgenError, match="cannot read .*summary.json"):
+        read_summary(bad, {})
+    bad.write_text(json.dumps({"metric_per_case": [{"metrics": {}}]}))
+    with pytest.raises(MedimgenError, match="not nnU-Net's validation summary"):
+        read_summary(bad, {})
+    splits = tmp_path / "splits_final.json"
+    splits.write_text(json.dumps([{"train": ["a"]}]))
+    with pytest.raises(MedimgenError, match="not nnU-Net's splits file"):
+        _fold_of(splits, 0)
 
 
 def _splits(dataset_folder):
