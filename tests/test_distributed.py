@@ -89,6 +89,11 @@ def _rank_worker(rank: int, world: int, port: int, model: str, cfg, out: str) ->
     torch.set_num_threads(1)
     with distributed.joined(torch.device("cpu")):
         assert distributed.active() and distributed.rank() == rank
+        # the collectives the run uses: the LDM's latent scale is rank 0's on every rank (training.api._derive),
+        # logged training losses the mean of all ranks', last.pt every rank's RNG
+        assert distributed.broadcast(0.25 if rank == 0 else None) == 0.25
+        assert distributed.mean({"train_loss": float(rank)}) == {"train_loss": 0.5}
+        assert distributed.gather(rank) == [0, 1]
         iters = cfg.train_for(model).iterations_per_epoch
         result = _train_one_epoch(model, cfg, range(rank, iters * world, world), Path(out) / f"run{rank}")
         torch.save(result, Path(out) / f"rank{rank}.pt")
