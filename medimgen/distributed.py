@@ -66,8 +66,15 @@ def joined(device: torch.device) -> Iterator[torch.device]:
     if _env_world() <= 1 or dist.is_initialized():
         yield device
         return
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise MedimgenError(f"WORLD_SIZE={_env_world()} without {', '.join(missing)}: start several ranks with "
+                            f"torchrun or --gpus N (or unset WORLD_SIZE)")
     if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = os.environ.get("LOCAL_RANK", "0")
+        if not local.isdigit():
+            raise MedimgenError(f"LOCAL_RANK={local!r} is not a GPU index")
+        local = int(local)
         if local >= torch.cuda.device_count():
             raise MedimgenError(f"rank with LOCAL_RANK={local} has no GPU: this machine has "
                                 f"{torch.cuda.device_count()} (use --gpus {torch.cuda.device_count()} or fewer)")

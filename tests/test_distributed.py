@@ -44,6 +44,21 @@ def test_one_process_is_not_distributed():
         assert dev == torch.device("cpu") and not distributed.active()
 
 
+def test_world_size_without_torchrun_is_one_line(monkeypatch):
+    from medimgen.errors import MedimgenError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(MedimgenError, match="WORLD_SIZE=2 without RANK, MASTER_ADDR, MASTER_PORT"):
+        with distributed.joined(torch.device("cpu")):
+            pass
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(MedimgenError, match="is not a number"):
+        with distributed.joined(torch.device("cpu")):
+            pass
+
+
 # ------------------------------------------------------------------ 2 ranks x 1 == 1 process x accumulation 2
 class _FixedBatches:
     """Test double for the loader only: fixed batches by global index; the global torch seed is set per batch so
