@@ -35,7 +35,7 @@ from medimgen.evaluation.statistics import statistics_mmd  # noqa: E402
 from medimgen.labels import label_channels, network_channels  # noqa: E402
 from medimgen.networks import autoencoder_for, build_unet  # noqa: E402
 from medimgen.plans import DatasetPlans  # noqa: E402
-from medimgen.runs import read_checkpoint  # noqa: E402
+from medimgen.runs import read_checkpoint, unwrap_ema  # noqa: E402
 from medimgen.training.api import RunSetup, train  # noqa: E402
 
 # diffusion schedules to compare: name -> config overrides (a new scheduler type adds its entry here)
@@ -72,8 +72,7 @@ def ddpm_score(cfg, unet, real, samples: int) -> float:
 
 
 def _ema_weights(state: dict) -> dict | None:
-    ema = state.get("ema")
-    return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")} if ema else None
+    return unwrap_ema(state["ema"]) if state.get("ema") else None
 
 
 def run_curve(model: str, dataset: int, dim: str, cfg, steps: list[int], args, log) -> list[dict]:

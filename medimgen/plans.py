@@ -17,13 +17,16 @@ from medimgen.paths import preprocessed_dataset_dir
 NNUNET_CONFIGURATION = {"2d": "2d", "3d": "3d_fullres"}
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, missing: str = "re-run nnUNetv2_plan_and_preprocess for this dataset"):
+    """One of nnU-Net's JSON files; a missing (``missing``: what to do) or unreadable one is a one-line error."""
     if not path.is_file():
-        raise MedimgenError(f"{path} is missing: re-run nnUNetv2_plan_and_preprocess for this dataset")
+        raise MedimgenError(f"{path} is missing: {missing}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise MedimgenError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise MedimgenError(f"cannot read {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MedimgenError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
 @dataclass
@@ -63,7 +66,7 @@ class DatasetPlans:
 
     @cached_property
     def plans_dict(self) -> dict:
-        return _read_json(self.plans_file)
+        return read_json(self.plans_file)
 
     @cached_property
     def manager(self):
@@ -73,11 +76,11 @@ class DatasetPlans:
 
     @cached_property
     def dataset_json(self) -> dict:
-        return _read_json(self.folder / "dataset.json")
+        return read_json(self.folder / "dataset.json")
 
     @cached_property
     def fingerprint(self) -> dict:
-        return _read_json(self.folder / "dataset_fingerprint.json")
+        return read_json(self.folder / "dataset_fingerprint.json")
 
     # ------------------------------------------------------------------ dataset facts
     @property

@@ -159,13 +159,19 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
     return state
 
 
+def unwrap_ema(ema: dict) -> dict:
+    """The network weights in a checkpoint's ``ema`` entry (training.ema.WeightEMA's state: ``module.``-prefixed
+    weights and a step count), whether or not the EMA was past its warm-up."""
+    return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
+
+
 def sampling_weights(state: dict, network: str) -> dict:
     """The weights of ``network`` to sample/evaluate with: from last.pt the EMA copy when the run kept one and it
     was past its warm-up (``sampling_ema``; checkpoints from before the warm-up: always), else the raw ones; best.pt
     holds just these."""
     ema = state.get("ema")
     if ema and state.get("sampling_ema", True) and network == state.get("ema_module", "unet"):
-        return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
+        return unwrap_ema(ema)
     return state["modules"][network]
 
 

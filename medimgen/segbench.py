@@ -23,6 +23,7 @@ import numpy as np
 
 from medimgen.atomic import atomic_path
 from medimgen.errors import MedimgenError
+from medimgen.plans import read_json
 from medimgen.requests import ModelRef, SampleOptions
 
 ARMS = ("real", "real+synthetic")
@@ -74,7 +75,7 @@ def check_splits(real: dict, mixed: dict, real_cases: set[str], fold: int) -> li
 def _fold_of(splits_file: Path, fold: int) -> dict:
     if not splits_file.is_file():
         raise MedimgenError(f"{splits_file} is missing: the mixed dataset has no folds (export it with --mix-real)")
-    splits = _read_json(splits_file)
+    splits = read_json(splits_file)
     if not isinstance(splits, list) or not all(isinstance(f, dict) and {"train", "val"} <= set(f) for f in splits):
         raise MedimgenError(f"{splits_file} is not nnU-Net's splits file (a list of folds with 'train' and 'val')")
     if not 0 <= fold < len(splits):
@@ -98,7 +99,7 @@ def read_summary(path: Path, names: dict[str, str], file_ending: str = ".nii.gz"
     absent from reference and prediction)."""
     if not path.is_file():
         raise MedimgenError(f"{path} is missing: nnU-Net's final validation of this arm did not finish")
-    data = _read_json(path)
+    data = read_json(path)
     out = {}
     for entry in data.get("metric_per_case", []) if isinstance(data, dict) else []:
         if not isinstance(entry, dict) or "reference_file" not in entry or not isinstance(entry.get("metrics"), dict):
@@ -109,13 +110,6 @@ def read_summary(path: Path, names: dict[str, str], file_ending: str = ".nii.gz"
     if not out:
         raise MedimgenError(f"{path} has no per-case metrics")
     return out
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MedimgenError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
 def _num(value) -> float:
@@ -228,7 +222,7 @@ def _mixed_dataset(src: str, target_id: int, synthetic: int | None, ref: ModelRe
         echo(f"exporting the real cases of {src} + {synthetic} synthetic cases as dataset {target_id:03d}")
         return export_dataset(src, synthetic, target_id, ref, options, mix_real=True), True
     folder = found[0]
-    ds = _read_json(folder / "dataset.json") if (folder / "dataset.json").is_file() else {}
+    ds = read_json(folder / "dataset.json") if (folder / "dataset.json").is_file() else {}
     if ds.get("medimgen_source_dataset") != src or not ds.get("medimgen_real_cases"):
         raise MedimgenError(f"{folder.name} exists and is not a real + synthetic dataset of {src} "
                             f"(made by export-dataset --mix-real): choose another --target-id")
@@ -311,7 +305,7 @@ def benchmark_segmentation(dataset_id: int | str, target_id: int, synthetic: int
 
     mixed_folder, exported = _mixed_dataset(src, int(target_id), synthetic, ref, options, echo)
     mixed = mixed_folder.name
-    mixed_json = _read_json(mixed_folder / "dataset.json")
+    mixed_json = read_json(mixed_folder / "dataset.json")
     check_splits(real, _fold_of(nnunet_preprocessed() / mixed / "splits_final.json", setup.fold), real_cases,
                  setup.fold)
     mixed_plans = nnunet_preprocessed() / mixed / f"{plans.plans_identifier}.json"

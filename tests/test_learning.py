@@ -84,7 +84,7 @@ def test_planned_ddpm_learns_2d(workspace, tmp_path, monkeypatch):
     from medimgen.evaluation.api import real_images
     from medimgen.labels import network_channels
     from medimgen.networks import build_unet
-    from medimgen.runs import read_checkpoint
+    from medimgen.runs import read_checkpoint, unwrap_ema
     from medimgen.training.api import train
     from tests.conftest import ANISO_3D
 
@@ -100,7 +100,7 @@ def test_planned_ddpm_learns_2d(workspace, tmp_path, monkeypatch):
     # the EMA weights of last.pt (what sampling uses once the EMA is past its warm-up of 1 / (1 - decay) steps)
     ema = read_checkpoint(result.run_dir / "checkpoints" / "last.pt")["ema"]
     unet = build_unet(cfg.ddpm_unet, 2, network_channels(cfg))
-    unet.load_state_dict({k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")})
+    unet.load_state_dict(unwrap_ema(ema))
     trained = generate(cfg, "ddpm", unet.eval(), n, seed=7)
     torch.manual_seed(0)
     untrained = generate(cfg, "ddpm", build_unet(cfg.ddpm_unet, 2, network_channels(cfg)).eval(), n, seed=7)
@@ -122,8 +122,7 @@ def test_autoencoder_reconstructs_better_after_training_2d(workspace, tmp_path, 
     from medimgen.training.api import train
     from tests.conftest import ANISO_3D
 
-    sets = _learning_overrides(workspace["config"].get("2d"), "autoencoder",
-                              AUTOENCODER_STEPS)
+    sets = _learning_overrides(workspace["config"].get("2d"), "autoencoder", AUTOENCODER_STEPS)
     monkeypatch.setenv("medimgen_results", str(tmp_path))
     result = train("autoencoder", ANISO_3D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None)
     cfg = result.config

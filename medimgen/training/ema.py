@@ -23,6 +23,8 @@ import math
 import torch
 from torch import nn
 
+from medimgen.runs import unwrap_ema
+
 WARMUP_OFFSET = 10  # d(n) = (1 + n) / (WARMUP_OFFSET + n): diffusers' EMAModel (use_ema_warmup=False)
 
 
@@ -75,5 +77,5 @@ class WeightEMA:
     def load_state_dict(self, state: dict) -> None:
         """A WeightEMA state dict, or an ``AveragedModel`` one (``n_averaged`` updates -> ``step``)."""
         step = state["step"] if "step" in state else state["n_averaged"]
-        self.module.load_state_dict({k[len("module."):]: v for k, v in state.items() if k.startswith("module.")})
+        self.module.load_state_dict(unwrap_ema(state))
         self.step = int(step)
