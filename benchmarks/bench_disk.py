@@ -39,8 +39,8 @@ def main() -> None:
     os.chdir(ws)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'mlflow.db'}")
     from medimgen.demo import DEMO_ID, run_demo
-    from medimgen.plans import DatasetPlans
-    from medimgen.runs import RunDir
+    from medimgen.nnunet.plans import DatasetPlans
+    from medimgen.runs.folders import RunDir
     from medimgen.training.api import train
 
     run_demo(ws, echo=lambda *_: None, train_models=False)

@@ -26,7 +26,7 @@ from medimgen.config import load_config  # noqa: E402
 from medimgen.evaluation.api import generation_scores  # noqa: E402
 from medimgen.evaluation.features import NnUNetEncoderFeatures  # noqa: E402
 from medimgen.evaluation.metrics import frechet_distance, mean_pairwise_ms_ssim, mmd  # noqa: E402
-from medimgen.plans import DatasetPlans  # noqa: E402
+from medimgen.nnunet.plans import DatasetPlans  # noqa: E402
 from tests.nnunet_helpers import make_nnunet_model  # noqa: E402
 
 

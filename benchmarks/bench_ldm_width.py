@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name  # noqa: E402
 
 from medimgen.config.schema import SchedulerConfig, UNetConfig  # noqa: E402
-from medimgen.diffusion import target_for, training_scheduler  # noqa: E402
-from medimgen.networks import build_unet, count_parameters  # noqa: E402
+from medimgen.models.diffusion import target_for, training_scheduler  # noqa: E402
+from medimgen.models.networks import build_unet, count_parameters  # noqa: E402
 from medimgen.planning.heuristics import attention_levels, norm_groups  # noqa: E402
 
 WIDTHS = [(32, 64, 64), (64, 128, 128), (64, 128, 256), (128, 256, 320)]

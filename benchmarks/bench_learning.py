@@ -28,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import demo_dataset, device_name  # noqa: E402
 
 from medimgen.config import apply_overrides, load_config  # noqa: E402
-from medimgen.diffusion import generate  # noqa: E402
+from medimgen.models.diffusion import generate  # noqa: E402
 from medimgen.evaluation.api import real_cases, reconstruct  # noqa: E402
 from medimgen.evaluation.metrics import reconstruction_metrics  # noqa: E402
 from medimgen.evaluation.statistics import statistics_mmd  # noqa: E402
-from medimgen.labels import label_channels, network_channels  # noqa: E402
-from medimgen.networks import autoencoder_for, build_unet  # noqa: E402
-from medimgen.plans import DatasetPlans  # noqa: E402
-from medimgen.runs import read_checkpoint, unwrap_ema  # noqa: E402
+from medimgen.models.labels import label_channels, network_channels  # noqa: E402
+from medimgen.models.networks import autoencoder_for, build_unet  # noqa: E402
+from medimgen.nnunet.plans import DatasetPlans  # noqa: E402
+from medimgen.runs.folders import read_checkpoint, unwrap_ema  # noqa: E402
 from medimgen.training.api import RunSetup, train  # noqa: E402
 
 # diffusion schedules to compare: name -> config overrides (a new scheduler type adds its entry here)

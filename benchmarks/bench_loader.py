@@ -23,8 +23,8 @@ from common import demo_dataset, device_name  # noqa: E402
 from medimgen.config import load_config  # noqa: E402
 from medimgen.data.cases import open_cases  # noqa: E402
 from medimgen.data.loader import TrainBatches  # noqa: E402
-from medimgen.networks import build_unet  # noqa: E402
-from medimgen.plans import DatasetPlans  # noqa: E402
+from medimgen.models.networks import build_unet  # noqa: E402
+from medimgen.nnunet.plans import DatasetPlans  # noqa: E402
 
 
 def loader_rate(cfg, plans, ids, batch, workers, n):

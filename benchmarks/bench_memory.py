@@ -19,15 +19,15 @@ from common import demo_dataset, device_name  # noqa: E402
 
 from medimgen.planning.api import build_config  # noqa: E402
 from medimgen.config.schema import MODELS  # noqa: E402
-from medimgen.plans import DatasetPlans  # noqa: E402
+from medimgen.nnunet.plans import DatasetPlans  # noqa: E402
 
 MID_ID = 991
 
 
 def mid_dataset() -> int:
-    from medimgen import paths
-    from medimgen.nnunet import plan_and_preprocess
-    from medimgen.synthetic import make_synthetic_dataset
+    from medimgen.core import paths
+    from medimgen.nnunet.commands import plan_and_preprocess
+    from medimgen.nnunet.synthetic import make_synthetic_dataset
 
     demo_dataset()  # sets up the workspace folders
     if not (paths.nnunet_raw() / "Dataset991_PhantomMid").exists():

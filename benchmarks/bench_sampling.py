@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medimgen.config import apply_overrides, load_config  # noqa: E402
-from medimgen.decoding import decoder  # noqa: E402
-from medimgen.devices import amp_dtype, autocast  # noqa: E402
-from medimgen.diffusion import generate  # noqa: E402
-from medimgen.networks import autoencoder_for, unet_for  # noqa: E402
+from medimgen.models.decoding import decoder  # noqa: E402
+from medimgen.core.devices import amp_dtype, autocast  # noqa: E402
+from medimgen.models.diffusion import generate  # noqa: E402
+from medimgen.models.networks import autoencoder_for, unet_for  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "tests" / "data" / "Dataset501_config_8GB.yaml"
 GIB = 2**30
@@ -120,7 +120,7 @@ def speed(args, device) -> list[dict]:
 
 
 def decode_memory(args, device) -> list[dict]:
-    from medimgen.networks import latent_size
+    from medimgen.models.networks import latent_size
     from medimgen.planning.sampling_memory import latent_tiles, plan_sampling, predict_peak
 
     cfg = load_config(args.config).get("3d")

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name  # noqa: E402
 
 from medimgen.config.schema import AutoencoderConfig, SchedulerConfig, TrainConfig, UNetConfig  # noqa: E402
-from medimgen.diffusion import training_scheduler  # noqa: E402
-from medimgen.networks import build_autoencoder, build_unet  # noqa: E402
+from medimgen.models.diffusion import training_scheduler  # noqa: E402
+from medimgen.models.networks import build_autoencoder, build_unet  # noqa: E402
 from medimgen.planning.cuda_sim import peak_of  # noqa: E402
 
 SIZE_3D = (16, 32, 32)  # the overhead timing: small enough for a CPU; pass --size for real sizes on a GPU
@@ -64,7 +64,7 @@ def activation_table():
 
 
 def attention_table():
-    from medimgen import networks
+    from medimgen.models import networks
 
     cfg = UNetConfig(channels=(32, 32), strides=((2, 2, 2),), attention_levels=(False, True), num_res_blocks=1,
                      num_head_channels=32, norm_num_groups=32)

@@ -10,7 +10,7 @@ import click
 
 from medimgen import __version__
 from medimgen.config.schema import MODELS
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 
 def friendly_errors(fn):
@@ -49,7 +49,7 @@ def _device(ctx, param, value):
     """--device must exist on this machine (cpu, cuda, cuda:N, mps)."""
     if value is None:
         return None
-    from medimgen.devices import check_device
+    from medimgen.core.devices import check_device
 
     try:
         return check_device(value)
@@ -119,7 +119,7 @@ def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, 
 def _explain_existing(dataset_id, plans_identifier) -> bool:
     """`plan --explain` alone on a planned dataset: the table of the config as it stands, no re-planning."""
     from medimgen.config import load_config
-    from medimgen.paths import config_path
+    from medimgen.core.paths import config_path
     from medimgen.planning.api import check_memory, weights_notes
 
     path = config_path(dataset_id)
@@ -156,7 +156,7 @@ def weights_group() -> None:
 def weights_download_cmd(names, mirror, checksums):
     """Fetch the pretrained weights of NAME (alex, vgg, squeeze, radimagenet, medicalnet, inception, all) into
     the torch hub cache, where training and evaluation look: checksummed, resumable (.part), renamed when complete."""
-    from medimgen.weights import download_weights
+    from medimgen.models.weights import download_weights
 
     download_weights(names, mirror, checksums, echo=click.echo)
 
@@ -165,7 +165,7 @@ def weights_download_cmd(names, mirror, checksums):
 @friendly_errors
 def weights_list_cmd():
     """What is present, where each file is expected, and the command that downloads it."""
-    from medimgen.weights import weights_report
+    from medimgen.models.weights import weights_report
 
     click.echo(weights_report())
 
@@ -218,7 +218,7 @@ def _train_command(model: str | None):
         sets = [*overrides, *override_text.split()]
         resume = resume or resume_value
         if gpus > 1:
-            from medimgen.distributed import launch_training
+            from medimgen.core.distributed import launch_training
 
             return launch_training(gpus, model, dataset_id, splitting, model_type, fold, progress, resume, sets,
                                    config_path, device)
@@ -305,7 +305,7 @@ def _with(options):
 
 def _requests(kw: dict, dataset_id, model_type):
     """(ModelRef, SampleOptions) from the parsed options (removed from ``kw``): built once, passed by keyword."""
-    from medimgen.requests import ModelRef, SampleOptions
+    from medimgen.core.requests import ModelRef, SampleOptions
 
     ref = ModelRef(kw.pop("model"), dataset_id, model_type, kw.pop("splitting"), kw.pop("fold"), kw.pop("checkpoint"))
     names = ("seed", "scheduler", "steps", "batch_size", "device", "amp", "tiled_decoding", "resample", "progress")
@@ -327,7 +327,7 @@ _label_options = [
 
 def _label_request(kw: dict, num_images: int):
     """A LabelRequest from --labels / --augment-labels (removed from ``kw``), or None."""
-    from medimgen.requests import LabelRequest
+    from medimgen.core.requests import LabelRequest
 
     source, augment = kw.pop("labels"), kw.pop("augment_labels")
     if source is None:
@@ -346,7 +346,7 @@ def _sample_command():
     @_with(_model_options + _sampling_options + _output_options + _label_options + [_progress_option])
     @friendly_errors
     def command(dataset_id, model_type, num_images, save_path, **kw):
-        from medimgen.sampling import sample_for_labels, sample_to_folder
+        from medimgen.generation.sampler import sample_for_labels, sample_to_folder
 
         labels = _label_request(kw, num_images)
         ref, options = _requests(kw, dataset_id, model_type)
@@ -382,13 +382,13 @@ def sample_entry() -> None:
 def export_cmd(dataset_id, model_type, num_images, target_id, name, mix_real, **kw):
     """Sample NUM_IMAGES images (with their generated labels; foreground masks for an image-only model) into a new
     nnU-Net raw dataset (imagesTr, labelsTr, dataset.json)."""
-    from medimgen.export import export_dataset
+    from medimgen.generation.export import export_dataset
 
     labels = _label_request(kw, num_images)
     ref, options = _requests(kw, dataset_id, model_type)
     out = export_dataset(dataset_id, num_images, target_id, ref=ref, options=options, name=name, mix_real=mix_real,
                          labels=labels)
-    from medimgen.labels import GENERATED_MASK_KEY
+    from medimgen.models.labels import GENERATED_MASK_KEY
 
     if json.loads((out / "dataset.json").read_text()).get(GENERATED_MASK_KEY):
         click.echo("note: this model is image-only, so every label is a foreground mask, not the dataset's labels")
@@ -420,8 +420,8 @@ def benchmark_segmentation_cmd(dataset_id, target_id, synthetic, configuration, 
                                splitting, output, no_mlflow, **kw):
     """Measure the Dice that synthetic data adds to nnU-Net: train it on the real cases and on real + synthetic
     (same fold, configuration, trainer), validate both on the same real cases, report per-label differences."""
-    from medimgen.requests import SampleOptions
-    from medimgen.segbench import BenchmarkSetup, Generator, benchmark_segmentation
+    from medimgen.core.requests import SampleOptions
+    from medimgen.benchmark.segmentation import BenchmarkSetup, Generator, benchmark_segmentation
 
     result = benchmark_segmentation(dataset_id, target_id, synthetic, BenchmarkSetup(configuration, fold, trainer,
                                     kw["device"]), Generator(model, model_type, splitting), SampleOptions(**kw),
@@ -538,7 +538,7 @@ def tune_cmd(dataset_id, model, model_type, trials, space_path, storage, objecti
 @friendly_errors
 def train_feature_nnunet_cmd(dataset_id, model_type, epochs, iterations, fold, device):
     """Train nnU-Net briefly (the demo's 2 x 10 iterations) so that FID/rFID have dataset-specific features offline."""
-    from medimgen.nnunet import train_feature_nnunet
+    from medimgen.nnunet.commands import train_feature_nnunet
 
     folder = train_feature_nnunet(dataset_id, model_type, fold=fold, epochs=epochs, iterations=iterations, device=device)
     click.echo(f"wrote {folder}: `medimgen evaluate` and `medimgen tune` (--extractor auto or nnunet) now use its "
@@ -552,7 +552,7 @@ def train_feature_nnunet_cmd(dataset_id, model_type, epochs, iterations, fold, d
 @friendly_errors
 def register_cmd(run_folder, checkpoint, alias):
     """Log a trained DDPM/LDM run as an MLflow pyfunc model and register it as DatasetXXX_<model>_<dim>."""
-    from medimgen.registry import register_run
+    from medimgen.runs.registry import register_run
 
     reg = register_run(run_folder, checkpoint=checkpoint, alias=alias)
     click.echo(f"registered {reg.name} version {reg.version}" + (f" (alias {alias})" if alias else "")
@@ -571,8 +571,8 @@ def register_cmd(run_folder, checkpoint, alias):
 @friendly_errors
 def demo_data_cmd(dataset_id, name, num_cases, shape, spacing, channels, modality, seed):
     """Write a synthetic phantom dataset in nnU-Net raw format into $nnUNet_raw."""
-    from medimgen.paths import nnunet_raw
-    from medimgen.synthetic import make_synthetic_dataset
+    from medimgen.core.paths import nnunet_raw
+    from medimgen.nnunet.synthetic import make_synthetic_dataset
 
     dims = _ints(shape, "--shape")
     space = _floats(spacing, "--spacing") if spacing else (1.0,) * len(dims)
@@ -594,8 +594,8 @@ def demo_data_cmd(dataset_id, name, num_cases, shape, spacing, channels, modalit
 @friendly_errors
 def import_cmd(source, dataset_id, name, labels, modality, channel_names, overwrite, progress):
     """Turn a folder of NIfTI images (or an MSD task) into an nnU-Net raw dataset, making foreground masks where no labels exist."""
-    from medimgen.importer import import_dataset
-    from medimgen.paths import nnunet_raw
+    from medimgen.nnunet.importer import import_dataset
+    from medimgen.core.paths import nnunet_raw
 
     names = channel_names.split(",") if channel_names else None
     done = import_dataset(source, nnunet_raw(), dataset_id, name, labels=labels, modality=modality, channel_names=names,

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import click
 
-from medimgen import paths
-from medimgen.nnunet import plan_and_preprocess
+from medimgen.core import paths
+from medimgen.nnunet.commands import plan_and_preprocess
 from medimgen.planning.api import plan_dataset
-from medimgen.plans import DatasetPlans
-from medimgen.sampling import sample_to_folder
-from medimgen.synthetic import make_synthetic_dataset
-from medimgen.tracking import resolve_uri
-from medimgen.requests import ModelRef, SampleOptions
-from medimgen.runs import RunDir
+from medimgen.nnunet.plans import DatasetPlans
+from medimgen.generation.sampler import sample_to_folder
+from medimgen.nnunet.synthetic import make_synthetic_dataset
+from medimgen.runs.tracking import resolve_uri
+from medimgen.core.requests import ModelRef, SampleOptions
+from medimgen.runs.folders import RunDir
 from medimgen.training.api import train
 from medimgen.tuning.api import tune
 
@@ -86,7 +86,7 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
 
     from medimgen.evaluation.api import evaluate
     from medimgen.evaluation.features import find_nnunet_model
-    from medimgen.nnunet import train_feature_nnunet
+    from medimgen.nnunet.commands import train_feature_nnunet
 
     plans = DatasetPlans.planned(dataset_id)
     found = find_nnunet_model(plans.name, 3, plans.plans_identifier)
@@ -115,7 +115,7 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
         mixed_id = _free_id(dataset_id)
         echo(f"[10/11] medimgen export-dataset --mix-real: the real cases plus 4 LDM image+label pairs as nnU-Net "
              f"dataset {mixed_id:03d} (synthetic cases only ever in training folds)")
-        from medimgen.export import export_dataset
+        from medimgen.generation.export import export_dataset
 
         mixed = export_dataset(dataset_id, 4, mixed_id, ModelRef("ldm", dataset_id, "3d"),
                                SampleOptions(progress=progress), mix_real=True)
@@ -127,8 +127,8 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
              "maps (medimgen sample --labels train)")
         train("controlnet", dataset_id, "train-val-test", "3d", overrides=DEMO_OVERRIDES, progress=progress, echo=echo)
     runs["controlnet"] = cn_run.root
-    from medimgen.requests import LabelRequest
-    from medimgen.sampling import sample_for_labels
+    from medimgen.core.requests import LabelRequest
+    from medimgen.generation.sampler import sample_for_labels
 
     conditioned = sample_for_labels(samples / "controlnet", LabelRequest("train", limit=2),
                                     ModelRef("controlnet", dataset_id, "3d"), SampleOptions(progress=progress))

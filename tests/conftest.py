@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from medimgen.nnunet import plan_and_preprocess
-from medimgen.synthetic import make_synthetic_dataset
+from medimgen.nnunet.commands import plan_and_preprocess
+from medimgen.nnunet.synthetic import make_synthetic_dataset
 
 ANISO_3D = 201  # 3D, 2 MRI channels, anisotropic spacing (z 3.75x coarser)
 FLAT_2D = 202  # 2D CT
@@ -67,7 +67,7 @@ def plan_once(dataset_id: int):
     """``plan_dataset(dataset_id, force=True)`` computed once per session (about a minute on 2 cores): a later call
     puts the same medimgen_config.yaml back (planning is deterministic) and returns the same result."""
     from medimgen.planning import plan_dataset
-    from medimgen.plans import DatasetPlans
+    from medimgen.nnunet.plans import DatasetPlans
 
     path = DatasetPlans.from_id(dataset_id).folder / "medimgen_config.yaml"
     if path not in _PLANNED:

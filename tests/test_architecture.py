@@ -14,19 +14,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medimgen"
 
 # lowest first; a module may import its own floor and those below. Longest prefix wins.
 FLOORS = [
-    ("base", ["medimgen", "medimgen.errors", "medimgen.atomic", "medimgen.paths", "medimgen.devices",
-              "medimgen.requests", "medimgen.distributed"]),
+    ("core", ["medimgen", "medimgen.core"]),
     ("config", ["medimgen.config"]),
-    ("building blocks", ["medimgen.plans", "medimgen.networks", "medimgen.diffusion", "medimgen.decoding", "medimgen.losses", "medimgen.labels",
-                         "medimgen.weights", "medimgen.perceptual", "medimgen.synthetic", "medimgen.importer"]),
-    ("data and planning", ["medimgen.data", "medimgen.geometry", "medimgen.planning", "medimgen.nnunet",
-                           "medimgen.nnunet_trainers", "medimgen.conditioning"]),
-    ("runs and tracking", ["medimgen.tracking", "medimgen.runs"]),
+    ("nnunet and models", ["medimgen.nnunet", "medimgen.models"]),
+    ("data", ["medimgen.data"]),
+    ("planning", ["medimgen.planning"]),
+    ("runs", ["medimgen.runs"]),
+    ("generation", ["medimgen.generation"]),
+    ("evaluation", ["medimgen.evaluation"]),
     ("training", ["medimgen.training"]),
-    ("sampling", ["medimgen.sampling"]),
-    ("registry, evaluation, export", ["medimgen.registry", "medimgen.mlflow_model", "medimgen.evaluation",
-                                      "medimgen.export", "medimgen.segbench"]),
     ("tuning", ["medimgen.tuning"]),
+    ("benchmark", ["medimgen.benchmark"]),
     ("commands", ["medimgen.cli", "medimgen.demo", "medimgen.__main__"]),
 ]
 
@@ -76,16 +74,30 @@ def test_the_floor_check_can_fail(tmp_path):
     """A lower module that imports training is caught (the check above is not vacuous)."""
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from medimgen.training.ldm import LatentDiffusionTask\n")
-    assert floor_of("medimgen.sampling") < floor_of("medimgen.evaluation.api")
-    assert any(floor_of(m) > floor_of("medimgen.runs") for m in imports_of(bad))
+    assert floor_of("medimgen.generation.sampler") < floor_of("medimgen.evaluation.api")
+    assert any(floor_of(m) > floor_of("medimgen.runs.folders") for m in imports_of(bad))
 
 
 def test_named_rules_of_the_renovation():
     """sampling/evaluation/registry/export never import training; training never imports registry or sampling."""
     for path in MODULES:
         me, deps = module_name(path), imports_of(path)
-        if me.startswith(("medimgen.sampling", "medimgen.evaluation", "medimgen.registry", "medimgen.export",
-                          "medimgen.mlflow_model", "medimgen.runs", "medimgen.diffusion")):
+        if me.startswith(("medimgen.generation.sampler", "medimgen.evaluation", "medimgen.runs.registry", "medimgen.generation.export",
+                          "medimgen.generation.pyfunc", "medimgen.runs.folders", "medimgen.models.diffusion")):
             assert not [d for d in deps if d.startswith("medimgen.training")], me
         if me.startswith("medimgen.training"):
-            assert not [d for d in deps if d.startswith(("medimgen.registry", "medimgen.sampling"))], me
+            assert not [d for d in deps if d.startswith(("medimgen.runs.registry", "medimgen.generation.sampler"))], me
+
+
+def test_every_module_sits_in_a_floor_package():
+    """The folder tree is the diagram: only the commands sit flat in medimgen/, every other module is in the package
+    named for its floor, and each package says in its docstring what it is."""
+    flat = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert flat == ["__init__.py", "__main__.py", "cli.py", "demo.py"], flat
+    packages = [name for _, prefixes in FLOORS for name in prefixes if name.count(".") == 1 and
+                (PACKAGE.parent / name.replace(".", "/")).is_dir()]
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == \
+        {n.split(".")[1] for n in packages}
+    for name in packages:
+        doc = ast.get_docstring(ast.parse((PACKAGE.parent / name.replace(".", "/") / "__init__.py").read_text()))
+        assert doc, f"{name} has no docstring"

@@ -191,7 +191,7 @@ def planned(nnunet_roots):
     other test has: the split file is written by the first training of a dataset, which is not a bad input)."""
     from medimgen.data.cases import open_cases
     from medimgen.data.splits import get_split
-    from medimgen.plans import DatasetPlans
+    from medimgen.nnunet.plans import DatasetPlans
 
     for ds, dim in ((ANISO_3D, "3d"), (FLAT_2D, "2d")):
         plans = DatasetPlans.from_id(ds)
@@ -280,8 +280,8 @@ def test_bad_input_in_a_real_process(planned, tmp_path, args, expect):
 
 def test_device_index_must_exist(monkeypatch):
     """cuda:N beyond this machine's GPUs is named (faked GPU count: the rule, not the hardware, is tested)."""
-    from medimgen.devices import check_device, resolve_device
-    from medimgen.errors import MedimgenError
+    from medimgen.core.devices import check_device, resolve_device
+    from medimgen.core.errors import MedimgenError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

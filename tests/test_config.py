@@ -17,7 +17,7 @@ from medimgen.config import (
     to_dict,
 )
 from medimgen.config.io import flatten, medimgen_config_from_dict, render_yaml
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ def test_planned_controlnet_section(workspace):
     latent size, and a memory prediction; configs from before it load (the section's defaults)."""
     from medimgen.config.io import from_dict, to_dict
     from medimgen.config.schema import GenerationConfig
-    from medimgen.networks import conditioning_levels, latent_size, total_stride
+    from medimgen.models.networks import conditioning_levels, latent_size, total_stride
 
     for dim, cfg in workspace["config"].configs.items():
         assert cfg.train_for("controlnet") is cfg.train_controlnet and cfg.train_controlnet.epochs >= 1
@@ -57,7 +57,7 @@ def test_controlnet_trains_on_the_ldm_and_is_registered(controlnet_2d, flow_2d, 
     frozen (its checkpoint holds only the ControlNet), and is logged and registered in MLflow like the others."""
     from mlflow import MlflowClient
 
-    from medimgen.runs import TrainedModel
+    from medimgen.runs.folders import TrainedModel
 
     run = controlnet_2d.run_dir
     assert controlnet_2d.completed and run.parts[-3:] == ("controlnet", "2d", "train-val-test")
@@ -83,7 +83,7 @@ def test_controlnet_trains_on_the_ldm_and_is_registered(controlnet_2d, flow_2d, 
 def test_controlnet_starts_as_its_base(flow_2d, workspace):
     """MONAI's pattern: the ControlNet copies the base UNet's weights; its zero convolutions make it a no-op at
     first, so the steered UNet predicts exactly what the base predicts."""
-    from medimgen.runs import RunDir
+    from medimgen.runs.folders import RunDir
     from medimgen.training.controlnet import ControlNetTask
 
     cfg = workspace["config"].get("2d")
@@ -142,9 +142,9 @@ def test_controlnet_resume_equals_uninterrupted(flow_2d, workspace, tmp_path):
 def test_sample_labels_writes_the_maps_it_followed(controlnet_2d, nnunet_env, tmp_path):
     """`sample --labels val` writes image + map pairs; those maps given back as a folder come back voxel for voxel;
     with --augment-labels N each map gives N images, each written with the augmented map it followed."""
-    from medimgen import conditioning
-    from medimgen.runs import TrainedModel
-    from medimgen.sampling import crop_to_data
+    from medimgen.generation import conditioning
+    from medimgen.runs.folders import TrainedModel
+    from medimgen.generation.sampler import crop_to_data
 
     out = tmp_path / "val"
     r = CliRunner().invoke(main, ["sample", str(ANISO_3D), "2d", "2", str(out), "--labels", "val", "--steps", "2"])
@@ -195,7 +195,7 @@ def _finer_map_reads_as_the_map(maps: Path, fine: Path, model) -> None:
     """A 2D map at twice the in-plane resolution is resampled (nnU-Net's segmentation resampling) to the map."""
     import SimpleITK as sitk
 
-    from medimgen import conditioning
+    from medimgen.generation import conditioning
 
     fine.mkdir()
     for p in maps.iterdir():
@@ -215,7 +215,7 @@ def _finer_map_reads_as_the_map(maps: Path, fine: Path, model) -> None:
 def test_export_with_labels_passes_nnunet(controlnet_2d, nnunet_env):
     """`export-dataset --labels train`: the ControlNet's images with the label maps they follow, a dataset nnU-Net
     plans and preprocesses after verifying its integrity."""
-    from medimgen.nnunet import plan_and_preprocess
+    from medimgen.nnunet.commands import plan_and_preprocess
 
     r = CliRunner().invoke(main, ["export-dataset", str(ANISO_3D), "2d", "3", "-t", "331", "--labels", "train",
                                   "--steps", "2"])
@@ -251,9 +251,9 @@ def test_conditioned_samples_follow_the_map(workspace, nnunet_env, tmp_path, mon
     from medimgen.data.cases import open_cases
     from medimgen.data.loader import validation_samples
     from medimgen.data.splits import get_split
-    from medimgen.plans import DatasetPlans
-    from medimgen.requests import LabelRequest, ModelRef, SampleOptions
-    from medimgen.sampling import conditioned_pairs, resolve_controlnet
+    from medimgen.nnunet.plans import DatasetPlans
+    from medimgen.core.requests import LabelRequest, ModelRef, SampleOptions
+    from medimgen.generation.sampler import conditioned_pairs, resolve_controlnet
     from medimgen.training.api import train
     from tests.training_helpers import tiny_overrides
 

@@ -15,8 +15,8 @@ from medimgen.data.cases import load_case, open_cases
 from medimgen.data.intensity import IntensityMap
 from medimgen.data.loader import TrainBatches, validation_batches
 from medimgen.data.splits import SPLIT_FILE, get_split
-from medimgen.errors import MedimgenError
-from medimgen.plans import DatasetPlans
+from medimgen.core.errors import MedimgenError
+from medimgen.nnunet.plans import DatasetPlans
 from tests.conftest import ANISO_3D, FLAT_2D, plan_once
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from medimgen.config import apply_overrides, load_config
-from medimgen.decoding import decoder, halo, overlap_for
-from medimgen.networks import autoencoder_for, latent_size
+from medimgen.models.decoding import decoder, halo, overlap_for
+from medimgen.models.networks import autoencoder_for, latent_size
 from medimgen.planning.memory import CONTEXT_BYTES, USABLE
 from medimgen.planning.sampling_memory import latent_tiles, plan_sampling, predict_peak
 from tests.training_helpers import tiny_overrides

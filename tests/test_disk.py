@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from medimgen.cli import main
 from medimgen.planning.disk import TOLERANCE, estimate_disk
-from medimgen.sampling import from_run
+from medimgen.generation.sampler import from_run
 from medimgen.training.api import train
 from tests.conftest import ANISO_3D
 from tests.training_helpers import tiny_overrides
@@ -93,7 +93,7 @@ def test_checkpoints_go_to_mlflow_only_when_asked(flow_2d, workspace, tmp_path, 
 
 def test_bad_log_checkpoints_value_is_one_line(workspace):
     from medimgen.config import apply_overrides
-    from medimgen.errors import MedimgenError
+    from medimgen.core.errors import MedimgenError
 
     with pytest.raises(MedimgenError, match="tracking.log_checkpoints"):
         apply_overrides(workspace["config"].get("2d"), ["tracking.log_checkpoints=sometimes"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medimgen import distributed
+from medimgen.core import distributed
 from medimgen.config import apply_overrides, load_generation_config
 from tests.conftest import ANISO_3D
 from tests.training_helpers import tiny_overrides
@@ -45,7 +45,7 @@ def test_one_process_is_not_distributed():
 
 
 def test_world_size_without_torchrun_is_one_line(monkeypatch):
-    from medimgen.errors import MedimgenError
+    from medimgen.core.errors import MedimgenError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -84,8 +84,8 @@ def _task(model, cfg):
 
 def _train_one_epoch(model, cfg, indices, tmp: Path) -> dict:
     """The real task, Trainer (optimisers, clipping, accumulation, DDP) for one epoch; returns the weights."""
-    from medimgen.runs import RunDir
-    from medimgen.tracking import Tracker
+    from medimgen.runs.folders import RunDir
+    from medimgen.runs.tracking import Tracker
     from medimgen.training.loop import LoopOptions, Trainer, seed_everything
 
     seed_everything(0)

@@ -15,7 +15,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 from medimgen.evaluation.features import HubFeatures, NnUNetEncoderFeatures, TorchvisionFeatures, build_extractor
 from medimgen.evaluation.metrics import frechet_distance, mean_pairwise_ms_ssim, mmd, ms_ssim, reconstruction_metrics
 
@@ -250,7 +250,7 @@ def test_evaluate_ldm_writes_json_and_a_linked_mlflow_run(dim, request, nnunet_e
 
 def test_evaluate_autoencoder_reconstructions(flow_2d, nnunet_env, tmp_path):
     from medimgen.evaluation.api import evaluate
-    from medimgen.requests import ModelRef
+    from medimgen.core.requests import ModelRef
 
     report = evaluate(ModelRef("autoencoder", 201, "2d"), real="val", extractor="none", output=tmp_path / "ae.json", track=False)
     assert report["kind"] == "autoencoder" and report["feature_extractor"] is None
@@ -310,8 +310,8 @@ def test_autoencoder_lpips_when_alexnet_weights_are_on_disk(flow_2d, nnunet_env,
     import torchvision
 
     from medimgen.evaluation.api import evaluate
-    from medimgen.requests import ModelRef
-    from medimgen.perceptual import torchvision_weights_file
+    from medimgen.core.requests import ModelRef
+    from medimgen.models.perceptual import torchvision_weights_file
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     path, _ = torchvision_weights_file("alex")

@@ -13,9 +13,9 @@ import torch
 from click.testing import CliRunner
 
 from medimgen.cli import main
-from medimgen.geometry import Geometry, case_geometry, radiological_view, resample, training_geometry
-from medimgen.nnunet import plan_and_preprocess
-from medimgen.synthetic import make_synthetic_dataset
+from medimgen.data.geometry import Geometry, case_geometry, radiological_view, resample, training_geometry
+from medimgen.nnunet.commands import plan_and_preprocess
+from medimgen.nnunet.synthetic import make_synthetic_dataset
 
 OBLIQUE = 231  # 3D MRI, 0.9 x 3.5 x 0.8 mm (coarse NIfTI y: nnU-Net moves it first), rotated 20 degrees, RAS
 SHAPE, SPACING = (40, 12, 36), (0.9, 3.5, 0.8)
@@ -27,7 +27,7 @@ ORIGIN = (-21.5, 34.0, 12.25)
 @pytest.fixture(scope="module")
 def oblique(nnunet_roots):
     from medimgen.planning import plan_dataset
-    from medimgen.plans import DatasetPlans
+    from medimgen.nnunet.plans import DatasetPlans
 
     make_synthetic_dataset(nnunet_roots["nnUNet_raw"], OBLIQUE, "Oblique", num_cases=4, shape=SHAPE, spacing=SPACING,
                            seed=3, rotation=ROTATION, origin=ORIGIN, overwrite=True)
@@ -38,8 +38,8 @@ def oblique(nnunet_roots):
 def _sampler(oblique, dim):
     """An untrained tiny DDPM (what it draws does not matter here) with the geometry training would record."""
     from medimgen.config import apply_overrides
-    from medimgen.runs import _networks
-    from medimgen.sampling import Sampler
+    from medimgen.runs.folders import _networks
+    from medimgen.generation.sampler import Sampler
     from tests.training_helpers import tiny_overrides
 
     cfg = oblique["config"].get(dim)
@@ -54,9 +54,9 @@ def _source(nnunet_roots) -> sitk.Image:
 
 
 def _run_sample(monkeypatch, sampler, dim, out, *flags):
-    import medimgen.sampling
+    import medimgen.generation.sampler
 
-    monkeypatch.setattr(medimgen.sampling, "resolve_sampler", lambda *a, **k: sampler)
+    monkeypatch.setattr(medimgen.generation.sampler, "resolve_sampler", lambda *a, **k: sampler)
     r = CliRunner().invoke(main, ["sample", str(OBLIQUE), dim, "1", str(out), "--steps", "1", *flags])
     assert r.exit_code == 0, r.output
     return sitk.ReadImage(str(out / "sample_0000.nii.gz"))
@@ -154,8 +154,8 @@ def test_data_size_validated_and_old_configs_load_without_it():
 
     from medimgen.config import apply_overrides
     from medimgen.config.io import load_config
-    from medimgen.errors import MedimgenError
-    from medimgen.sampling import data_crop
+    from medimgen.core.errors import MedimgenError
+    from medimgen.generation.sampler import data_crop
 
     old = load_config(Path(__file__).parent / "data" / "Dataset501_config_8GB.yaml")  # planned before data_size
     assert old.get("3d").data.data_size == () and data_crop(old.get("3d")) is None  # no crop, no crash

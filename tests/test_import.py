@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from medimgen.cli import main
-from medimgen.importer import foreground_mask, import_dataset
-from medimgen.nnunet import plan_and_preprocess
-from medimgen.synthetic import make_synthetic_dataset
+from medimgen.nnunet.importer import foreground_mask, import_dataset
+from medimgen.nnunet.commands import plan_and_preprocess
+from medimgen.nnunet.synthetic import make_synthetic_dataset
 
 
 def _image_only_folder(tmp_path, n=5, four_d=False):
@@ -52,7 +52,7 @@ def test_import_image_only_then_nnunet_and_plan(empty_env, tmp_path):
     assert (empty_env["nnUNet_preprocessed"] / "Dataset031_NoLabels" / "medimgen_config.yaml").is_file()
     # the generated masks are marked, so the planner plans an image-only model
     from medimgen.config.io import load_config
-    from medimgen.labels import GENERATED_MASK_KEY
+    from medimgen.models.labels import GENERATED_MASK_KEY
 
     assert json.loads((out / "dataset.json").read_text())[GENERATED_MASK_KEY] is True
     cfg = load_config(empty_env["nnUNet_preprocessed"] / "Dataset031_NoLabels" / "medimgen_config.yaml")

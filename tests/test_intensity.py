@@ -33,8 +33,8 @@ from medimgen.config.schema import GenerationConfig
 from medimgen.data.cases import load_case, open_cases
 from medimgen.data.intensity import IntensityMap
 from medimgen.data.loader import ToModelRange
-from medimgen.planning.intensity import case_statistics, raw_case_files
-from medimgen.plans import DatasetPlans
+from medimgen.planning.intensity_stats import case_statistics, raw_case_files
+from medimgen.nnunet.plans import DatasetPlans
 from tests.conftest import ANISO_3D, FLAT_2D, plan_once
 
 MASKED_2D = 204  # 2D z-score MRI with a zero background: nnU-Net normalises over the nonzero mask
@@ -43,8 +43,8 @@ EXACT = 1e-4  # float32 round trip, relative to the case's std
 
 @pytest.fixture(scope="module")
 def masked_dataset(nnunet_roots):
-    from medimgen.nnunet import plan_and_preprocess
-    from medimgen.synthetic import make_synthetic_dataset
+    from medimgen.nnunet.commands import plan_and_preprocess
+    from medimgen.nnunet.synthetic import make_synthetic_dataset
 
     folder = make_synthetic_dataset(nnunet_roots["nnUNet_raw"], MASKED_2D, "Masked", num_cases=5, shape=(48, 48),
                                     spacing=(1.0, 1.0), channels=1, modality="MRI", seed=3, overwrite=True)
@@ -180,7 +180,7 @@ def test_background_value_only_where_nnunet_left_voxels_out(planned):
 
 def test_samples_not_clipped_to_percentiles(planned):
     """A sample between the dataset's 0.5/99.5 percentiles' mapping and the model range's bounds comes back as is."""
-    from medimgen.sampling import Sampler
+    from medimgen.generation.sampler import Sampler
 
     cfg = planned[ANISO_3D].get("3d")
     imap = IntensityMap.from_config(cfg.data)

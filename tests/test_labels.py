@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from medimgen.errors import MedimgenError
-from medimgen.labels import (GENERATED_MASK_KEY, autoencoder_out_channels, class_index, join, label_channels,
+from medimgen.core.errors import MedimgenError
+from medimgen.models.labels import (GENERATED_MASK_KEY, autoencoder_out_channels, class_index, join, label_channels,
                              logits_to_labels, network_channels, onehot_to_labels, real_labels, to_onehot)
 from tests.conftest import ANISO_3D, FLAT_2D, plan_once
 
@@ -79,8 +79,8 @@ def test_joint_samples_write_label_maps(dim, kind, request, nnunet_env, tmp_path
     import nibabel as nib
     import numpy as np
 
-    from medimgen.requests import ModelRef, SampleOptions
-    from medimgen.sampling import sample_to_folder
+    from medimgen.core.requests import ModelRef, SampleOptions
+    from medimgen.generation.sampler import sample_to_folder
 
     runs = request.getfixturevalue(f"flow_{dim}")
     cfg = runs[kind].config
@@ -114,7 +114,7 @@ def test_export_pairs_and_mixed_dataset_pass_nnunet(flow_3d, nnunet_env):
     from click.testing import CliRunner
 
     from medimgen.cli import main
-    from medimgen.nnunet import plan_and_preprocess
+    from medimgen.nnunet.commands import plan_and_preprocess
 
     r = CliRunner().invoke(main, ["export-dataset", str(ANISO_3D), "3d", "2", "-t", "311", "--steps", "2",
                                   "--model", "ddpm"])
@@ -157,7 +157,7 @@ def test_autoencoder_learns_the_labels(nnunet_env, workspace, tmp_path, monkeypa
     import json
 
     from medimgen.evaluation.api import evaluate
-    from medimgen.requests import ModelRef
+    from medimgen.core.requests import ModelRef
     from medimgen.training.api import train
     from tests.training_helpers import tiny_overrides
 
@@ -189,7 +189,7 @@ def test_image_only_model_exports_marked_masks(nnunet_env, workspace, tmp_path, 
     from click.testing import CliRunner
 
     from medimgen.cli import main
-    from medimgen.nnunet import plan_and_preprocess
+    from medimgen.nnunet.commands import plan_and_preprocess
     from medimgen.training.api import train
     from tests.training_helpers import tiny_overrides
 
@@ -214,7 +214,7 @@ def test_image_only_model_exports_marked_masks(nnunet_env, workspace, tmp_path, 
 
 
 def test_mixed_splits_keep_synthetic_cases_out_of_validation():
-    from medimgen.export import mixed_splits
+    from medimgen.generation.export import mixed_splits
 
     real = [f"case_{i:03d}" for i in range(7)]
     synthetic = ["synth_0000", "synth_0001"]
@@ -224,7 +224,7 @@ def test_mixed_splits_keep_synthetic_cases_out_of_validation():
 
 def test_evaluate_reports_pair_sanity_checks(flow_2d, nnunet_env, tmp_path):
     from medimgen.evaluation.api import evaluate
-    from medimgen.requests import ModelRef, SampleOptions
+    from medimgen.core.requests import ModelRef, SampleOptions
 
     report = evaluate(ModelRef(str(flow_2d["ddpm"].run_dir)), real="train", num_samples=2, extractor="none",
                       options=SampleOptions(steps=2), track=False, output=tmp_path / "eval.json")

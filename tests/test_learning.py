@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medimgen.evaluation.statistics import image_statistics, statistics_mmd
-from medimgen.synthetic import make_phantom
+from medimgen.nnunet.synthetic import make_phantom
 
 
 def _phantoms(n: int, seed: int) -> torch.Tensor:
@@ -80,11 +80,11 @@ def test_planned_ddpm_learns_2d(workspace, tmp_path, monkeypatch):
     """After DDPM_STEPS steps the planned 2D DDPM's samples (EMA weights) are much closer to the real phantom slices (image-
     statistics MMD) than the untrained network's samples and than Gaussian noise."""
     from medimgen.config import apply_overrides
-    from medimgen.diffusion import generate
+    from medimgen.models.diffusion import generate
     from medimgen.evaluation.api import real_images
-    from medimgen.labels import network_channels
-    from medimgen.networks import build_unet
-    from medimgen.runs import read_checkpoint, unwrap_ema
+    from medimgen.models.labels import network_channels
+    from medimgen.models.networks import build_unet
+    from medimgen.runs.folders import read_checkpoint, unwrap_ema
     from medimgen.training.api import train
     from tests.conftest import ANISO_3D
 
@@ -116,9 +116,9 @@ def test_autoencoder_reconstructs_better_after_training_2d(workspace, tmp_path, 
     SSIM than the untrained autoencoder's (MONAI's metrics)."""
     from medimgen.evaluation.api import real_cases, reconstruct
     from medimgen.evaluation.metrics import reconstruction_metrics
-    from medimgen.labels import label_channels
-    from medimgen.networks import autoencoder_for
-    from medimgen.runs import TrainedModel
+    from medimgen.models.labels import label_channels
+    from medimgen.models.networks import autoencoder_for
+    from medimgen.runs.folders import TrainedModel
     from medimgen.training.api import train
     from tests.conftest import ANISO_3D
 

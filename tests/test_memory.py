@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 from medimgen.config import apply_overrides, load_config
 from medimgen.config.schema import AutoencoderConfig, DiscriminatorConfig, UNetConfig
-from medimgen.losses import kl_loss
-from medimgen.networks import build_autoencoder, build_discriminator, build_unet
-from medimgen.nnunet import plan_and_preprocess
+from medimgen.models.losses import kl_loss
+from medimgen.models.networks import build_autoencoder, build_discriminator, build_unet
+from medimgen.nnunet.commands import plan_and_preprocess
 from medimgen.planning import memory as mem
 from medimgen.planning import plan_dataset
-from medimgen.synthetic import make_synthetic_dataset
+from medimgen.nnunet.synthetic import make_synthetic_dataset
 
 BIG_3D = 203
 
@@ -37,7 +37,7 @@ def h100_config():
 
 @pytest.mark.parametrize("model,dim", list(H100_MEASURED_GB))
 def test_estimate_reproduces_h100_measurements(h100_config, model, dim, monkeypatch):
-    from medimgen import networks
+    from medimgen.models import networks
 
     monkeypatch.setattr(networks, "FLASH_ATTENTION", False)  # the measured runs used MONAI's plain attention
     predicted = mem.estimate(h100_config.get(dim), model).peak_gb
@@ -112,7 +112,7 @@ def test_emulated_autocast_casts_like_cuda_autocast(build, monkeypatch):
 
     Attention runs MONAI's plain (einsum) path here: which scaled-dot-product kernel a fake CUDA
     tensor gets is not the one a real GPU picks."""
-    from medimgen import networks
+    from medimgen.models import networks
 
     monkeypatch.setattr(networks, "FLASH_ATTENTION", False)
     cuda, emulated = _dtype_trace(build, "cuda"), _dtype_trace(build, "emulated")
@@ -145,7 +145,7 @@ def test_checkpointing_lowers_the_estimate(h100_config):
 
 def test_flash_attention_keeps_attention_memory_linear(monkeypatch):
     """3D UNet with attention at a 32^3 level: plain attention holds 32768^2 scores (> 4 GiB in float32)."""
-    from medimgen import networks
+    from medimgen.models import networks
     from medimgen.planning.cuda_sim import peak_of
 
     unet_cfg = UNetConfig(channels=(32, 32), strides=((2, 2, 2),), attention_levels=(False, True), num_res_blocks=1,
@@ -226,7 +226,7 @@ def test_downscaled_plan_loads_batches_at_generated_size(planned_3d, nnunet_env)
     """The last resort (coarser spacing) crops native voxels and resamples them to image_size."""
     from medimgen.data.cases import open_cases
     from medimgen.data.loader import TrainBatches, validation_batches
-    from medimgen.plans import DatasetPlans
+    from medimgen.nnunet.plans import DatasetPlans
     from tests.conftest import ANISO_3D, plan_once
 
     cfg = mem._downscale(planned_3d, 2.0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medimgen.config import load_generation_config
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 from medimgen.planning.memory import GIB
 from medimgen.training import memory_guard
 from medimgen.training.api import train

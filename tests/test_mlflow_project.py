@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from medimgen.cli import main
-from medimgen.tracking import CONTINUES_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker
+from medimgen.runs.tracking import CONTINUES_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker
 from tests.conftest import ANISO_3D, plan_once
 from tests.training_helpers import tiny_overrides
 
@@ -98,7 +98,7 @@ def test_experiments_open_in_the_model_training_view(tmp_path, monkeypatch):
 
 def test_project_run_keeps_a_user_name_and_notes_default_once(tmp_path, capsys, monkeypatch):
     """What train/tune/evaluate do with the run `mlflow run` made: medimgen's name only over MLflow's made-up one."""
-    import medimgen.tracking as tracking
+    import medimgen.runs.tracking as tracking
 
     monkeypatch.setattr(tracking, "_noted_default", False)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from medimgen.config.schema import AutoencoderConfig, UNetConfig
-from medimgen.errors import MedimgenError
-from medimgen.networks import build_autoencoder, build_unet
+from medimgen.core.errors import MedimgenError
+from medimgen.models.networks import build_autoencoder, build_unet
 
 
 def _unet(strides, ckpt=False, dims=3):
@@ -67,7 +67,7 @@ def test_bad_network_configs_are_clear():
 # TORCH_HOME, to exercise the loading path offline; its values are not a real perceptual (LPIPS) network.
 
 def test_perceptual_missing_weights_names_file(tmp_path, monkeypatch):
-    from medimgen.perceptual import build_perceptual_loss
+    from medimgen.models.perceptual import build_perceptual_loss
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(MedimgenError) as e:
@@ -82,7 +82,7 @@ def test_perceptual_missing_weights_names_file(tmp_path, monkeypatch):
 def test_perceptual_loads_weights_from_cache(tmp_path, monkeypatch):
     import torchvision
 
-    from medimgen.perceptual import build_perceptual_loss, torchvision_weights_file
+    from medimgen.models.perceptual import build_perceptual_loss, torchvision_weights_file
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     path, _ = torchvision_weights_file("alex")

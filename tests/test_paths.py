@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medimgen import paths
-from medimgen.errors import MedimgenError
+from medimgen.core import paths
+from medimgen.core.errors import MedimgenError
 
 
 @pytest.mark.parametrize("var", paths.ENV_VARS)

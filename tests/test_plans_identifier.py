@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from medimgen.cli import main
 from medimgen.config import load_config, load_generation_config
-from medimgen.nnunet import plan_and_preprocess
-from medimgen.synthetic import make_synthetic_dataset
+from medimgen.nnunet.commands import plan_and_preprocess
+from medimgen.nnunet.synthetic import make_synthetic_dataset
 from tests.training_helpers import tiny_overrides
 
 DATASET = 231
@@ -62,7 +62,7 @@ def test_non_default_plans_identifier_trains_and_samples(tmp_path, monkeypatch):
     assert img.header.get_zooms()[:2] == pytest.approx(tuple(cfg.data.spacing[::-1]), rel=1e-5)
 
     from medimgen.evaluation.api import real_images
-    from medimgen.runs import TrainedModel
+    from medimgen.runs.folders import TrainedModel
 
     target = TrainedModel.from_run(run)
     assert target.dataset == NAME

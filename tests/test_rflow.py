@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from medimgen.cli import main
 from medimgen.config import apply_overrides, load_config
 from medimgen.config.io import render_yaml
-from medimgen.diffusion import noised, sampling_scheduler, training_scheduler
-from medimgen.errors import MedimgenError
-from medimgen.sampling import from_run
+from medimgen.models.diffusion import noised, sampling_scheduler, training_scheduler
+from medimgen.core.errors import MedimgenError
+from medimgen.generation.sampler import from_run
 from medimgen.training.api import train
 from tests.conftest import ANISO_3D
 from tests.training_helpers import tiny_overrides

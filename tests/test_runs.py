@@ -10,10 +10,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from medimgen.atomic import atomic_path
+from medimgen.core.atomic import atomic_path
 from medimgen.cli import main
 from medimgen.config import apply_overrides
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 from medimgen.training.api import RunSetup, train
 from medimgen.training.lock import RunLock
 from tests.conftest import ANISO_3D

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from medimgen.cli import main
 from medimgen.data.intensity import IntensityMap
-from medimgen.nnunet import plan_and_preprocess
-from medimgen.requests import ModelRef, SampleOptions
-from medimgen.sampling import from_run, sample_to_folder
+from medimgen.nnunet.commands import plan_and_preprocess
+from medimgen.core.requests import ModelRef, SampleOptions
+from medimgen.generation.sampler import from_run, sample_to_folder
 from tests.conftest import ANISO_3D, FLAT_2D, plan_once
 
 
@@ -93,7 +93,7 @@ def test_resample_to_original_spacing(flow_3d, tmp_path):
 
 
 def test_ct_samples_in_hounsfield_range(nnunet_env, workspace, tmp_path, monkeypatch):
-    from medimgen.plans import DatasetPlans
+    from medimgen.nnunet.plans import DatasetPlans
     from medimgen.training.api import train
     from tests.training_helpers import tiny_overrides
 
@@ -164,7 +164,7 @@ def test_moved_results_folder_keeps_the_ldm_working(flow_2d, nnunet_env, tmp_pat
     with the original autoencoder run out of the way."""
     import shutil
 
-    from medimgen.runs import RunDir, read_checkpoint
+    from medimgen.runs.folders import RunDir, read_checkpoint
 
     ldm = RunDir(flow_2d["ldm"].run_dir)
     dataset_root = ldm.root.parents[2]  # results/DatasetXXX

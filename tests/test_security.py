@@ -13,9 +13,9 @@ import torch
 from click.testing import CliRunner
 
 from medimgen.cli import main
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 from medimgen.evaluation.features import NnUNetEncoderFeatures
-from medimgen.sampling import Sampler, from_run
+from medimgen.generation.sampler import Sampler, from_run
 from tests.conftest import ANISO_3D, FLAT_2D
 
 
@@ -95,7 +95,7 @@ def test_sampling_geometry_comes_from_the_run_folder_alone(flow_3d, nnunet_roots
 
 def test_nnunet_written_checkpoint_loads_weights_only(nnunet_env, tmp_path, monkeypatch):
     """A checkpoint written by nnU-Net's own trainer (a real, very short run): numpy scalars inside."""
-    from medimgen.nnunet import train_nnunet_briefly
+    from medimgen.nnunet.commands import train_nnunet_briefly
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from medimgen.errors import MedimgenError
-from medimgen.segbench import MEAN, check_splits, compare, label_names, markdown_table, read_summary
+from medimgen.core.errors import MedimgenError
+from medimgen.benchmark.segmentation import MEAN, check_splits, compare, label_names, markdown_table, read_summary
 
 REAL = [f"case_{i:03d}" for i in range(6)]
 SYNTH = ["synth_0000", "synth_0001"]
@@ -86,7 +86,7 @@ def test_table_from_nnunet_summaries(tmp_path):
 
 
 def test_broken_nnunet_files_are_one_line(tmp_path):
-    from medimgen.segbench import _fold_of
+    from medimgen.benchmark.segmentation import _fold_of
 
     bad = tmp_path / "summary.json"
     bad.write_text("{not json")
@@ -113,9 +113,9 @@ def test_benchmark_end_to_end_on_a_tiny_2d_dataset(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from medimgen.cli import main
-    from medimgen.nnunet import plan_and_preprocess
+    from medimgen.nnunet.commands import plan_and_preprocess
     from medimgen.planning import plan_dataset
-    from medimgen.synthetic import make_synthetic_dataset
+    from medimgen.nnunet.synthetic import make_synthetic_dataset
     from medimgen.training.api import train
     from tests.training_helpers import tiny_overrides
 

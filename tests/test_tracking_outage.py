@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from medimgen.tracking import HTTP_LIMITS, Tracker
+from medimgen.runs.tracking import HTTP_LIMITS, Tracker
 from medimgen.training.api import RunSetup, train
-from medimgen.runs import RunDir
+from medimgen.runs.folders import RunDir
 from tests.conftest import ANISO_3D
 from tests.training_helpers import tiny_overrides
 

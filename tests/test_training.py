@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from medimgen.cli import main
 from medimgen.config import load_generation_config
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 from medimgen.training.api import train
 from tests.conftest import ANISO_3D, plan_once
 from tests.training_helpers import tiny_overrides
@@ -230,7 +230,7 @@ def test_autoencoder_with_perceptual_loss_from_cached_weights(workspace, tmp_pat
     """
     import torchvision
 
-    from medimgen.perceptual import torchvision_weights_file
+    from medimgen.models.perceptual import torchvision_weights_file
     from tests.conftest import FLAT_2D
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from medimgen.cli import main
 from medimgen.config import is_user_edited, load_config
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 from medimgen.tuning.space import default_space_path, load_space
 from tests.training_helpers import tiny_overrides
 
@@ -40,9 +40,9 @@ autoencoder:
 @pytest.fixture(scope="module")
 def tune_env(nnunet_roots, tmp_path_factory):
     """A small 2D CT dataset of its own (planned and preprocessed by nnU-Net), own results, MLflow DB and cwd."""
-    from medimgen.nnunet import plan_and_preprocess
+    from medimgen.nnunet.commands import plan_and_preprocess
     from medimgen.planning import plan_dataset
-    from medimgen.synthetic import make_synthetic_dataset
+    from medimgen.nnunet.synthetic import make_synthetic_dataset
     from tests.nnunet_helpers import make_nnunet_model
 
     base = tmp_path_factory.mktemp("tune")
@@ -118,7 +118,7 @@ def test_space_keys_are_checked_against_the_config_and_derived_values_apply(tune
     assert tuned.losses.kl_weight == 1e-5
     # the ControlNet's embedding follows the shallower autoencoder to the same latent size (it builds)
     assert tuned.controlnet.conditioning_strides == cfg.autoencoder.strides[:1]
-    from medimgen.networks import build_controlnet
+    from medimgen.models.networks import build_controlnet
 
     build_controlnet(tuned)
 
@@ -400,9 +400,9 @@ def test_objectives_and_the_real_images_they_need(tune_env, monkeypatch):
     fall-back from too few val images to val + train (never test)."""
     import torch
 
-    from medimgen.tuning import metrics
+    from medimgen.tuning import objectives as metrics
     from medimgen.tuning.objective import TrialObjective
-    from medimgen.tuning.runs import StudyRuns
+    from medimgen.tuning.study_runs import StudyRuns
 
     assert metrics.choose_metrics(None, "autoencoder", "pareto", None, lambda: False)[0] == ("ms_ssim_loss", "l1")
     assert metrics.choose_metrics(None, "autoencoder", "pareto", None, lambda: True) == (("rfid", "ms_ssim_loss"), None)
@@ -448,7 +448,7 @@ def test_objectives_and_the_real_images_they_need(tune_env, monkeypatch):
 
 
 def test_train_feature_nnunet_command(tune_env, monkeypatch):
-    """`medimgen train-feature-nnunet`: a thin CLI over medimgen.nnunet.train_feature_nnunet (the demo's short
+    """`medimgen train-feature-nnunet`: a thin CLI over medimgen.nnunet.commands.train_feature_nnunet (the demo's short
     nnU-Net trainer, run for real in test_security)."""
     calls = []
 
@@ -456,7 +456,7 @@ def test_train_feature_nnunet_command(tune_env, monkeypatch):
         calls.append((dataset_id, configuration, fold, epochs, iterations, device))
         return Path("/results/Dataset211_Tune/nnUNetTrainerMedimgenDemo__nnUNetPlans__2d")
 
-    monkeypatch.setattr("medimgen.nnunet.train_nnunet_briefly", fake)
+    monkeypatch.setattr("medimgen.nnunet.commands.train_nnunet_briefly", fake)
     res = CliRunner().invoke(main, ["train-feature-nnunet", "-d", str(TUNE_2D), "-t", "2d", "--iterations", "3",
                                     "--device", "cpu"])
     assert res.exit_code == 0, res.output

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 from medimgen.tuning.study import open_storage, study_lock
 from tests import postgres_helpers
 from tests.training_helpers import tiny_overrides
@@ -166,9 +166,9 @@ def shared_env(nnunet_roots, tmp_path_factory, postgres):
     shared tracking store of machines that share a study)."""
     from mlflow import MlflowClient
 
-    from medimgen.nnunet import plan_and_preprocess
+    from medimgen.nnunet.commands import plan_and_preprocess
     from medimgen.planning import plan_dataset
-    from medimgen.synthetic import make_synthetic_dataset
+    from medimgen.nnunet.synthetic import make_synthetic_dataset
 
     base = tmp_path_factory.mktemp("shared")
     make_synthetic_dataset(nnunet_roots["nnUNet_raw"], SHARED_2D, "Shared", num_cases=12, shape=(48, 48),

@@ -116,7 +116,7 @@ def _one_line_error(result) -> str:
 
 
 def test_download_alex_then_a_perceptual_training_step(torch_home, tmp_path, server, test_made_alexnet):
-    from medimgen.perceptual import build_perceptual_loss, torchvision_weights_file
+    from medimgen.models.perceptual import build_perceptual_loss, torchvision_weights_file
 
     server.files[ALEX_URL_PATH] = test_made_alexnet
     r = CliRunner().invoke(main, ["weights", "download", "alex", "--mirror", server.url,
@@ -154,7 +154,7 @@ def test_download_alex_then_a_perceptual_training_step(torch_home, tmp_path, ser
 
 def test_resume_continues_a_partial_download_with_a_range_request(torch_home, tmp_path, server, test_made_alexnet,
                                                                   monkeypatch):
-    from medimgen.weights import torchvision_weights_file
+    from medimgen.models.weights import torchvision_weights_file
 
     server.files[ALEX_URL_PATH] = test_made_alexnet
     dest, _ = torchvision_weights_file("alex")
@@ -172,7 +172,7 @@ def test_resume_continues_a_partial_download_with_a_range_request(torch_home, tm
 
 
 def test_checksum_mismatch_is_one_line_and_leaves_no_file(torch_home, server, test_made_alexnet):
-    from medimgen.weights import torchvision_weights_file
+    from medimgen.models.weights import torchvision_weights_file
 
     server.files[ALEX_URL_PATH] = test_made_alexnet  # not the file whose sha256 starts with 7be5be79
     r = CliRunner().invoke(main, ["weights", "download", "alex", "--mirror", server.url])

@@ -19,7 +19,7 @@ import yaml
 
 from medimgen.config.schema import DIMS, DatasetInfo, GenerationConfig, MedimgenConfig
 from medimgen.config.validate import check_field, check_generation
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 # Results that configs written before the `derived` section kept among the inputs: (section, key) -> derived key.
 # Every train_* section had a latent_scale_factor; only the LDM's was ever set (the others were null).

@@ -109,7 +109,7 @@ class DataConfig:
     generate_labels: bool = doc(
         "generate a label map with every image (joint model): planned true when dataset.json has real labels "
         "(not the body masks `medimgen import` makes); the labels enter the networks as one-hot channels after "
-        "the image channels (medimgen.labels)", False)
+        "the image channels (medimgen.models.labels)", False)
     label_values: tuple[int, ...] = doc(
         "nnU-Net label values of the foreground labels a joint model generates (dataset.json labels; background 0 "
         "is implied)", default_factory=tuple, ge=1)
@@ -337,7 +337,7 @@ class MedimgenConfig:
     medimgen_version: str = __version__
 
     def get(self, dim: str) -> GenerationConfig:
-        from medimgen.errors import MedimgenError
+        from medimgen.core.errors import MedimgenError
 
         if dim not in self.configs:
             raise MedimgenError(

@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from medimgen.config.schema import AutoencoderConfig, GenerationConfig, UNetConfig
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 _OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
         "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 
 def open_cases(folder: Path | str, identifiers: list[str] | None = None):

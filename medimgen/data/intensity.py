@@ -4,7 +4,7 @@ model = r0 + (norm - low) / (high - low) * (r1 - r0)   (per channel, clipped to 
 original = norm * std + mean                             (per channel; model values <= r0: ``raw_background``)
 
 ``mean``/``std`` are the offset and scale nnU-Net's normalisation removed (config
-``intensity_case_mean/std``, planned by medimgen.planning.intensity). CT is exact: nnU-Net's
+``intensity_case_mean/std``, planned by medimgen.planning.intensity_stats). CT is exact: nnU-Net's
 CTNormalization is (clip(HU, p0.5, p99.5) - mean) / std with the fingerprint's values, so the
 inverse gives HU back (up to that clip). Per-case z-scored MRI has no dataset-wide units: a case
 is mapped back exactly with its own mean/std, and a generated image with a representative case's

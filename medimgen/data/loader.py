@@ -24,8 +24,8 @@ import torch
 from medimgen.config.schema import GenerationConfig
 from medimgen.data.cases import load_case, open_cases
 from medimgen.data.intensity import IntensityMap
-from medimgen.errors import MedimgenError
-from medimgen.plans import DatasetPlans
+from medimgen.core.errors import MedimgenError
+from medimgen.nnunet.plans import DatasetPlans
 
 MILD_ROTATION_DEG = 10.0
 MILD_SCALING = (0.9, 1.1)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medimgen.atomic import write_bytes_atomic
-from medimgen.errors import MedimgenError
+from medimgen.core.atomic import write_bytes_atomic
+from medimgen.core.errors import MedimgenError
 
 SPLITTINGS = ("train-val-test", "5-fold")
 SPLIT_FILE = "medimgen_splits.json"

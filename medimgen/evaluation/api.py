@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from medimgen.config.schema import GenerationConfig
-from medimgen.devices import resolve_device
-from medimgen.errors import MedimgenError
+from medimgen.core.devices import resolve_device
+from medimgen.core.errors import MedimgenError
 from medimgen.evaluation.features import FeatureExtractor, build_extractor
 from medimgen.evaluation.metrics import frechet_distance, mean_pairwise_ms_ssim, mmd, reconstruction_metrics
-from medimgen.requests import ModelRef, SampleOptions
-from medimgen.labels import dice_per_label, join, label_channels, split
-from medimgen.runs import TrainedModel
-from medimgen.sampling import Sampler
+from medimgen.core.requests import ModelRef, SampleOptions
+from medimgen.models.labels import dice_per_label, join, label_channels, split
+from medimgen.runs.folders import TrainedModel
+from medimgen.generation.sampler import Sampler
 
 SUBSETS = ("val", "test", "train", "all")
 
@@ -47,7 +47,7 @@ def real_cases(cfg: GenerationConfig, dataset: str, subset: str = "test", splitt
     from medimgen.data.cases import open_cases
     from medimgen.data.loader import validation_samples
     from medimgen.data.splits import get_split
-    from medimgen.plans import DatasetPlans
+    from medimgen.nnunet.plans import DatasetPlans
 
     if subset not in SUBSETS:
         raise MedimgenError(f"real images must come from one of {', '.join(SUBSETS)}, got {subset!r}")
@@ -118,7 +118,7 @@ def label_dice_scores(recon: torch.Tensor, real: torch.Tensor, cfg: GenerationCo
 
 def _lpips(recon: torch.Tensor, real: torch.Tensor, device: torch.device) -> float | None:
     """LPIPS (AlexNet, through MONAI's PerceptualLoss) when its weights are on disk, else None."""
-    from medimgen.perceptual import build_perceptual_loss, check_weights_available
+    from medimgen.models.perceptual import build_perceptual_loss, check_weights_available
 
     try:
         check_weights_available("alex")
@@ -150,7 +150,7 @@ def label_sanity_scores(images: torch.Tensor, labels: torch.Tensor, real_labels:
     generated image's foreground (body mask of the first channel, as `medimgen import` makes: near 1 expected)."""
     import numpy as np
 
-    from medimgen.importer import foreground_mask
+    from medimgen.nnunet.importer import foreground_mask
 
     gen = labels[:, 0].numpy()
     allowed = {0, *(int(v) for v in cfg.data.label_values)}
@@ -219,7 +219,7 @@ def _json_safe(obj):
 
 def _log_to_mlflow(report: dict, json_path: Path, parent_run_id: str | None) -> str | None:
     """A new evaluation run, nested under the model's own run when that run is known."""
-    from medimgen.tracking import log_side_run
+    from medimgen.runs.tracking import log_side_run
 
     params = {"num_samples": report["num_generated"], "real_subset": report["real"]["subset"],
               "real_images": report["real"]["images"], "seed": report["seed"],
@@ -279,7 +279,7 @@ def _notes(scores: dict, kind: str, extractor: str, feats, num_real: int, num_sa
 
 
 def _write_report(report: dict, path: Path) -> Path:
-    from medimgen.atomic import write_bytes_atomic
+    from medimgen.core.atomic import write_bytes_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_bytes_atomic(path, json.dumps(_json_safe(report), indent=2, default=float).encode())

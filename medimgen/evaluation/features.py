@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medimgen.errors import MedimgenError
-from medimgen.weights import HUB_REPO, checkpoint_path, hub_repo_dir
+from medimgen.core.errors import MedimgenError
+from medimgen.models.weights import HUB_REPO, checkpoint_path, hub_repo_dir
 
 HUB_NETWORKS = {"radimagenet_resnet50": 2, "medicalnet_resnet10_23datasets": 3, "medicalnet_resnet50_23datasets": 3}
 NNUNET_CONFIGURATION = {2: "2d", 3: "3d_fullres"}
@@ -151,7 +151,7 @@ class NnUNetEncoderFeatures(FeatureExtractor):
 
 def find_nnunet_model(dataset: str, spatial_dims: int, plans_identifier: str = "nnUNetPlans") -> tuple[Path, str] | None:
     """(model folder, fold) of a finished nnU-Net training of ``dataset`` with the matching configuration."""
-    from medimgen.paths import nnunet_results
+    from medimgen.core.paths import nnunet_results
 
     try:
         root = nnunet_results() / dataset

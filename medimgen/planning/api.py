@@ -12,12 +12,12 @@ from typing import Sequence
 from medimgen import __version__
 from medimgen.config.io import apply_overrides, is_user_edited, load_config, save_config
 from medimgen.config.schema import DIFFUSION_MODELS, DatasetInfo, MedimgenConfig
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 from medimgen.planning.heuristics import plan_generation
-from medimgen.planning.intensity import case_statistics, intensity_bounds, intensity_statistics
+from medimgen.planning.intensity_stats import case_statistics, intensity_bounds, intensity_statistics
 from medimgen.planning.memory import detect_gpu_memory_gb, fit_to_memory
-from medimgen.paths import CONFIG_NAME
-from medimgen.plans import DatasetPlans
+from medimgen.core.paths import CONFIG_NAME
+from medimgen.nnunet.plans import DatasetPlans
 
 
 HEADER = """medimgen generation config for {name}, planned from {plans}.json by medimgen {version}.
@@ -45,7 +45,7 @@ def weights_notes(planned: dict, fitted: MedimgenConfig, offline: bool) -> list[
     """One line per perceptual network whose pretrained weights are absent, with the download command.
 
     ``planned``: {dim: network} as the heuristics planned it; ``fitted``: the final config."""
-    from medimgen.weights import download_command, hub_dir, weights_present
+    from medimgen.models.weights import download_command, hub_dir, weights_present
 
     absent: dict[tuple[str, bool], list[str]] = {}
     for dim, c in fitted.configs.items():
@@ -103,7 +103,7 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overri
         configs[dim] = plan_generation(plans, dim, low, high, target, intensity_stats=stats)
     planned = {dim: c.losses.perceptual_network for dim, c in configs.items()}
     if offline:
-        from medimgen.weights import weights_present
+        from medimgen.models.weights import weights_present
 
         configs = {dim: c if weights_present(c.losses.perceptual_network) else
                    dataclasses.replace(c, losses=dataclasses.replace(c.losses, perceptual_network="none"))

@@ -247,8 +247,8 @@ def _frozen(modules):
 
 
 def _diffusion_parts(cfg: GenerationConfig, model: str):
-    from medimgen.diffusion import noised, training_scheduler
-    from medimgen.networks import autoencoder_for, unet_for
+    from medimgen.models.diffusion import noised, training_scheduler
+    from medimgen.models.networks import autoencoder_for, unet_for
     sched_cfg = cfg.scheduler_for(model)
     scheduler = training_scheduler(sched_cfg, cfg.data.spatial_dims)
     frozen = None
@@ -273,9 +273,9 @@ def _diffusion_parts(cfg: GenerationConfig, model: str):
 
 def _controlnet_parts(cfg: GenerationConfig):
     """A ControlNet step: the frozen base UNet (and an LDM's frozen autoencoder) around the trained ControlNet."""
-    from medimgen.diffusion import target_for, training_scheduler
-    from medimgen.labels import condition_channels
-    from medimgen.networks import autoencoder_for, build_controlnet, enable_unet_checkpointing, unet_for
+    from medimgen.models.diffusion import target_for, training_scheduler
+    from medimgen.models.labels import condition_channels
+    from medimgen.models.networks import autoencoder_for, build_controlnet, enable_unet_checkpointing, unet_for
 
     base = cfg.controlnet_base()
     sched_cfg = cfg.scheduler_for(base)
@@ -312,7 +312,7 @@ def _perceptual(cfg: GenerationConfig):
     from monai.losses import PerceptualLoss
     from torch import nn
 
-    from medimgen.losses import PerChannel
+    from medimgen.models.losses import PerChannel
 
     network = cfg.losses.perceptual_network
     if network == "none" or cfg.losses.perceptual_weight <= 0:
@@ -369,9 +369,9 @@ class _FeatureDistance(torch.nn.Module):
 def _autoencoder_parts(cfg: GenerationConfig):
     from monai.losses import PatchAdversarialLoss
 
-    from medimgen.losses import kl_loss
-    from medimgen.labels import label_channels
-    from medimgen.networks import autoencoder_for, build_discriminator
+    from medimgen.models.losses import kl_loss
+    from medimgen.models.labels import label_channels
+    from medimgen.models.networks import autoencoder_for, build_discriminator
 
     nd, ch = cfg.data.spatial_dims, cfg.data.in_channels
     ae = autoencoder_for(cfg)
@@ -424,7 +424,7 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
     train = cfg.train_for(model)
     amp = train.amp != "off"  # 'auto' is AMP on any GPU this plan targets
     accum = max(1, train.grad_accumulation_steps)
-    from medimgen.labels import network_channels
+    from medimgen.models.labels import network_channels
 
     shape = (train.batch_size, network_channels(cfg), *cfg.data.image_size)
     tracker = LiveBytes()

@@ -67,7 +67,7 @@ def _tensors(build) -> Tensors:
 
 def _networks(cfg: GenerationConfig, model: str) -> tuple[Tensors, Tensors, Tensors]:
     """(sampling network of the run, other trained networks, networks bundled only in the registered model)."""
-    from medimgen.networks import build_autoencoder, build_discriminator, build_unet
+    from medimgen.models.networks import build_autoencoder, build_discriminator, build_unet
 
     nd, c = cfg.data.spatial_dims, cfg.data.in_channels
     if model == "autoencoder":

@@ -25,9 +25,9 @@ from medimgen.config.schema import (
     TrainConfig,
     UNetConfig,
 )
-from medimgen.networks import total_stride
-from medimgen.labels import real_labels
-from medimgen.plans import NNUNET_CONFIGURATION, DatasetPlans
+from medimgen.models.networks import total_stride
+from medimgen.models.labels import real_labels
+from medimgen.nnunet.plans import NNUNET_CONFIGURATION, DatasetPlans
 
 # --- constants of the rules (documented in docs/heuristics.md)
 AE_DOWNSAMPLINGS = {2: 3, 3: 2}  # seed: 2-3 downsamplings at most, else details are lost
@@ -219,7 +219,7 @@ def plan_generation(
 ) -> GenerationConfig:
     """The complete generation config for ``dim`` ('2d' or '3d') of a preprocessed dataset.
 
-    ``intensity_stats``: medimgen.planning.intensity.IntensityStatistics (how samples go back to the
+    ``intensity_stats``: medimgen.planning.intensity_stats.IntensityStatistics (how samples go back to the
     dataset's units); None leaves those fields empty (the fingerprint's mean/std are used)."""
     cm = plans.configuration(dim)
     lv = _levels(cm)

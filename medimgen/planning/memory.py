@@ -115,8 +115,8 @@ def _simulated(cfg: GenerationConfig, model: str, batch: int):
         cfg.unet_for(model), cfg.scheduler_for(model),
         cfg.autoencoder if model == "ldm" or (model == "controlnet" and cfg.controlnet_base() == "ldm") else None,
         (cfg.controlnet, len(cfg.data.label_values)) if model == "controlnet" else None)
-    from medimgen import networks
-    from medimgen.labels import autoencoder_out_channels, network_channels
+    from medimgen.models import networks
+    from medimgen.models.labels import autoencoder_out_channels, network_channels
 
     key = (model, cfg.data.spatial_dims, network_channels(cfg), autoencoder_out_channels(cfg), tuple(cfg.data.image_size),
            nets, key_train,

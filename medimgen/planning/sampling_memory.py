@@ -5,7 +5,7 @@ batch of noises and then the decoder on the final latents. That is simulated wit
 machinery (planning/cuda_sim.peak_of: the real forward on fake tensors under CUDA's autocast policy, live bytes
 counted as CUDA's caching allocator counts them) times the same calibrated ``CUDA_OVERHEAD``, so the number is
 what ``torch.cuda.max_memory_allocated`` reports. When the decoding does not fit the usable memory of the target
-(planning/memory.usable_bytes), the decoder runs on latent windows (medimgen.decoding): the largest window, made by
+(planning/memory.usable_bytes), the decoder runs on latent windows (medimgen.models.decoding): the largest window, made by
 halving the axis with most decoded voxels, whose predicted peak fits.
 """
 
@@ -67,16 +67,16 @@ def predict_peak(cfg: GenerationConfig, model: str, batch: int = 1, tile: tuple[
 
 
 def _simulate(cfg: GenerationConfig, model: str, batch: int, tile, amp: bool, unet: bool) -> int:
-    from medimgen.decoding import decoder
-    from medimgen.diffusion import sample_shape
-    from medimgen.networks import autoencoder_for, unet_for
+    from medimgen.models.decoding import decoder
+    from medimgen.models.diffusion import sample_shape
+    from medimgen.models.networks import autoencoder_for, unet_for
     from medimgen.planning.cuda_sim import peak_of
 
     shape = sample_shape(cfg, model, batch)
     # made for real before the fake tensors: MONAI reads a value of the blending weights
     weights = None
     if tile is not None:
-        from medimgen.decoding import window_weights
+        from medimgen.models.decoding import window_weights
 
         weights = window_weights(tuple(min(t, n) for t, n in zip(tile, shape[2:])))
 
@@ -103,8 +103,8 @@ def _simulate(cfg: GenerationConfig, model: str, batch: int, tile, amp: bool, un
 
 def latent_tiles(cfg: GenerationConfig):
     """Latent windows from the whole latent down, each halving the axis with the most decoded voxels."""
-    from medimgen.decoding import halo
-    from medimgen.networks import latent_size, total_stride
+    from medimgen.models.decoding import halo
+    from medimgen.models.networks import latent_size, total_stride
 
     up = total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims)
     low = [min(n, max(MIN_TILE, h)) for n, h in zip(latent_size(cfg), halo(cfg.autoencoder, cfg.data.spatial_dims))]

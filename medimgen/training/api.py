@@ -10,20 +10,21 @@ from typing import Callable, Sequence
 
 import torch
 
-from medimgen import __version__, distributed
+from medimgen import __version__
+from medimgen.core import distributed
 from medimgen.config import (apply_overrides, flatten, load_config, load_generation_config, render_generation_config,
                              save_generation_config)
 from medimgen.config.schema import DIMS, MODELS, SAMPLING_MODELS, GenerationConfig
 from medimgen.data.cases import open_cases
 from medimgen.data.loader import TrainBatches, validation_batches
 from medimgen.data.splits import get_split
-from medimgen.devices import amp_dtype, resolve_device
-from medimgen.errors import MedimgenError
-from medimgen.geometry import case_geometry, save_geometry
-from medimgen.paths import CONFIG_NAME
-from medimgen.plans import DatasetPlans
-from medimgen.runs import RunDir, log_run_model
-from medimgen.tracking import Tracker, git_commit, sigterm_interrupts
+from medimgen.core.devices import amp_dtype, resolve_device
+from medimgen.core.errors import MedimgenError
+from medimgen.data.geometry import case_geometry, save_geometry
+from medimgen.core.paths import CONFIG_NAME
+from medimgen.nnunet.plans import DatasetPlans
+from medimgen.runs.folders import RunDir, log_run_model
+from medimgen.runs.tracking import Tracker, git_commit, sigterm_interrupts
 from medimgen.training.lock import RunLock
 from medimgen.training.loop import LoopOptions, Trainer, seed_everything
 from medimgen.training.memory_guard import MemoryGuard
@@ -90,7 +91,7 @@ def build_task(model: str, cfg: GenerationConfig, device: torch.device, plans: D
         from medimgen.training.controlnet import ControlNetTask, find_base
 
         if run.last.is_file():  # continuing: the base the run was trained on (its checkpoint's relative path)
-            from medimgen.runs import read_checkpoint
+            from medimgen.runs.folders import read_checkpoint
 
             base = RunDir((run.root / read_checkpoint(run.last, mmap=True)["extra"]["base_run"]).resolve())
         else:

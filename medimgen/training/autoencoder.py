@@ -2,7 +2,7 @@
 
 Joint models (``data.generate_labels``) encode image + one-hot label channels and decode image channels + one
 logit per class; the label logits add cross-entropy + Dice (``losses.label_ce_weight``/``label_dice_weight``),
-and validation reports the label Dice of the reconstructions (medimgen.labels)."""
+and validation reports the label Dice of the reconstructions (medimgen.models.labels)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from medimgen.config.schema import GenerationConfig
-from medimgen.labels import class_index, dice_per_label, join, label_channels, logits_to_labels
-from medimgen.losses import kl_loss, label_loss
-from medimgen.networks import autoencoder_for, build_discriminator
-from medimgen.perceptual import build_perceptual_loss
+from medimgen.models.labels import class_index, dice_per_label, join, label_channels, logits_to_labels
+from medimgen.models.losses import kl_loss, label_loss
+from medimgen.models.networks import autoencoder_for, build_discriminator
+from medimgen.models.perceptual import build_perceptual_loss
 from medimgen.training.outputs import PLOT_EXAMPLES, plot_images
 
 

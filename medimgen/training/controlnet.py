@@ -4,7 +4,7 @@ As in MONAI's ControlNet tutorial (and NVIDIA MAISI): the ControlNet starts as a
 weights (its zero-initialised output convolutions make it a no-op at first), the base UNet stays frozen, and the
 ControlNet learns the usual noise-prediction loss with its residuals added to the base UNet's skip connections.
 It reads the label map as one-hot channels (background first) at image size; for an LDM its conditioning
-embedding downsamples them to the latent size by the autoencoder's strides (medimgen.networks.build_controlnet).
+embedding downsamples them to the latent size by the autoencoder's strides (medimgen.models.networks.build_controlnet).
 
 The base is the best checkpoint of the dataset's trained ``ldm`` run of the same split, else its ``ddpm``
 (``controlnet.base`` picks one). The run's config is the base run's own config (its networks, scheduler, latent
@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from medimgen.config.schema import DIFFUSION_MODELS, GenerationConfig
-from medimgen.diffusion import generate, latent_decoder, noised, training_scheduler
-from medimgen.errors import MedimgenError
-from medimgen.labels import condition_channels, join
-from medimgen.networks import build_controlnet, enable_unet_checkpointing
-from medimgen.runs import RunDir, TrainedModel, autoencoder_reference
+from medimgen.models.diffusion import generate, latent_decoder, noised, training_scheduler
+from medimgen.core.errors import MedimgenError
+from medimgen.models.labels import condition_channels, join
+from medimgen.models.networks import build_controlnet, enable_unet_checkpointing
+from medimgen.runs.folders import RunDir, TrainedModel, autoencoder_reference
 from medimgen.training.ddpm import PLOT_SEED, VAL_SEED
 from medimgen.training.outputs import PLOT_EXAMPLES, plot_images
 

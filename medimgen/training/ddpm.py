@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medimgen.config.schema import GenerationConfig
-from medimgen.diffusion import generate, noised, training_scheduler
-from medimgen.labels import join, label_channels, network_channels
-from medimgen.networks import build_unet
+from medimgen.models.diffusion import generate, noised, training_scheduler
+from medimgen.models.labels import join, label_channels, network_channels
+from medimgen.models.networks import build_unet
 from medimgen.training.outputs import PLOT_EXAMPLES, plot_images
 
 VAL_SEED = 1234

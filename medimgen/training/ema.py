@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from medimgen.runs import unwrap_ema
+from medimgen.runs.folders import unwrap_ema
 
 WARMUP_OFFSET = 10  # d(n) = (1 + n) / (WARMUP_OFFSET + n): diffusers' EMAModel (use_ema_warmup=False)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from medimgen.config.schema import GenerationConfig
-from medimgen.diffusion import latent_decoder
-from medimgen.errors import MedimgenError
-from medimgen.runs import RunDir, autoencoder_reference, load_autoencoder
+from medimgen.models.diffusion import latent_decoder
+from medimgen.core.errors import MedimgenError
+from medimgen.runs.folders import RunDir, autoencoder_reference, load_autoencoder
 from medimgen.training.ddpm import DiffusionTask
 
 SCALE_BATCHES = 8

@@ -10,7 +10,7 @@ import os
 import warnings
 from pathlib import Path
 
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 try:
     import fcntl

@@ -21,7 +21,7 @@ extra state (LDM: latent scale factor, autoencoder checkpoint), model kind, epoc
 MLflow run id, marked ``"weights_only": True``. Readers that sample take best.pt, else last.pt
 (a run that has not validated yet); only resuming reads last.pt.
 
-Several ranks (torchrun, medimgen.distributed): the trained modules run their forward passes through
+Several ranks (torchrun, medimgen.core.distributed): the trained modules run their forward passes through
 DistributedDataParallel, gradients are averaged once per optimiser step, training losses are averaged over the
 ranks; rank 0 alone validates, plots, writes and logs, and hands its metrics to the others. last.pt keeps every
 rank's RNG state (``rng_ranks``), so a run resumed on as many ranks draws what it would have drawn.
@@ -42,15 +42,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from medimgen import distributed
+from medimgen.core import distributed
 from medimgen.config.schema import TrainConfig
-from medimgen.devices import amp_dtype, autocast
-from medimgen.errors import MedimgenError
-from medimgen.tracking import Tracker
+from medimgen.core.devices import amp_dtype, autocast
+from medimgen.core.errors import MedimgenError
+from medimgen.runs.tracking import Tracker
 from medimgen.training.ema import WeightEMA
 from medimgen.training.memory_guard import Refit
-from medimgen.atomic import write_json_atomic
-from medimgen.runs import RunDir, read_checkpoint, write_checkpoint
+from medimgen.core.atomic import write_json_atomic
+from medimgen.runs.folders import RunDir, read_checkpoint, write_checkpoint
 from medimgen.training.outputs import plot_losses, plot_note
 
 CHECKPOINT_FORMAT = 1

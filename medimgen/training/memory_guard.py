@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from medimgen.config.schema import GenerationConfig
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 CHECK_STEPS = 2
 WARN_RATIO = 0.10
@@ -120,7 +120,7 @@ class MemoryGuard:
 
 def apply_checkpointing(modules: dict, cfg: GenerationConfig, model: str) -> None:
     """Switch on activation checkpointing in live networks when the re-fitted config asks for it."""
-    from medimgen.networks import (enable_autoencoder_checkpointing, enable_controlnet_checkpointing,
+    from medimgen.models.networks import (enable_autoencoder_checkpointing, enable_controlnet_checkpointing,
                                    enable_unet_checkpointing)
 
     if model == "controlnet":

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medimgen.atomic import atomic_path
+from medimgen.core.atomic import atomic_path
 
 
 def _matplotlib():
@@ -69,8 +69,8 @@ PLOT_MIN_SIZE = 256  # px on the short side of every shown image (nearest-neighb
 
 def plot_geometry(path_stem: Path):
     """The geometry.json of the run a plot belongs to (``<run>/plots/epoch_NNNN``), None when absent or unreadable."""
-    from medimgen.errors import MedimgenError
-    from medimgen.geometry import FILE, Geometry
+    from medimgen.core.errors import MedimgenError
+    from medimgen.data.geometry import FILE, Geometry
 
     path = Path(path_stem).parent.parent / FILE
     try:
@@ -115,13 +115,13 @@ def save_images(rows, path_stem: Path, value_range=(-1.0, 1.0), title: str = "",
     first preprocessed axis (the through-plane one) for 3D, one frame per slice, named in the header.
 
     ``rows``: a list of rows, each a list of images (a flat list of images is one row). Slices are shown
-    in radiological orientation (medimgen.geometry.radiological_view: the patient's left on the image's
+    in radiological orientation (medimgen.data.geometry.radiological_view: the patient's left on the image's
     right, anterior/superior up) from ``geometry`` (the run's geometry.json; None: arrays as stored) and
     upscaled with nearest neighbours so that each image is at least PLOT_MIN_SIZE px on its short side,
     with square pixels in mm when ``spacing`` (of the two shown axes) is given."""
     from PIL import Image, ImageDraw
 
-    from medimgen.geometry import radiological_view
+    from medimgen.data.geometry import radiological_view
 
     if rows and not isinstance(rows[0], (list, tuple)):
         rows = [rows]

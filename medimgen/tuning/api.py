@@ -7,7 +7,7 @@
   machines; Optuna's heartbeat fails a dead worker's trial, which then runs again, and all workers
   share one MLflow parent run). An existing study is continued (``load_if_exists``): ``--trials N``
   adds N trials.
-- Objectives (medimgen.tuning.metrics, ``--metrics``): DDPM/LDM: FID on a named feature extractor
+- Objectives (medimgen.tuning.objectives, ``--metrics``): DDPM/LDM: FID on a named feature extractor
   and the MS-SSIM gap to the real images. Autoencoders: rFID of reconstructions and 1 - their
   MS-SSIM when a feature extractor has weights, else 1 - MS-SSIM and L1 (no weights needed);
   PSNR too on request. A study keeps the objectives it was made with. ``pareto``: a
@@ -39,10 +39,10 @@ from typing import Callable, Sequence
 from medimgen.config import apply_overrides, load_config
 from medimgen.config.io import render_yaml
 from medimgen.config.schema import MedimgenConfig
-from medimgen.errors import MedimgenError
-from medimgen.tracking import sigterm_interrupts
+from medimgen.core.errors import MedimgenError
+from medimgen.runs.tracking import sigterm_interrupts
 from medimgen.tuning.objective import TrialFailed, TrialObjective
-from medimgen.tuning.runs import StudyRuns
+from medimgen.tuning.study_runs import StudyRuns
 from medimgen.tuning.space import load_space, override_key
 from medimgen.tuning.study import OBJECTIVES, PARENT_ATTR, best_trials, load_study, open_storage, recorded_objectives
 
@@ -91,7 +91,7 @@ def apply_trial(config_path: Path, dim: str, trial, study_name: str) -> tuple[Pa
 def _check_perceptual_weights(base, space) -> None:
     """Stop before the first trial (not N failed trials) when a perceptual network the trials would use has no
     weights on disk: tuning never downloads."""
-    from medimgen.perceptual import check_weights_available
+    from medimgen.models.perceptual import check_weights_available
 
     searched = {p.name: p for p in space.params}
     net = searched.get("losses.perceptual_network")
@@ -109,7 +109,7 @@ def _check_perceptual_weights(base, space) -> None:
 
 def _named_values(trial, names: Sequence[str], objective: str) -> dict[str, float]:
     """A trial's objective values by name (scalar studies: each objective, then the scalar it minimised)."""
-    from medimgen.tuning import metrics as objectives
+    from medimgen.tuning import objectives
 
     if objective == "pareto":
         return dict(zip(names, trial.values))
@@ -135,9 +135,9 @@ def _setup(dataset_id, model: str, dim: str, trials: int, space_path, objective:
            autoencoder_run, splitting: str, fold: int) -> _Setup:
     """Check the request and load what the trials share; one line for whatever is wrong."""
     from medimgen.data.splits import split_name
-    from medimgen.paths import CONFIG_NAME
-    from medimgen.plans import DatasetPlans
-    from medimgen.runs import RunDir
+    from medimgen.core.paths import CONFIG_NAME
+    from medimgen.nnunet.plans import DatasetPlans
+    from medimgen.runs.folders import RunDir
 
     if objective not in OBJECTIVES:
         raise MedimgenError(f"--objective must be pareto or scalar, got {objective!r}")
@@ -165,7 +165,7 @@ def _setup(dataset_id, model: str, dim: str, trials: int, space_path, objective:
 
 
 def _require_features(names: Sequence[str], feats, model: str, dataset_id) -> None:
-    from medimgen.tuning import metrics as objectives
+    from medimgen.tuning import objectives
 
     needs = [n for n in names if objectives.METRICS[n].features]
     if needs and feats is None:
@@ -232,15 +232,15 @@ def tune(
     metrics: str | Sequence[str] | None = None,
 ) -> TuneResult:
     """Run ``trials`` more trials of the study (creating it if needed); see the module doc. ``metrics``: the
-    objective names (comma-separated or a list; default: see medimgen.tuning.metrics.choose_metrics)."""
+    objective names (comma-separated or a list; default: see medimgen.tuning.objectives.choose_metrics)."""
     import optuna
 
     from medimgen import __version__
     from medimgen.data.intensity import IntensityMap
     from medimgen.evaluation.features import build_extractor
-    from medimgen.paths import medimgen_results
-    from medimgen.tracking import git_commit
-    from medimgen.tuning import metrics as objectives
+    from medimgen.core.paths import medimgen_results
+    from medimgen.runs.tracking import git_commit
+    from medimgen.tuning import objectives
 
     st = _setup(dataset_id, model, dim, trials, space_path, objective, overrides, autoencoder_run, splitting, fold)
     plans, space, base = st.plans, st.space, st.base

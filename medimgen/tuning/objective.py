@@ -14,9 +14,9 @@ import torch
 
 from medimgen.config import apply_overrides
 from medimgen.config.schema import GenerationConfig
-from medimgen.errors import MedimgenError
-from medimgen.tuning import metrics as objectives
-from medimgen.tuning.runs import StudyRuns
+from medimgen.core.errors import MedimgenError
+from medimgen.tuning import objectives
+from medimgen.tuning.study_runs import StudyRuns
 from medimgen.tuning.space import SearchSpace
 from medimgen.tuning.study import best_trials
 
@@ -52,7 +52,7 @@ class TrialObjective:
     autoencoder_run: Path | None = None
     device: str | None = None
     echo: Callable[[str], None] = print
-    metrics: tuple[str, ...] = ()  # objective names (medimgen.tuning.metrics); default: the model's FID-based pair
+    metrics: tuple[str, ...] = ()  # objective names (medimgen.tuning.objectives); default: the model's FID-based pair
     budget: dict[str, str] = field(default_factory=dict)  # the user's --set train_<model>.epochs/iterations_per_epoch
     subsets: tuple[str, ...] = ()  # the real cases scored against; set by check() (budget.real, or val + train)
     _real: dict = field(default_factory=dict)
@@ -142,8 +142,8 @@ class TrialObjective:
 
     def _train_and_score(self, trial, cfg: GenerationConfig, run_root: Path, tracker, tags: dict) -> dict[str, float]:
         from medimgen.evaluation.api import score_model
-        from medimgen.requests import SampleOptions
-        from medimgen.runs import TrainedModel
+        from medimgen.core.requests import SampleOptions
+        from medimgen.runs.folders import TrainedModel
         from medimgen.training.api import RunSetup, train
 
         if run_root.exists():  # a folder left by a study of the same name that was deleted
@@ -166,7 +166,7 @@ class TrialObjective:
     def __call__(self, trial) -> float | tuple[float, ...]:
         import optuna
 
-        from medimgen.tracking import Tracker
+        from medimgen.runs.tracking import Tracker
 
         values = self.space.sample(trial)
         config_sets = [*self.overrides, *self.space.overrides(self.base, values)]

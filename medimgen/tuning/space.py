@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from medimgen.config import apply_overrides
 from medimgen.config.io import parse_override
 from medimgen.config.schema import MODELS, GenerationConfig
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 SECTIONS = ("budget", "objective", "pruner", *MODELS)
 SPEC_KEYS = {"float": {"type", "low", "high", "log"}, "int": {"type", "low", "high", "step", "log"},

@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 from medimgen.tuning.space import SearchSpace
 
 OBJECTIVES = ("pareto", "scalar")
@@ -127,7 +127,7 @@ def recorded_objectives(storage, name: str, model: str) -> tuple[str, ...] | Non
     before the names were recorded was scored by the FID-based defaults."""
     import optuna
 
-    from medimgen.tuning.metrics import FEATURE_DEFAULT
+    from medimgen.tuning.objectives import FEATURE_DEFAULT
 
     try:
         study = optuna.load_study(study_name=name, storage=storage)
@@ -139,10 +139,10 @@ def recorded_objectives(storage, name: str, model: str) -> tuple[str, ...] | Non
 
 def load_study(storage, description: str, name: str, objective: str, space: SearchSpace,
                metrics: tuple[str, ...] = ()):
-    """Create or continue the study; ``metrics``: its objective names (directions from medimgen.tuning.metrics)."""
+    """Create or continue the study; ``metrics``: its objective names (directions from medimgen.tuning.objectives)."""
     import optuna
 
-    from medimgen.tuning.metrics import directions as metric_directions
+    from medimgen.tuning.objectives import directions as metric_directions
 
     pareto = objective == "pareto"
     sampler = (optuna.samplers.NSGAIISampler(population_size=int(space.objective["nsga2_population_size"]))

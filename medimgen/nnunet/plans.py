@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from medimgen.errors import MedimgenError
-from medimgen.paths import preprocessed_dataset_dir
+from medimgen.core.errors import MedimgenError
+from medimgen.core.paths import preprocessed_dataset_dir
 
 # medimgen's dimensionality name -> nnU-Net configuration name
 NNUNET_CONFIGURATION = {"2d": "2d", "3d": "3d_fullres"}
@@ -55,7 +55,7 @@ class DatasetPlans:
         if config is not None and not isinstance(config, (str, Path)):
             return cls.from_id(dataset_id, config.data.plans_identifier)
         from medimgen.config import load_config
-        from medimgen.paths import config_path
+        from medimgen.core.paths import config_path
 
         path = Path(config) if config is not None else config_path(dataset_id)
         return cls.from_id(dataset_id, load_config(path).dataset.plans_identifier if path.is_file() else "nnUNetPlans")

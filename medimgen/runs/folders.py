@@ -13,7 +13,7 @@ medimgen_results/DatasetXXX_Name/<model>/<2d|3d>/<train-val-test|fold_N>/
     .lock                                       (held by the training process; holds its PID)
 
 A trained model (:class:`TrainedModel`) comes from a run folder, from an MLflow model URI or from a
-dataset's standard run (:class:`~medimgen.requests.ModelRef`), always the same way: networks built
+dataset's standard run (:class:`~medimgen.core.requests.ModelRef`), always the same way: networks built
 from the run's own config, weights read with ``torch.load(weights_only=True)`` or safetensors. An
 LDM run refers to its autoencoder run by a path relative to itself, so a moved results folder keeps
 working. Nothing here is ever unpickled.
@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from medimgen.atomic import atomic_path
+from medimgen.core.atomic import atomic_path
 from medimgen.config import load_generation_config, save_generation_config
 from medimgen.config.schema import DIFFUSION_MODELS, MODELS, SAMPLING_MODELS, GenerationConfig
-from medimgen.errors import MedimgenError
-from medimgen.geometry import Geometry, load_geometry
-from medimgen.networks import autoencoder_for, build_controlnet, unet_for
-from medimgen.requests import ModelRef
+from medimgen.core.errors import MedimgenError
+from medimgen.data.geometry import Geometry, load_geometry
+from medimgen.models.networks import autoencoder_for, build_controlnet, unet_for
+from medimgen.core.requests import ModelRef
 
 # files of a packaged model (the MLflow model's artifact, or any folder): safetensors + YAML + JSON
 WEIGHTS = "weights.safetensors"
@@ -51,7 +51,7 @@ class RunDir:
     @classmethod
     def standard(cls, dataset: str, model: str, dim: str, split: str) -> "RunDir":
         """The dataset's run of ``model`` for ``dim`` and ``split`` under $medimgen_results."""
-        from medimgen.paths import medimgen_results
+        from medimgen.core.paths import medimgen_results
 
         return cls(medimgen_results() / dataset / model / dim / split)
 
@@ -81,7 +81,7 @@ class RunDir:
 
     @property
     def geometry(self) -> Path:
-        from medimgen.geometry import FILE
+        from medimgen.data.geometry import FILE
 
         return self.root / FILE
 
@@ -128,7 +128,7 @@ def find_run(ref: ModelRef) -> RunDir:
     if ref.dataset_id is None:
         raise MedimgenError("DATASET_ID is needed to find a trained model")
     from medimgen.data.splits import split_name
-    from medimgen.paths import dataset_name_from_id
+    from medimgen.core.paths import dataset_name_from_id
 
     dataset = dataset_name_from_id(ref.dataset_id)
     split = split_name(ref.splitting, ref.fold)
@@ -343,7 +343,7 @@ class TrainedModel:
     def from_uri(cls, uri: str):
         """A model logged to MLflow (models:/NAME@alias, models:/NAME/3, runs:/ID/model): its packaged weights are
         downloaded and loaded like a folder (the pyfunc code is not executed)."""
-        from medimgen.tracking import download_model, model_run_id
+        from medimgen.runs.tracking import download_model, model_run_id
 
         with tempfile.TemporaryDirectory() as tmp:
             model = cls.load(download_model(uri, Path(tmp), META), source=uri)
@@ -374,8 +374,8 @@ def _eval(net: torch.nn.Module | None):
 def log_run_model(run_root: Path | str, run_id: str | None, register: bool = True, alias: str | None = None,
                   tracking_uri: str | None = None, checkpoint: str = "best"):
     """Log the trained DDPM/LDM/ControlNet of a run folder as an MLflow pyfunc model in ``run_id`` (registered as
-    DatasetXXX_<model>_<dim> when ``register``); see :func:`medimgen.tracking.log_model`."""
-    from medimgen.tracking import log_model, registered_name
+    DatasetXXX_<model>_<dim> when ``register``); see :func:`medimgen.runs.tracking.log_model`."""
+    from medimgen.runs.tracking import log_model, registered_name
 
     model = TrainedModel.resolve(ModelRef(str(run_root), checkpoint=checkpoint), SAMPLING_MODELS)
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,9 +22,9 @@ from typing import Sequence
 import numpy as np
 
 from medimgen.data.cases import load_case, open_cases
-from medimgen.errors import MedimgenError
-from medimgen.paths import nnunet_raw
-from medimgen.plans import DatasetPlans
+from medimgen.core.errors import MedimgenError
+from medimgen.core.paths import nnunet_raw
+from medimgen.nnunet.plans import DatasetPlans
 
 SAMPLE_CASES = 16
 SAMPLE_VOXELS = 200_000

@@ -144,15 +144,15 @@ def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: in
 
 def autoencoder_for(cfg: GenerationConfig) -> nn.Module:
     """The autoencoder of a config: encodes image (+ one-hot label) channels, decodes image channels (+ one label
-    logit per class for a joint model, medimgen.labels)."""
-    from medimgen.labels import autoencoder_out_channels, network_channels
+    logit per class for a joint model, medimgen.models.labels)."""
+    from medimgen.models.labels import autoencoder_out_channels, network_channels
 
     return build_autoencoder(cfg.autoencoder, cfg.data.spatial_dims, network_channels(cfg), autoencoder_out_channels(cfg))
 
 
 def unet_for(cfg: GenerationConfig, model: str) -> nn.Module:
     """The diffusion UNet of ``model``: on autoencoder latents (ldm) or on image (+ one-hot label) channels (ddpm)."""
-    from medimgen.labels import network_channels
+    from medimgen.models.labels import network_channels
 
     channels = cfg.autoencoder.latent_channels if model == "ldm" else network_channels(cfg)
     return build_unet(cfg.unet_for(model), cfg.data.spatial_dims, channels)
@@ -176,7 +176,7 @@ def build_controlnet(cfg: GenerationConfig) -> nn.Module:
     per-axis strides, a conditioning embedding reading the one-hot label map (background first) at image size."""
     from monai.networks.nets import ControlNet
 
-    from medimgen.labels import network_channels
+    from medimgen.models.labels import network_channels
 
     base = cfg.controlnet_base()
     ucfg = cfg.unet_for(base)
@@ -184,7 +184,7 @@ def build_controlnet(cfg: GenerationConfig) -> nn.Module:
     if total_stride(strides, cfg.data.spatial_dims) != (
             total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims) if base == "ldm" else
             (1,) * cfg.data.spatial_dims):
-        from medimgen.errors import MedimgenError
+        from medimgen.core.errors import MedimgenError
 
         raise MedimgenError(f"controlnet.conditioning_strides {[list(s) for s in strides]} do not bring the label map "
                             f"to the latent size: their product must equal the autoencoder's strides' "

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 Modality = Literal["MRI", "CT"]
 

@@ -24,17 +24,17 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from medimgen.atomic import atomic_path
+from medimgen.core.atomic import atomic_path
 from medimgen.config.schema import SAMPLING_MODELS, GenerationConfig
 from medimgen.data.intensity import IntensityMap
-from medimgen.devices import amp_dtype, autocast, resolve_device
-from medimgen.decoding import decoder
-from medimgen.diffusion import generate, sampler_name
-from medimgen.errors import MedimgenError
-from medimgen.geometry import Geometry, resample, to_file_image
-from medimgen.labels import condition_channels, label_channels
-from medimgen.requests import LabelRequest, ModelRef, SampleOptions
-from medimgen.runs import TrainedModel
+from medimgen.core.devices import amp_dtype, autocast, resolve_device
+from medimgen.models.decoding import decoder
+from medimgen.models.diffusion import generate, sampler_name
+from medimgen.core.errors import MedimgenError
+from medimgen.data.geometry import Geometry, resample, to_file_image
+from medimgen.models.labels import condition_channels, label_channels
+from medimgen.core.requests import LabelRequest, ModelRef, SampleOptions
+from medimgen.runs.folders import TrainedModel
 
 
 class Sampler(TrainedModel):
@@ -194,7 +194,7 @@ def write_nifti(volume: np.ndarray, path: Path, geometry: Geometry, spacing: Seq
     """One channel (*spatial, preprocessed order) -> NIfTI the way nnU-Net's SimpleITKIO writes images.
 
     ``shift``: mm from the data's first voxel to the volume's first voxel per axis (negative for padding
-    kept by --no-crop), so the origin stays where the data lives (medimgen.geometry.to_file_image)."""
+    kept by --no-crop), so the origin stays where the data lives (medimgen.data.geometry.to_file_image)."""
     import SimpleITK as sitk
 
     array, sp, direction, origin = to_file_image(geometry, volume, spacing, shift)
@@ -287,15 +287,15 @@ def sample_to_folder(save_path: Path | str, num_images: int, ref: ModelRef, opti
 
 # ---------------------------------------------------------------------- images for given label maps (ControlNet)
 def label_maps(sampler: Sampler, request: LabelRequest, ref: ModelRef):
-    """The label maps ``request`` names, in the model's space (medimgen.conditioning), augmented if asked."""
-    from medimgen import conditioning
+    """The label maps ``request`` names, in the model's space (medimgen.generation.conditioning), augmented if asked."""
+    from medimgen.generation import conditioning
 
     if request.augment < 0:
         raise MedimgenError(f"--augment-labels must be 0 or more, got {request.augment}")
     if request.source in conditioning.SPLITS:
         from medimgen.data.cases import open_cases
         from medimgen.data.splits import get_split
-        from medimgen.plans import DatasetPlans
+        from medimgen.nnunet.plans import DatasetPlans
 
         plans = DatasetPlans.planned(ref.dataset_id if ref.dataset_id is not None else sampler.dataset, sampler.cfg)
         identifiers = open_cases(plans.preprocessed_folder(sampler.dim)).identifiers

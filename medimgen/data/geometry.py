@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from medimgen.atomic import write_bytes_atomic
-from medimgen.errors import MedimgenError
+from medimgen.core.atomic import write_bytes_atomic
+from medimgen.core.errors import MedimgenError
 
 FILE = "geometry.json"
 
@@ -144,7 +144,7 @@ def radiological_view(geometry: Geometry | None, axes: Sequence[int]) -> tuple[b
 
 
 def case_geometry(plans, dim: str, identifier: str, spacing) -> Geometry:
-    """Training time: the geometry of preprocessed case ``identifier`` (``plans``: medimgen.plans.DatasetPlans),
+    """Training time: the geometry of preprocessed case ``identifier`` (``plans``: medimgen.nnunet.plans.DatasetPlans),
     its properties read by nnU-Net's own dataset class, the reader that feeds training its data."""
     from medimgen.data.cases import open_cases
     from medimgen.data.loader import CheckedCases

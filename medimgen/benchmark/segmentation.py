@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medimgen.atomic import atomic_path
-from medimgen.errors import MedimgenError
-from medimgen.plans import read_json
-from medimgen.requests import ModelRef, SampleOptions
+from medimgen.core.atomic import atomic_path
+from medimgen.core.errors import MedimgenError
+from medimgen.nnunet.plans import read_json
+from medimgen.core.requests import ModelRef, SampleOptions
 
 ARMS = ("real", "real+synthetic")
 MEAN = "mean"  # the row of every case's mean over labels (nnU-Net's foreground mean)
@@ -190,7 +190,7 @@ def _generator_cases(ref: ModelRef, plans, identifiers: list[str]) -> list[str] 
     """The cases the generation model trained on (its split's training cases; its validation cases only chose the
     checkpoint), None when its run folder does not say."""
     from medimgen.data.splits import get_split
-    from medimgen.runs import find_run
+    from medimgen.runs.folders import find_run
 
     if ref.is_uri:
         return None
@@ -207,8 +207,8 @@ def _generator_cases(ref: ModelRef, plans, identifiers: list[str]) -> list[str] 
 def _mixed_dataset(src: str, target_id: int, synthetic: int | None, ref: ModelRef, options: SampleOptions,
                    echo) -> tuple[Path, bool]:
     """nnUNet_raw/DatasetTTT_*: the mixed dataset exported now (``synthetic`` cases), or one exported before."""
-    from medimgen.export import export_dataset
-    from medimgen.paths import nnunet_raw, nnunet_results
+    from medimgen.generation.export import export_dataset
+    from medimgen.core.paths import nnunet_raw, nnunet_results
 
     found = sorted(nnunet_raw().glob(f"Dataset{target_id:03d}_*"))
     if not found:
@@ -236,8 +236,8 @@ def _mixed_dataset(src: str, target_id: int, synthetic: int | None, ref: ModelRe
 def _train_arm(arm: str, dataset: str, setup: BenchmarkSetup, configuration: str, plans_identifier: str,
                device: str, out: Path, echo) -> Path:
     """Train (or continue, or reuse) one arm; its fold folder."""
-    from medimgen.nnunet import nnunet_train
-    from medimgen.paths import nnunet_results
+    from medimgen.nnunet.commands import nnunet_train
+    from medimgen.core.paths import nnunet_results
 
     fold_dir = (nnunet_results() / dataset / f"{setup.trainer}__{plans_identifier}__{configuration}"
                 / f"fold_{setup.fold}")
@@ -263,10 +263,10 @@ def benchmark_segmentation(dataset_id: int | str, target_id: int, synthetic: int
 
     from medimgen.data.cases import open_cases
     from medimgen.data.splits import get_split
-    from medimgen.nnunet import preprocess_with_plans
-    from medimgen.export import mixed_splits
-    from medimgen.paths import medimgen_results, nnunet_preprocessed, nnunet_raw, nnunet_results
-    from medimgen.plans import DatasetPlans
+    from medimgen.nnunet.commands import preprocess_with_plans
+    from medimgen.generation.export import mixed_splits
+    from medimgen.core.paths import medimgen_results, nnunet_preprocessed, nnunet_raw, nnunet_results
+    from medimgen.nnunet.plans import DatasetPlans
 
     plans = DatasetPlans.planned(dataset_id)
     src = plans.name
@@ -355,7 +355,7 @@ def benchmark_segmentation(dataset_id: int | str, target_id: int, synthetic: int
 def _track(result: dict, folds: dict[str, Path], table: str) -> str | None:
     """One parent run (the differences, the table) with one child run per arm (its Dice, nnU-Net's summary.json).
     Never raises: one warning instead."""
-    from medimgen.tracking import ClientRuns, brief
+    from medimgen.runs.tracking import ClientRuns, brief
 
     runs = ClientRuns(True, result["dataset"], what="the benchmark")
     if not runs.enabled:

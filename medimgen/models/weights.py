@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 MIRROR_ENV = "MEDIMGEN_WEIGHTS_MIRROR"
 TIMEOUT_S = 30

@@ -74,10 +74,10 @@ def tiled_decode(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
 def decoder(autoencoder: torch.nn.Module, scale_factor: float, tile: Sequence[int] | None = None,
             cfg: AutoencoderConfig | None = None, progress: bool = False, weights: torch.Tensor | None = None
             ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The LDM's decoder (medimgen.diffusion.latent_decoder) on whole latents (``tile`` None) or in latent windows
+    """The LDM's decoder (medimgen.models.diffusion.latent_decoder) on whole latents (``tile`` None) or in latent windows
     of ``tile`` voxels (``cfg``: the autoencoder's section, for its receptive halo; ``weights``: the windows'
     blending weights, made on first use when not given)."""
-    from medimgen.diffusion import latent_decoder
+    from medimgen.models.diffusion import latent_decoder
 
     if tile is None:
         return latent_decoder(autoencoder, scale_factor)

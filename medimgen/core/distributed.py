@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 RANK_SEED_STRIDE = 1_000  # rank r draws batches, augmentation and noise from seed + r * this
 TIMEOUT = timedelta(hours=2)  # how long ranks wait for rank 0 (validation, sampled plots, checkpoints)

@@ -35,13 +35,13 @@ class MedimgenSamplerModel(PythonModel):
     the images of every request in order, in the dataset's units."""
 
     def load_context(self, context):
-        from medimgen.devices import resolve_device
-        from medimgen.sampling import Sampler
+        from medimgen.core.devices import resolve_device
+        from medimgen.generation.sampler import Sampler
 
         self.sampler = Sampler.load(context.artifacts["sampler"]).to(resolve_device())
 
     def predict(self, context, model_input: list[SampleRequest], params=None):
-        from medimgen.sampling import crop_to_data
+        from medimgen.generation.sampler import crop_to_data
 
         arrays = [crop_to_data(self.sampler.sample(num_images=r.num_images, seed=r.seed, sampler=r.sampler,
                                                    steps=r.steps or None), self.sampler.cfg, r.crop)[0]

@@ -1,7 +1,7 @@
 """Perceptual loss (MONAI PerceptualLoss) with pretrained weights that are never downloaded silently.
 
 Pretrained backbones are looked up where torch/torchvision/MONAI cache them
-(``$TORCH_HOME/hub`` = ``torch.hub.get_dir()``; medimgen.weights knows the paths). When a file is
+(``$TORCH_HOME/hub`` = ``torch.hub.get_dir()``; medimgen.models.weights knows the paths). When a file is
 missing, training stops at start-up with one message naming the file, the download command
 (``medimgen weights download NAME``) and how to switch the perceptual loss off
 (``losses.perceptual_network=none``).
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from medimgen.errors import MedimgenError
-from medimgen.losses import PerChannel
-from medimgen.weights import (  # noqa: F401 (torchvision_weights_file: where tests and users look)
+from medimgen.core.errors import MedimgenError
+from medimgen.models.losses import PerChannel
+from medimgen.models.weights import (  # noqa: F401 (torchvision_weights_file: where tests and users look)
     HUB_REPO,
     HUB_WEIGHTS,
     TORCHVISION,

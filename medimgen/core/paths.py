@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "medimgen_results")
 CONFIG_NAME = "medimgen_config.yaml"  # medimgen's plan, beside nnU-Net's in the preprocessed dataset folder

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
 
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 # MLflow reads these per request. Its defaults (7 retries, exponential backoff, 120 s timeout)
@@ -362,14 +362,14 @@ def registered_name(dataset: str, kind: str, dim: str) -> str:
 def log_model(folder: Path, run_id: str | None = None, registered_name: str | None = None, alias: str | None = None,
               experiment: str = "Default", run_name: str = "register", tags: dict | None = None,
               tracking_uri: str | None = None) -> Registration:
-    """Log the packaged model in ``folder`` as pyfunc model 'model' ("model from code": medimgen/mlflow_model.py,
+    """Log the packaged model in ``folder`` as pyfunc model 'model' ("model from code": medimgen/generation/pyfunc.py,
     weights as safetensors) in run ``run_id`` (else the active run, else a new run in ``experiment``), register it
     as ``registered_name`` (with ``alias``) and tag the version with ``tags``."""
     import mlflow
     from mlflow import MlflowClient
 
     connect(tracking_uri)  # bounded HTTP calls; one line if the server is down
-    code = Path(__file__).with_name("mlflow_model.py")
+    code = Path(__file__).resolve().parents[1] / "generation" / "pyfunc.py"
     active = mlflow.active_run()
     if run_id and (active is None or active.info.run_id != run_id):
         ctx = start_existing_run(run_id)

@@ -1,5 +1,5 @@
 """MLflow for a study: one parent run per study, shared by all its workers (made once, under the study's lock),
-and the per-trial bookkeeping (through medimgen.tracking's
+and the per-trial bookkeeping (through medimgen.runs.tracking's
 ClientRuns, so trials' own training runs are unaffected). Never stops tuning."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from medimgen.tracking import ClientRuns
+from medimgen.runs.tracking import ClientRuns
 from medimgen.tuning.study import PARENT_ATTR, study_lock
 
 

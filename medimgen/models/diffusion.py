@@ -14,8 +14,8 @@ import math
 import torch
 
 from medimgen.config.schema import GenerationConfig, SchedulerConfig
-from medimgen.errors import MedimgenError
-from medimgen.labels import network_channels, split
+from medimgen.core.errors import MedimgenError
+from medimgen.models.labels import network_channels, split
 
 
 def _schedule_args(cfg: SchedulerConfig) -> dict:
@@ -130,7 +130,7 @@ def sample_shape(cfg: GenerationConfig, model: str, n: int) -> tuple[int, ...]:
     """Shape of ``n`` starting noises: images (+ one-hot label channels of a joint model) for a DDPM, latents
     of the autoencoder for an LDM."""
     if model == "ldm":
-        from medimgen.networks import latent_size
+        from medimgen.models.networks import latent_size
 
         return (n, cfg.autoencoder.latent_channels, *latent_size(cfg))
     return (n, network_channels(cfg), *cfg.data.image_size)
@@ -168,11 +168,11 @@ def generate(cfg: GenerationConfig, model: str, network: torch.nn.Module, n: int
              decode: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False,
              labels: bool = False, controlnet: torch.nn.Module | None = None, condition: torch.Tensor | None = None):
     """``n`` images of a trained ``model`` (ddpm/ldm) of ``cfg``, in the model's intensity range; ``controlnet``:
-    steered by that ControlNet of ``model`` towards ``condition`` (n one-hot label maps, medimgen.labels).
+    steered by that ControlNet of ``model`` towards ``condition`` (n one-hot label maps, medimgen.models.labels).
 
     ``labels``: return (images, label maps) instead, the label maps (n, 1, *size) long in nnU-Net's label values
     for a joint model (``data.generate_labels``: a DDPM's one-hot channels or the LDM's decoded logits, see
-    medimgen.labels), None for an image-only model."""
+    medimgen.models.labels), None for an image-only model."""
     shape = sample_shape(cfg, model, n)
     scheduler = sampling_scheduler(cfg.scheduler_for(model), sampler, steps, shape[2:])
     x = sample(network, scheduler, shape, seed, device, decode, progress, controlnet, condition)

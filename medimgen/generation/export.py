@@ -4,7 +4,7 @@ Images are sampled by a trained DDPM/LDM and written in the source dataset's geo
 intensity units. A joint model (``data.generate_labels``) generates a label map with every image: those
 become labelsTr (uint8, the image's geometry, the source dataset's label values and names). nnU-Net needs a
 label per case, so an image-only model's images get a foreground mask (as `medimgen import` makes) as label 1
-instead, computed from the image as written, and dataset.json says so (medimgen.labels.GENERATED_MASK_KEY).
+instead, computed from the image as written, and dataset.json says so (medimgen.models.labels.GENERATED_MASK_KEY).
 
 ``mix_real``: the new dataset also holds the source dataset's real training cases (copied from nnUNet_raw),
 and nnUNet_preprocessed/DatasetXXX_*/splits_final.json (also kept in the raw folder) has nnU-Net's 5 folds over
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from medimgen.atomic import atomic_path
-from medimgen.devices import resolve_device
-from medimgen.errors import MedimgenError
-from medimgen.importer import foreground_mask
-from medimgen.labels import GENERATED_MASK_KEY
-from medimgen.requests import LabelRequest, ModelRef, SampleOptions
-from medimgen.sampling import conditioned_pairs, resolve_controlnet, resolve_sampler, save_samples
+from medimgen.core.atomic import atomic_path
+from medimgen.core.devices import resolve_device
+from medimgen.core.errors import MedimgenError
+from medimgen.nnunet.importer import foreground_mask
+from medimgen.models.labels import GENERATED_MASK_KEY
+from medimgen.core.requests import LabelRequest, ModelRef, SampleOptions
+from medimgen.generation.sampler import conditioned_pairs, resolve_controlnet, resolve_sampler, save_samples
 
 SYNTH_PREFIX = "synth"
 FOLDS = 5
@@ -46,7 +46,7 @@ def _mask_like(image_file: Path, mask_file: Path) -> Path:
 
 def _source_raw(src: str | None) -> tuple[Path, dict]:
     """The source dataset's raw folder and dataset.json (for --mix-real)."""
-    from medimgen.paths import nnunet_raw
+    from medimgen.core.paths import nnunet_raw
 
     folder = nnunet_raw() / src if src else None
     if folder is None or not (folder / "dataset.json").is_file():
@@ -97,7 +97,7 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
     maps (the first ``num_images`` maps; each map is the case's label)."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
-    from medimgen.paths import dataset_name_from_id, nnunet_preprocessed, nnunet_raw
+    from medimgen.core.paths import dataset_name_from_id, nnunet_preprocessed, nnunet_raw
 
     src = dataset_name_from_id(dataset_id) if dataset_id is not None else None
     default_name = (src.split("_", 1)[1] if src else "Medimgen") + ("Mixed" if mix_real else "Synth")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 
 def nnunet_command(name: str) -> str:
@@ -61,7 +61,7 @@ def train_nnunet_briefly(dataset_id: int | str, configuration: str = "3d_fullres
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from medimgen.plans import DatasetPlans
+    from medimgen.nnunet.plans import DatasetPlans
 
     class nnUNetTrainerMedimgenDemo(nnUNetTrainer):
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -90,8 +90,8 @@ def train_feature_nnunet(dataset_id: int | str, dim: str = "3d", fold: int = 0, 
     without pretrained weights. Returns the model folder."""
     import torch
 
-    from medimgen.paths import nnunet_results
-    from medimgen.plans import NNUNET_CONFIGURATION, DatasetPlans
+    from medimgen.core.paths import nnunet_results
+    from medimgen.nnunet.plans import NNUNET_CONFIGURATION, DatasetPlans
 
     if dim not in NNUNET_CONFIGURATION:
         raise MedimgenError(f"MODEL_TYPE must be 2d or 3d, got {dim!r}")
@@ -103,7 +103,7 @@ def train_feature_nnunet(dataset_id: int | str, dim: str = "3d", fold: int = 0, 
 
 
 # medimgen's short nnU-Net trainers (nnUNetTrainerMedimgenTiny), given to nnUNetv2_train through nnUNet_extTrainer
-TRAINERS_DIR = Path(__file__).resolve().with_name("nnunet_trainers")
+TRAINERS_DIR = Path(__file__).resolve().with_name("trainers")
 
 
 def _check_run(cmd: list[str], what: str, env: dict | None = None) -> None:
@@ -120,7 +120,7 @@ def preprocess_with_plans(source_id: int | str, target_id: int | str, plans_iden
     ``nnUNetv2_move_plans_between_datasets`` (with dataset.json copied as nnU-Net's planner does), ``nnUNetv2_preprocess``."""
     _check_run([nnunet_command("nnUNetv2_extract_fingerprint"), "-d", str(target_id), "-np", str(num_processes),
                 "--verify_dataset_integrity"], f"nnUNetv2_extract_fingerprint -d {target_id}")
-    from medimgen.paths import dataset_name_from_id, nnunet_preprocessed, nnunet_raw
+    from medimgen.core.paths import dataset_name_from_id, nnunet_preprocessed, nnunet_raw
 
     name = dataset_name_from_id(target_id)  # nnU-Net's planner copies dataset.json; its preprocessor reads the copy
     shutil.copy2(nnunet_raw() / name / "dataset.json", nnunet_preprocessed() / name / "dataset.json")

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 _NAMES = re.compile(r"cpu|cuda(?::\d+)?|mps")
 ALLOWED = "cpu, cuda, cuda:N (N: a GPU index) or mps"

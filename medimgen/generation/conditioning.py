@@ -6,7 +6,7 @@ Two sources:
   read with nnU-Net's SimpleITKIO, axes transposed as nnU-Net transposes them (``transpose_forward``), resampled
   to the model's spacing with nnU-Net's segmentation resampling (only where the spacing differs), then centred
   in the model's image size (cropped or padded with background) exactly as samples are cropped back to the data
-  size on output (medimgen.sampling.data_crop): a map of the data size comes back voxel for voxel;
+  size on output (medimgen.generation.sampler.data_crop): a map of the data size comes back voxel for voxel;
 - the preprocessed labels of a split of the dataset (``train`` / ``val`` / ``test``), as the validation loader
   centres them (2D: three slices per case).
 
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from medimgen.config.schema import GenerationConfig
-from medimgen.errors import MedimgenError
-from medimgen.geometry import resample
+from medimgen.core.errors import MedimgenError
+from medimgen.data.geometry import resample
 
 SPLITS = ("train", "val", "test")
 
@@ -41,7 +41,7 @@ class LabelMaps:
 
 def centre(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """``volume`` (*spatial) cropped/padded (background 0) to ``size``, the data centred with ceil(padding / 2)
-    before it (as the loader centres cases and medimgen.sampling.data_crop cuts them out again)."""
+    before it (as the loader centres cases and medimgen.generation.sampler.data_crop cuts them out again)."""
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 
     from medimgen.data.loader import center_bbox
@@ -93,7 +93,7 @@ def from_folder(folder: Path | str, cfg: GenerationConfig, transpose_backward: S
 
 
 def from_split(cfg: GenerationConfig, plans, identifiers: list[str], limit: int | None = None) -> LabelMaps:
-    """The preprocessed labels of ``identifiers`` (``plans``: medimgen.plans.DatasetPlans), centred in the image
+    """The preprocessed labels of ``identifiers`` (``plans``: medimgen.nnunet.plans.DatasetPlans), centred in the image
     size as the validation loader centres them."""
     from medimgen.data.loader import validation_samples
 

@@ -31,8 +31,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from medimgen.errors import MedimgenError
-from medimgen.labels import GENERATED_MASK_KEY
+from medimgen.core.errors import MedimgenError
+from medimgen.models.labels import GENERATED_MASK_KEY
 
 _NII = re.compile(r"^(?P<stem>.+)\.nii(?:\.gz)?$")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<chan>\d{4})$")
@@ -229,7 +229,7 @@ def import_dataset(
             num_training_cases=len(cases), file_ending=".nii.gz", dataset_name=out.name,
             description=f"imported by medimgen from {source} ({grouping})"
                         + (f"; {made_masks} foreground masks generated" if made_masks else ""),
-            # the planner must not take generated body masks for real labels (medimgen.labels.real_labels)
+            # the planner must not take generated body masks for real labels (medimgen.models.labels.real_labels)
             **({GENERATED_MASK_KEY: True} if made_masks else {}))
         _replace(tmp, out)
     except BaseException:

@@ -1,12 +1,12 @@
-"""`medimgen register`: log and register the model of a finished training run (MLflow through medimgen.tracking)."""
+"""`medimgen register`: log and register the model of a finished training run (MLflow through medimgen.runs.tracking)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from medimgen.errors import MedimgenError
-from medimgen.runs import RunDir, log_run_model
-from medimgen.tracking import Registration
+from medimgen.core.errors import MedimgenError
+from medimgen.runs.folders import RunDir, log_run_model
+from medimgen.runs.tracking import Registration
 
 
 def register_run(run_root: Path | str, checkpoint: str = "best", alias: str | None = None,

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from medimgen.errors import MedimgenError
+from medimgen.core.errors import MedimgenError
 
 
 @dataclass(frozen=True)
