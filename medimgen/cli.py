@@ -9,7 +9,7 @@ import sys
 import click
 
 from medimgen import __version__
-from medimgen.config.schema import MODELS
+from medimgen.config.kinds import kind, names
 from medimgen.core.errors import MedimgenError
 
 
@@ -86,15 +86,20 @@ _set_option = click.option(
                    "command uses these plans.")
 @click.option("--offline", is_flag=True,
               help="Plan no perceptual loss (losses.perceptual_network=none) when its pretrained weights are absent.")
-@click.option("--scheduler", type=click.Choice(["ddpm", "rflow"]), default=None,
+@click.option("--noise", type=click.Choice(["ddpm", "rflow"]), default=None,
               help="Noise process of the DDPM and the LDM: ddpm (default) or rflow (rectified flow).")
+@click.option("--scheduler", "old_noise", type=click.Choice(["ddpm", "rflow"]), default=None, hidden=True,
+              help="Deprecated name of --noise.")
 @_set_option
 @click.option("--overrides", "override_text", default="", metavar="'K=V K=V'",
               help="Space-separated overrides in one string (for MLproject).")
 @friendly_errors
-def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, scheduler, overrides, override_text):
+def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, noise, old_noise, overrides,
+             override_text):
     """Turn nnU-Net's plans (nnUNetPlans.json, or --plans) into medimgen_config.yaml (2d and 3d sections)."""
     from medimgen.planning import plan_dataset
+
+    scheduler = noise or _deprecated(old_noise, "plan --scheduler", "--noise")
 
     sets = [*overrides, *override_text.split()]
     if explain and not (force or sets or gpu_memory or offline or scheduler) and _explain_existing(dataset_id,
@@ -240,7 +245,7 @@ def train_group() -> None:
     """Train a model: ddpm, autoencoder (for LDM), ldm, or controlnet (label-map conditioning of a trained ldm/ddpm)."""
 
 
-for _model in MODELS:
+for _model in names():
     train_group.command(_model, help=f"Train the {_model} of DATASET_ID (SPLITTING: train-val-test or 5-fold; MODEL_TYPE: 2d or 3d).")(
         _train_command(_model))
 
@@ -266,9 +271,11 @@ _model_options = [
     click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True),
 ]
 _sampling_options = [
-    click.option("--scheduler", type=click.Choice(["ddim", "ddpm", "rflow"]), default=None,
+    click.option("--sampler", type=click.Choice(["ddim", "ddpm", "rflow"]), default=None,
                  help="ddim (fast, default from the config) or ddpm (all training timesteps); rflow for a model "
                       "trained with rectified flow (its only sampler)."),
+    click.option("--scheduler", "old_sampler", type=click.Choice(["ddim", "ddpm", "rflow"]), default=None, hidden=True,
+                 help="Deprecated name of --sampler."),
     click.option("--steps", type=_positive, default=None,
                  help="DDIM / rectified-flow steps (default: the config's num_inference_steps)."),
     click.option("--seed", type=int, default=0, show_default=True),
@@ -294,6 +301,13 @@ _model_choice = click.option(
          "(models:/NAME@alias, models:/NAME/3, runs:/ID/model).")
 
 
+def _deprecated(value, old: str, new: str):
+    """``value`` of a deprecated option, with a one-line note on stderr when it was given."""
+    if value is not None:
+        click.echo(f"note: {old} is deprecated, use {new}", err=True)
+    return value
+
+
 def _with(options):
     def deco(fn):
         for opt in reversed(options):
@@ -308,8 +322,10 @@ def _requests(kw: dict, dataset_id, model_type):
     from medimgen.core.requests import ModelRef, SampleOptions
 
     ref = ModelRef(kw.pop("model"), dataset_id, model_type, kw.pop("splitting"), kw.pop("fold"), kw.pop("checkpoint"))
-    names = ("seed", "scheduler", "steps", "batch_size", "device", "amp", "tiled_decoding", "resample", "progress")
-    options = {k: kw.pop(k) for k in names if k in kw}
+    fields = ("seed", "sampler", "steps", "batch_size", "device", "amp", "tiled_decoding", "resample", "progress")
+    options = {k: kw.pop(k) for k in fields if k in kw}
+    old = kw.pop("old_sampler", None)
+    options["sampler"] = options.get("sampler") or _deprecated(old, "--scheduler", "--sampler")
     if "no_crop" in kw:
         options["crop"] = not kw.pop("no_crop")
     return ref, SampleOptions(**options)
@@ -423,6 +439,9 @@ def benchmark_segmentation_cmd(dataset_id, target_id, synthetic, configuration, 
     from medimgen.core.requests import SampleOptions
     from medimgen.benchmark.segmentation import BenchmarkSetup, Generator, benchmark_segmentation
 
+    kw["sampler"] = kw["sampler"] or _deprecated(kw.pop("old_sampler"), "--scheduler", "--sampler")
+    kw.pop("old_sampler", None)
+
     result = benchmark_segmentation(dataset_id, target_id, synthetic, BenchmarkSetup(configuration, fold, trainer,
                                     kw["device"]), Generator(model, model_type, splitting), SampleOptions(**kw),
                                     output=output, track=not no_mlflow, echo=click.echo)
@@ -473,7 +492,7 @@ def evaluate_cmd(dataset_id, model_type, num_samples, real, extractor, weights, 
 
 @main.command("tune")
 @click.option("-d", "--dataset", "dataset_id", required=True, help="nnU-Net dataset id (e.g. 1 or 001) or name.")
-@click.option("--model", type=click.Choice(["autoencoder", "ldm", "ddpm"]), required=True, help="Model to tune.")
+@click.option("--model", type=click.Choice(names(steers=False)), required=True, help="Model to tune.")
 @click.option("-t", "--model-type", type=click.Choice(["2d", "3d"]), default="3d", show_default=True)
 @click.option("--trials", type=int, default=20, show_default=True, help="Trials to run now (added to the study's).")
 @click.option("--space", "space_path", type=click.Path(dir_okay=False), default=None,

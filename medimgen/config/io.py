@@ -17,6 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from medimgen.core.atomic import write_text_atomic
 from medimgen.config.schema import DIMS, DatasetInfo, GenerationConfig, MedimgenConfig
 from medimgen.config.validate import check_field, check_generation
 from medimgen.core.errors import MedimgenError
@@ -334,9 +335,7 @@ def load_config(path: Path | str) -> MedimgenConfig:
 def save_config(cfg: MedimgenConfig, path: Path | str, header: str = "") -> Path:
     """Write atomically (temp file + rename)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_yaml(cfg, header))
-    tmp.replace(path)
+    write_text_atomic(path, render_yaml(cfg, header))
     return path
 
 
@@ -350,9 +349,7 @@ def render_generation_config(cfg: GenerationConfig) -> str:
 def save_generation_config(cfg: GenerationConfig, path: Path | str) -> Path:
     """The resolved config of one run (written beside checkpoints)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_generation_config(cfg))
-    tmp.replace(path)
+    write_text_atomic(path, render_generation_config(cfg))
     return path
 
 

@@ -20,12 +20,17 @@ class ModelKind:
     train_section: the config section of its training settings (``train_<name>``).
     network_section: the config section of its network (``ddpm_unet``, ``autoencoder``, ...).
     scheduler_section: the config section of its noise process, None for a kind without one.
-    space: 'image' (works on images) or 'latent' (works on an autoencoder's latents).
+    space: 'image' (works on images), 'latent' (works on an autoencoder's latents) or 'upstream' (that of the
+        generator it steers: a ControlNet on an LDM works on latents).
     upstream: what it builds on: None, 'autoencoder' (a trained autoencoder run), or 'generator' (the diffusion
-        model it steers, `controlnet.base` of the config: 'auto' is the LDM if trained, else the DDPM).
+        model it steers, `controlnet.base` of the config: 'auto' is the first trained of `auto_generators()`).
+        Either way its run refers to that run by one relative path (runs.folders.link_upstream).
     generator: an unconditional generator (samples from noise alone).
     samples: `medimgen sample` can sample from it (a generator, or something steering one).
     sampling_modules: the networks a sampler needs from its checkpoint, besides those of its upstream run.
+    encoder: it learns the latent space other kinds build on (trained without an EMA copy, scored on its
+        reconstructions rather than on samples).
+    auto: its rank when 'auto' picks a trained generator (lower first); None: never picked.
     """
 
     name: str
@@ -37,6 +42,18 @@ class ModelKind:
     generator: bool = False
     samples: bool = False
     sampling_modules: tuple[str, ...] = ()
+    encoder: bool = False
+    auto: Optional[int] = None
+
+    @property
+    def steers(self) -> bool:
+        """It steers a trained generator (a ControlNet): conditioned sampling, its noise process is the base's."""
+        return self.upstream == "generator"
+
+    @property
+    def module(self) -> str:
+        """The key of its own trained network in a checkpoint's modules."""
+        return self.sampling_modules[0]
 
     def __str__(self) -> str:
         return self.name
@@ -59,12 +76,12 @@ def unregister(name: str) -> None:
 
 
 DDPM = register(ModelKind("ddpm", "train_ddpm", "ddpm_unet", "ddpm_scheduler", "image", generator=True, samples=True,
-                          sampling_modules=("unet",)))
+                          sampling_modules=("unet",), auto=1))
 AUTOENCODER = register(ModelKind("autoencoder", "train_autoencoder", "autoencoder", None, "image",
-                                 sampling_modules=("autoencoder",)))
+                                 sampling_modules=("autoencoder",), encoder=True))
 LDM = register(ModelKind("ldm", "train_ldm", "ldm_unet", "ldm_scheduler", "latent", upstream="autoencoder",
-                         generator=True, samples=True, sampling_modules=("unet",)))
-CONTROLNET = register(ModelKind("controlnet", "train_controlnet", "controlnet", None, "image", upstream="generator",
+                         generator=True, samples=True, sampling_modules=("unet",), auto=0))
+CONTROLNET = register(ModelKind("controlnet", "train_controlnet", "controlnet", None, "upstream", upstream="generator",
                                 samples=True, sampling_modules=("controlnet",)))
 
 
@@ -83,7 +100,24 @@ def kinds() -> tuple[ModelKind, ...]:
     return tuple(_KINDS.values())
 
 
-def names(*, generator: Optional[bool] = None, samples: Optional[bool] = None) -> tuple[str, ...]:
-    """Names of the registered kinds, optionally only generators / only those one can sample from."""
+def names(*, generator: Optional[bool] = None, samples: Optional[bool] = None,
+          steers: Optional[bool] = None) -> tuple[str, ...]:
+    """Names of the registered kinds, optionally only generators / only those one can sample from / only those
+    steering a generator."""
     return tuple(k.name for k in _KINDS.values()
-                 if (generator is None or k.generator == generator) and (samples is None or k.samples == samples))
+                 if (generator is None or k.generator == generator) and (samples is None or k.samples == samples)
+                 and (steers is None or k.steers == steers))
+
+
+def auto_generators() -> tuple[str, ...]:
+    """The generators 'auto' picks from, in the order it tries them (the first trained one wins)."""
+    return tuple(k.name for k in sorted((k for k in _KINDS.values() if k.auto is not None), key=lambda k: k.auto))
+
+
+def the(role: str) -> ModelKind:
+    """The one registered kind that is ``role`` ('encoder': what an 'autoencoder' upstream is; 'steers': the kind
+    that steers a generator with label maps)."""
+    found = [k for k in _KINDS.values() if getattr(k, role)]
+    if len(found) != 1:
+        raise MedimgenError(f"{len(found)} registered model kinds are '{role}' (need exactly one)")
+    return found[0]

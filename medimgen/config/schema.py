@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from medimgen import __version__
+from medimgen.config.kinds import auto_generators, kind
 
 
 _REQUIRED = object()
@@ -40,10 +41,7 @@ def doc(text: str, default=_REQUIRED, *, ge=None, gt=None, le=None, lt=None, pat
 
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
 
-# The one vocabulary: the models medimgen trains and the dimensionalities it plans.
-MODELS = ("ddpm", "autoencoder", "ldm", "controlnet")
-DIFFUSION_MODELS = ("ddpm", "ldm")  # unconditional generators (a ControlNet steers one of them with a label map)
-SAMPLING_MODELS = (*DIFFUSION_MODELS, "controlnet")
+# The dimensionalities medimgen plans (the models it trains: medimgen.config.kinds).
 DIMS = ("2d", "3d")
 
 
@@ -276,36 +274,46 @@ class GenerationConfig:
     train_controlnet: Optional[TrainConfig] = None
     derived: DerivedConfig = field(default_factory=DerivedConfig)
 
-    # -- one section per model, looked up here rather than by building attribute names
+    # -- one section per model, looked up through its kind (medimgen.config.kinds) rather than by name
     def train_for(self, model: str) -> TrainConfig:
-        """The training section of ``model`` (ddpm, autoencoder, ldm, controlnet; a config without train_controlnet,
-        planned by an older medimgen, trains the ControlNet like its base)."""
-        if model == "controlnet":
-            return self.train_controlnet or self.train_for(self.controlnet_base())
-        return {"ddpm": self.train_ddpm, "autoencoder": self.train_autoencoder, "ldm": self.train_ldm}[model]
+        """The training section of ``model`` (a config without train_controlnet, planned by an older medimgen,
+        trains a kind steering a generator like its base)."""
+        k = kind(model)
+        section = getattr(self, k.train_section)
+        if section is None and k.steers:
+            return self.train_for(self.controlnet_base())
+        return section
 
     def with_train(self, model: str, **changes) -> "GenerationConfig":
         """A copy with ``changes`` applied to the training section of ``model``."""
         from dataclasses import replace
 
-        return replace(self, **{f"train_{model}": replace(self.train_for(model), **changes)})
+        return replace(self, **{kind(model).train_section: replace(self.train_for(model), **changes)})
 
     def controlnet_base(self) -> str:
-        """The generator a ControlNet of this config steers: ``controlnet.base``, the LDM for 'auto' (what
-        planning assumes; training records the base it found)."""
-        return "ddpm" if self.controlnet.base == "ddpm" else "ldm"
+        """The generator a ControlNet of this config steers: ``controlnet.base``, for 'auto' the first of
+        kinds.auto_generators() (the LDM: what planning assumes; training records the base it found)."""
+        return auto_generators()[0] if self.controlnet.base == "auto" else self.controlnet.base
+
+    def generator_for(self, model: str) -> str:
+        """The generator whose networks and noise process ``model`` samples with: itself, or the base it steers."""
+        return self.controlnet_base() if kind(model).steers else kind(model).name
+
+    def space_of(self, model: str) -> str:
+        """'image' or 'latent': where ``model`` works (a kind steering a generator: where its base works)."""
+        return kind(self.generator_for(model)).space
+
+    def network_for(self, model: str):
+        """The network section of ``model`` itself (a ControlNet: its own, not its base's)."""
+        return getattr(self, kind(model).network_section)
 
     def unet_for(self, model: str) -> UNetConfig:
-        """The diffusion UNet of ``model`` (ddpm or ldm; controlnet: its base's, which the ControlNet copies)."""
-        if model == "controlnet":
-            model = self.controlnet_base()
-        return {"ddpm": self.ddpm_unet, "ldm": self.ldm_unet}[model]
+        """The diffusion UNet of ``model`` (a generator; one steering a generator: its base's, which it copies)."""
+        return self.network_for(self.generator_for(model))
 
     def scheduler_for(self, model: str) -> SchedulerConfig:
-        """The noise scheduler of ``model`` (ddpm or ldm; controlnet: its base's)."""
-        if model == "controlnet":
-            model = self.controlnet_base()
-        return {"ddpm": self.ddpm_scheduler, "ldm": self.ldm_scheduler}[model]
+        """The noise process of ``model`` (a generator; one steering a generator: its base's)."""
+        return getattr(self, kind(self.generator_for(model)).scheduler_section)
 
     @property
     def dim(self) -> str:

@@ -34,5 +34,9 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
     return Path(path)
 
 
+def write_text_atomic(path: Path | str, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode())
+
+
 def write_json_atomic(path: Path | str, obj) -> Path:
     return write_bytes_atomic(path, json.dumps(obj).encode())

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ModelRef:
     """A trained model: ``model`` is a run folder, an MLflow model URI (models:/NAME@alias, models:/NAME/3,
-    runs:/ID/model), or a kind (ddpm, ldm, autoencoder; auto: the LDM if trained, else the DDPM) whose
+    runs:/ID/model), or a kind (medimgen.config.kinds: ddpm, ldm, autoencoder, controlnet; auto: the LDM if trained,
+    else the DDPM) whose
     standard run of ``dataset_id`` / ``dim`` / ``splitting`` (+ ``fold``) is meant."""
 
     model: str = "auto"
@@ -25,14 +26,14 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class SampleOptions:
-    """How to sample: ``scheduler`` ddim/ddpm/rflow and ``steps`` (None: the config's), ``batch_size`` images per
+    """How to sample: ``sampler`` ddim/ddpm/rflow and ``steps`` (None: the config's), ``batch_size`` images per
     forward pass (None: all), ``amp`` mixed precision on a GPU (bf16 where supported; nothing on the CPU),
     ``tiled_decoding`` the LDM's decoder over latent tiles (None: when its predicted memory exceeds the GPU's),
     ``resample`` to the dataset's original median spacing, ``crop`` back to the data size the model's image size
     pads (see README, Sampling)."""
 
     seed: int = 0
-    scheduler: str | None = None
+    sampler: str | None = None
     steps: int | None = None
     batch_size: int | None = None
     device: str | None = None
@@ -41,6 +42,11 @@ class SampleOptions:
     resample: bool = False
     crop: bool = True
     progress: bool = False
+
+    @property
+    def scheduler(self) -> str | None:
+        """Deprecated name of ``sampler`` (the noise process is the config's ``*_scheduler.type``)."""
+        return self.sampler
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from medimgen.config.kinds import kind as model_kind
 from medimgen.config.schema import GenerationConfig
 from medimgen.core.devices import resolve_device
 from medimgen.core.errors import MedimgenError
@@ -176,17 +177,14 @@ def score_model(model: TrainedModel, real: torch.Tensor, num_samples: int, extra
     """Reconstruction scores of an autoencoder (with label Dice for a joint one: needs ``real_labels``), or
     generation scores of ``num_samples`` images of a DDPM/LDM."""
     dev = resolve_device(options.device)
-    if model.kind == "autoencoder":
+    if model_kind(model.kind).encoder:
         if label_channels(model.cfg):
             recon, recon_labels = reconstruct(model.autoencoder, real, dev, cfg=model.cfg, labels=real_labels)
             return {**reconstruction_scores(recon, real, extractor, dev),
                     **label_dice_scores(recon_labels, real_labels, model.cfg)}
         return reconstruction_scores(reconstruct(model.autoencoder, real, dev), real, extractor, dev)
     sampler = Sampler.of(model).to(dev)
-    name, n_steps = sampler.schedule(options.scheduler, options.steps)
-    generated, labels = sampler.sample_model_range(num_samples, options.seed, name, n_steps, options.batch_size,
-                                                   options.amp, options.progress, labels=True,
-                                                   tiled=options.tiled_decoding)
+    generated, labels = sampler.sample_model_range(num_samples, options, labels=True)
     scores = generation_scores(generated, real, extractor, dev)
     if labels is not None:
         scores.update(label_sanity_scores(generated, labels, real_labels, model.cfg))
@@ -194,13 +192,13 @@ def score_model(model: TrainedModel, real: torch.Tensor, num_samples: int, extra
 
 
 def objective_names(kind: str) -> tuple[str, str]:
-    return ("rfid", "ms_ssim_loss") if kind == "autoencoder" else ("fid", "ms_ssim_gap")
+    return ("rfid", "ms_ssim_loss") if model_kind(kind).encoder else ("fid", "ms_ssim_gap")
 
 
 def objective_values(scores: dict[str, float], kind: str) -> dict[str, float]:
     """The two tuning objectives, both minimised. DDPM/LDM: 'fid' and 'ms_ssim_gap' (diversity gap to real data);
     autoencoder: 'rfid' (reconstructions vs originals) and 'ms_ssim_loss' (1 - MS-SSIM of reconstructions)."""
-    if kind == "autoencoder":
+    if model_kind(kind).encoder:
         rfid = next((v for k, v in scores.items() if k.startswith("rfid.")), math.nan)
         return {"rfid": rfid, "ms_ssim_loss": scores["ms_ssim_loss"]}
     fid = next((v for k, v in scores.items() if k.startswith("fid.")), math.nan)
@@ -241,7 +239,7 @@ def evaluate(ref: ModelRef, real: str = "test", num_samples: int = 16, extractor
     feats = build_extractor(extractor, weights, model.dataset, model.cfg.data.spatial_dims,
                             IntensityMap.from_config(model.cfg.data), model.cfg.data.plans_identifier)
     scores = score_model(model, images, num_samples, feats, options, labels)
-    num_generated = 0 if model.kind == "autoencoder" else num_samples
+    num_generated = 0 if model_kind(model.kind).encoder else num_samples
     report = {
         "model": model.source, "kind": model.kind, "dataset": model.dataset, "dim": model.dim,
         "mlflow_model_run_id": model.mlflow_run_id, "seed": options.seed, "num_generated": num_generated,
@@ -266,14 +264,14 @@ def _notes(scores: dict, kind: str, extractor: str, feats, num_real: int, num_sa
                      "(train nnU-Net on the dataset, or put RadImageNet/MedicalNet/InceptionV3 weights in the torch hub cache)")
     else:
         notes.append(f"Fréchet distances are biased by the number of images (here {num_real} real vs "
-                     f"{num_real if kind == 'autoencoder' else num_samples} generated/reconstructed): "
+                     f"{num_real if model_kind(kind).encoder else num_samples} generated/reconstructed): "
                      f"compare scores only at the same K, real subset and extractor")
     for key, n, fix in (("ms_ssim_real", num_real, "use --real train or all"),
                         ("ms_ssim_generated", num_samples, "raise -k")):
         if key in scores and n < 2:
             notes.append(f"{key} and ms_ssim_gap are nan: MS-SSIM diversity compares pairs, so it needs at least "
                          f"2 images (here {n}; {fix})")
-    if kind == "autoencoder" and "lpips.alex" not in scores:
+    if model_kind(kind).encoder and "lpips.alex" not in scores:
         notes.append("no LPIPS: AlexNet weights are not in the torch hub cache")
     return notes
 

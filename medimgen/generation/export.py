@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medimgen.config.kinds import kind
 from medimgen.core.atomic import atomic_path
 from medimgen.core.devices import resolve_device
 from medimgen.core.errors import MedimgenError
@@ -121,14 +122,12 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
     if mix_real and not sampler.generates_labels and labels is None:
         raise MedimgenError(f"--mix-real needs a model that generates labels ({sampler.source} is image-only: its "
                             f"labels would be foreground masks next to real labels); plan with data.generate_labels=true")
-    sched, n_steps = sampler.schedule(options.scheduler, options.steps)
     if labels is None:
-        images, labels = sampler.sample_pairs(num_images, options.seed, sched, n_steps, options.batch_size, options.amp,
-                                              options.progress, options.tiled_decoding)
+        images, labels = sampler.sample_pairs(num_images, options)
     data = sampler.cfg.data
     preprocessed_splits = None
     try:
-        files = save_samples(images, sampler, out / "imagesTr", options, sched, n_steps, prefix=SYNTH_PREFIX,
+        files = save_samples(images, sampler, out / "imagesTr", options, prefix=SYNTH_PREFIX,
                              channel_suffix=True, sidecar_dir=out / "provenance", labels=labels,
                              label_dir=out / "labelsTr")
         synthetic = [f.name[:-len("_0000.nii.gz")] for f in files if f.name.endswith("_0000.nii.gz")]
@@ -142,7 +141,7 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
         else:
             label_map = dict(src_json.get("labels") or {"background": 0, **{
                 n: int(v) for n, v in zip(data.label_names, data.label_values)}})
-            what = ("synthetic images for given label maps (ControlNet)" if sampler.kind == "controlnet"
+            what = ("synthetic images for given label maps (ControlNet)" if kind(sampler.kind).steers
                     else "synthetic image+label pairs")
         channel_names = src_json.get("channel_names") or {str(i): n for i, n in enumerate(data.channel_names)}
         if mix_real:

@@ -43,7 +43,7 @@ class MedimgenSamplerModel(PythonModel):
     def predict(self, context, model_input: list[SampleRequest], params=None):
         from medimgen.generation.sampler import crop_to_data
 
-        arrays = [crop_to_data(self.sampler.sample(num_images=r.num_images, seed=r.seed, sampler=r.sampler,
+        arrays = [crop_to_data(self.sampler.sample(r.num_images, seed=r.seed, sampler=r.sampler,
                                                    steps=r.steps or None), self.sampler.cfg, r.crop)[0]
                   for r in model_input]
         return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)

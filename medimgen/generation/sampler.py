@@ -1,4 +1,4 @@
-"""Load a trained DDPM/LDM (run folder or MLflow URI), sample, write NIfTI in the dataset's geometry.
+"""Load a trained DDPM/LDM/ControlNet (run folder or MLflow URI), sample, write NIfTI in the dataset's geometry.
 
 Samples are generated in nnU-Net's preprocessed space (target spacing, transposed axes,
 normalised intensities mapped into the model range) and written back the way nnU-Net writes
@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from medimgen.core.atomic import atomic_path
-from medimgen.config.schema import SAMPLING_MODELS, GenerationConfig
+from medimgen.config.kinds import kind, names, the
+from medimgen.config.schema import GenerationConfig
 from medimgen.data.intensity import IntensityMap
 from medimgen.core.devices import amp_dtype, autocast, resolve_device
 from medimgen.models.decoding import decoder
-from medimgen.models.diffusion import generate, sampler_name
+from medimgen.models.diffusion import generate, sampling_plan
 from medimgen.core.errors import MedimgenError
 from medimgen.data.geometry import Geometry, resample, to_file_image
 from medimgen.models.labels import condition_channels, label_channels
@@ -37,41 +38,39 @@ from medimgen.core.requests import LabelRequest, ModelRef, SampleOptions
 from medimgen.runs.folders import TrainedModel
 
 
+def _options(options: SampleOptions | None, fields: dict) -> SampleOptions:
+    """The request: ``options`` with the SampleOptions ``fields`` given by keyword changed."""
+    return dataclasses.replace(options or SampleOptions(), **fields)
+
+
 class Sampler(TrainedModel):
-    """A trained DDPM/LDM, or a ControlNet steering one towards label maps, that samples (EMA weights when the run
-    had EMA)."""
+    """A trained generator (DDPM/LDM), or a kind steering one (a ControlNet) towards label maps, that samples (EMA
+    weights when the run had EMA). Every method takes the request whole (a SampleOptions, or its fields by
+    keyword)."""
 
     @classmethod
     def of(cls, model: TrainedModel) -> "Sampler":
-        """The sampler of a loaded DDPM/LDM (same networks, no copy)."""
-        if model.kind not in SAMPLING_MODELS:
-            raise MedimgenError(f"{model.source} is a {model.kind} model; sampling needs a ddpm, ldm or controlnet")
+        """The sampler of a loaded model (same networks, no copy)."""
+        if not kind(model.kind).samples:
+            raise MedimgenError(f"{model.source} is a {model.kind} model; sampling needs one of "
+                                f"{', '.join(names(samples=True))}")
         return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
 
-    def schedule(self, scheduler: str | None, steps: int | None) -> tuple[str, int]:
-        """(sampler name, number of steps) after defaults: the config's sampler (rflow for a rectified-flow model);
-        DDPM uses every timestep."""
-        cfg = self.cfg.scheduler_for(self.kind)
-        name = sampler_name(cfg, scheduler)
-        n = cfg.num_train_timesteps if name == "ddpm" else int(steps or cfg.num_inference_steps)
-        if n > cfg.num_train_timesteps:
-            raise MedimgenError(f"--steps {n}: at most the model's {cfg.num_train_timesteps} training timesteps")
-        return name, n
+    def schedule(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
+        """(sampler name, number of steps) after defaults (medimgen.models.diffusion.sampling_plan)."""
+        return sampling_plan(self.cfg.scheduler_for(self.kind), sampler, steps)
 
     @property
     def generates_labels(self) -> bool:
-        """Whether the model generates a label map with every image (``data.generate_labels``; a ControlNet gets
-        its label maps instead)."""
-        return label_channels(self.cfg) > 0 and self.kind != "controlnet"
+        """Whether the model generates a label map with every image (``data.generate_labels``; a kind steering a
+        generator gets its label maps instead)."""
+        return label_channels(self.cfg) > 0 and not kind(self.kind).steers
 
     @torch.no_grad()
-    def sample_conditioned(self, maps: torch.Tensor, seed: int = 0, sampler: str | None = None,
-                           steps: int | None = None, batch_size: int | None = None, amp: bool = True,
-                           progress: bool = False, tiled: bool | None = None) -> np.ndarray:
+    def sample_conditioned(self, maps: torch.Tensor, options: SampleOptions | None = None, **fields) -> np.ndarray:
         """ControlNet: one image per label map ((N, 1, *image_size) nnU-Net label values), (N, C, *image_size)
         float32 in the dataset's units; same seed and maps -> same images."""
-        model_range = self.sample_model_range(len(maps), seed, sampler, steps, batch_size, amp, progress,
-                                              tiled=tiled, condition=maps)
+        model_range = self.sample_model_range(len(maps), _options(options, fields), condition=maps)
         return IntensityMap.from_config(self.cfg.data).to_original(model_range, channel_axis=1).numpy().astype(np.float32)
 
     def memory(self, batch: int, amp: bool = True, tiled: bool | None = None):
@@ -83,56 +82,54 @@ class Sampler(TrainedModel):
             target = torch.cuda.get_device_properties(self.device).total_memory
         else:
             target = self.cfg.memory.target_gb * 2**30
-        return plan_sampling(self.cfg, self.base_kind or self.kind, batch, target, amp, tiled)
+        return plan_sampling(self.cfg, self.generator, batch, target, amp, tiled)
 
     @torch.no_grad()
-    def sample(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-               batch_size: int | None = None, amp: bool = True, progress: bool = False,
-               tiled: bool | None = None) -> np.ndarray:
+    def sample(self, num_images: int, options: SampleOptions | None = None, **fields) -> np.ndarray:
         """(N, C, *image_size) float32 in the dataset's intensity units; same seed -> same images."""
-        return self.sample_pairs(num_images, seed, sampler, steps, batch_size, amp, progress, tiled)[0]
+        return self.sample_pairs(num_images, _options(options, fields))[0]
 
     @torch.no_grad()
-    def sample_pairs(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-                     batch_size: int | None = None, amp: bool = True, progress: bool = False,
-                     tiled: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def sample_pairs(self, num_images: int, options: SampleOptions | None = None,
+                     **fields) -> tuple[np.ndarray, np.ndarray | None]:
         """(images (N, C, *image_size) float32 in the dataset's units, label maps (N, *image_size) uint8 in
         nnU-Net's label values, or None for an image-only model); same seed -> same pairs."""
-        model_range, labels = self.sample_model_range(num_images, seed, sampler, steps, batch_size, amp, progress,
-                                                      labels=True, tiled=tiled)
+        model_range, labels = self.sample_model_range(num_images, _options(options, fields), labels=True)
         imap = IntensityMap.from_config(self.cfg.data)
         images = imap.to_original(model_range, channel_axis=1).numpy().astype(np.float32)
         return images, None if labels is None else labels[:, 0].numpy().astype(np.uint8)
 
     @torch.no_grad()
-    def sample_model_range(self, num_images: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-                           batch_size: int | None = None, amp: bool = True, progress: bool = False,
-                           labels: bool = False, tiled: bool | None = None, condition: torch.Tensor | None = None):
+    def sample_model_range(self, num_images: int, options: SampleOptions | None = None, labels: bool = False,
+                           condition: torch.Tensor | None = None, **fields):
         """(N, C, *image_size) float32 CPU tensor in the model's range (what the evaluation compares); ``labels``:
         (that, label maps (N, 1, *image_size) long or None for an image-only model). An LDM decodes in latent
-        tiles when ``tiled``, or (None) on a GPU when decoding whole is predicted not to fit it (:meth:`memory`).
-        ``condition``: a ControlNet's N label maps (N, 1, *image_size)."""
+        tiles when ``options.tiled_decoding``, or (None) on a GPU when decoding whole is predicted not to fit it
+        (:meth:`memory`). ``condition``: a ControlNet's N label maps (N, 1, *image_size)."""
+        o = _options(options, fields)
         if num_images < 1:
             raise MedimgenError("NUM_IMAGES must be at least 1")
-        if (self.kind == "controlnet") != (condition is not None):
+        steers = kind(self.kind).steers
+        if steers != (condition is not None):
             raise MedimgenError(f"{self.source}: a ControlNet generates images for label maps (sample --labels), "
-                                f"and only a ControlNet does" if self.kind == "controlnet" else
+                                f"and only a ControlNet does" if steers else
                                 f"{self.source} is a {self.kind}: label maps need a ControlNet (--model controlnet)")
-        kind = self.base_kind or self.kind
-        bs = batch_size or num_images
+        generator, tiled = self.generator, o.tiled_decoding
+        bs = o.batch_size or num_images
         out, out_labels = [], []
         for start in range(0, num_images, bs):
             n = min(bs, num_images - start)
             decode = None
-            if kind == "ldm":  # the CPU's memory is not predicted: tiled there only when asked
-                tile = self.memory(n, amp, tiled).tile if tiled or (tiled is None and self.device.type == "cuda") \
+            if self.cfg.space_of(generator) == "latent":  # the CPU's memory is not predicted: tiled there only when asked
+                tile = self.memory(n, o.amp, tiled).tile if tiled or (tiled is None and self.device.type == "cuda") \
                     else None
                 decode = decoder(self.autoencoder, self.scale_factor, tile, self.cfg.autoencoder)
             cond = None if condition is None else condition_channels(condition[start:start + n].to(self.device),
                                                                      self.cfg.data.label_values)
-            with autocast(self.device, amp_dtype("auto" if amp else "off", self.device)):
-                images, label = generate(self.cfg, kind, self.unet, n, seed + start, sampler, steps, self.device,
-                                         decode, progress, labels=True, controlnet=self.controlnet, condition=cond)
+            with autocast(self.device, amp_dtype("auto" if o.amp else "off", self.device)):
+                images, label = generate(self.cfg, generator, self.unet, n, o.seed + start, sampler=o.sampler,
+                                         steps=o.steps, device=self.device, decode=decode, progress=o.progress,
+                                         labels=True, controlnet=self.controlnet, condition=cond)
             out.append(images.float().cpu())
             if label is not None:
                 out_labels.append(label.cpu())
@@ -154,7 +151,7 @@ def from_uri(uri: str) -> Sampler:
 
 def resolve_sampler(ref: ModelRef) -> Sampler:
     """The DDPM/LDM/ControlNet ``ref`` names (run folder, MLflow URI, or the dataset's ldm/ddpm/controlnet/auto run)."""
-    return Sampler.of(Sampler.resolve(ref, SAMPLING_MODELS))
+    return Sampler.of(Sampler.resolve(ref, names(samples=True)))
 
 
 # ---------------------------------------------------------------------- NIfTI output
@@ -214,8 +211,8 @@ def _free_stem(folder: Path, prefix: str, index: int) -> tuple[str, int]:
     return f"{prefix}_{index:04d}", index
 
 
-def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, options: SampleOptions, scheduler: str,
-                 steps: int, prefix: str = "sample", channel_suffix: bool = False,
+def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, options: SampleOptions,
+                 prefix: str = "sample", channel_suffix: bool = False,
                  sidecar_dir: Path | None = None, labels: np.ndarray | None = None,
                  label_dir: Path | None = None) -> list[Path]:
     """Write every sample (all channels) as NIfTI + a JSON sidecar saying how it was made; never overwrite files.
@@ -227,6 +224,7 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, opt
     (``data.data_size``); without it the padded model size is written, its origin moved so that the data region
     stays in place. ``options.resample``: to the dataset's original median spacing. Returns the image files."""
     crop, resample = options.crop, options.resample
+    name, steps = sampler.schedule(options.sampler, options.steps)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sidecar_dir = Path(sidecar_dir) if sidecar_dir else out_dir
@@ -253,7 +251,9 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, opt
             name = f"{stem}_{c:04d}.nii.gz" if channel_suffix or sample.shape[0] > 1 else f"{stem}.nii.gz"
             files.append(write_nifti(sample[c], out_dir / name, sampler.geometry, spacing, shift=shift))
         sidecar = {"model": sampler.source, "kind": sampler.kind, "dataset": sampler.dataset, "seed": options.seed,
-                   "index": i, "scheduler": scheduler, "steps": steps, "amp": options.amp,
+                   "index": i, "sampler": name,
+                   "scheduler": name,  # deprecated: the sampler's old key (readers of older sidecars)
+                   "steps": steps, "amp": options.amp,
                    "spacing": list(spacing), "resampled_to_original_spacing": resample,
                    "cropped_to_data_size": data_crop(sampler.cfg) is not None and crop,
                    "channels": list(sampler.cfg.data.channel_names), "files": [f.name for f in files]}
@@ -276,13 +276,12 @@ def sample_to_folder(save_path: Path | str, num_images: int, ref: ModelRef, opti
     predicted GPU memory of sampling (and an LDM's tiled decoding) before sampling starts, on a GPU (or with
     ``options.tiled_decoding``)."""
     sampler = resolve_sampler(ref).to(resolve_device(options.device))
-    name, n_steps = sampler.schedule(options.scheduler, options.steps)
+    sampler.schedule(options.sampler, options.steps)  # a bad request fails before the memory is predicted
     if echo is not None and (sampler.device.type == "cuda" or options.tiled_decoding):  # GPU memory: on a GPU
         echo(sampler.memory(min(num_images, options.batch_size or num_images), options.amp,
                             options.tiled_decoding).describe())
-    images, labels = sampler.sample_pairs(num_images, options.seed, name, n_steps, options.batch_size, options.amp,
-                                          options.progress, options.tiled_decoding)
-    return save_samples(images, sampler, save_path, options, name, n_steps, labels=labels)
+    images, labels = sampler.sample_pairs(num_images, options)
+    return save_samples(images, sampler, save_path, options, labels=labels)
 
 
 # ---------------------------------------------------------------------- images for given label maps (ControlNet)
@@ -319,17 +318,16 @@ def sample_for_labels(save_path: Path | str, request: LabelRequest, ref: ModelRe
     (or into ``label_dir``), cropped, resampled and placed exactly as the image. Returns the image files."""
     sampler = resolve_controlnet(ref, options)
     images, labels = conditioned_pairs(sampler, request, ref, options)
-    name, n_steps = sampler.schedule(options.scheduler, options.steps)
-    return save_samples(images, sampler, save_path, options, name, n_steps, prefix=prefix,
+    return save_samples(images, sampler, save_path, options, prefix=prefix,
                         channel_suffix=channel_suffix, sidecar_dir=sidecar_dir, labels=labels, label_dir=label_dir)
 
 
 def resolve_controlnet(ref: ModelRef, options: SampleOptions = SampleOptions()) -> Sampler:
     """The ControlNet ``ref`` names (``auto``: the dataset's controlnet run), on the options' device."""
     if ref.model == "auto":
-        ref = dataclasses.replace(ref, model="controlnet")
+        ref = dataclasses.replace(ref, model=the("steers").name)
     sampler = resolve_sampler(ref).to(resolve_device(options.device))
-    if sampler.kind != "controlnet":
+    if not kind(sampler.kind).steers:
         raise MedimgenError(f"{sampler.source} is a {sampler.kind}: label maps need a ControlNet "
                             f"(`medimgen train controlnet`, then --model controlnet)")
     return sampler
@@ -340,7 +338,5 @@ def conditioned_pairs(sampler: Sampler, request: LabelRequest, ref: ModelRef,
     """(images (N, C, *image_size) in the dataset's units, the label maps they were conditioned on (N, *image_size)
     uint8) for the maps ``request`` names."""
     maps = label_maps(sampler, request, ref)
-    name, n_steps = sampler.schedule(options.scheduler, options.steps)
-    images = sampler.sample_conditioned(maps.maps, options.seed, name, n_steps, options.batch_size, options.amp,
-                                        options.progress, options.tiled_decoding)
+    images = sampler.sample_conditioned(maps.maps, options)
     return images, maps.maps[:, 0].numpy().astype(np.uint8)

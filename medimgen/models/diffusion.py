@@ -64,30 +64,54 @@ def sampler_name(cfg: SchedulerConfig, sampler: str | None = None) -> str:
     return sampler or cfg.sampler
 
 
+# whether a sampler walks every training timestep (DDPM) or ``steps`` of them (DDIM, rectified flow)
+EVERY_TIMESTEP = {"ddpm": True, "ddim": False, "rflow": False}
+
+
+def sampling_plan(cfg: SchedulerConfig, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
+    """(sampler, number of steps) of a sampling request after defaults: the one check of a request (the config's
+    sampler, rflow for a rectified-flow model; DDPM uses every timestep; at most num_train_timesteps)."""
+    name = sampler_name(cfg, sampler)
+    n = cfg.num_train_timesteps if EVERY_TIMESTEP[name] else int(steps or cfg.num_inference_steps)
+    if n > cfg.num_train_timesteps:
+        raise MedimgenError(f"--steps {n}: at most the model's {cfg.num_train_timesteps} training timesteps")
+    return name, n
+
+
+def _ddpm_sampler(cfg: SchedulerConfig, steps: int, spatial_size):
+    from monai.networks.schedulers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
+                         prediction_type=cfg.prediction_type, **_schedule_args(cfg))
+
+
+def _ddim_sampler(cfg: SchedulerConfig, steps: int, spatial_size):
+    from monai.networks.schedulers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
+                         prediction_type=cfg.prediction_type, clip_sample=False, **_schedule_args(cfg))
+
+
+def _rflow_sampler(cfg: SchedulerConfig, steps: int, spatial_size):
+    if spatial_size is None:
+        raise ValueError("rectified flow needs the sampled spatial size")
+    return _rflow(cfg, len(spatial_size))
+
+
+_SAMPLERS = {"ddpm": _ddpm_sampler, "ddim": _ddim_sampler, "rflow": _rflow_sampler}
+
+
 def sampling_scheduler(cfg: SchedulerConfig, sampler: str | None = None, steps: int | None = None,
                        spatial_size: tuple[int, ...] | None = None):
     """DDPM (all training timesteps), DDIM or rectified flow (``steps``, default cfg.num_inference_steps) for
-    sampling. ``spatial_size``: the sampled (latent) size, which rectified flow's timestep shift depends on."""
-    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
-
-    sampler = sampler_name(cfg, sampler)
-    if sampler == "ddpm":
-        sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
-                              prediction_type=cfg.prediction_type, **_schedule_args(cfg))
-        sched.set_timesteps(cfg.num_train_timesteps)
-        return sched
-    steps = int(steps or cfg.num_inference_steps)
-    if steps > cfg.num_train_timesteps:
-        raise MedimgenError(f"{steps} sampling steps: at most the {cfg.num_train_timesteps} training timesteps")
-    if sampler == "rflow":
-        if spatial_size is None:
-            raise ValueError("rectified flow needs the sampled spatial size")
-        sched = _rflow(cfg, len(spatial_size))
+    sampling (:func:`sampling_plan`). ``spatial_size``: the sampled (latent) size, which rectified flow's timestep
+    shift depends on."""
+    name, steps = sampling_plan(cfg, sampler, steps)
+    sched = _SAMPLERS[name](cfg, steps, spatial_size)
+    if spatial_size is not None and is_rflow(sched):
         sched.set_timesteps(steps, input_img_size_numel=math.prod(spatial_size))
-        return sched
-    sched = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
-                          prediction_type=cfg.prediction_type, clip_sample=False, **_schedule_args(cfg))
-    sched.set_timesteps(steps)
+    else:
+        sched.set_timesteps(steps)
     return sched
 
 
@@ -127,9 +151,9 @@ def noised(scheduler, prediction_type: str, x: torch.Tensor, generator: torch.Ge
 
 
 def sample_shape(cfg: GenerationConfig, model: str, n: int) -> tuple[int, ...]:
-    """Shape of ``n`` starting noises: images (+ one-hot label channels of a joint model) for a DDPM, latents
-    of the autoencoder for an LDM."""
-    if model == "ldm":
+    """Shape of ``n`` starting noises: images (+ one-hot label channels of a joint model) for an image-space model
+    (DDPM), latents of the autoencoder for a latent one (LDM)."""
+    if cfg.space_of(model) == "latent":
         from medimgen.models.networks import latent_size
 
         return (n, cfg.autoencoder.latent_channels, *latent_size(cfg))
@@ -167,7 +191,7 @@ def generate(cfg: GenerationConfig, model: str, network: torch.nn.Module, n: int
              sampler: str | None = None, steps: int | None = None, device: torch.device | str = "cpu",
              decode: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False,
              labels: bool = False, controlnet: torch.nn.Module | None = None, condition: torch.Tensor | None = None):
-    """``n`` images of a trained ``model`` (ddpm/ldm) of ``cfg``, in the model's intensity range; ``controlnet``:
+    """``n`` images of a trained generator ``model`` (ddpm/ldm) of ``cfg``, in the model's intensity range; ``controlnet``:
     steered by that ControlNet of ``model`` towards ``condition`` (n one-hot label maps, medimgen.models.labels).
 
     ``labels``: return (images, label maps) instead, the label maps (n, 1, *size) long in nnU-Net's label values
@@ -176,7 +200,7 @@ def generate(cfg: GenerationConfig, model: str, network: torch.nn.Module, n: int
     shape = sample_shape(cfg, model, n)
     scheduler = sampling_scheduler(cfg.scheduler_for(model), sampler, steps, shape[2:])
     x = sample(network, scheduler, shape, seed, device, decode, progress, controlnet, condition)
-    images, label = split(x, cfg, logits=model == "ldm")
+    images, label = split(x, cfg, logits=cfg.space_of(model) == "latent")
     lo, hi = cfg.data.intensity_range
     images = images.float().clamp(lo, hi)
     return (images, label) if labels else images

@@ -151,10 +151,11 @@ def autoencoder_for(cfg: GenerationConfig) -> nn.Module:
 
 
 def unet_for(cfg: GenerationConfig, model: str) -> nn.Module:
-    """The diffusion UNet of ``model``: on autoencoder latents (ldm) or on image (+ one-hot label) channels (ddpm)."""
+    """The diffusion UNet of ``model``: on autoencoder latents (a latent kind: the LDM) or on image (+ one-hot label)
+    channels (the DDPM)."""
     from medimgen.models.labels import network_channels
 
-    channels = cfg.autoencoder.latent_channels if model == "ldm" else network_channels(cfg)
+    channels = cfg.autoencoder.latent_channels if cfg.space_of(model) == "latent" else network_channels(cfg)
     return build_unet(cfg.unet_for(model), cfg.data.spatial_dims, channels)
 
 
@@ -163,7 +164,7 @@ def conditioning_levels(cfg: GenerationConfig) -> tuple[tuple[int, ...], tuple[t
     image-size label map to the latent size by the autoencoder's strides (``controlnet.conditioning_strides``,
     empty: the autoencoder's); a DDPM base generates at image size, so one level, no downsampling."""
     channels = tuple(cfg.controlnet.conditioning_channels)
-    if cfg.controlnet_base() == "ddpm":
+    if cfg.space_of(cfg.controlnet_base()) == "image":
         return channels[:1], ()
     strides = tuple(tuple(s) for s in (cfg.controlnet.conditioning_strides or cfg.autoencoder.strides))
     if not cfg.controlnet.conditioning_strides:  # a config from before the ControlNet: levels as planned
@@ -179,10 +180,11 @@ def build_controlnet(cfg: GenerationConfig) -> nn.Module:
     from medimgen.models.labels import network_channels
 
     base = cfg.controlnet_base()
+    latent = cfg.space_of(base) == "latent"
     ucfg = cfg.unet_for(base)
     channels, strides = conditioning_levels(cfg)
     if total_stride(strides, cfg.data.spatial_dims) != (
-            total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims) if base == "ldm" else
+            total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims) if latent else
             (1,) * cfg.data.spatial_dims):
         from medimgen.core.errors import MedimgenError
 
@@ -191,7 +193,7 @@ def build_controlnet(cfg: GenerationConfig) -> nn.Module:
                             f"{list(total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims))}")
     net = ControlNet(
         spatial_dims=cfg.data.spatial_dims,
-        in_channels=cfg.autoencoder.latent_channels if base == "ldm" else network_channels(cfg),
+        in_channels=cfg.autoencoder.latent_channels if latent else network_channels(cfg),
         channels=tuple(ucfg.channels),
         attention_levels=tuple(ucfg.attention_levels),
         num_res_blocks=ucfg.num_res_blocks,

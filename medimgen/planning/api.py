@@ -11,7 +11,8 @@ from typing import Sequence
 
 from medimgen import __version__
 from medimgen.config.io import apply_overrides, is_user_edited, load_config, save_config
-from medimgen.config.schema import DIFFUSION_MODELS, DatasetInfo, MedimgenConfig
+from medimgen.config.kinds import kind, names
+from medimgen.config.schema import DatasetInfo, MedimgenConfig
 from medimgen.core.errors import MedimgenError
 from medimgen.planning.heuristics import plan_generation
 from medimgen.planning.intensity_stats import case_statistics, intensity_bounds, intensity_statistics
@@ -134,7 +135,7 @@ def plan_dataset(
     the noise process of the DDPM and the LDM (ddpm or rflow; None: as planned, ddpm), before ``overrides``.
     """
     if scheduler is not None:
-        overrides = [f"{m}_scheduler.type={scheduler}" for m in DIFFUSION_MODELS] + list(overrides)
+        overrides = [f"{kind(m).scheduler_section}.type={scheduler}" for m in names(generator=True)] + list(overrides)
     plans = DatasetPlans.from_id(dataset_id, plans_identifier)
     path = plans.folder / CONFIG_NAME
     edited = path.exists() and is_user_edited(path)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from medimgen.config.kinds import kind, the
 from medimgen.config.schema import GenerationConfig
 
 BLOCK = 512  # CUDA caching allocator: every block is a multiple of 512 bytes
@@ -252,7 +253,7 @@ def _diffusion_parts(cfg: GenerationConfig, model: str):
     sched_cfg = cfg.scheduler_for(model)
     scheduler = training_scheduler(sched_cfg, cfg.data.spatial_dims)
     frozen = None
-    if model == "ldm":
+    if cfg.space_of(model) == "latent":
         frozen = autoencoder_for(cfg)
         for p in frozen.parameters():
             p.requires_grad_(False)
@@ -283,7 +284,8 @@ def _controlnet_parts(cfg: GenerationConfig):
     unet = unet_for(cfg, base)
     if cfg.controlnet.activation_checkpointing:
         enable_unet_checkpointing(unet)
-    frozen = [unet] + ([autoencoder_for(cfg)] if base == "ldm" else [])
+    latent = cfg.space_of(base) == "latent"
+    frozen = [unet] + ([autoencoder_for(cfg)] if latent else [])
     for m in frozen:
         for p in m.parameters():
             p.requires_grad_(False)
@@ -292,7 +294,7 @@ def _controlnet_parts(cfg: GenerationConfig):
 
     def loss(batch):
         x = batch["image"]
-        if base == "ldm":
+        if latent:
             with torch.no_grad():
                 x = frozen[1].encode_stage_2_inputs(x) * 1.0
         noise = torch.randn_like(x)
@@ -303,7 +305,7 @@ def _controlnet_parts(cfg: GenerationConfig):
         target = target_for(scheduler, sched_cfg.prediction_type, x, noise, t)
         return F.mse_loss(pred.float(), target.float())
 
-    ema = [controlnet] if cfg.train_for("controlnet").ema_decay else []
+    ema = [controlnet] if cfg.train_for(the("steers").name).ema_decay else []
     return [controlnet], frozen, {"diffusion": ([controlnet], loss)}, ema
 
 
@@ -429,8 +431,8 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
     shape = (train.batch_size, network_channels(cfg), *cfg.data.image_size)
     tracker = LiveBytes()
     with FakeTensorMode(allow_non_fake_inputs=True), cuda_autocast_policy(), tracker:
-        trained, frozen, phases, ema_of = (_autoencoder_parts(cfg) if model == "autoencoder" else
-                                           _controlnet_parts(cfg) if model == "controlnet" else
+        trained, frozen, phases, ema_of = (_autoencoder_parts(cfg) if kind(model).encoder else
+                                           _controlnet_parts(cfg) if kind(model).steers else
                                            _diffusion_parts(cfg, model))
         for m in [*trained, *frozen]:
             tracker.track([*m.parameters(), *m.buffers()])

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from medimgen.config.kinds import kind, names
 from medimgen.config.schema import GenerationConfig
 
-MODELS = ("autoencoder", "ddpm", "ldm")
 TOLERANCE = 0.10  # relative error of best/last/registered, checked against a tiny trained run
 # torch.save (zip): per tensor one archive entry (headers + 64-byte alignment) and its pickle record
 TORCH_BYTES_PER_TENSOR = 320
@@ -70,13 +70,13 @@ def _networks(cfg: GenerationConfig, model: str) -> tuple[Tensors, Tensors, Tens
     from medimgen.models.networks import build_autoencoder, build_discriminator, build_unet
 
     nd, c = cfg.data.spatial_dims, cfg.data.in_channels
-    if model == "autoencoder":
+    if kind(model).encoder:
         ae = _tensors(lambda: build_autoencoder(cfg.autoencoder, nd, c))
         disc = _tensors(lambda: build_discriminator(cfg.discriminator, nd, c)) if cfg.losses.adversarial_weight > 0 else NONE
         return ae, disc, NONE
-    if model == "ddpm":
-        return _tensors(lambda: build_unet(cfg.ddpm_unet, nd, c)), NONE, NONE
-    unet = _tensors(lambda: build_unet(cfg.ldm_unet, nd, cfg.autoencoder.latent_channels))
+    if cfg.space_of(model) == "image":
+        return _tensors(lambda: build_unet(cfg.unet_for(model), nd, c)), NONE, NONE
+    unet = _tensors(lambda: build_unet(cfg.unet_for(model), nd, cfg.autoencoder.latent_channels))
     return unet, NONE, _tensors(lambda: build_autoencoder(cfg.autoencoder, nd, c))
 
 
@@ -104,29 +104,31 @@ class DiskEstimate:
 def estimate_disk(cfg: GenerationConfig, model: str) -> DiskEstimate:
     """Predicted sizes of the files one training run of ``model`` (``cfg`` as planned) writes."""
     sampling, others, bundled = _networks(cfg, model)
-    train = getattr(cfg, f"train_{model}")
-    ema = bool(train.ema_decay) and model != "autoencoder"
+    encoder = kind(model).encoder
+    train = cfg.train_for(model)
+    ema = bool(train.ema_decay) and not encoder
     trained = sampling + others
     adam = Tensors(2 * trained.trainable_bytes + 4 * trained.trainable_count, 3 * trained.trainable_count, 0, 0, 0)
     ema_copy = Tensors(sampling.bytes + 8, sampling.count + 1, 0, 0, 0) if ema else NONE
     best = _torch_file(sampling, TORCH_FIXED_BYTES["best"])
     last = _torch_file(trained + adam + ema_copy, TORCH_FIXED_BYTES["last"])
     registered = 0
-    if model != "autoencoder" and cfg.tracking.log_models:
+    if not encoder and cfg.tracking.log_models:
         weights = sampling + bundled
         registered = weights.bytes + SAFETENSORS_BYTES_PER_TENSOR * weights.count + MODEL_FILES_BYTES
     voxels = math.prod(cfg.data.image_size)
-    shown = {"autoencoder": 2, "ddpm": 4, "ldm": 4}[model] if cfg.data.spatial_dims == 2 else {"autoencoder": 2}.get(model, 1)
+    shown = (2 if encoder else 4) if cfg.data.spatial_dims == 2 else (2 if encoder else 1)
     plotted = len({e for e in range(train.val_plot_interval, train.epochs + 1, train.val_plot_interval)} | {train.epochs})
     plots = plotted * voxels * shown + LOSS_PLOT_BYTES
-    sample = 0 if model == "autoencoder" else voxels * cfg.data.in_channels * 4
+    sample = 0 if encoder else voxels * cfg.data.in_channels * 4
     mlflow_ckpt = best + last if cfg.tracking.log_checkpoints else 0
     return DiskEstimate(model, trained.params, best, last, registered, plots, sample, mlflow_ckpt)
 
 
 def explain_disk(cfg: GenerationConfig, dim: str, num_samples: int = 100) -> str:
     """The disk table of ``medimgen plan --explain``."""
-    rows = [estimate_disk(cfg, m) for m in MODELS]
+    # the encoders first (trained first); a kind steering a generator has no estimate yet
+    rows = [estimate_disk(cfg, m) for m in sorted(names(steers=False), key=lambda m: not kind(m).encoder)]
     lines = [f"{dim}: disk per run (MB; best.pt = sampling weights, last.pt = resume state, registered = one MLflow "
              f"model version{', checkpoints also copied to MLflow' if cfg.tracking.log_checkpoints else ''})",
              f"  {'model':<12}{'params':>12}{'best.pt':>10}{'last.pt':>10}{'registered':>12}{'plots':>9}"

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medimgen.config.schema import MODELS, GenerationConfig, TrainConfig
+from medimgen.config.kinds import kind, names
+from medimgen.config.schema import GenerationConfig, TrainConfig
 
 DEFAULT_TARGET_GB = 8.0  # nnU-Net plans for an 8 GB reference GPU too
 GIB = 2**30
@@ -40,9 +41,6 @@ CONTEXT_BYTES = 0.5 * GIB
 DOWNSCALE_STEP = 1.25  # generated-size reduction per fitting round (last resort)
 
 
-# the config field names of each model's sections, for the fitter's changes and the keys it names
-_TRAIN_FIELD = {m: f"train_{m}" for m in MODELS}
-_NETWORK_FIELD = {"ddpm": "ddpm_unet", "autoencoder": "autoencoder", "ldm": "ldm_unet", "controlnet": "controlnet"}
 
 
 def detect_gpu_memory_gb() -> float:
@@ -109,12 +107,11 @@ def _simulated(cfg: GenerationConfig, model: str, batch: int):
     train = cfg.train_for(model)
     key_train = TrainConfig(
         epochs=1, batch_size=batch, grad_accumulation_steps=min(2, max(1, train.grad_accumulation_steps)),
-        amp="off" if train.amp == "off" else "auto", ema_decay=0.999 if train.ema_decay and model != "autoencoder"
+        amp="off" if train.amp == "off" else "auto", ema_decay=0.999 if train.ema_decay and not kind(model).encoder
         else None, grad_clip=1.0 if train.grad_clip else None, weight_decay=0.01 if train.weight_decay else 0.0)
-    nets = (cfg.autoencoder, cfg.discriminator, cfg.losses) if model == "autoencoder" else (
-        cfg.unet_for(model), cfg.scheduler_for(model),
-        cfg.autoencoder if model == "ldm" or (model == "controlnet" and cfg.controlnet_base() == "ldm") else None,
-        (cfg.controlnet, len(cfg.data.label_values)) if model == "controlnet" else None)
+    nets = (cfg.autoencoder, cfg.discriminator, cfg.losses) if kind(model).encoder else (
+        cfg.unet_for(model), cfg.scheduler_for(model), cfg.autoencoder if cfg.space_of(model) == "latent" else None,
+        (cfg.network_for(model), len(cfg.data.label_values)) if kind(model).steers else None)
     from medimgen.models import networks
     from medimgen.models.labels import autoencoder_out_channels, network_channels
 
@@ -124,7 +121,7 @@ def _simulated(cfg: GenerationConfig, model: str, batch: int):
     if key not in _simulations:
         from medimgen.planning.cuda_sim import simulate
 
-        _simulations[key] = simulate(dataclasses.replace(cfg, **{_TRAIN_FIELD[model]: key_train}), model)
+        _simulations[key] = simulate(dataclasses.replace(cfg, **{kind(model).train_section: key_train}), model)
     return _simulations[key]
 
 
@@ -134,11 +131,11 @@ _simulations: dict = {}  # a few bytes each; planning and tuning ask for the sam
 # ------------------------------------------------------------------------------------ fitting
 def _network(cfg: GenerationConfig, model: str):
     """The trained network's section: the autoencoder's, the UNet of ddpm/ldm, or the ControlNet's."""
-    return getattr(cfg, _NETWORK_FIELD[model])
+    return cfg.network_for(model)
 
 
 def _set_ckpt(cfg: GenerationConfig, model: str) -> GenerationConfig:
-    return dataclasses.replace(cfg, **{_NETWORK_FIELD[model]: dataclasses.replace(_network(cfg, model),
+    return dataclasses.replace(cfg, **{kind(model).network_section: dataclasses.replace(_network(cfg, model),
                                                                                    activation_checkpointing=True)})
 
 
@@ -175,7 +172,7 @@ def _parameter_bound(cfg: GenerationConfig, target: float) -> bool:
     """True when some model cannot fit whatever the image size: its weights, moments, EMA and frozen networks
     plus the gradients and AdamW's temporary (4 + 4 bytes per trained parameter) alone exceed the target."""
     return any(((e := estimate(cfg, m)).static_bytes + 8 * e.params) * CUDA_OVERHEAD > usable_bytes(target)
-               for m in MODELS)
+               for m in names())
 
 
 def _downscale(cfg: GenerationConfig, factor: float) -> GenerationConfig:
@@ -205,7 +202,7 @@ def fit_to_memory(cfg: GenerationConfig, target_gb: float) -> GenerationConfig:
     factor = 1.0
     while True:
         ok = True
-        for model in MODELS:
+        for model in names():
             fitted, ok_model = fit_model(fitted, model, target)
             ok = ok and ok_model
         if ok:
@@ -215,7 +212,7 @@ def fit_to_memory(cfg: GenerationConfig, target_gb: float) -> GenerationConfig:
             break
         factor *= DOWNSCALE_STEP
         fitted = _downscale(cfg, factor)  # refit from the plan's own settings at the smaller size
-    peaks = {m: round(estimate(fitted, m).peak_gb, 3) for m in MODELS}
+    peaks = {m: round(estimate(fitted, m).peak_gb, 3) for m in names()}
     return dataclasses.replace(fitted, memory=dataclasses.replace(fitted.memory, target_gb=float(target_gb)),
                                derived=dataclasses.replace(fitted.derived, memory_fitted=ok, predicted_peak_gb=peaks))
 
@@ -223,17 +220,17 @@ def fit_to_memory(cfg: GenerationConfig, target_gb: float) -> GenerationConfig:
 def remedies(cfg: GenerationConfig, model: str) -> list[str]:
     """Config keys that lower ``model``'s memory, cheapest first (what the fitter would change)."""
     train = cfg.train_for(model)
-    net = _NETWORK_FIELD[model]
+    net, section = kind(model).network_section, kind(model).train_section
     keys = []
     if train.amp == "off":
-        keys.append(f"train_{model}.amp=auto")
+        keys.append(f"{section}.amp=auto")
     if not _network(cfg, model).activation_checkpointing:
         keys.append(f"{net}.activation_checkpointing=true")
     if train.batch_size > 1:
-        keys.append(f"train_{model}.batch_size={max(1, train.batch_size // 2)} with "
-                    f"train_{model}.grad_accumulation_steps={2 * train.grad_accumulation_steps}")
-    if train.ema_decay and model != "autoencoder":
-        keys.append(f"train_{model}.ema_decay=null")
+        keys.append(f"{section}.batch_size={max(1, train.batch_size // 2)} with "
+                    f"{section}.grad_accumulation_steps={2 * train.grad_accumulation_steps}")
+    if train.ema_decay and not kind(model).encoder:
+        keys.append(f"{section}.ema_decay=null")
     keys.append("data.image_size (or re-plan: medimgen plan --gpu-memory GB)")
     return keys
 
@@ -245,7 +242,7 @@ def explain(cfg: GenerationConfig, dim: str, target_gb: float | None = None) -> 
     lines = [f"{dim}: image {list(cfg.data.image_size)}, target {target_gb:g} GB (peak must stay under "
              f"{usable:.2f} GB: CUDA context and fragmentation take the rest)",
              f"  {'model':<12}{'params':>12}{'static GB':>11}{'activ. GB':>11}{'peak GB':>9}  amp  ckpt  batch x accum  fits"]
-    for m in MODELS:
+    for m in names():
         e = estimate(cfg, m)
         lines.append(f"  {m:<12}{e.params:>12,}{e.static_bytes / GIB:>11.2f}{e.activation_bytes / GIB:>11.2f}"
                      f"{e.peak_gb:>9.2f}  {'on ' if e.amp else 'off'}  {'on ' if e.checkpointing else 'off'}"
@@ -260,7 +257,7 @@ def misfits(cfg: GenerationConfig, dim: str, target_gb: float | None = None) -> 
     """One line per model of ``cfg`` whose predicted peak does not fit, naming the keys to change."""
     target_gb = target_gb or cfg.memory.target_gb
     out = []
-    for m in MODELS:
+    for m in names():
         e = estimate(cfg, m)
         if not fits(e, target_gb * GIB):
             out.append(f"{dim} {m}: predicted peak {e.peak_gb:.2f} GB does not fit {target_gb:g} GB "

@@ -57,12 +57,13 @@ def predict_peak(cfg: GenerationConfig, model: str, batch: int = 1, tile: tuple[
     """Predicted peak bytes of sampling ``batch`` images of ``model`` (ddpm/ldm): one UNet step (``unet``) and an
     LDM's decoding, whole (``tile`` None) or in latent windows of ``tile``; ``unet=False``: the autoencoder and its
     decoding alone."""
+    latent = cfg.space_of(model) == "latent"
     key = (model, cfg.data.spatial_dims, tuple(cfg.data.image_size), cfg.data.in_channels, cfg.data.generate_labels,
-           tuple(cfg.data.label_values), cfg.unet_for(model), cfg.autoencoder if model == "ldm" else None, batch,
+           tuple(cfg.data.label_values), cfg.unet_for(model), cfg.autoencoder if latent else None, batch,
            tile, amp, unet)
     if key not in _cache:
         _cache[key] = _simulate(cfg, model, batch, tile, amp, unet) * CUDA_OVERHEAD * \
-            (DECODE_OVERHEAD if model == "ldm" else 1.0)
+            (DECODE_OVERHEAD if latent else 1.0)
     return _cache[key]
 
 
@@ -82,7 +83,7 @@ def _simulate(cfg: GenerationConfig, model: str, batch: int, tile, amp: bool, un
 
     def build():
         net = unet_for(cfg, model).eval() if unet else None
-        ae = autoencoder_for(cfg).eval() if model == "ldm" else None
+        ae = autoencoder_for(cfg).eval() if cfg.space_of(model) == "latent" else None
         for m in (net, ae):
             if m is not None:
                 m.requires_grad_(False)
@@ -124,7 +125,7 @@ def plan_sampling(cfg: GenerationConfig, model: str, batch: int, target_bytes: f
     fits (``tiled`` None), else in the largest latent window that fits (the smallest when none does);
     ``tiled`` True: in windows anyway (at most half the latent along its largest axis), False: whole."""
     whole = predict_peak(cfg, model, batch, None, amp)
-    if model != "ldm" or tiled is False or (tiled is None and whole <= usable_bytes(target_bytes)):
+    if cfg.space_of(model) != "latent" or tiled is False or (tiled is None and whole <= usable_bytes(target_bytes)):
         return SamplingMemory(model, batch, whole, whole, None, target_bytes)
     chosen, peak = None, whole
     for tile in latent_tiles(cfg):

@@ -17,10 +17,18 @@ dataset's standard run (:class:`~medimgen.core.requests.ModelRef`), always the s
 from the run's own config, weights read with ``torch.load(weights_only=True)`` or safetensors. An
 LDM run refers to its autoencoder run by a path relative to itself, so a moved results folder keeps
 working. Nothing here is ever unpickled.
+
+The upstream link: a run of a kind that builds on another run (an LDM on its autoencoder, a ControlNet on the
+generator it steers; ``ModelKind.upstream``) records that run as one path relative to itself, ``upstream_run`` in its
+checkpoints' ``extra``, written by :func:`link_upstream` and read by :func:`upstream_of` (train, resume, sample,
+register); :func:`upstream_for` picks it for a new run, :func:`find_trained` is the one 'auto' resolution. The latent
+scale factor lives in one place: the run config's ``derived.latent_scale_factor`` (checkpoints and meta.json of
+older versions held copies; they are read when the config has none).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -32,7 +40,8 @@ import torch
 
 from medimgen.core.atomic import atomic_path
 from medimgen.config import load_generation_config, save_generation_config
-from medimgen.config.schema import DIFFUSION_MODELS, MODELS, SAMPLING_MODELS, GenerationConfig
+from medimgen.config.kinds import auto_generators, kind, names, the
+from medimgen.config.schema import GenerationConfig
 from medimgen.core.errors import MedimgenError
 from medimgen.data.geometry import Geometry, load_geometry
 from medimgen.models.networks import autoencoder_for, build_controlnet, unet_for
@@ -123,23 +132,78 @@ class RunDir:
                 shutil.copy2(src, self.root / name)
 
 
+def find_trained(dataset: str, model: str, dim: str, split: str, needed_by: str = "") -> RunDir:
+    """The dataset's trained standard run of ``model`` for ``dim`` and ``split``; 'auto': the first trained of
+    kinds.auto_generators() (the LDM if trained, else the DDPM). The one 'auto' resolution."""
+    candidates = list(auto_generators()) if model == "auto" else [kind(model).name]
+    for name in candidates:
+        run = RunDir.standard(dataset, name, dim, split)
+        if run.is_trained():
+            return run
+    raise MedimgenError(f"no trained {' or '.join(candidates)} for {dataset} {dim} {split} in "
+                        f"{RunDir.standard(dataset, candidates[0], dim, split).root.parents[2]}{needed_by}: train one "
+                        f"first (medimgen train {'|'.join(candidates)} ...)")
+
+
 def find_run(ref: ModelRef) -> RunDir:
-    """The dataset's standard run of ``ref.model`` (ldm, ddpm, autoencoder; auto: the LDM if trained, else the DDPM)."""
+    """The dataset's standard run of ``ref.model`` (a kind, or auto: the LDM if trained, else the DDPM)."""
     if ref.dataset_id is None:
         raise MedimgenError("DATASET_ID is needed to find a trained model")
     from medimgen.data.splits import split_name
     from medimgen.core.paths import dataset_name_from_id
 
-    dataset = dataset_name_from_id(ref.dataset_id)
-    split = split_name(ref.splitting, ref.fold)
-    kinds = ["ldm", "ddpm"] if ref.model == "auto" else [ref.model]
-    for kind in kinds:
-        run = RunDir.standard(dataset, kind, ref.dim, split)
-        if run.is_trained():
-            return run
-    base = run.root.parents[2]
-    raise MedimgenError(f"no trained {' or '.join(kinds)} for {dataset} {ref.dim} {split} in {base}: "
-                        f"train one first (medimgen train {'ldm|ddpm' if ref.model == 'auto' else ref.model} ...)")
+    return find_trained(dataset_name_from_id(ref.dataset_id), ref.model, ref.dim, split_name(ref.splitting, ref.fold))
+
+
+# ---------------------------------------------------------------------------------------------- the upstream link
+UPSTREAM = "upstream_run"  # key of checkpoint["extra"]: the upstream run, relative to the run
+_OLD_UPSTREAM = ("autoencoder_run", "base_run")  # the same link as older versions wrote it
+
+
+def link_upstream(run_root: Path, upstream_root: Path) -> dict:
+    """The checkpoint ``extra`` entry linking a run to the run it builds on: a path relative to the run, so a moved
+    results folder keeps working."""
+    return {UPSTREAM: os.path.relpath(Path(upstream_root).resolve(), Path(run_root).resolve())}
+
+
+def upstream_of(run_root: Path, extra: dict) -> RunDir:
+    """The run a run builds on, from its checkpoint's ``extra`` (written by :func:`link_upstream`; older versions'
+    ``autoencoder_run``/``base_run`` and absolute ``autoencoder_checkpoint`` too)."""
+    for key in (UPSTREAM, *_OLD_UPSTREAM):
+        if key in extra:
+            return RunDir((Path(run_root) / extra[key]).resolve())
+    if "autoencoder_checkpoint" in extra:
+        return RunDir(Path(extra["autoencoder_checkpoint"]).parents[1])
+    raise MedimgenError(f"the checkpoint of {run_root} names no upstream run")
+
+
+def upstream_for(model: str, run: RunDir, cfg: GenerationConfig, dataset: str, split: str,
+                 given: Path | None = None) -> RunDir | None:
+    """The run ``model`` builds on (None for a kind that builds on none): a continued run's own link (its last
+    checkpoint), else ``given``, else the dataset's standard run (an autoencoder, or the generator
+    ``controlnet.base`` names: 'auto' is :func:`find_trained`'s)."""
+    k = kind(model)
+    if k.upstream is None:
+        return None
+    if run.last.is_file():
+        return upstream_of(run.root, read_checkpoint(run.last, mmap=True)["extra"])
+    if given:
+        return RunDir(Path(given))
+    if k.upstream == "autoencoder":
+        return RunDir.standard(dataset, the("encoder").name, cfg.dim, split)
+    return find_trained(dataset, cfg.controlnet.base, cfg.dim, split,
+                        needed_by=f" (a {k.name} steers a trained generator)")
+
+
+def scale_factor_of(cfg: GenerationConfig, *old: dict | None) -> float | None:
+    """A latent model's scale factor: its config's ``derived.latent_scale_factor`` (the one place), else (runs and
+    packages of older versions) the ``scale_factor`` of one of ``old`` (checkpoint extra, meta.json)."""
+    if cfg.derived.latent_scale_factor is not None:
+        return float(cfg.derived.latent_scale_factor)
+    for d in old:
+        if d and d.get("scale_factor") is not None:
+            return float(d["scale_factor"])
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -154,7 +218,7 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise MedimgenError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or state.get("model") not in MODELS:
+    if not isinstance(state, dict) or state.get("model") not in names():
         raise MedimgenError(f"{path} is not a medimgen checkpoint")
     return state
 
@@ -175,17 +239,6 @@ def sampling_weights(state: dict, network: str) -> dict:
     return state["modules"][network]
 
 
-def autoencoder_reference(ldm_run: Path, autoencoder_run: Path) -> str:
-    """How an LDM run refers to its autoencoder run: a path relative to the LDM run."""
-    return os.path.relpath(Path(autoencoder_run).resolve(), Path(ldm_run).resolve())
-
-
-def _autoencoder_run_of(run: RunDir, extra: dict) -> RunDir:
-    if "autoencoder_run" in extra:
-        return RunDir((run.root / extra["autoencoder_run"]).resolve())
-    return RunDir(Path(extra["autoencoder_checkpoint"]).parents[1])  # runs from before the relative reference
-
-
 def load_autoencoder(run: RunDir, device: torch.device | str = "cpu"):
     """(the trained autoencoder of ``run`` in eval mode with frozen weights, its run config, checkpoint path)."""
     if not run.is_trained() or not run.config.is_file():
@@ -196,7 +249,7 @@ def load_autoencoder(run: RunDir, device: torch.device | str = "cpu"):
     cfg = load_generation_config(run.config)
     ae = autoencoder_for(cfg)
     try:
-        ae.load_state_dict(sampling_weights(read_checkpoint(path), "autoencoder"))
+        ae.load_state_dict(sampling_weights(read_checkpoint(path), the("encoder").module))
     except (KeyError, RuntimeError) as e:
         raise MedimgenError(f"cannot load the autoencoder from {path} ({type(e).__name__}: {e})") from None
     ae.to(device).eval()
@@ -206,22 +259,30 @@ def load_autoencoder(run: RunDir, device: torch.device | str = "cpu"):
 
 
 # ---------------------------------------------------------------------------------------------- trained models
-def _networks(kind: str, cfg: GenerationConfig):
-    """(UNet or None, autoencoder or None) of a trained ``kind``, built from its config (a ControlNet's: those of
-    its base)."""
-    if kind == "controlnet":
-        kind = cfg.controlnet_base()
-    unet = unet_for(cfg, kind) if kind in DIFFUSION_MODELS else None
-    ae = autoencoder_for(cfg) if kind in ("ldm", "autoencoder") else None
+def _networks(model: str, cfg: GenerationConfig):
+    """(UNet or None, autoencoder or None) of a trained ``model``, built from its config (one steering a generator:
+    those of its base)."""
+    k = kind(cfg.generator_for(model))
+    unet = unet_for(cfg, k.name) if k.generator else None
+    ae = autoencoder_for(cfg) if k.encoder or k.space == "latent" else None
     return unet, ae
+
+
+def _load(net: torch.nn.Module, weights: dict, path, what) -> None:
+    try:
+        net.load_state_dict(weights)
+    except (KeyError, RuntimeError) as e:
+        raise MedimgenError(f"{path} does not fit the {what} ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]})") from None
 
 
 @dataclass
 class TrainedModel:
-    """A trained DDPM, LDM (UNet + its autoencoder + latent scale), autoencoder, or ControlNet (its own network + the
-    DDPM/LDM it steers: ``base_kind``, whose networks fill the other fields), ready to use (eval mode)."""
+    """A trained generator (DDPM; LDM: UNet + its autoencoder + latent scale), autoencoder, or a kind steering a
+    generator (a ControlNet: its own network + the DDPM/LDM it steers, ``base_kind``, whose networks fill the other
+    fields), ready to use (eval mode)."""
 
-    kind: str  # ddpm | ldm | autoencoder
+    kind: str  # a registered kind's name (medimgen.config.kinds)
     cfg: GenerationConfig
     unet: torch.nn.Module | None
     autoencoder: torch.nn.Module | None
@@ -233,11 +294,16 @@ class TrainedModel:
     mlflow_run_id: str | None = None
     run_root: Path | None = None
     controlnet: torch.nn.Module | None = None
-    base_kind: str | None = None  # controlnet: ddpm | ldm
+    base_kind: str | None = None  # a steering kind: the generator it steers
 
     @property
     def dim(self) -> str:
         return self.cfg.dim
+
+    @property
+    def generator(self) -> str:
+        """The generator that samples: this model's kind, or the base it steers."""
+        return self.base_kind or self.kind
 
     def to(self, device: str | torch.device):
         self.device = torch.device(device)
@@ -249,53 +315,42 @@ class TrainedModel:
     # ------------------------------------------------------------------ from a run folder
     @classmethod
     def from_run(cls, run_root: Path | str, checkpoint: str = "best"):
-        """The model of a training run folder (best.pt, else last.pt; networks from its config.yaml)."""
+        """The model of a training run folder (best.pt, else last.pt; networks from its config.yaml; the networks
+        of the run it builds on from that run, :func:`upstream_of`)."""
         run = RunDir(Path(run_root))
         path = run.checkpoint(checkpoint)
         state = read_checkpoint(path)
-        kind = state["model"]
+        k = kind(state["model"])
         cfg = load_generation_config(run.config)
-        if kind == "controlnet":
-            return cls._controlnet_from_run(run, path, state, cfg)
-        unet, ae = _networks(kind, cfg)
-        scale = None
-        try:
-            if unet is not None:
-                unet.load_state_dict(sampling_weights(state, "unet"))
-            if kind == "autoencoder":
-                ae.load_state_dict(sampling_weights(state, "autoencoder"))
-        except (KeyError, RuntimeError) as e:
-            raise MedimgenError(f"{path} does not fit the networks of {run.config} ({type(e).__name__}: "
-                                f"{' '.join(str(e).split())[:200]})") from None
-        if kind == "ldm":
-            ae, _, _ = load_autoencoder(_autoencoder_run_of(run, state["extra"]))
-            scale = float(state["extra"]["scale_factor"])
+        base, own = None, None
+        if k.steers:
+            base_run = upstream_of(run.root, state["extra"])
+            if not base_run.is_trained():
+                raise MedimgenError(f"the base model of the {k.name} {run.root} is gone ({base_run.root} has no "
+                                    f"checkpoint)")
+            base = cls.from_run(base_run.root)
+            unet, ae, scale = base.unet, base.autoencoder, base.scale_factor
+            own = build_controlnet(cfg)
+            _load(own, sampling_weights(state, k.module), path, f"{k.name} of {run.config}")
+        else:
+            unet, ae = _networks(k.name, cfg)
+            for net in (unet, ae if k.encoder else None):
+                if net is not None:
+                    _load(net, sampling_weights(state, "unet" if net is unet else k.module), path,
+                          f"networks of {run.config}")
+            scale = None
+            if k.upstream == "autoencoder":
+                ae, _, _ = load_autoencoder(upstream_of(run.root, state["extra"]))
+                scale = scale_factor_of(cfg, state["extra"])
         geometry = load_geometry(run.root, cfg.data.spacing, cfg.data.plans_identifier)
-        return cls(kind, cfg, _eval(unet), _eval(ae), scale, geometry, run.dataset(cfg.data.plans_identifier),
-                   str(path), mlflow_run_id=state.get("mlflow_run_id"), run_root=run.root)
-
-    @classmethod
-    def _controlnet_from_run(cls, run: RunDir, path: Path, state: dict, cfg: GenerationConfig):
-        """A ControlNet run: its network from its checkpoint, the base from the run ``extra["base_run"]`` names (a
-        path relative to the ControlNet run, like an LDM's autoencoder)."""
-        base_root = (run.root / state["extra"]["base_run"]).resolve()
-        if not RunDir(base_root).is_trained():
-            raise MedimgenError(f"the base model of the ControlNet {run.root} is gone ({base_root} has no checkpoint)")
-        base = cls.from_run(base_root)
-        net = build_controlnet(cfg)
-        try:
-            net.load_state_dict(sampling_weights(state, "controlnet"))
-        except (KeyError, RuntimeError) as e:
-            raise MedimgenError(f"{path} does not fit the ControlNet of {run.config} ({type(e).__name__}: "
-                                f"{' '.join(str(e).split())[:200]})") from None
-        geometry = load_geometry(run.root, cfg.data.spacing, cfg.data.plans_identifier)
-        return cls("controlnet", cfg, base.unet, base.autoencoder, base.scale_factor, geometry,
-                   run.dataset(cfg.data.plans_identifier), str(path), mlflow_run_id=state.get("mlflow_run_id"),
-                   run_root=run.root, controlnet=_eval(net), base_kind=base.kind)
+        return cls(k.name, cfg, _eval(unet), _eval(ae), scale, geometry, run.dataset(cfg.data.plans_identifier),
+                   str(path), mlflow_run_id=state.get("mlflow_run_id"), run_root=run.root, controlnet=_eval(own),
+                   base_kind=base.kind if base else None)
 
     # ------------------------------------------------------------------ packaged (MLflow model artifact)
     def save(self, folder: Path | str) -> Path:
-        """Weights as safetensors + config YAML + meta JSON: everything a fresh process needs (no pickle)."""
+        """Weights as safetensors + config YAML + meta JSON: everything a fresh process needs (no pickle; the latent
+        scale is the config's ``derived.latent_scale_factor``)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -305,15 +360,19 @@ class TrainedModel:
             if net is not None:
                 tensors.update({f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
         save_file(tensors, str(folder / WEIGHTS))
-        save_generation_config(self.cfg, folder / CONFIG)
-        meta = {"kind": self.kind, "scale_factor": self.scale_factor, "dataset": self.dataset,
-                "geometry": self.geometry.to_dict(), "source": self.source, "base_kind": self.base_kind}
+        cfg = self.cfg
+        if self.scale_factor is not None and cfg.derived.latent_scale_factor is None:  # a run of an older version
+            cfg = dataclasses.replace(cfg, derived=dataclasses.replace(cfg.derived,
+                                                                       latent_scale_factor=self.scale_factor))
+        save_generation_config(cfg, folder / CONFIG)
+        meta = {"kind": self.kind, "dataset": self.dataset, "geometry": self.geometry.to_dict(), "source": self.source,
+                "base_kind": self.base_kind}
         (folder / META).write_text(json.dumps(meta, indent=2))
         return folder
 
     @classmethod
     def load(cls, folder: Path | str, source: str | None = None):
-        """A model saved by :meth:`save`."""
+        """A model saved by :meth:`save` (or by an older version: meta.json's ``scale_factor``)."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -322,22 +381,24 @@ class TrainedModel:
                 raise MedimgenError(f"{folder} is not a medimgen model: {name} is missing")
         try:
             meta = json.loads((folder / META).read_text())
-            kind, scale = meta["kind"], meta["scale_factor"]
+            name = meta["kind"]
             geometry = Geometry.from_dict(meta["geometry"], str(folder / META))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise MedimgenError(f"{folder / META} is not a medimgen model description ({type(e).__name__}: {e})") from None
-        if kind not in MODELS:
-            raise MedimgenError(f"{folder / META}: unknown model kind {kind!r}")
+        if name not in names():
+            raise MedimgenError(f"{folder / META}: unknown model kind {name!r}")
+        k = kind(name)
         cfg = load_generation_config(folder / CONFIG)
         tensors = load_file(str(folder / WEIGHTS))
-        unet, ae = _networks(kind, cfg)
-        controlnet = build_controlnet(cfg) if kind == "controlnet" else None
+        unet, ae = _networks(name, cfg)
+        controlnet = build_controlnet(cfg) if k.steers else None
         for prefix, net in (("unet", unet), ("autoencoder", ae), ("controlnet", controlnet)):
             if net is not None:
                 net.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
-        return cls(kind, cfg, _eval(unet), _eval(ae), scale, geometry, str(meta.get("dataset", "")),
+        scale = scale_factor_of(cfg, meta) if cfg.space_of(name) == "latent" else None
+        return cls(name, cfg, _eval(unet), _eval(ae), scale, geometry, str(meta.get("dataset", "")),
                    source or meta.get("source", str(folder)), controlnet=_eval(controlnet),
-                   base_kind=meta.get("base_kind") or (cfg.controlnet_base() if kind == "controlnet" else None))
+                   base_kind=meta.get("base_kind") or (cfg.controlnet_base() if k.steers else None))
 
     @classmethod
     def from_uri(cls, uri: str):
@@ -351,8 +412,10 @@ class TrainedModel:
         return model
 
     @classmethod
-    def resolve(cls, ref: ModelRef, kinds: tuple[str, ...] = MODELS):
-        """The model ``ref`` names (run folder, MLflow URI or the dataset's standard run), of one of ``kinds``."""
+    def resolve(cls, ref: ModelRef, kinds: tuple[str, ...] | None = None):
+        """The model ``ref`` names (run folder, MLflow URI or the dataset's standard run), of one of ``kinds``
+        (default: any registered kind)."""
+        kinds = names() if kinds is None else kinds
         if ref.is_uri:
             model = cls.from_uri(ref.model)
         elif Path(ref.model).is_dir():
@@ -377,7 +440,7 @@ def log_run_model(run_root: Path | str, run_id: str | None, register: bool = Tru
     DatasetXXX_<model>_<dim> when ``register``); see :func:`medimgen.runs.tracking.log_model`."""
     from medimgen.runs.tracking import log_model, registered_name
 
-    model = TrainedModel.resolve(ModelRef(str(run_root), checkpoint=checkpoint), SAMPLING_MODELS)
+    model = TrainedModel.resolve(ModelRef(str(run_root), checkpoint=checkpoint), names(samples=True))
     with tempfile.TemporaryDirectory() as tmp:
         folder = model.save(Path(tmp) / "sampler")
         name = registered_name(model.dataset, model.kind, model.dim) if register else None

@@ -1,4 +1,5 @@
-"""`medimgen train {ddpm,autoencoder,ldm}`: one library call from config to a finished, tracked run."""
+"""`medimgen train KIND` (the kinds of medimgen.config.kinds): one library call from config to a finished, tracked
+run."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from medimgen import __version__
 from medimgen.core import distributed
 from medimgen.config import (apply_overrides, flatten, load_config, load_generation_config, render_generation_config,
                              save_generation_config)
-from medimgen.config.schema import DIMS, MODELS, SAMPLING_MODELS, GenerationConfig
+from medimgen.config.kinds import kind, names
+from medimgen.config.schema import DIMS, GenerationConfig
 from medimgen.data.cases import open_cases
 from medimgen.data.loader import TrainBatches, validation_batches
 from medimgen.data.splits import get_split
@@ -23,12 +25,13 @@ from medimgen.core.errors import MedimgenError
 from medimgen.data.geometry import case_geometry, save_geometry
 from medimgen.core.paths import CONFIG_NAME
 from medimgen.nnunet.plans import DatasetPlans
-from medimgen.runs.folders import RunDir, log_run_model
+from medimgen.runs.folders import RunDir, log_run_model, read_checkpoint, scale_factor_of, upstream_for
 from medimgen.runs.tracking import Tracker, git_commit, sigterm_interrupts
 from medimgen.training.lock import RunLock
 from medimgen.training.loop import LoopOptions, Trainer, seed_everything
 from medimgen.training.memory_guard import MemoryGuard
 from medimgen.training.outputs import PLOT_EXAMPLES
+from medimgen.training.tasks import build_task
 
 
 @dataclass
@@ -47,7 +50,7 @@ class RunSetup:
 
     config: GenerationConfig | None = None  # the resolved config (instead of medimgen_config.yaml + overrides)
     run_root: Path | None = None  # run folder (instead of medimgen_results/Dataset/model/dim/split)
-    autoencoder_run: Path | None = None  # LDM: the autoencoder run to build on (ControlNet: the ddpm/ldm run)
+    upstream_run: Path | None = None  # a kind building on another run (LDM: its autoencoder; ControlNet: its base)
     tracker: Tracker | None = None  # lets the caller see the MLflow run id even when training fails
     run_name: str | None = None
     parent_run_id: str | None = None  # nest the MLflow run under this one
@@ -75,33 +78,6 @@ def resolve_config(plans: DatasetPlans, run: RunDir, dim: str, resume: bool, ove
     if not path.is_file():
         raise MedimgenError(f"{path} does not exist: run `medimgen plan -d {plans.dataset_id}` first")
     return apply_overrides(load_config(path).get(dim), list(overrides))
-
-
-def build_task(model: str, cfg: GenerationConfig, device: torch.device, plans: DatasetPlans, split_name: str,
-               run: RunDir, autoencoder_run: Path | None = None):
-    if model == "ddpm":
-        from medimgen.training.ddpm import DiffusionTask
-
-        return DiffusionTask(cfg, device)
-    if model == "autoencoder":
-        from medimgen.training.autoencoder import AutoencoderTask
-
-        return AutoencoderTask(cfg, device)
-    if model == "controlnet":
-        from medimgen.training.controlnet import ControlNetTask, find_base
-
-        if run.last.is_file():  # continuing: the base the run was trained on (its checkpoint's relative path)
-            from medimgen.runs.folders import read_checkpoint
-
-            base = RunDir((run.root / read_checkpoint(run.last, mmap=True)["extra"]["base_run"]).resolve())
-        else:
-            base = RunDir(Path(autoencoder_run)) if autoencoder_run else find_base(cfg, plans.name, split_name)
-        return ControlNetTask(cfg, device, base, run.root)
-    from medimgen.training.ldm import LatentDiffusionTask
-
-    ae_run = RunDir(Path(autoencoder_run)) if autoencoder_run else RunDir.standard(plans.name, "autoencoder", cfg.dim,
-                                                                                    split_name)
-    return LatentDiffusionTask(cfg, device, ae_run, run.root)
 
 
 def _log_model(run: RunDir, cfg: GenerationConfig, tracker: Tracker, echo) -> None:
@@ -132,9 +108,10 @@ def train(
     echo: Callable[[str], None] = print,
     setup: RunSetup | None = None,
 ) -> TrainResult:
-    """Train ``model`` ('ddpm' | 'autoencoder' | 'ldm' | 'controlnet') on a planned dataset; see README 'Training'."""
-    if model not in MODELS:
-        raise MedimgenError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+    """Train ``model`` (a registered kind: ddpm, autoencoder, ldm, controlnet) on a planned dataset; see README
+    'Training'."""
+    if model not in names():
+        raise MedimgenError(f"model must be one of {', '.join(names())}, got {model!r}")
     if dim not in DIMS:
         raise MedimgenError(f"MODEL_TYPE must be 2d or 3d, got {dim!r}")
     setup = setup or RunSetup()
@@ -177,9 +154,9 @@ def _train_locked(lock: RunLock | None, model: str, plans: DatasetPlans, split, 
     _check_run(run, model, resume)
     cfg = _run_config(plans, run, dim, resume, overrides, config_path, setup)
     seed_everything(distributed.rank_seed(cfg.train_for(model).seed))  # several ranks: DDP gives all rank 0's weights
-    task = build_task(model, cfg, device, plans, split.name, run, setup.autoencoder_run)  # writes nothing (LDM: its AE)
-    if model == "controlnet":
-        cfg = task.cfg  # the base run's networks with this config's ControlNet sections
+    upstream = upstream_for(model, run, cfg, plans.name, split.name, setup.upstream_run)  # resume: the run's own link
+    task = build_task(model, cfg, device, upstream, run.root)  # writes nothing (LDM: loads its AE)
+    cfg = task.cfg  # LDM: its autoencoder's architecture; ControlNet: the base run's networks + its own sections
     if lock is not None:
         lock.acquire()  # creates the folder of a new run; the check again: another process may have started it
         _check_run(run, model, resume)
@@ -203,9 +180,7 @@ class _Job:
 
     def execute(self, resume: bool, progress: bool, stop_after_epoch: int | None) -> TrainResult:
         try:
-            self._derive(resume)
-            if self.main:
-                self.run.make()
+            self._derive(resume)  # the folder: RunLock made it, the Trainer makes its checkpoints/ and plots/
             self.trainer = self._make_trainer(progress, stop_after_epoch)
             previous_run_id = self.trainer.load(self.run.last)["mlflow_run_id"] if resume else None  # before any write
             distributed.barrier()  # every rank has read last.pt before rank 0 writes
@@ -243,16 +218,16 @@ class _Job:
             grad_accumulation_steps=share.grad_accumulation_steps, effective_batch_size=share.effective_batch_size))
 
     def _derive(self, resume: bool) -> None:
-        """The LDM's latent scale (once, at the start of a new run; rank 0's, on every rank) and the autoencoder it
-        was trained with."""
-        if self.model != "ldm":
+        """A latent model's scale (once, at the start of a new run; rank 0's, on every rank), kept in one place:
+        the run config's ``derived.latent_scale_factor``."""
+        if kind(self.model).upstream != "autoencoder":
             return
-        cfg = self.cfg
-        if not resume:
+        if resume:  # the run's config, or (a run of an older version) its checkpoint
+            scale = scale_factor_of(self.cfg, read_checkpoint(self.run.last, mmap=True)["extra"])
+        else:
             scale = distributed.broadcast(self.task.compute_scale_factor(self.batches) if self.main else None)
-            self.task.scale_factor = scale
-            cfg = dataclasses.replace(cfg, derived=dataclasses.replace(cfg.derived, latent_scale_factor=scale))
-        self.cfg = dataclasses.replace(cfg, autoencoder=self.task.cfg.autoencoder)
+        self.task.scale_factor = scale
+        self.cfg = dataclasses.replace(self.cfg, derived=dataclasses.replace(self.cfg.derived, latent_scale_factor=scale))
 
     def _make_trainer(self, progress: bool, stop_after_epoch: int | None) -> Trainer:
         val_ids = self.split.val or self.split.train[:1]
@@ -299,7 +274,7 @@ class _Job:
                 "medimgen.dataset": self.plans.name, "medimgen.version": __version__, "git_commit": git_commit(),
                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 "amp_dtype": str(amp).replace("torch.", "") if amp else "off",
-                "perceptual_network": self.cfg.losses.perceptual_network if model == "autoencoder" else None,
+                "perceptual_network": self.cfg.losses.perceptual_network if kind(model).encoder else None,
                 "medimgen.run_dir": str(self.run.root),
                 "medimgen.world_size": distributed.world_size(),  # this session's ranks (a resumed run may change)
                 "mlflow.parentRunId": setup.parent_run_id,
@@ -317,5 +292,5 @@ class _Job:
             return
         if cfg.tracking.log_checkpoints:  # off by default: the run folder has them, MLflow gets the model
             self.tracker.log_artifacts([run.best, run.last], "checkpoints")
-        if self.model in SAMPLING_MODELS and cfg.tracking.log_models and self.tracker.enabled:
+        if kind(self.model).samples and cfg.tracking.log_models and self.tracker.enabled:
             _log_model(run, cfg, self.tracker, _echo_for(cfg, run, self.echo))

@@ -7,9 +7,10 @@ It reads the label map as one-hot channels (background first) at image size; for
 embedding downsamples them to the latent size by the autoencoder's strides (medimgen.models.networks.build_controlnet).
 
 The base is the best checkpoint of the dataset's trained ``ldm`` run of the same split, else its ``ddpm``
-(``controlnet.base`` picks one). The run's config is the base run's own config (its networks, scheduler, latent
-scale) with this run's controlnet and train_controlnet sections, ``controlnet.base`` set to the base's kind. The
-checkpoint refers to the base run by a path relative to the ControlNet run (as an LDM refers to its autoencoder).
+(``controlnet.base`` picks one: medimgen.runs.folders.upstream_for). The run's config is the base run's own config
+(its networks, scheduler, latent scale) with this run's controlnet and train_controlnet sections, ``controlnet.base``
+set to the base's kind. The checkpoint refers to the base run by the upstream link, as an LDM refers to its
+autoencoder (medimgen.runs.folders.link_upstream).
 """
 
 from __future__ import annotations
@@ -22,26 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medimgen.config.schema import DIFFUSION_MODELS, GenerationConfig
+from medimgen.config.kinds import kind
+from medimgen.config.schema import GenerationConfig
 from medimgen.models.diffusion import generate, latent_decoder, noised, training_scheduler
 from medimgen.core.errors import MedimgenError
 from medimgen.models.labels import condition_channels, join
 from medimgen.models.networks import build_controlnet, enable_unet_checkpointing
-from medimgen.runs.folders import RunDir, TrainedModel, autoencoder_reference
+from medimgen.runs.folders import RunDir, TrainedModel, link_upstream
 from medimgen.training.ddpm import PLOT_SEED, VAL_SEED
 from medimgen.training.outputs import PLOT_EXAMPLES, plot_images
-
-
-def find_base(cfg: GenerationConfig, dataset: str, split: str) -> RunDir:
-    """The trained generator a new ControlNet steers: ``controlnet.base``, or for 'auto' the LDM if trained, else
-    the DDPM (standard runs of the dataset, dimensionality and split)."""
-    kinds = ["ldm", "ddpm"] if cfg.controlnet.base == "auto" else [cfg.controlnet.base]
-    for kind in kinds:
-        run = RunDir.standard(dataset, kind, cfg.dim, split)
-        if run.is_trained():
-            return run
-    raise MedimgenError(f"no trained {' or '.join(kinds)} for {dataset} {cfg.dim} {split}: a ControlNet steers a "
-                        f"trained generator, train one first (medimgen train {'|'.join(kinds)} ...)")
 
 
 def run_config(base_cfg: GenerationConfig, cfg: GenerationConfig, base_kind: str) -> GenerationConfig:
@@ -55,13 +45,13 @@ class ControlNetTask:
     """Noise prediction of a frozen base UNet steered by a trained ControlNet (the loop's Task protocol)."""
 
     name = "controlnet"
-    ema_module = "controlnet"
-    sampling_modules = ("controlnet",)  # best.pt; the base stays in its own run
+    ema_module = kind(name).module
+    sampling_modules = kind(name).sampling_modules  # best.pt; the base stays in its own run
 
     def __init__(self, cfg: GenerationConfig, device: torch.device, base_run: RunDir, run_root: Path):
         base = TrainedModel.from_run(base_run.root)
-        if base.kind not in DIFFUSION_MODELS:
-            raise MedimgenError(f"{base_run.root} holds a {base.kind}; a ControlNet steers a ddpm or ldm")
+        if not kind(base.kind).generator:
+            raise MedimgenError(f"{base_run.root} holds a {base.kind}; a ControlNet steers a generator")
         if tuple(base.cfg.data.image_size) != tuple(cfg.data.image_size) or \
                 base.cfg.data.in_channels != cfg.data.in_channels:
             raise MedimgenError(
@@ -81,17 +71,18 @@ class ControlNetTask:
         self.controlnet = build_controlnet(self.cfg).to(device)
         # MONAI's tutorial: the ControlNet starts from the base UNet's weights (the parts they share)
         self.controlnet.load_state_dict(self.base.unet.state_dict(), strict=False)
-        self.modules: dict[str, nn.Module] = {"controlnet": self.controlnet}
-        self.phase_modules = {"diffusion": ["controlnet"]}
+        self.modules: dict[str, nn.Module] = {self.ema_module: self.controlnet}
+        self.phase_modules = {"diffusion": [self.ema_module]}
         self.scheduler = training_scheduler(self.cfg.scheduler_for(base.kind), self.cfg.data.spatial_dims)
-        self.base_run = autoencoder_reference(run_root, base_run.root)
+        self.upstream_link = link_upstream(run_root, base_run.root)
+        self.latent = self.cfg.space_of(self.name) == "latent"
         self.num_plot_samples = PLOT_EXAMPLES
 
     # -- data
     def latents(self, batch: dict) -> torch.Tensor:
         """What the base model generates from a batch (images, + a joint model's one-hot labels; LDM: latents)."""
         x = join(batch["image"].to(self.device), batch["label"], self.cfg)
-        if self.base_kind == "ldm":
+        if self.latent:
             x = self.base.autoencoder.encode_stage_2_inputs(x) * self.base.scale_factor
         return x
 
@@ -99,7 +90,7 @@ class ControlNetTask:
         return condition_channels(batch["label"].to(self.device), self.cfg.data.label_values)
 
     def decode(self):
-        return latent_decoder(self.base.autoencoder, self.base.scale_factor) if self.base_kind == "ldm" else None
+        return latent_decoder(self.base.autoencoder, self.base.scale_factor) if self.latent else None
 
     # -- loop hooks
     def active_phases(self, epoch: int) -> list[str]:
@@ -125,7 +116,7 @@ class ControlNetTask:
         total, count = 0.0, 0
         for batch in batches:
             x = self.latents(batch)
-            total += self._loss(model("controlnet"), x, self.condition(batch), gen).item() * x.shape[0]
+            total += self._loss(model(self.ema_module), x, self.condition(batch), gen).item() * x.shape[0]
             count += x.shape[0]
         return {"loss": total / max(1, count)}
 
@@ -134,7 +125,7 @@ class ControlNetTask:
         label = batch["label"][:self.num_plot_samples].clamp(min=0)
         step = self.cfg.train_for(self.name).batch_size
         images = torch.cat([generate(self.cfg, self.base_kind, self.base.unet, len(chunk), PLOT_SEED + i,
-                                     device=self.device, decode=self.decode(), controlnet=model("controlnet"),
+                                     device=self.device, decode=self.decode(), controlnet=model(self.ema_module),
                                      condition=condition_channels(chunk.to(self.device), self.cfg.data.label_values))
                             for i, chunk in ((i, label[i:i + step]) for i in range(0, len(label), step))])
         lo, hi = self.cfg.data.intensity_range
@@ -143,7 +134,7 @@ class ControlNetTask:
                            f"ControlNet samples ({len(label)}, seed {PLOT_SEED}) | their label maps")
 
     def extra_state(self) -> dict:
-        return {"base_run": self.base_run, "base": self.base_kind, "scale_factor": self.base.scale_factor}
+        return {**self.upstream_link, "base": self.base_kind}
 
     def load_extra_state(self, state: dict) -> None:
         pass

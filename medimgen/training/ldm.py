@@ -2,9 +2,9 @@
 
 The autoencoder is the best checkpoint (weights only; else last) of the autoencoder run with the same
 dataset, dimensionality and split/fold, built from that run's own saved config. The latent
-scale factor (1 / std of latents over a sample of training batches) is computed once,
-stored in the LDM checkpoint and the run's config (``derived.latent_scale_factor``), and reused on
-resume and at sampling. The checkpoint refers to the autoencoder run by a path relative to the LDM run.
+scale factor (1 / std of latents over a sample of training batches) is computed once, stored in the run's config
+(``derived.latent_scale_factor``, its one place), and reused on resume and at sampling. The checkpoint refers to
+the autoencoder run by the upstream link (medimgen.runs.folders.link_upstream).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from medimgen.config.schema import GenerationConfig
 from medimgen.models.diffusion import latent_decoder
 from medimgen.core.errors import MedimgenError
-from medimgen.runs.folders import RunDir, autoencoder_reference, load_autoencoder
+from medimgen.runs.folders import RunDir, link_upstream, load_autoencoder
 from medimgen.training.ddpm import DiffusionTask
 
 SCALE_BATCHES = 8
@@ -40,7 +40,7 @@ class LatentDiffusionTask(DiffusionTask):
                 f"the autoencoder in {autoencoder_run.root} was trained for images {list(ae_cfg.data.image_size)} "
                 f"x{ae_cfg.data.in_channels} channels, this config has {list(cfg.data.image_size)} "
                 f"x{cfg.data.in_channels}: retrain the autoencoder or match data.image_size")
-        self.autoencoder_run = autoencoder_reference(run_root, autoencoder_run.root)
+        self.upstream_link = link_upstream(run_root, autoencoder_run.root)
         # the autoencoder architecture is the one it was trained with
         cfg = dataclasses.replace(cfg, autoencoder=ae_cfg.autoencoder)
         self.latent_channels = ae_cfg.autoencoder.latent_channels
@@ -68,7 +68,7 @@ class LatentDiffusionTask(DiffusionTask):
         return latent_decoder(self.autoencoder, self.scale_factor)(z)
 
     def extra_state(self) -> dict:
-        return {"scale_factor": self.scale_factor, "autoencoder_run": self.autoencoder_run}
+        return dict(self.upstream_link)
 
     def load_extra_state(self, state: dict) -> None:
-        self.scale_factor = state["scale_factor"]
+        pass  # the scale is the run config's (training.api's _Job._derive)

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from medimgen.core import distributed
+from medimgen.config.kinds import kind
 from medimgen.config.schema import TrainConfig
 from medimgen.core.devices import amp_dtype, autocast
 from medimgen.core.errors import MedimgenError
@@ -254,9 +255,9 @@ class Trainer:
             guard = self.opt.memory_guard
             if guard is None:
                 raise MedimgenError(f"CUDA out of memory during {where} of {self.task.name}: lower "
-                                    f"train_{self.task.name}.batch_size or re-plan with `medimgen plan --gpu-memory GB`") from None
-            error = guard.on_out_of_memory(where)
-            raise error from None
+                                    f"{kind(self.task.name).train_section}.batch_size or re-plan with `medimgen plan --gpu-memory GB`") from None
+            guard.on_out_of_memory(where)  # raises a Refit or the one-line error
+            raise
 
     def _apply_refit(self, refit) -> None:
         """Continue with a re-fitted config: same weights and optimiser state, new micro-batch/checkpointing/EMA."""
@@ -326,7 +327,7 @@ class Trainer:
         cfg = self.cfg
         main = distributed.is_main()  # several ranks: rank 0 validates, plots, writes and logs
         if main:
-            self.run.make()
+            self.run.make()  # checkpoints/ and plots/ (the run folder itself: training.lock.RunLock)
         t_start = time.time()
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.time()

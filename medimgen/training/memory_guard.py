@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from medimgen.config.kinds import kind
 from medimgen.config.schema import GenerationConfig
 from medimgen.core.errors import MedimgenError
 
@@ -88,34 +89,35 @@ class MemoryGuard:
         if abs(self.ratio - 1) > WARN_RATIO:
             self.echo(f"warning: the measured peak differs from the prediction by {100 * (self.ratio - 1):+.0f} %")
         if measured > usable_bytes(self.target_bytes):
-            raise self._refit(f"the measured peak {measured / GIB:.2f} GB does not fit the "
+            self._refit(f"the measured peak {measured / GIB:.2f} GB does not fit the "
                               f"{self.cfg.memory.target_gb:g} GB target (usable {usable_bytes(self.target_bytes) / GIB:.2f})")
 
-    def on_out_of_memory(self, where: str) -> Exception:
-        """What to do about torch.cuda.OutOfMemoryError: a Refit in the first steps, else a one-line error."""
+    def on_out_of_memory(self, where: str) -> None:
+        """Raises what torch.cuda.OutOfMemoryError becomes: a Refit in the first steps, else a one-line error."""
         from medimgen.planning.memory import remedies, usable_bytes
 
         if self.checked or where != "training":
-            return MedimgenError(f"CUDA out of memory during {where} of {self.model}: change "
-                                 f"{'; '.join(remedies(self.cfg, self.model))}")
+            raise MedimgenError(f"CUDA out of memory during {where} of {self.model}: change "
+                                f"{'; '.join(remedies(self.cfg, self.model))}") from None
         # the step needed more than it got: at least what was allocated or usable, plus the failed request
         needed = 1.1 * max(measured_peak_bytes(self.device) or 0, usable_bytes(self.target_bytes))
         self.ratio = max(self.ratio, needed / self.predicted_bytes())
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        return self._refit(f"CUDA ran out of memory in the first steps of {self.model}")
+        self._refit(f"CUDA ran out of memory in the first steps of {self.model}")
 
-    def _refit(self, reason: str) -> Refit | MedimgenError:
+    def _refit(self, reason: str) -> None:
+        """Raises the Refit to cheaper settings, or the one-line error when none are left."""
         from medimgen.planning.memory import fit_model, remedies
 
         new, _ = fit_model(self.cfg, self.model, self.target_bytes, self.ratio)
         changes = _changes(self.cfg, new)
         if not changes:
-            return MedimgenError(f"{reason}, and no cheaper settings are left: change "
-                                 f"{'; '.join(remedies(self.cfg, self.model))}")
+            raise MedimgenError(f"{reason}, and no cheaper settings are left: change "
+                                f"{'; '.join(remedies(self.cfg, self.model))}") from None
         self.cfg = new
         self.steps, self.checked = 0, False  # check the new settings again
-        return Refit(new, changes, reason)
+        raise Refit(new, changes, reason) from None
 
 
 def apply_checkpointing(modules: dict, cfg: GenerationConfig, model: str) -> None:
@@ -123,14 +125,9 @@ def apply_checkpointing(modules: dict, cfg: GenerationConfig, model: str) -> Non
     from medimgen.models.networks import (enable_autoencoder_checkpointing, enable_controlnet_checkpointing,
                                    enable_unet_checkpointing)
 
-    if model == "controlnet":
-        if cfg.controlnet.activation_checkpointing and not getattr(modules["controlnet"], "_checkpointed", False):
-            enable_controlnet_checkpointing(modules["controlnet"])
-    elif model == "autoencoder":
-        if cfg.autoencoder.activation_checkpointing and not getattr(modules["autoencoder"], "_checkpointed", False):
-            enable_autoencoder_checkpointing(modules["autoencoder"])
-    else:
-        unet_cfg = cfg.unet_for(model)
-        if unet_cfg.activation_checkpointing and not getattr(modules["unet"], "_checkpointed", False):
-            enable_unet_checkpointing(modules["unet"])
+    k = kind(model)
+    enable = (enable_controlnet_checkpointing if k.steers else enable_autoencoder_checkpointing if k.encoder else
+              enable_unet_checkpointing)
+    if cfg.network_for(model).activation_checkpointing and not getattr(modules[k.module], "_checkpointed", False):
+        enable(modules[k.module])
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from medimgen.core.atomic import write_text_atomic
+from medimgen.config.kinds import kind, the
 from medimgen.config import apply_overrides, load_config
 from medimgen.config.io import render_yaml
 from medimgen.config.schema import MedimgenConfig
@@ -81,9 +83,7 @@ def apply_trial(config_path: Path, dim: str, trial, study_name: str) -> tuple[Pa
     if config_path.exists():
         backup = config_path.with_name(f"{config_path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
         shutil.copy2(config_path, backup)
-    tmp = config_path.with_name(config_path.name + ".tmp")
-    tmp.write_text("".join(lines))
-    tmp.replace(config_path)
+    write_text_atomic(config_path, "".join(lines))
     load_config(config_path)  # what was written must read back
     return config_path, backup
 
@@ -152,12 +152,12 @@ def _setup(dataset_id, model: str, dim: str, trials: int, space_path, objective:
     base = apply_overrides(load_config(config_path).get(dim), config_sets)
     space.validate(base)
     space, dropped = space.restrict(base, [override_key(o) for o in config_sets])
-    if model == "autoencoder" and trials > 0:
+    if kind(model).encoder and trials > 0:
         _check_perceptual_weights(base, space)
     ae_run = None
-    if model == "ldm":
+    if kind(model).upstream == "autoencoder":
         ae_run = Path(autoencoder_run) if autoencoder_run else RunDir.standard(
-            plans.name, "autoencoder", dim, split_name(splitting, fold)).root
+            plans.name, the("encoder").name, dim, split_name(splitting, fold)).root
         if not RunDir(ae_run).is_trained():
             raise MedimgenError(f"tuning the LDM needs a trained autoencoder: none at {ae_run} "
                                 f"(train one, or pass --autoencoder RUN_FOLDER)")
@@ -174,7 +174,7 @@ def _require_features(names: Sequence[str], feats, model: str, dataset_id) -> No
             f"weights here: run `medimgen train-feature-nnunet -d {dataset_id}` (a short nnU-Net training "
             f"whose encoder gives dataset-specific features), or `medimgen weights download radimagenet|"
             f"medicalnet|inception`, or pass --extractor NAME --weights FILE"
-            + ("; or score the autoencoder without features: --metrics ms_ssim_loss,l1" if model == "autoencoder"
+            + ("; or score the autoencoder without features: --metrics ms_ssim_loss,l1" if kind(model).encoder
                else ""))
 
 

@@ -58,7 +58,7 @@ class TrialObjective:
     _real: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.metrics = tuple(self.metrics) or objectives.FEATURE_DEFAULT[self.model]
+        self.metrics = tuple(self.metrics) or objectives.default_metrics(self.model)
         self.subsets = tuple(self.subsets) or (self.space.budget["real"],)
 
     def real_images(self, cfg: GenerationConfig, subsets: Sequence[str] | None = None) -> torch.Tensor:
@@ -148,7 +148,7 @@ class TrialObjective:
 
         if run_root.exists():  # a folder left by a study of the same name that was deleted
             run_root.rename(run_root.with_name(f"{run_root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
-        setup = RunSetup(config=cfg, run_root=run_root, autoencoder_run=self.autoencoder_run, tracker=tracker,
+        setup = RunSetup(config=cfg, run_root=run_root, upstream_run=self.autoencoder_run, tracker=tracker,
                          run_name=run_root.name, parent_run_id=self.parent, tags=tags, on_epoch=self._pruning(trial))
         train(self.model, self.dataset, self.splitting, self.dim, self.fold, device=self.device,
               echo=lambda *_: None, setup=setup)

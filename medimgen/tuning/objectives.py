@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from medimgen.config.kinds import kind
 from medimgen.core.errors import MedimgenError
 
 
@@ -31,26 +32,36 @@ class Metric:
         return scores.get(self.score, math.nan)
 
 
-_GEN = ("ldm", "ddpm")
+# what a metric scores: a generator's samples, or an encoder's reconstructions (ModelKind.encoder)
+_GEN, _REC = ("generates",), ("reconstructs",)
 METRICS = {m.name: m for m in (
     Metric("fid", "fid.", "minimize", _GEN, features=True, pairs=True, doc="FID of samples vs the real images"),
     Metric("ms_ssim_gap", "ms_ssim_gap", "minimize", _GEN, pairs=True, ms_ssim=True,
            doc="|MS-SSIM among samples - among real images| (diversity gap)"),
-    Metric("rfid", "rfid.", "minimize", ("autoencoder",), features=True, pairs=True,
+    Metric("rfid", "rfid.", "minimize", _REC, features=True, pairs=True,
            doc="FID of reconstructions vs originals"),
-    Metric("ms_ssim_loss", "ms_ssim_loss", "minimize", ("autoencoder",), ms_ssim=True,
+    Metric("ms_ssim_loss", "ms_ssim_loss", "minimize", _REC, ms_ssim=True,
            doc="1 - MS-SSIM of reconstructions"),
-    Metric("l1", "l1", "minimize", ("autoencoder",), doc="mean absolute reconstruction error, model range"),
-    Metric("psnr", "psnr", "maximize", ("autoencoder",), doc="PSNR of reconstructions"),
+    Metric("l1", "l1", "minimize", _REC, doc="mean absolute reconstruction error, model range"),
+    Metric("psnr", "psnr", "maximize", _REC, doc="PSNR of reconstructions"),
 )}
-FEATURE_DEFAULT = {"autoencoder": ("rfid", "ms_ssim_loss"), "ldm": ("fid", "ms_ssim_gap"),
-                   "ddpm": ("fid", "ms_ssim_gap")}
+FEATURE_DEFAULT = {"reconstructs": ("rfid", "ms_ssim_loss"), "generates": ("fid", "ms_ssim_gap")}
 WEIGHT_FREE_DEFAULT = ("ms_ssim_loss", "l1")  # autoencoder: needs no downloaded weights, no trained nnU-Net
+
+
+def role(model: str) -> str:
+    """What a model of kind ``model`` is scored on: 'reconstructs' (an encoder) or 'generates'."""
+    return _REC[0] if kind(model).encoder else _GEN[0]
+
+
+def default_metrics(model: str) -> tuple[str, ...]:
+    """The objectives a study of ``model`` is scored by when a feature extractor has weights."""
+    return FEATURE_DEFAULT[role(model)]
 
 
 def parse_metrics(text: str | Sequence[str], model: str, objective: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip())
-    allowed = [m.name for m in METRICS.values() if model in m.kinds]
+    allowed = [m.name for m in METRICS.values() if role(model) in m.kinds]
     for n in names:
         if n not in allowed:
             raise MedimgenError(f"--metrics: {n!r} is not an objective of the {model} "
@@ -74,8 +85,8 @@ def choose_metrics(requested: str | Sequence[str] | None, model: str, objective:
         return names, None
     if recorded is not None:
         return tuple(recorded), None
-    if model != "autoencoder" or has_features():
-        return FEATURE_DEFAULT[model], None
+    if not kind(model).encoder or has_features():
+        return default_metrics(model), None
     return WEIGHT_FREE_DEFAULT, ("no feature extractor has weights here, so the autoencoder trials are scored by "
                                  "reconstruction 1 - MS-SSIM and L1 of the real images (no weights needed); for rFID "
                                  "too, run `medimgen train-feature-nnunet` and start a study with "

@@ -11,10 +11,11 @@ from typing import Any, Sequence
 
 from medimgen.config import apply_overrides
 from medimgen.config.io import parse_override
-from medimgen.config.schema import MODELS, GenerationConfig
+from medimgen.config.kinds import kind, names
+from medimgen.config.schema import GenerationConfig
 from medimgen.core.errors import MedimgenError
 
-SECTIONS = ("budget", "objective", "pruner", *MODELS)
+SETTINGS_SECTIONS = ("budget", "objective", "pruner")  # and one section per model kind (kinds.names())
 SPEC_KEYS = {"float": {"type", "low", "high", "log"}, "int": {"type", "low", "high", "step", "log"},
              "categorical": {"type", "choices"}}
 BUDGET_DEFAULTS = {"epochs": 30, "iterations_per_epoch": None, "num_samples": 16, "real": "val", "sampling_steps": 50}
@@ -91,7 +92,7 @@ class SearchSpace:
         for text in overrides:
             key = override_key(text)
             head, _, tail = key.partition(".")
-            if head == f"train_{self.model}" and tail in BUDGET_KEYS:
+            if head == f"{kind(self.model).train_section}" and tail in BUDGET_KEYS:
                 budget[tail] = text
             else:
                 config.append(text)
@@ -100,9 +101,9 @@ class SearchSpace:
     def budget_overrides(self, user: dict[str, str] | None = None) -> list[str]:
         """The per-trial run length: the space's budget, where the user's ``--set`` (``user``) does not set it."""
         user = user or {}
-        sets = [] if "epochs" in user else [f"train_{self.model}.epochs={int(self.budget['epochs'])}"]
+        sets = [] if "epochs" in user else [f"{kind(self.model).train_section}.epochs={int(self.budget['epochs'])}"]
         if self.budget.get("iterations_per_epoch") and "iterations_per_epoch" not in user:
-            sets.append(f"train_{self.model}.iterations_per_epoch={int(self.budget['iterations_per_epoch'])}")
+            sets.append(f"{kind(self.model).train_section}.iterations_per_epoch={int(self.budget['iterations_per_epoch'])}")
         return sets + list(user.values())
 
     def describe_budget(self, user: dict[str, str] | None = None) -> str:
@@ -118,9 +119,9 @@ class SearchSpace:
                 parts.append(f"{key}={space_value} (from budget.{key} in {self.path.name})")
             else:
                 parts.append(f"{key} as planned")
-        scored = ("the real images reconstructed" if self.model == "autoencoder" else
+        scored = ("the real images reconstructed" if kind(self.model).encoder else
                   f"{self.budget['num_samples']} samples ({self.budget['sampling_steps']} DDIM steps)")
-        return f"train_{self.model}." + ", ".join(parts) + f"; scored on {scored}"
+        return f"{kind(self.model).train_section}." + ", ".join(parts) + f"; scored on {scored}"
 
     def restrict(self, cfg: GenerationConfig, fixed: Sequence[str] = ()) -> tuple["SearchSpace", list[str]]:
         """(the space without the parameters that cannot matter, one note per dropped parameter): those the user
@@ -240,16 +241,17 @@ def _section(data: dict, name: str, defaults: dict, where: str) -> dict:
 def load_space(path: Path | str | None, model: str) -> SearchSpace:
     from medimgen.config.io import load_yaml
 
-    if model not in MODELS:
-        raise MedimgenError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+    if model not in names():
+        raise MedimgenError(f"--model must be one of {', '.join(names())}, got {model!r}")
+    sections = (*SETTINGS_SECTIONS, *names())
     path = Path(path) if path else default_space_path()
     data = load_yaml(path) or {}
     where = str(path)
     if not isinstance(data, dict):
-        raise MedimgenError(f"{where}: expected a mapping with sections {', '.join(SECTIONS)}")
+        raise MedimgenError(f"{where}: expected a mapping with sections {', '.join(sections)}")
     for key in data:
-        if key not in SECTIONS:
-            close = difflib.get_close_matches(key, SECTIONS, n=1)
+        if key not in sections:
+            close = difflib.get_close_matches(key, sections, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise MedimgenError(f"{where}: unknown section '{key}'{hint}")
     params_data = data.get(model) or {}

@@ -127,14 +127,14 @@ def recorded_objectives(storage, name: str, model: str) -> tuple[str, ...] | Non
     before the names were recorded was scored by the FID-based defaults."""
     import optuna
 
-    from medimgen.tuning.objectives import FEATURE_DEFAULT
+    from medimgen.tuning.objectives import default_metrics
 
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except Exception:  # no such study (KeyError), or a storage load_study() reports in one line
         return None
     recorded = study.user_attrs.get(OBJECTIVES_ATTR)
-    return tuple(recorded) if recorded else FEATURE_DEFAULT[model]
+    return tuple(recorded) if recorded else default_metrics(model)
 
 
 def load_study(storage, description: str, name: str, objective: str, space: SearchSpace,
