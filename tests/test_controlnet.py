@@ -63,8 +63,8 @@ def test_controlnet_trains_on_the_ldm_and_is_registered(controlnet_2d, flow_2d, 
     assert controlnet_2d.completed and run.parts[-3:] == ("controlnet", "2d", "train-val-test")
     last = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert set(last["modules"]) == {"controlnet"} and last["extra"]["base"] == "ldm"
-    assert not Path(last["extra"]["base_run"]).is_absolute()
-    assert (run / last["extra"]["base_run"]).resolve() == flow_2d["ldm"].run_dir.resolve()
+    assert not Path(last["extra"]["upstream_run"]).is_absolute()
+    assert (run / last["extra"]["upstream_run"]).resolve() == flow_2d["ldm"].run_dir.resolve()
     model = TrainedModel.from_run(run)
     assert model.kind == "controlnet" and model.base_kind == "ldm" and model.autoencoder is not None
     assert model.cfg.controlnet.base == "ldm" and model.scale_factor == flow_2d["ldm"].config.derived.latent_scale_factor
@@ -121,9 +121,9 @@ def test_controlnet_resume_equals_uninterrupted(flow_2d, workspace, tmp_path):
                                                               "tracking.log_models=false"]
     base = flow_2d["ddpm"].run_dir
     full = train("controlnet", ANISO_3D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None,
-                 setup=RunSetup(run_root=tmp_path / "a", autoencoder_run=base))
+                 setup=RunSetup(run_root=tmp_path / "a", upstream_run=base))
     first = train("controlnet", ANISO_3D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None,
-                  stop_after_epoch=1, setup=RunSetup(run_root=tmp_path / "b", autoencoder_run=base))
+                  stop_after_epoch=1, setup=RunSetup(run_root=tmp_path / "b", upstream_run=base))
     assert not first.completed and _state(first.run_dir)["epoch"] == 1
     resumed = train("controlnet", ANISO_3D, "train-val-test", "2d", resume=True, echo=lambda *_: None,
                     setup=RunSetup(run_root=tmp_path / "b"))
@@ -278,8 +278,7 @@ def test_conditioned_samples_follow_the_map(workspace, nnunet_env, tmp_path, mon
     real = list(validation_samples(sampler.cfg, plans, sorted(ids)))
     assert len(real) == len(maps) >= 4
     moved = torch.roll(torch.from_numpy(maps).long()[:, None], (maps.shape[1] // 2, maps.shape[2] // 2), dims=(2, 3))
-    name, steps = sampler.schedule(options.scheduler, options.steps)
-    elsewhere = sampler.sample_conditioned(moved, options.seed, name, steps, options.batch_size, options.amp)
+    elsewhere = sampler.sample_conditioned(moved, options)
     agree, stronger = [], []
     for image, other, label, r in zip(images, elsewhere, maps, real):
         assert np.array_equal(label, r["label"][0].clamp(min=0).numpy())  # the map of that real image

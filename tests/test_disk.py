@@ -51,7 +51,10 @@ def test_run_has_one_resume_and_one_weights_only_checkpoint(model, flow_2d):
             for k, v in best["modules"][name].items():
                 torch.testing.assert_close(v, last["modules"][name][k])
     if model == "ldm":
-        assert best["extra"]["scale_factor"] == pytest.approx(flow_2d[model].config.derived.latent_scale_factor)
+        from medimgen.runs.folders import TrainedModel
+
+        assert TrainedModel.from_run(flow_2d[model].run_dir, "best").scale_factor == pytest.approx(
+            flow_2d[model].config.derived.latent_scale_factor)
 
 
 def test_sampling_reads_best_and_falls_back_to_last(flow_2d, tmp_path):

@@ -79,7 +79,7 @@ class _FixedBatches:
 def _task(model, cfg):
     from medimgen.training.api import build_task
 
-    return build_task(model, cfg, torch.device("cpu"), None, "x", None)
+    return build_task(model, cfg, torch.device("cpu"))
 
 
 def _train_one_epoch(model, cfg, indices, tmp: Path) -> dict:

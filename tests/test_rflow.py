@@ -138,8 +138,8 @@ def test_sample_steps_cli_and_tiled_decoding(rflow_runs, tmp_path):
     assert r.exit_code != 0 and "rectified flow" in r.output and "Traceback" not in r.output
     # the sampler's tiled decoding gives the same images as decoding in one piece, up to the windows' statistics
     sampler = from_run(run.run_dir)
-    whole = sampler.sample_model_range(1, seed=2, steps=2, tiled=False)
-    tiled = sampler.sample_model_range(1, seed=2, steps=2, tiled=True)
+    whole = sampler.sample_model_range(1, seed=2, steps=2, tiled_decoding=False)
+    tiled = sampler.sample_model_range(1, seed=2, steps=2, tiled_decoding=True)
     assert sampler.memory(1, tiled=True).tile is not None
     assert tiled.shape == whole.shape
     assert np.corrcoef(tiled.flatten(), whole.flatten())[0, 1] > 0.9

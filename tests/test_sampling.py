@@ -170,7 +170,7 @@ def test_moved_results_folder_keeps_the_ldm_working(flow_2d, nnunet_env, tmp_pat
     dataset_root = ldm.root.parents[2]  # results/DatasetXXX
     moved = tmp_path / "moved" / dataset_root.name
     shutil.copytree(dataset_root, moved)
-    assert not Path(read_checkpoint(ldm.last)["extra"]["autoencoder_run"]).is_absolute()
+    assert not Path(read_checkpoint(ldm.last)["extra"]["upstream_run"]).is_absolute()
     ae = dataset_root / "autoencoder"
     hidden = dataset_root / "autoencoder.hidden"
     reference = from_run(ldm.root).sample(1, seed=3, steps=2)

@@ -87,13 +87,15 @@ def test_seed_flow_outputs_and_mlflow(dim, request):
         _check_outputs(result, dim)
         _check_mlflow(result, model)
         assert result.run_dir.parts[-4:] == (model, dim, "train-val-test") or result.run_dir.parts[-3:] == (model, dim, "train-val-test")
-    # the LDM computed its latent scale once and stored it in config and checkpoint
+    # the LDM computed its latent scale once and stored it in its config (the one place), which the model loads
+    from medimgen.runs.folders import TrainedModel
+
     ldm = runs["ldm"]
     scale = ldm.config.derived.latent_scale_factor
     assert scale is not None and scale > 0
     ckpt = torch.load(ldm.run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["extra"]["scale_factor"] == pytest.approx(scale)
-    reference = Path(ckpt["extra"]["autoencoder_run"])  # relative to the LDM run: a moved results folder still works
+    assert TrainedModel.from_run(ldm.run_dir, "last").scale_factor == pytest.approx(scale)
+    reference = Path(ckpt["extra"]["upstream_run"])  # relative to the LDM run: a moved results folder still works
     assert not reference.is_absolute() and (ldm.run_dir / reference).resolve() == runs["autoencoder"].run_dir.resolve()
     # the autoencoder learned something in 2 epochs; the adversarial phase ran after warm-up
     ae_hist = json.loads((runs["autoencoder"].run_dir / "loss_dict.json").read_text())

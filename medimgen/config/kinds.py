@@ -1,13 +1,15 @@
 """Model kinds as objects: the one place that knows what a DDPM, an autoencoder, an LDM and a ControlNet are.
 
 Code asks a kind (`kind("ldm").space`, `.upstream`, `.train_section`) and never compares model names. Adding a kind
-means adding one `ModelKind` here (`register`), its training task (training/api's table) and its network builder.
+means registering one `ModelKind` (`register`, here or from outside), its training task
+(medimgen.training.tasks.register_task) and its network builder (``ModelKind.build``); tests/test_kinds.py adds a toy
+kind that way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
 
 from medimgen.core.errors import MedimgenError
 
@@ -22,7 +24,7 @@ class ModelKind:
     scheduler_section: the config section of its noise process, None for a kind without one.
     space: 'image' (works on images), 'latent' (works on an autoencoder's latents) or 'upstream' (that of the
         generator it steers: a ControlNet on an LDM works on latents).
-    upstream: what it builds on: None, 'autoencoder' (a trained autoencoder run), or 'generator' (the diffusion
+    upstream: what it builds on: None, 'encoder' (a trained run of the encoder kind, the autoencoder), or 'generator' (the diffusion
         model it steers, `controlnet.base` of the config: 'auto' is the first trained of `auto_generators()`).
         Either way its run refers to that run by one relative path (runs.folders.link_upstream).
     generator: an unconditional generator (samples from noise alone).
@@ -31,19 +33,22 @@ class ModelKind:
     encoder: it learns the latent space other kinds build on (trained without an EMA copy, scored on its
         reconstructions rather than on samples).
     auto: its rank when 'auto' picks a trained generator (lower first); None: never picked.
+    build: its network builder (config -> the network of ``sampling_modules[0]``) for a kind added outside medimgen;
+        None: medimgen.models.networks builds it from ``network_section`` (a UNet, an autoencoder, a ControlNet).
     """
 
     name: str
     train_section: str
     network_section: str
     scheduler_section: Optional[str]
-    space: Literal["image", "latent"]
-    upstream: Optional[Literal["autoencoder", "generator"]] = None
+    space: Literal["image", "latent", "upstream"]
+    upstream: Optional[Literal["encoder", "generator"]] = None
     generator: bool = False
     samples: bool = False
     sampling_modules: tuple[str, ...] = ()
     encoder: bool = False
     auto: Optional[int] = None
+    build: Optional[Callable[[Any], Any]] = field(default=None, compare=False)
 
     @property
     def steers(self) -> bool:
@@ -79,7 +84,7 @@ DDPM = register(ModelKind("ddpm", "train_ddpm", "ddpm_unet", "ddpm_scheduler", "
                           sampling_modules=("unet",), auto=1))
 AUTOENCODER = register(ModelKind("autoencoder", "train_autoencoder", "autoencoder", None, "image",
                                  sampling_modules=("autoencoder",), encoder=True))
-LDM = register(ModelKind("ldm", "train_ldm", "ldm_unet", "ldm_scheduler", "latent", upstream="autoencoder",
+LDM = register(ModelKind("ldm", "train_ldm", "ldm_unet", "ldm_scheduler", "latent", upstream="encoder",
                          generator=True, samples=True, sampling_modules=("unet",), auto=0))
 CONTROLNET = register(ModelKind("controlnet", "train_controlnet", "controlnet", None, "upstream", upstream="generator",
                                 samples=True, sampling_modules=("controlnet",)))
@@ -115,7 +120,7 @@ def auto_generators() -> tuple[str, ...]:
 
 
 def the(role: str) -> ModelKind:
-    """The one registered kind that is ``role`` ('encoder': what an 'autoencoder' upstream is; 'steers': the kind
+    """The one registered kind that is ``role`` ('encoder': what an 'encoder' upstream is; 'steers': the kind
     that steers a generator with label maps)."""
     found = [k for k in _KINDS.values() if getattr(k, role)]
     if len(found) != 1:

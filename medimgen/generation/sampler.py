@@ -224,7 +224,7 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, opt
     (``data.data_size``); without it the padded model size is written, its origin moved so that the data region
     stays in place. ``options.resample``: to the dataset's original median spacing. Returns the image files."""
     crop, resample = options.crop, options.resample
-    name, steps = sampler.schedule(options.sampler, options.steps)
+    method, steps = sampler.schedule(options.sampler, options.steps)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sidecar_dir = Path(sidecar_dir) if sidecar_dir else out_dir
@@ -251,8 +251,8 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, opt
             name = f"{stem}_{c:04d}.nii.gz" if channel_suffix or sample.shape[0] > 1 else f"{stem}.nii.gz"
             files.append(write_nifti(sample[c], out_dir / name, sampler.geometry, spacing, shift=shift))
         sidecar = {"model": sampler.source, "kind": sampler.kind, "dataset": sampler.dataset, "seed": options.seed,
-                   "index": i, "sampler": name,
-                   "scheduler": name,  # deprecated: the sampler's old key (readers of older sidecars)
+                   "index": i, "sampler": method,
+                   "scheduler": method,  # deprecated: the sampler's old key (readers of older sidecars)
                    "steps": steps, "amp": options.amp,
                    "spacing": list(spacing), "resampled_to_original_spacing": resample,
                    "cropped_to_data_size": data_crop(sampler.cfg) is not None and crop,

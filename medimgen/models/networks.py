@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from medimgen.config.kinds import kind
 from medimgen.config.schema import AutoencoderConfig, DiscriminatorConfig, GenerationConfig, UNetConfig
 from medimgen.config.validate import check_network
 
@@ -155,6 +156,8 @@ def unet_for(cfg: GenerationConfig, model: str) -> nn.Module:
     channels (the DDPM)."""
     from medimgen.models.labels import network_channels
 
+    if kind(model).build is not None:  # a kind registered with its own network builder
+        return kind(model).build(cfg)
     channels = cfg.autoencoder.latent_channels if cfg.space_of(model) == "latent" else network_channels(cfg)
     return build_unet(cfg.unet_for(model), cfg.data.spatial_dims, channels)
 

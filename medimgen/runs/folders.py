@@ -189,7 +189,7 @@ def upstream_for(model: str, run: RunDir, cfg: GenerationConfig, dataset: str, s
         return upstream_of(run.root, read_checkpoint(run.last, mmap=True)["extra"])
     if given:
         return RunDir(Path(given))
-    if k.upstream == "autoencoder":
+    if k.upstream == "encoder":
         return RunDir.standard(dataset, the("encoder").name, cfg.dim, split)
     return find_trained(dataset, cfg.controlnet.base, cfg.dim, split,
                         needed_by=f" (a {k.name} steers a trained generator)")
@@ -339,7 +339,7 @@ class TrainedModel:
                     _load(net, sampling_weights(state, "unet" if net is unet else k.module), path,
                           f"networks of {run.config}")
             scale = None
-            if k.upstream == "autoencoder":
+            if k.upstream == "encoder":
                 ae, _, _ = load_autoencoder(upstream_of(run.root, state["extra"]))
                 scale = scale_factor_of(cfg, state["extra"])
         geometry = load_geometry(run.root, cfg.data.spacing, cfg.data.plans_identifier)

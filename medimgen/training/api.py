@@ -220,7 +220,7 @@ class _Job:
     def _derive(self, resume: bool) -> None:
         """A latent model's scale (once, at the start of a new run; rank 0's, on every rank), kept in one place:
         the run config's ``derived.latent_scale_factor``."""
-        if kind(self.model).upstream != "autoencoder":
+        if kind(self.model).upstream != "encoder":
             return
         if resume:  # the run's config, or (a run of an older version) its checkpoint
             scale = scale_factor_of(self.cfg, read_checkpoint(self.run.last, mmap=True)["extra"])

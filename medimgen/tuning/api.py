@@ -155,7 +155,7 @@ def _setup(dataset_id, model: str, dim: str, trials: int, space_path, objective:
     if kind(model).encoder and trials > 0:
         _check_perceptual_weights(base, space)
     ae_run = None
-    if kind(model).upstream == "autoencoder":
+    if kind(model).upstream == "encoder":
         ae_run = Path(autoencoder_run) if autoencoder_run else RunDir.standard(
             plans.name, the("encoder").name, dim, split_name(splitting, fold)).root
         if not RunDir(ae_run).is_trained():
