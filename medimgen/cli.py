@@ -99,14 +99,15 @@ def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, 
     """Turn nnU-Net's plans (nnUNetPlans.json, or --plans) into medimgen_config.yaml (2d and 3d sections)."""
     from medimgen.planning import plan_dataset
 
-    scheduler = noise or _deprecated(old_noise, "plan --scheduler", "--noise")
+    old = _deprecated(old_noise, "plan --scheduler", "--noise")
+    noise = noise or old
 
     sets = [*overrides, *override_text.split()]
-    if explain and not (force or sets or gpu_memory or offline or scheduler) and _explain_existing(dataset_id,
+    if explain and not (force or sets or gpu_memory or offline or noise) and _explain_existing(dataset_id,
                                                                                                     plans_identifier):
         return
     result = plan_dataset(dataset_id, gpu_memory_gb=gpu_memory or None, overrides=sets, force=force,
-                          plans_identifier=plans_identifier, offline=offline, scheduler=scheduler)
+                          plans_identifier=plans_identifier, offline=offline, noise=noise)
     if result.backup:
         click.echo(f"backed up the edited config to {result.backup}")
     verb = "re-planned" if result.replaced else "wrote"
@@ -324,8 +325,8 @@ def _requests(kw: dict, dataset_id, model_type):
     ref = ModelRef(kw.pop("model"), dataset_id, model_type, kw.pop("splitting"), kw.pop("fold"), kw.pop("checkpoint"))
     fields = ("seed", "sampler", "steps", "batch_size", "device", "amp", "tiled_decoding", "resample", "progress")
     options = {k: kw.pop(k) for k in fields if k in kw}
-    old = kw.pop("old_sampler", None)
-    options["sampler"] = options.get("sampler") or _deprecated(old, "--scheduler", "--sampler")
+    old = _deprecated(kw.pop("old_sampler", None), "--scheduler", "--sampler")
+    options["sampler"] = options.get("sampler") or old
     if "no_crop" in kw:
         options["crop"] = not kw.pop("no_crop")
     return ref, SampleOptions(**options)
@@ -439,8 +440,8 @@ def benchmark_segmentation_cmd(dataset_id, target_id, synthetic, configuration, 
     from medimgen.core.requests import SampleOptions
     from medimgen.benchmark.segmentation import BenchmarkSetup, Generator, benchmark_segmentation
 
-    kw["sampler"] = kw["sampler"] or _deprecated(kw.pop("old_sampler"), "--scheduler", "--sampler")
-    kw.pop("old_sampler", None)
+    old = _deprecated(kw.pop("old_sampler"), "--scheduler", "--sampler")
+    kw["sampler"] = kw["sampler"] or old
 
     result = benchmark_segmentation(dataset_id, target_id, synthetic, BenchmarkSetup(configuration, fold, trainer,
                                     kw["device"]), Generator(model, model_type, splitting), SampleOptions(**kw),

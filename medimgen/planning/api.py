@@ -124,6 +124,7 @@ def plan_dataset(
     force: bool = False,
     plans_identifier: str = "nnUNetPlans",
     offline: bool = False,
+    noise: str | None = None,
     scheduler: str | None = None,
 ) -> PlanResult:
     """Plan DatasetXXX and write nnUNet_preprocessed/DatasetXXX/medimgen_config.yaml.
@@ -131,11 +132,13 @@ def plan_dataset(
     An existing file that was edited by hand is never overwritten silently: without
     ``force`` this raises; with ``force`` the edited file is first copied to a
     timestamped backup beside it. ``offline``: plan losses.perceptual_network=none where the planned
-    network's pretrained weights are absent (without it they are planned anyway, with a note). ``scheduler``:
-    the noise process of the DDPM and the LDM (ddpm or rflow; None: as planned, ddpm), before ``overrides``.
+    network's pretrained weights are absent (without it they are planned anyway, with a note). ``noise``:
+    the noise process of the generators, the DDPM and the LDM (ddpm or rflow; None: as planned, ddpm), before
+    ``overrides``; ``scheduler``: its deprecated name.
     """
-    if scheduler is not None:
-        overrides = [f"{kind(m).scheduler_section}.type={scheduler}" for m in names(generator=True)] + list(overrides)
+    noise = noise or scheduler
+    if noise is not None:
+        overrides = [f"{kind(m).scheduler_section}.type={noise}" for m in names(generator=True)] + list(overrides)
     plans = DatasetPlans.from_id(dataset_id, plans_identifier)
     path = plans.folder / CONFIG_NAME
     edited = path.exists() and is_user_edited(path)

@@ -1,1 +1,2 @@
-"""One training loop with hooks, and the DDPM / autoencoder / LDM tasks that plug into it."""
+"""One training loop with hooks, and the tasks of the model kinds (DDPM, autoencoder, LDM, ControlNet; training.tasks)
+that plug into it."""

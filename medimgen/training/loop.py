@@ -1,6 +1,6 @@
 """The one training loop shared by every model kind.
 
-A task (DDPM, autoencoder, LDM) supplies modules, optimiser *phases* (e.g. generator and
+A task (DDPM, autoencoder, LDM, ControlNet: training.tasks) supplies modules, optimiser *phases* (e.g. generator and
 discriminator) and a loss per phase; the loop owns everything else: AMP (bf16 where the
 GPU supports it, else fp16 with a GradScaler per phase; off on CPU), gradient accumulation
 (loss divided by the number of micro-batches), gradient clipping, EMA, learning-rate
