@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import demo_dataset, device_name  # noqa: E402
 
 from medimgen.planning.api import build_config  # noqa: E402
-from medimgen.config.schema import MODELS  # noqa: E402
+from medimgen.config.kinds import names  # noqa: E402
+
+MODELS = names()
 from medimgen.nnunet.plans import DatasetPlans  # noqa: E402
 
 MID_ID = 991

@@ -9,7 +9,7 @@ import sys
 import click
 
 from medimgen import __version__
-from medimgen.config.kinds import kind, names
+from medimgen.config.kinds import names
 from medimgen.core.errors import MedimgenError
 
 

@@ -208,3 +208,32 @@ def test_a_kind_registered_in_a_test_trains_and_samples(workspace, toy_kind, tmp
 
     packaged = Sampler.of(TrainedModel.load(sampler.save(tmp_path / "pkg")))
     np.testing.assert_array_equal(a, packaged.sample(2, seed=1, steps=2))
+
+
+# ---------------------------------------------------------------------------------------------- the upstream link
+def test_upstream_link_is_one_relative_path_and_old_links_still_resolve(tmp_path):
+    from medimgen.core.errors import MedimgenError
+    from medimgen.runs.folders import UPSTREAM, link_upstream, upstream_of
+
+    run, up = tmp_path / "results" / "ldm" / "2d" / "s", tmp_path / "results" / "autoencoder" / "2d" / "s"
+    extra = link_upstream(run, up)
+    assert list(extra) == [UPSTREAM] and not Path(extra[UPSTREAM]).is_absolute()
+    assert upstream_of(run, extra).root == up.resolve()
+    for old in ("autoencoder_run", "base_run"):  # LDM and ControlNet checkpoints of older versions
+        assert upstream_of(run, {old: extra[UPSTREAM]}).root == up.resolve()
+    assert upstream_of(run, {"autoencoder_checkpoint": str(up / "checkpoints" / "best.pt")}).root == up
+    with pytest.raises(MedimgenError, match="names no upstream run"):
+        upstream_of(run, {})
+
+
+def test_latent_scale_lives_in_the_config_and_older_copies_are_read(workspace):
+    import dataclasses
+
+    from medimgen.runs.folders import scale_factor_of
+
+    cfg = workspace["config"].get("2d")
+    old = dataclasses.replace(cfg, derived=dataclasses.replace(cfg.derived, latent_scale_factor=None))
+    new = dataclasses.replace(cfg, derived=dataclasses.replace(cfg.derived, latent_scale_factor=0.5))
+    assert scale_factor_of(new, {"scale_factor": 9.0}) == 0.5  # the config wins
+    assert scale_factor_of(old, None, {"scale_factor": 0.25}) == 0.25  # an older run's checkpoint / meta.json
+    assert scale_factor_of(old, {}) is None

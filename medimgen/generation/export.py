@@ -122,6 +122,7 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
     if mix_real and not sampler.generates_labels and labels is None:
         raise MedimgenError(f"--mix-real needs a model that generates labels ({sampler.source} is image-only: its "
                             f"labels would be foreground masks next to real labels); plan with data.generate_labels=true")
+    sched, n_steps = sampler.schedule(options.sampler, options.steps)  # for the dataset's description
     if labels is None:
         images, labels = sampler.sample_pairs(num_images, options)
     data = sampler.cfg.data
