@@ -44,7 +44,7 @@ from torch import nn
 
 from medimgen.core import distributed
 from medimgen.config.kinds import kind
-from medimgen.config.schema import TrainConfig
+from medimgen.config.schema import GenerationConfig, TrainConfig
 from medimgen.core.devices import amp_dtype, autocast
 from medimgen.core.errors import MedimgenError
 from medimgen.runs.tracking import Tracker
@@ -58,7 +58,8 @@ CHECKPOINT_FORMAT = 1
 
 
 class Task(Protocol):
-    name: str
+    name: str  # its kind's name (medimgen.config.kinds); tasks are built by training.tasks
+    cfg: GenerationConfig  # the config the run records (an LDM: its autoencoder's architecture; a ControlNet: its base's)
     modules: dict[str, nn.Module]  # everything saved in last.pt
     sampling_modules: tuple[str, ...]  # the modules saved in best.pt (what sampling/evaluation need)
     phase_modules: dict[str, list[str]]  # optimiser phase -> names of the modules it trains

@@ -20,7 +20,7 @@ class Metric:
     name: str
     score: str  # key of the evaluation scores; a trailing '.' is a prefix (fid.<extractor>)
     direction: str  # minimize | maximize
-    kinds: tuple[str, ...]
+    kinds: tuple[str, ...]  # what it scores: the roles of `role` ("generates", "reconstructs")
     features: bool = False  # needs a feature extractor (weights)
     pairs: bool = False  # needs at least 2 real images
     ms_ssim: bool = False  # weighted by ms_ssim_gap_weight in the scalar objective
