@@ -7,9 +7,11 @@ nothing is allocated) and from what each file holds (training/loop.py):
   optimiser), float32, plus config and metadata.
 - ``last.pt``: every trained network, AdamW's two moments per trained parameter (+ one step
   counter per tensor), the EMA copy (DDPM/LDM with ``ema_decay``), RNG states and history.
-- registered model (DDPM/LDM, ``tracking.log_models``): the sampling weights as safetensors;
-  an LDM's model bundles its autoencoder (a fresh process samples from it alone).
-- plots: one GIF (3D) / PNG (2D) per plotted epoch, at most one byte per shown voxel.
+- registered model (DDPM/LDM/ControlNet, ``tracking.log_models``): the sampling weights as
+  safetensors; a model bundles what it samples through (an LDM its autoencoder, a ControlNet its
+  frozen base UNet and, on an LDM base, the autoencoder): a fresh process samples from it alone.
+- plots: one GIF (3D) / PNG (2D) per plotted epoch, at most one byte per shown voxel (a ControlNet
+  shows each sample next to its label map).
 - samples: a float32 NIfTI per channel (gzip barely compresses generated noise-like values).
 
 ``tests/test_training.py::test_disk_estimate_matches_a_trained_run`` checks best.pt, last.pt
@@ -23,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from medimgen.config.kinds import kind
 from medimgen.config.schema import GenerationConfig
 
-MODELS = ("autoencoder", "ddpm", "ldm")
+MODELS = ("autoencoder", "ddpm", "ldm", "controlnet")
 TOLERANCE = 0.10  # relative error of best/last/registered, checked against a tiny trained run
 # torch.save (zip): per tensor one archive entry (headers + 64-byte alignment) and its pickle record
 TORCH_BYTES_PER_TENSOR = 320
@@ -70,6 +73,14 @@ def _networks(cfg: GenerationConfig, model: str) -> tuple[Tensors, Tensors, Tens
     from medimgen.models.networks import build_autoencoder, build_discriminator, build_unet
 
     nd, c = cfg.data.spatial_dims, cfg.data.in_channels
+    if kind(model).upstream == "generator":  # a ControlNet: the frozen base (and its autoencoder) ship with it
+        from medimgen.models.networks import autoencoder_for, build_controlnet, unet_for
+
+        base = cfg.controlnet_base()
+        bundled = _tensors(lambda: unet_for(cfg, base))
+        if kind(base).space == "latent":
+            bundled = bundled + _tensors(lambda: autoencoder_for(cfg))
+        return _tensors(lambda: build_controlnet(cfg)), NONE, bundled
     if model == "autoencoder":
         ae = _tensors(lambda: build_autoencoder(cfg.autoencoder, nd, c))
         disc = _tensors(lambda: build_discriminator(cfg.discriminator, nd, c)) if cfg.losses.adversarial_weight > 0 else NONE
@@ -116,7 +127,9 @@ def estimate_disk(cfg: GenerationConfig, model: str) -> DiskEstimate:
         weights = sampling + bundled
         registered = weights.bytes + SAFETENSORS_BYTES_PER_TENSOR * weights.count + MODEL_FILES_BYTES
     voxels = math.prod(cfg.data.image_size)
-    shown = {"autoencoder": 2, "ddpm": 4, "ldm": 4}[model] if cfg.data.spatial_dims == 2 else {"autoencoder": 2}.get(model, 1)
+    shown = {"autoencoder": 2, "ddpm": 4, "ldm": 4}.get(model, 4) if cfg.data.spatial_dims == 2 else {"autoencoder": 2}.get(model, 1)
+    if kind(model).upstream == "generator":
+        shown *= 2  # each sample beside its label map
     plotted = len({e for e in range(train.val_plot_interval, train.epochs + 1, train.val_plot_interval)} | {train.epochs})
     plots = plotted * voxels * shown + LOSS_PLOT_BYTES
     sample = 0 if model == "autoencoder" else voxels * cfg.data.in_channels * 4
@@ -137,6 +150,6 @@ def explain_disk(cfg: GenerationConfig, dim: str, num_samples: int = 100) -> str
                      f"{num_samples * e.sample / MB:>13.1f}")
     total = sum(e.run_total for e in rows)
     samples = sum(num_samples * e.sample for e in rows)
-    lines.append(f"  total {dim}: {total / MB:.1f} MB for the three runs (+ {samples / MB:.1f} MB for {num_samples} "
+    lines.append(f"  total {dim}: {total / MB:.1f} MB for the {len(rows)} runs (+ {samples / MB:.1f} MB for {num_samples} "
                  f"samples of each generator); each further registered version adds its 'registered' size")
     return "\n".join(lines)
