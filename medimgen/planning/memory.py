@@ -2,12 +2,15 @@
 
 The peak of each model (DDPM UNet; autoencoder + discriminator + perceptual network; LDM UNet
 on latents with the frozen autoencoder) is what ``torch.cuda.max_memory_allocated`` reports
-during training. It is simulated op by op on the CPU (planning/cuda_sim.py: two training steps
-on fake tensors with CUDA's autocast policy, activation checkpointing, AdamW, EMA) at
-micro-batch 1 and 2. Both runs make the same allocations in the same order, each of a fixed
-size or one proportional to the micro-batch, so the live bytes after every allocation, and
-their peak, follow exactly for any micro-batch from those two runs. ``CUDA_OVERHEAD`` covers what the simulation cannot
-see (cuDNN workspaces), calibrated on an H100 (tests/test_memory.py checks six measured runs).
+during training. It is simulated op by op on the CPU (planning/cuda_sim.py: a training step
+on fake tensors with CUDA's autocast policy, activation checkpointing, AdamW, EMA). A step at
+micro-batch 2 and one at 3 make the same allocations in the same order, each of a fixed size or one
+proportional to the micro-batch, so the live bytes after every allocation, and their peak, follow
+for any micro-batch >= 2 from those two runs (micro-batch 1 is simulated as it is: with a batch
+dimension of size 1 some backward ops allocate differently). Each result is kept in this process
+and on disk (planning/sim_cache.py), keyed by everything that decides it, so the fitter's smaller
+micro-batches, `medimgen memory` and `plan --explain` of an unchanged config simulate nothing.
+``CUDA_OVERHEAD`` covers what the simulation cannot see (cuDNN workspaces), calibrated on an H100 (tests/test_memory.py checks six measured runs).
 
 The fitter keeps the planned effective batch and applies, in order of cost: AMP, activation
 checkpointing, smaller micro-batches with gradient accumulation, no EMA copy (DDPM/LDM), and
