@@ -115,7 +115,7 @@ class DiskEstimate:
 def estimate_disk(cfg: GenerationConfig, model: str) -> DiskEstimate:
     """Predicted sizes of the files one training run of ``model`` (``cfg`` as planned) writes."""
     sampling, others, bundled = _networks(cfg, model)
-    train = getattr(cfg, f"train_{model}")
+    train = cfg.train_for(model)
     ema = bool(train.ema_decay) and model != "autoencoder"
     trained = sampling + others
     adam = Tensors(2 * trained.trainable_bytes + 4 * trained.trainable_count, 3 * trained.trainable_count, 0, 0, 0)
