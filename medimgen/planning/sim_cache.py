@@ -41,11 +41,8 @@ def cache_dir() -> Path | None:
 
 @functools.lru_cache(maxsize=1)
 def _versions() -> str:
-    import importlib
     import importlib.util
-
-    import monai
-    import torch
+    from importlib.metadata import version
 
     from medimgen import __version__
 
@@ -54,8 +51,8 @@ def _versions() -> str:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin:
             code.update(Path(spec.origin).read_bytes())
-    return f"format {FORMAT}, torch {torch.__version__}, monai {monai.__version__}, medimgen {__version__}, " \
-           f"code {code.hexdigest()[:16]}"
+    return f"format {FORMAT}, torch {version('torch')}, monai {version('monai')}, medimgen {__version__}, " \
+           f"code {code.hexdigest()[:16]}"  # versions as installed: importing MONAI would cost a second
 
 
 def key_text(key) -> str:
