@@ -59,36 +59,64 @@ class Tensors:
 NONE = Tensors(0, 0, 0, 0, 0)
 
 
-def _tensors(build) -> Tensors:
-    with torch.device("meta"):
-        net = build()
-    state = net.state_dict()
-    params = [p for p in net.parameters() if p.requires_grad]
-    return Tensors(sum(t.numel() * t.element_size() for t in state.values()), len(state),
-                   sum(p.numel() * p.element_size() for p in params), len(params), sum(p.numel() for p in params))
+def _tensors(key: tuple, build) -> Tensors:
+    """The tensors of ``build()``, built once per ``key`` (everything the network depends on) and kept with the
+    memory simulations (planning/sim_cache.py): `plan --explain` of an unchanged config builds nothing, so it
+    need not import MONAI."""
+    from medimgen.planning import sim_cache
+
+    key = ("disk tensors", *key)
+    if key in _built:
+        return _built[key]
+    stored = sim_cache.load(key)
+    try:
+        t = Tensors(*(int(stored[f]) for f in Tensors.__dataclass_fields__)) if stored is not None else None
+    except (KeyError, TypeError, ValueError):  # a damaged entry: build again
+        t = None
+    if t is None:
+        with torch.device("meta"):
+            net = build()
+        state = net.state_dict()
+        params = [p for p in net.parameters() if p.requires_grad]
+        t = Tensors(sum(v.numel() * v.element_size() for v in state.values()), len(state),
+                    sum(p.numel() * p.element_size() for p in params), len(params), sum(p.numel() for p in params))
+        sim_cache.store(key, dict(zip(Tensors.__dataclass_fields__, t.astuple())))
+    _built[key] = t
+    return t
+
+
+_built: dict = {}
 
 
 def _networks(cfg: GenerationConfig, model: str) -> tuple[Tensors, Tensors, Tensors]:
     """(sampling network of the run, other trained networks, networks bundled only in the registered model)."""
     from medimgen.models.networks import build_autoencoder, build_discriminator, build_unet
 
+    from medimgen.models.labels import autoencoder_out_channels, network_channels
+
     nd, c = cfg.data.spatial_dims, cfg.data.in_channels
+    ae = ("autoencoder", cfg.autoencoder, nd, c)
     if kind(model).upstream == "generator":  # a ControlNet: the frozen base (and its autoencoder) ship with it
         from medimgen.models.networks import autoencoder_for, build_controlnet, unet_for
 
         base = cfg.controlnet_base()
-        bundled = _tensors(lambda: unet_for(cfg, base))
+        channels = (nd, network_channels(cfg), autoencoder_out_channels(cfg))
+        bundled = _tensors(("unet_for", base, cfg.unet_for(base), cfg.autoencoder.latent_channels, *channels),
+                           lambda: unet_for(cfg, base))
         if kind(base).space == "latent":
-            bundled = bundled + _tensors(lambda: autoencoder_for(cfg))
-        return _tensors(lambda: build_controlnet(cfg)), NONE, bundled
+            bundled = bundled + _tensors(("autoencoder_for", cfg.autoencoder, *channels), lambda: autoencoder_for(cfg))
+        net = _tensors(("controlnet", cfg.controlnet, base, cfg.unet_for(base), cfg.autoencoder,
+                        tuple(cfg.data.label_values), *channels), lambda: build_controlnet(cfg))
+        return net, NONE, bundled
     if model == "autoencoder":
-        ae = _tensors(lambda: build_autoencoder(cfg.autoencoder, nd, c))
-        disc = _tensors(lambda: build_discriminator(cfg.discriminator, nd, c)) if cfg.losses.adversarial_weight > 0 else NONE
-        return ae, disc, NONE
+        disc = _tensors(("discriminator", cfg.discriminator, nd, c), lambda: build_discriminator(
+            cfg.discriminator, nd, c)) if cfg.losses.adversarial_weight > 0 else NONE
+        return _tensors(ae, lambda: build_autoencoder(cfg.autoencoder, nd, c)), disc, NONE
     if model == "ddpm":
-        return _tensors(lambda: build_unet(cfg.ddpm_unet, nd, c)), NONE, NONE
-    unet = _tensors(lambda: build_unet(cfg.ldm_unet, nd, cfg.autoencoder.latent_channels))
-    return unet, NONE, _tensors(lambda: build_autoencoder(cfg.autoencoder, nd, c))
+        return _tensors(("unet", cfg.ddpm_unet, nd, c), lambda: build_unet(cfg.ddpm_unet, nd, c)), NONE, NONE
+    latent = cfg.autoencoder.latent_channels
+    unet = _tensors(("unet", cfg.ldm_unet, nd, latent), lambda: build_unet(cfg.ldm_unet, nd, latent))
+    return unet, NONE, _tensors(ae, lambda: build_autoencoder(cfg.autoencoder, nd, c))
 
 
 def _torch_file(t: Tensors, fixed: int) -> int:
