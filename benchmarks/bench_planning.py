@@ -10,7 +10,8 @@ cache at the start (``MEDIMGEN_CACHE_DIR``, a fresh temporary folder):
 1. `medimgen plan -d ID --force` (fresh: nothing simulated yet),
 2. `medimgen plan -d ID --explain` (the config unchanged),
 3. `medimgen memory ID` (unchanged),
-4. `medimgen memory ID` after editing one model's section of the 3D config (``--edit``, default a wider 3D
+4. `medimgen plan -d ID --explain` again (the disk table's networks are cached by the first one),
+5. `medimgen memory ID` after editing one model's section of the 3D config (``--edit``, default a wider 3D
    DDPM UNet: its last level + 8 channels).
 
 CPU seconds are the child processes' user + system time (the better figure on a shared machine).
@@ -87,6 +88,7 @@ def main() -> None:
     row("`plan --force` (fresh)", [exe, "plan", "-d", str(args.dataset), "--force", *gpu])
     row("`plan --explain` (unchanged)", [exe, "plan", "-d", str(args.dataset), "--explain"])
     row("`memory` (unchanged)", [exe, "memory", str(args.dataset)])
+    row("`plan --explain` (unchanged, again)", [exe, "plan", "-d", str(args.dataset), "--explain"])
     what = _edit(config_path(args.dataset), args.dim, args.edit)
     row(f"`memory` after editing {what}", [exe, "memory", str(args.dataset)])
 
