@@ -16,6 +16,15 @@ FLAT_2D = 202  # 2D CT
 _VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "medimgen_results")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def simulation_cache(tmp_path_factory):
+    """The memory simulations of this session are cached in its own folder (not the user's cache dir)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEDIMGEN_CACHE_DIR", str(tmp_path_factory.mktemp("medimgen-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def nnunet_roots(tmp_path_factory) -> dict[str, Path]:
     """Session-wide nnU-Net folders with the two test datasets raw and preprocessed."""

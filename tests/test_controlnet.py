@@ -291,3 +291,21 @@ def test_conditioned_samples_follow_the_map(workspace, nnunet_env, tmp_path, mon
     assert len(agree) >= 2 * len(maps) - 1  # organ and lesion in (nearly) every case
     assert np.mean(agree) >= FOLLOW_AGREEMENT, agree
     assert np.mean(stronger) >= FOLLOW_AGREEMENT, stronger
+
+
+def test_disk_estimate_of_the_controlnet_matches_its_run(controlnet_2d):
+    """`plan --explain`'s ControlNet row: best.pt, last.pt and the registered model (the ControlNet with the frozen
+    base UNet and autoencoder it samples through) within the disk estimator's tolerance of the trained run."""
+    from mlflow import MlflowClient
+
+    from medimgen.planning.disk import TOLERANCE, estimate_disk, explain_disk
+    from tests.test_disk import _registered_size
+
+    est = estimate_disk(controlnet_2d.config, "controlnet")
+    for name, predicted in (("best.pt", est.best), ("last.pt", est.last)):
+        real = (controlnet_2d.run_dir / "checkpoints" / name).stat().st_size
+        assert predicted == pytest.approx(real, rel=TOLERANCE), (name, predicted, real)
+    real, weights = _registered_size(MlflowClient(), controlnet_2d.mlflow_run_id)
+    assert weights == {"controlnet", "unet", "autoencoder"}
+    assert est.registered == pytest.approx(real, rel=TOLERANCE), (est.registered, real)
+    assert any(line.split()[:1] == ["controlnet"] for line in explain_disk(controlnet_2d.config, "2d").splitlines())

@@ -71,6 +71,22 @@ def weights_notes(planned: dict, fitted: MedimgenConfig, offline: bool) -> list[
     return notes
 
 
+def preprocessed_dims(plans: DatasetPlans) -> tuple[list[str], dict[str, str]]:
+    """The dimensionalities nnU-Net planned and preprocessed, and {dim: why not} for those it only planned
+    (`nnUNetv2_plan_and_preprocess -c 2d` plans 3d_fullres too but preprocesses only 2d). None preprocessed:
+    the first one's line (which command preprocesses it)."""
+    dims, skipped = [], {}
+    for dim in plans.available_dims:
+        try:
+            plans.preprocessed_folder(dim)
+            dims.append(dim)
+        except MedimgenError as e:
+            skipped[dim] = str(e)
+    if not dims and skipped:
+        raise MedimgenError(next(iter(skipped.values())))
+    return dims, skipped
+
+
 def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overrides: Sequence[str] = (),
                  offline: bool = False, notes: list[str] | None = None) -> MedimgenConfig:
     """Heuristics, then the user's overrides, then the memory fitter (which sees the overridden values).
@@ -93,7 +109,10 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overri
     )
     configs = {}
     raw_stats: dict = {}  # the raw cases are read once per normalisation setting (2d and 3d usually share it)
-    for dim in plans.available_dims:
+    dims, skipped = preprocessed_dims(plans)
+    if notes is not None:
+        notes += [f"note: {dim} not planned: {why} (then re-plan)" for dim, why in skipped.items()]
+    for dim in dims:
         low, high = intensity_bounds(plans, dim)
         cm = plans.configuration(dim)
         key = (tuple(cm.normalization_schemes), tuple(cm.use_mask_for_norm))

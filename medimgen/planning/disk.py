@@ -7,9 +7,11 @@ nothing is allocated) and from what each file holds (training/loop.py):
   optimiser), float32, plus config and metadata.
 - ``last.pt``: every trained network, AdamW's two moments per trained parameter (+ one step
   counter per tensor), the EMA copy (DDPM/LDM with ``ema_decay``), RNG states and history.
-- registered model (DDPM/LDM, ``tracking.log_models``): the sampling weights as safetensors;
-  an LDM's model bundles its autoencoder (a fresh process samples from it alone).
-- plots: one GIF (3D) / PNG (2D) per plotted epoch, at most one byte per shown voxel.
+- registered model (DDPM/LDM/ControlNet, ``tracking.log_models``): the sampling weights as
+  safetensors; a model bundles what it samples through (an LDM its autoencoder, a ControlNet its
+  frozen base UNet and, on an LDM base, the autoencoder): a fresh process samples from it alone.
+- plots: one GIF (3D) / PNG (2D) per plotted epoch, at most one byte per shown voxel (a ControlNet
+  shows each sample next to its label map).
 - samples: a float32 NIfTI per channel (gzip barely compresses generated noise-like values).
 
 ``tests/test_training.py::test_disk_estimate_matches_a_trained_run`` checks best.pt, last.pt
@@ -56,28 +58,65 @@ class Tensors:
 NONE = Tensors(0, 0, 0, 0, 0)
 
 
-def _tensors(build) -> Tensors:
-    with torch.device("meta"):
-        net = build()
-    state = net.state_dict()
-    params = [p for p in net.parameters() if p.requires_grad]
-    return Tensors(sum(t.numel() * t.element_size() for t in state.values()), len(state),
-                   sum(p.numel() * p.element_size() for p in params), len(params), sum(p.numel() for p in params))
+def _tensors(key: tuple, build) -> Tensors:
+    """The tensors of ``build()``, built once per ``key`` (everything the network depends on) and kept with the
+    memory simulations (planning/sim_cache.py): `plan --explain` of an unchanged config builds nothing, so it
+    need not import MONAI."""
+    from medimgen.planning import sim_cache
+
+    key = ("disk tensors", *key)
+    if key in _built:
+        return _built[key]
+    stored = sim_cache.load(key)
+    try:
+        t = Tensors(*(int(stored[f]) for f in Tensors.__dataclass_fields__)) if stored is not None else None
+    except (KeyError, TypeError, ValueError):  # a damaged entry: build again
+        t = None
+    if t is None:
+        with torch.device("meta"):
+            net = build()
+        state = net.state_dict()
+        params = [p for p in net.parameters() if p.requires_grad]
+        t = Tensors(sum(v.numel() * v.element_size() for v in state.values()), len(state),
+                    sum(p.numel() * p.element_size() for p in params), len(params), sum(p.numel() for p in params))
+        sim_cache.store(key, dict(zip(Tensors.__dataclass_fields__, t.astuple())))
+    _built[key] = t
+    return t
+
+
+_built: dict = {}
 
 
 def _networks(cfg: GenerationConfig, model: str) -> tuple[Tensors, Tensors, Tensors]:
     """(sampling network of the run, other trained networks, networks bundled only in the registered model)."""
     from medimgen.models.networks import build_autoencoder, build_discriminator, build_unet
 
+    from medimgen.models.labels import autoencoder_out_channels, network_channels
+
     nd, c = cfg.data.spatial_dims, cfg.data.in_channels
+    ae = ("autoencoder", cfg.autoencoder, nd, c)
+    if kind(model).steers:  # a ControlNet: the frozen base (and its autoencoder) ship with it
+        from medimgen.models.networks import autoencoder_for, build_controlnet, unet_for
+
+        base = cfg.controlnet_base()
+        channels = (nd, network_channels(cfg), autoencoder_out_channels(cfg))
+        bundled = _tensors(("unet_for", base, cfg.unet_for(base), cfg.autoencoder.latent_channels, *channels),
+                           lambda: unet_for(cfg, base))
+        if kind(base).space == "latent":
+            bundled = bundled + _tensors(("autoencoder_for", cfg.autoencoder, *channels), lambda: autoencoder_for(cfg))
+        net = _tensors(("controlnet", cfg.controlnet, base, cfg.unet_for(base), cfg.autoencoder,
+                        tuple(cfg.data.label_values), *channels), lambda: build_controlnet(cfg))
+        return net, NONE, bundled
     if kind(model).encoder:
-        ae = _tensors(lambda: build_autoencoder(cfg.autoencoder, nd, c))
-        disc = _tensors(lambda: build_discriminator(cfg.discriminator, nd, c)) if cfg.losses.adversarial_weight > 0 else NONE
-        return ae, disc, NONE
+        disc = _tensors(("discriminator", cfg.discriminator, nd, c), lambda: build_discriminator(
+            cfg.discriminator, nd, c)) if cfg.losses.adversarial_weight > 0 else NONE
+        return _tensors(ae, lambda: build_autoencoder(cfg.autoencoder, nd, c)), disc, NONE
+    unet_cfg = cfg.unet_for(model)
     if cfg.space_of(model) == "image":
-        return _tensors(lambda: build_unet(cfg.unet_for(model), nd, c)), NONE, NONE
-    unet = _tensors(lambda: build_unet(cfg.unet_for(model), nd, cfg.autoencoder.latent_channels))
-    return unet, NONE, _tensors(lambda: build_autoencoder(cfg.autoencoder, nd, c))
+        return _tensors(("unet", unet_cfg, nd, c), lambda: build_unet(unet_cfg, nd, c)), NONE, NONE
+    latent = cfg.autoencoder.latent_channels
+    unet = _tensors(("unet", unet_cfg, nd, latent), lambda: build_unet(unet_cfg, nd, latent))
+    return unet, NONE, _tensors(ae, lambda: build_autoencoder(cfg.autoencoder, nd, c))
 
 
 def _torch_file(t: Tensors, fixed: int) -> int:
@@ -118,6 +157,8 @@ def estimate_disk(cfg: GenerationConfig, model: str) -> DiskEstimate:
         registered = weights.bytes + SAFETENSORS_BYTES_PER_TENSOR * weights.count + MODEL_FILES_BYTES
     voxels = math.prod(cfg.data.image_size)
     shown = (2 if encoder else 4) if cfg.data.spatial_dims == 2 else (2 if encoder else 1)
+    if kind(model).steers:
+        shown *= 2  # each sample beside its label map
     plotted = len({e for e in range(train.val_plot_interval, train.epochs + 1, train.val_plot_interval)} | {train.epochs})
     plots = plotted * voxels * shown + LOSS_PLOT_BYTES
     sample = 0 if encoder else voxels * cfg.data.in_channels * 4
@@ -127,8 +168,7 @@ def estimate_disk(cfg: GenerationConfig, model: str) -> DiskEstimate:
 
 def explain_disk(cfg: GenerationConfig, dim: str, num_samples: int = 100) -> str:
     """The disk table of ``medimgen plan --explain``."""
-    # the encoders first (trained first); a kind steering a generator has no estimate yet
-    rows = [estimate_disk(cfg, m) for m in sorted(names(steers=False), key=lambda m: not kind(m).encoder)]
+    rows = [estimate_disk(cfg, m) for m in sorted(names(), key=lambda m: not kind(m).encoder)]  # encoders first
     lines = [f"{dim}: disk per run (MB; best.pt = sampling weights, last.pt = resume state, registered = one MLflow "
              f"model version{', checkpoints also copied to MLflow' if cfg.tracking.log_checkpoints else ''})",
              f"  {'model':<12}{'params':>12}{'best.pt':>10}{'last.pt':>10}{'registered':>12}{'plots':>9}"
@@ -139,6 +179,6 @@ def explain_disk(cfg: GenerationConfig, dim: str, num_samples: int = 100) -> str
                      f"{num_samples * e.sample / MB:>13.1f}")
     total = sum(e.run_total for e in rows)
     samples = sum(num_samples * e.sample for e in rows)
-    lines.append(f"  total {dim}: {total / MB:.1f} MB for the three runs (+ {samples / MB:.1f} MB for {num_samples} "
+    lines.append(f"  total {dim}: {total / MB:.1f} MB for the {len(rows)} runs (+ {samples / MB:.1f} MB for {num_samples} "
                  f"samples of each generator); each further registered version adds its 'registered' size")
     return "\n".join(lines)

@@ -109,8 +109,6 @@ def _offset_scale(image: np.ndarray, scheme: str, mask: np.ndarray | None) -> tu
 
 def raw_case_files(plans: DatasetPlans) -> dict[str, dict] | None:
     """nnU-Net's {identifier: {'images': [...], 'label': ...}} of the raw training cases, or None without them."""
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
     try:
         folder = nnunet_raw() / plans.name
     except MedimgenError:
@@ -119,11 +117,27 @@ def raw_case_files(plans: DatasetPlans) -> dict[str, dict] | None:
         return None
     try:
         dataset_json = json.loads((folder / "dataset.json").read_text())
-        files = get_filenames_of_train_images_and_targets(str(folder), dataset_json)
+        files = _train_files(folder, dataset_json)
     except Exception:  # an unreadable raw folder: plan without it (fall back to the fingerprint)
         return None
     files = {k: v for k, v in files.items() if all(Path(p).is_file() for p in v["images"])}
     return files or None
+
+
+def _train_files(folder: Path, dataset_json: dict) -> dict[str, dict]:
+    """nnU-Net's get_filenames_of_train_images_and_targets, without the pool of 12 processes it starts to match
+    file names (forking a process that holds torch costs seconds; the matching itself microseconds)."""
+    from batchgenerators.utilities.file_and_folder_operations import subfiles
+    from nnunetv2.utilities.utils import (create_paths_fn, get_filenames_of_train_images_and_targets,
+                                          get_identifiers_from_splitted_dataset_folder)
+
+    if "dataset" in dataset_json:  # explicit file lists: no pool there
+        return get_filenames_of_train_images_and_targets(str(folder), dataset_json)
+    images, ending = str(folder / "imagesTr"), dataset_json["file_ending"]
+    identifiers = get_identifiers_from_splitted_dataset_folder(images, ending)
+    names = subfiles(images, suffix=ending, join=False, sort=True)
+    return {i: {"images": create_paths_fn(images, names, ending, i), "label": str(folder / "labelsTr" / f"{i}{ending}")}
+            for i in identifiers}
 
 
 def case_statistics(plans: DatasetPlans, dim: str, identifiers: Sequence[str] | None = None,

@@ -2,12 +2,15 @@
 
 The peak of each model (DDPM UNet; autoencoder + discriminator + perceptual network; LDM UNet
 on latents with the frozen autoencoder) is what ``torch.cuda.max_memory_allocated`` reports
-during training. It is simulated op by op on the CPU (planning/cuda_sim.py: two training steps
-on fake tensors with CUDA's autocast policy, activation checkpointing, AdamW, EMA) at
-micro-batch 1 and 2. Both runs make the same allocations in the same order, each of a fixed
-size or one proportional to the micro-batch, so the live bytes after every allocation, and
-their peak, follow exactly for any micro-batch from those two runs. ``CUDA_OVERHEAD`` covers what the simulation cannot
-see (cuDNN workspaces), calibrated on an H100 (tests/test_memory.py checks six measured runs).
+during training. It is simulated op by op on the CPU (planning/cuda_sim.py: a training step
+on fake tensors with CUDA's autocast policy, activation checkpointing, AdamW, EMA). A step at
+micro-batch 2 and one at 3 make the same allocations in the same order, each of a fixed size or one
+proportional to the micro-batch, so the live bytes after every allocation, and their peak, follow
+for any micro-batch >= 2 from those two runs (micro-batch 1 is simulated as it is: with a batch
+dimension of size 1 some backward ops allocate differently). Each result is kept in this process
+and on disk (planning/sim_cache.py), keyed by everything that decides it, so the fitter's smaller
+micro-batches, `medimgen memory` and `plan --explain` of an unchanged config simulate nothing.
+``CUDA_OVERHEAD`` covers what the simulation cannot see (cuDNN workspaces), calibrated on an H100 (tests/test_memory.py checks six measured runs).
 
 The fitter keeps the planned effective batch and applies, in order of cost: AMP, activation
 checkpointing, smaller micro-batches with gradient accumulation, no EMA copy (DDPM/LDM), and
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -80,16 +84,11 @@ def estimate(cfg: GenerationConfig, model: str) -> Estimate:
     """Predicted peak CUDA memory (torch.cuda.max_memory_allocated) of training ``model`` for ``cfg``."""
     train = cfg.train_for(model)
     batch = train.batch_size
-    one, two = (_simulated(cfg, model, b) for b in (1, 2))
-    if len(one.trace) == len(two.trace):  # the same allocations, each of a fixed size or one linear in the batch
-        a, b = np.asarray(one.trace, dtype=np.float64), np.asarray(two.trace, dtype=np.float64)
-        simulated = float((a + (batch - 1) * (b - a)).max())
-    else:  # pragma: no cover - a network whose ops depend on the batch size
-        simulated = _simulated(cfg, model, batch).peak_bytes
-    peak = simulated * CUDA_OVERHEAD
+    profile = _profile(cfg, model, batch)
+    peak = profile.peak_bytes(batch) * CUDA_OVERHEAD
     ckpt = _network(cfg, model).activation_checkpointing
-    return Estimate(model, one.params, one.static_bytes, peak - one.static_bytes, peak, _amp_on(train), ckpt,
-                    batch, train.grad_accumulation_steps)
+    return Estimate(model, profile.params, profile.static_bytes, peak - profile.static_bytes, peak, _amp_on(train),
+                    ckpt, batch, train.grad_accumulation_steps)
 
 
 def fits(e: Estimate, target_bytes: float, ratio: float = 1.0) -> bool:
@@ -102,11 +101,48 @@ def usable_bytes(target_bytes: float) -> float:
     return target_bytes * USABLE - CONTEXT_BYTES
 
 
-def _simulated(cfg: GenerationConfig, model: str, batch: int):
-    """The simulation at micro-batch ``batch``, cached on what changes memory (not epochs, rates, ...)."""
+@dataclass(frozen=True)
+class _Profile:
+    """A model's simulated step reduced to what decides its peak: the live bytes after allocation i at micro-batch
+    ``batch`` are a_i + (batch - origin) * d_i (see the module doc), and ``lines`` keeps the (a_i, d_i) on the
+    upper envelope of those lines for batch >= origin, so their maximum is the full trace's, exactly. A step
+    simulated at one micro-batch alone is one line of slope 0 (valid at that micro-batch only)."""
+    lines: tuple[tuple[int, int], ...] | None
+    origin: int
+    static_bytes: int
+    params: int
+
+    def peak_bytes(self, batch: int) -> float:
+        a, d = (np.asarray(v, dtype=np.float64) for v in zip(*self.lines))
+        return float((a + (batch - self.origin) * d).max())
+
+
+def envelope(one: Sequence[int], two: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """The lines (a, d) of ``a = one[i], d = two[i] - one[i]`` that reach the maximum of a + x * d for some x >= 0."""
+    best: dict[int, int] = {}
+    for a, b in zip(one, two):
+        d = b - a
+        if a > best.get(d, -1):
+            best[d] = a
+    hull: list[tuple[int, int]] = []  # increasing slopes; integer arithmetic, so nothing is lost to rounding
+    for d3, a3 in sorted(best.items()):
+        while len(hull) >= 2:
+            (a1, d1), (a2, d2) = hull[-2], hull[-1]
+            if (a1 - a3) * (d2 - d1) <= (a1 - a2) * (d3 - d1):  # line 2 is never above both neighbours
+                hull.pop()
+            else:
+                break
+        hull.append((a3, d3))
+    while len(hull) >= 2 and hull[1][0] >= hull[0][0]:  # the first line leads only at x < 0
+        hull.pop(0)
+    return tuple(hull)
+
+
+def _sim_key(cfg: GenerationConfig, model: str):
+    """Everything that decides a simulated step (not epochs, rates, ...), and the config it is simulated with."""
     train = cfg.train_for(model)
     key_train = TrainConfig(
-        epochs=1, batch_size=batch, grad_accumulation_steps=min(2, max(1, train.grad_accumulation_steps)),
+        epochs=1, batch_size=1, grad_accumulation_steps=min(2, max(1, train.grad_accumulation_steps)),
         amp="off" if train.amp == "off" else "auto", ema_decay=0.999 if train.ema_decay and not kind(model).encoder
         else None, grad_clip=1.0 if train.grad_clip else None, weight_decay=0.01 if train.weight_decay else 0.0)
     nets = (cfg.autoencoder, cfg.discriminator, cfg.losses) if kind(model).encoder else (
@@ -115,17 +151,74 @@ def _simulated(cfg: GenerationConfig, model: str, batch: int):
     from medimgen.models import networks
     from medimgen.models.labels import autoencoder_out_channels, network_channels
 
-    key = (model, cfg.data.spatial_dims, network_channels(cfg), autoencoder_out_channels(cfg), tuple(cfg.data.image_size),
-           nets, key_train,
-           networks.FLASH_ATTENTION)
-    if key not in _simulations:
-        from medimgen.planning.cuda_sim import simulate
-
-        _simulations[key] = simulate(dataclasses.replace(cfg, **{kind(model).train_section: key_train}), model)
-    return _simulations[key]
+    key = (model, cfg.data.spatial_dims, cfg.data.in_channels, network_channels(cfg), autoencoder_out_channels(cfg),
+           tuple(cfg.data.image_size), nets, key_train, networks.FLASH_ATTENTION)
+    return key, dataclasses.replace(cfg, **{kind(model).train_section: key_train})
 
 
-_simulations: dict = {}  # a few bytes each; planning and tuning ask for the same configs many times
+def _profile(cfg: GenerationConfig, model: str, batch: int) -> _Profile:
+    """What decides ``model``'s peak at micro-batch ``batch``: from this process, else from the disk cache, else
+    simulated. Micro-batch 1 and 2 are simulated as they are (at 1 some backward ops allocate differently:
+    a size-1 batch dimension makes more tensors contiguous); any larger one is extrapolated from the pair 2 and 3,
+    which every micro-batch >= 2 shares (so the fitter's smaller micro-batches cost nothing)."""
+    base, sim_cfg = _sim_key(cfg, model)
+    if batch <= 2:
+        profile = _cached((base, "at", batch), lambda: _single(sim_cfg, model, batch))
+    else:
+        profile = _cached((base, "from", 2), lambda: _pair(sim_cfg, model))
+    if profile.lines is None:  # pragma: no cover - the pair allocated differently: simulate this micro-batch
+        profile = _cached((base, "at", batch), lambda: _single(sim_cfg, model, batch))
+    return profile
+
+
+def _at(cfg: GenerationConfig, model: str, batch: int) -> GenerationConfig:
+    return dataclasses.replace(cfg, **{kind(model).train_section: dataclasses.replace(cfg.train_for(model),
+                                                                               batch_size=batch)})
+
+
+def _single(sim_cfg: GenerationConfig, model: str, batch: int) -> _Profile:
+    from medimgen.planning.cuda_sim import simulate
+
+    sim = simulate(_at(sim_cfg, model, batch), model)
+    return _Profile(((sim.peak_bytes, 0),), batch, sim.static_bytes, sim.params)
+
+
+def _pair(sim_cfg: GenerationConfig, model: str) -> _Profile:
+    from medimgen.planning.cuda_sim import simulate
+
+    two, three = (simulate(_at(sim_cfg, model, b), model) for b in (2, 3))
+    lines = envelope(two.trace, three.trace) if len(two.trace) == len(three.trace) else None
+    return _Profile(lines, 2, two.static_bytes, two.params)
+
+
+def _cached(key, compute) -> _Profile:
+    """``compute()`` once per key: kept in this process and on disk (planning/sim_cache.py)."""
+    if key in _profiles:
+        return _profiles[key]
+    from medimgen.planning import sim_cache
+
+    stored = sim_cache.load(key)
+    profile = _profile_from(stored) if stored is not None else None
+    if profile is None:
+        profile = compute()
+        sim_cache.store(key, dataclasses.asdict(profile))
+    _profiles[key] = profile
+    return profile
+
+
+def _profile_from(stored: dict) -> _Profile | None:
+    """A stored profile, or None when it is not one (a damaged or foreign file)."""
+    try:
+        lines = stored["lines"]
+        lines = None if lines is None else tuple((int(a), int(d)) for a, d in lines)
+        if lines is not None and not lines:
+            return None
+        return _Profile(lines, int(stored["origin"]), int(stored["static_bytes"]), int(stored["params"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+_profiles: dict = {}  # a few hundred bytes each; planning and tuning ask for the same configs many times
 
 
 # ------------------------------------------------------------------------------------ fitting
