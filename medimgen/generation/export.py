@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from medimgen.core.atomic import atomic_path
+from medimgen.core.names import check_name
 from medimgen.core.devices import resolve_device
 from medimgen.core.errors import MedimgenError
 from medimgen.nnunet.importer import foreground_mask
@@ -79,6 +80,16 @@ def _copy_real(folder: Path, cases: list[str], channels: int, out: Path) -> None
         shutil.copy2(folder / "labelsTr" / f"{case}.nii.gz", out / "labelsTr" / f"{case}.nii.gz")
 
 
+def _is_3d(src: str) -> bool:
+    """Whether the raw cases of dataset ``src`` are 3D (nnU-Net plans a 3d_fullres configuration for them)."""
+    from medimgen.nnunet.plans import DatasetPlans
+
+    try:
+        return "3d_fullres" in DatasetPlans.from_id(src).manager.available_configurations
+    except MedimgenError:
+        return False
+
+
 def mixed_splits(real: list[str], synthetic: list[str], seed: int = 12345) -> list[dict[str, list[str]]]:
     """nnU-Net's folds (its KFold split, up to 5 folds) over the real cases; the synthetic cases join the training
     side of every fold and are never validated on."""
@@ -99,6 +110,8 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
 
     from medimgen.core.paths import dataset_name_from_id, nnunet_preprocessed, nnunet_raw
 
+    if name is not None:
+        check_name(name, "--name")
     src = dataset_name_from_id(dataset_id) if dataset_id is not None else None
     default_name = (src.split("_", 1)[1] if src else "Medimgen") + ("Mixed" if mix_real else "Synth")
     out = nnunet_raw() / f"Dataset{int(target_id):03d}_{name or default_name}"
@@ -121,6 +134,10 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
     if mix_real and not sampler.generates_labels and labels is None:
         raise MedimgenError(f"--mix-real needs a model that generates labels ({sampler.source} is image-only: its "
                             f"labels would be foreground masks next to real labels); plan with data.generate_labels=true")
+    if mix_real and sampler.cfg.data.spatial_dims == 2 and _is_3d(src):
+        raise MedimgenError(f"--mix-real with a 2D model of {src}, whose cases are 3D: single-slice synthetic cases "
+                            f"would sit beside 3D real ones (nnU-Net would plan 3d_fullres on them); use its 3d model, "
+                            f"or export without --mix-real for a 2D dataset")
     sched, n_steps = sampler.schedule(options.scheduler, options.steps)
     if labels is None:
         images, labels = sampler.sample_pairs(num_images, options.seed, sched, n_steps, options.batch_size, options.amp,

@@ -31,7 +31,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medimgen.core.atomic import publish_folder
 from medimgen.core.errors import MedimgenError
+from medimgen.core.names import check_name
 from medimgen.models.labels import GENERATED_MASK_KEY
 
 _NII = re.compile(r"^(?P<stem>.+)\.nii(?:\.gz)?$")
@@ -168,6 +170,7 @@ def _save(array: np.ndarray, ref: nib.Nifti1Image, path: Path) -> None:
 class Imported:
     folder: Path
     grouping: str  # how the source files were grouped into cases and channels
+    backup: Path | None = None  # the replaced dataset (--force), kept
 
 
 def import_dataset(
@@ -188,8 +191,7 @@ def import_dataset(
     source = Path(source)
     if not source.is_dir():
         raise MedimgenError(f"{source} is not a folder")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
-        raise MedimgenError(f"--name {name!r}: use letters, digits, '_' and '-' only")
+    check_name(name, "--name")
     if not 1 <= int(dataset_id) <= 999:
         raise MedimgenError(f"dataset id {dataset_id}: nnU-Net dataset ids are 1..999")
     msd_json = source / "dataset.json"
@@ -213,8 +215,9 @@ def import_dataset(
         raise MedimgenError(f"{len(names)} channel names given for {n_channels} channels ({grouping})")
 
     out = Path(nnunet_raw) / f"Dataset{int(dataset_id):03d}_{name}"
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MedimgenError(f"{out} already exists: choose another dataset id or pass --overwrite")
+    if out.exists() and not overwrite:
+        raise MedimgenError(f"{out} already exists: choose another dataset id or pass --force (the existing "
+                            f"dataset is kept as a backup)")
     same_id = [d.name for d in Path(nnunet_raw).glob(f"Dataset{int(dataset_id):03d}_*") if d.name != out.name]
     if same_id:
         raise MedimgenError(f"dataset id {dataset_id} is taken by {Path(nnunet_raw) / same_id[0]}: choose another id")
@@ -231,11 +234,11 @@ def import_dataset(
                         + (f"; {made_masks} foreground masks generated" if made_masks else ""),
             # the planner must not take generated body masks for real labels (medimgen.models.labels.real_labels)
             **({GENERATED_MASK_KEY: True} if made_masks else {}))
-        _replace(tmp, out)
+        backup = publish_folder(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Imported(out, grouping)
+    return Imported(out, grouping, backup)
 
 
 def _write_cases(cases: dict[str, list[Path]], out: Path, label_dir: Path | None, progress: bool) -> int:
@@ -267,15 +270,3 @@ def _write_cases(cases: dict[str, list[Path]], out: Path, label_dir: Path | None
     return made_masks
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an existing ``out`` (--overwrite) is removed only afterwards."""
-    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

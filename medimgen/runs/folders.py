@@ -21,6 +21,7 @@ working. Nothing here is ever unpickled.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -51,9 +52,11 @@ class RunDir:
     @classmethod
     def standard(cls, dataset: str, model: str, dim: str, split: str) -> "RunDir":
         """The dataset's run of ``model`` for ``dim`` and ``split`` under $medimgen_results."""
+        from medimgen.core.names import inside
         from medimgen.core.paths import medimgen_results
 
-        return cls(medimgen_results() / dataset / model / dim / split)
+        root = medimgen_results()
+        return cls(inside(root / dataset / model / dim / split, root, f"the run folder of {dataset}"))
 
     @property
     def checkpoints(self) -> Path:
@@ -107,10 +110,13 @@ class RunDir:
     def dataset(self, plans_identifier: str) -> str:
         """The dataset's name, from the run's copy of the nnU-Net plans it was trained on (else the standard
         layout's folder name)."""
+        from medimgen.core.names import check_dataset_name
+
         try:
-            return str(json.loads((self.root / f"{plans_identifier}.json").read_text())["dataset_name"])
+            name = str(json.loads((self.root / f"{plans_identifier}.json").read_text())["dataset_name"])
         except (OSError, ValueError, KeyError, TypeError):
             return self.root.parents[2].name
+        return check_dataset_name(name, f"dataset_name in {self.root / f'{plans_identifier}.json'}")
 
     def make(self) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -143,9 +149,45 @@ def find_run(ref: ModelRef) -> RunDir:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+def check_config_unchanged(state: dict, cfg: GenerationConfig, config_file: Path, checkpoint: Path) -> None:
+    """Refuse a run whose config.yaml was edited after training where the weights depend on it (the checkpoint
+    keeps the config it trained with), naming the first key that changed."""
+    from medimgen.config.io import from_dict, model_keys_changed, parse_yaml
+
+    text = state.get("config")
+    if not isinstance(text, str):
+        return  # a checkpoint from before configs were kept in it
+    try:
+        trained = from_dict(GenerationConfig, parse_yaml(text, str(checkpoint)))
+    except MedimgenError:
+        return  # an older schema: nothing to compare with
+    changed = model_keys_changed(trained, cfg)
+    if changed:
+        from medimgen.config.io import flatten
+        from medimgen.core.names import short_repr
+
+        key = changed[0]
+        raise MedimgenError(f"{config_file} was edited after training: '{key}' is "
+                            f"{short_repr(flatten(cfg).get(key))}, the weights in {checkpoint.name} were trained "
+                            f"with {short_repr(flatten(trained).get(key))}"
+                            + (f" (and {len(changed) - 1} more key(s))" if len(changed) > 1 else "")
+                            + ": restore the value, or train again")
+
+
 def write_checkpoint(state: dict, path: Path) -> None:
+    """Atomic: a failed write (a full disk: torch's C++ writer raises RuntimeError) keeps the previous file."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's writer reports ENOSPC as 'basic_ios::clear' or 'file write failed'
+            raise OSError(errno.ENOSPC if _nearly_full(tmp) else errno.EIO, str(e).splitlines()[0][:200]) from None
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent).free < 64 * 2**20
+    except OSError:
+        return False
 
 
 def read_checkpoint(path: Path, mmap: bool = False) -> dict:
@@ -255,6 +297,7 @@ class TrainedModel:
         state = read_checkpoint(path)
         kind = state["model"]
         cfg = load_generation_config(run.config)
+        check_config_unchanged(state, cfg, run.config, path)
         if kind == "controlnet":
             return cls._controlnet_from_run(run, path, state, cfg)
         unet, ae = _networks(kind, cfg)
@@ -329,12 +372,21 @@ class TrainedModel:
         if kind not in MODELS:
             raise MedimgenError(f"{folder / META}: unknown model kind {kind!r}")
         cfg = load_generation_config(folder / CONFIG)
-        tensors = load_file(str(folder / WEIGHTS))
+        try:
+            tensors = load_file(str(folder / WEIGHTS))
+        except Exception as e:  # safetensors' SafetensorError (an edited or truncated header), OSError
+            raise MedimgenError(f"cannot read the weights {folder / WEIGHTS} ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:160]})") from None
         unet, ae = _networks(kind, cfg)
         controlnet = build_controlnet(cfg) if kind == "controlnet" else None
         for prefix, net in (("unet", unet), ("autoencoder", ae), ("controlnet", controlnet)):
             if net is not None:
-                net.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+                try:
+                    net.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items()
+                                         if k.startswith(prefix + ".")})
+                except RuntimeError as e:
+                    raise MedimgenError(f"{folder / WEIGHTS} does not fit the networks of {folder / CONFIG} "
+                                        f"({' '.join(str(e).split())[:160]})") from None
         return cls(kind, cfg, _eval(unet), _eval(ae), scale, geometry, str(meta.get("dataset", "")),
                    source or meta.get("source", str(folder)), controlnet=_eval(controlnet),
                    base_kind=meta.get("base_kind") or (cfg.controlnet_base() if kind == "controlnet" else None))
@@ -364,7 +416,23 @@ class TrainedModel:
                                 f"got {ref.model!r}")
         if model.kind not in kinds:
             raise MedimgenError(f"{model.source} is a {model.kind} model; this needs {' or '.join(kinds)}")
+        _check_request(ref, model)
         return model
+
+
+def _check_request(ref: ModelRef, model: "TrainedModel") -> None:
+    """A DATASET_ID (and, where the command takes one, a MODEL_TYPE) that contradicts the model named by a run
+    folder or URI is refused, not ignored."""
+    import re
+
+    if ref.dataset_id is not None and re.fullmatch(r"Dataset\d{3}_.*", model.dataset or ""):
+        text = str(ref.dataset_id)
+        wanted = int(text) if text.isdigit() else int(text[7:10]) if re.fullmatch(r"Dataset\d{3}_.*", text) else None
+        if wanted is not None and wanted != int(model.dataset[7:10]):
+            raise MedimgenError(f"DATASET_ID {text} contradicts the model: {model.source} was trained on "
+                                f"{model.dataset}; give {int(model.dataset[7:10])} or another model")
+    if ref.dim_given and ref.dim != model.dim:
+        raise MedimgenError(f"MODEL_TYPE {ref.dim} contradicts the model: {model.source} is a {model.dim} model")
 
 
 def _eval(net: torch.nn.Module | None):
