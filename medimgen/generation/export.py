@@ -27,7 +27,7 @@ from medimgen.core.errors import MedimgenError
 from medimgen.nnunet.importer import foreground_mask
 from medimgen.models.labels import GENERATED_MASK_KEY
 from medimgen.core.requests import LabelRequest, ModelRef, SampleOptions
-from medimgen.generation.sampler import conditioned_pairs, resolve_controlnet, resolve_sampler, save_samples
+from medimgen.generation.sampler import conditioned_triples, resolve_controlnet, resolve_sampler, save_samples
 
 SYNTH_PREFIX = "synth"
 FOLDS = 5
@@ -120,14 +120,16 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
         taken += [p for p in nnunet_preprocessed().glob(f"Dataset{int(target_id):03d}_*")]
     if taken:
         raise MedimgenError(f"dataset id {int(target_id):03d} is taken ({taken[0]}): choose another target id")
-    real_folder, real_cases, src_json = None, [], {}
+    real_folder, real_cases, src_json, followed = None, [], {}, None
     if mix_real:
         real_folder, src_json = _source_raw(src)
         real_cases = _real_cases(real_folder, src_json)
     if labels is not None:
         sampler = resolve_controlnet(ref, options)
-        images, labels = conditioned_pairs(sampler, dataclasses.replace(labels, limit=labels.limit or num_images),
-                                           ref, options)
+        request = labels
+        images, labels, followed = conditioned_triples(sampler, dataclasses.replace(request, limit=request.limit or
+                                                                                      num_images), ref, options)
+        followed = [f"{request.source}:{n}" for n in followed]
         num_images = len(images)
     else:
         sampler = resolve_sampler(ref).to(resolve_device(options.device))
@@ -147,7 +149,7 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
     try:
         files = save_samples(images, sampler, out / "imagesTr", options, sched, n_steps, prefix=SYNTH_PREFIX,
                              channel_suffix=True, sidecar_dir=out / "provenance", labels=labels,
-                             label_dir=out / "labelsTr")
+                             label_dir=out / "labelsTr", label_sources=followed)
         synthetic = [f.name[:-len("_0000.nii.gz")] for f in files if f.name.endswith("_0000.nii.gz")]
         extra: dict = {}
         if labels is None:

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from medimgen.core.atomic import atomic_path
+from medimgen.core.atomic import atomic_path, write_bytes_atomic
 from medimgen.config.schema import SAMPLING_MODELS, GenerationConfig
 from medimgen.data.intensity import IntensityMap
 from medimgen.core.devices import amp_dtype, autocast, resolve_device
@@ -208,6 +208,12 @@ def write_nifti(volume: np.ndarray, path: Path, geometry: Geometry, spacing: Seq
     return path
 
 
+def _amp_used(amp: bool, device: torch.device) -> str | bool:
+    """What mixed precision sampling really ran with: 'bf16'/'fp16' on a GPU, False otherwise."""
+    dtype = amp_dtype("auto" if amp else "off", device)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, False)
+
+
 def _free_stem(folder: Path, prefix: str, index: int) -> tuple[str, int]:
     while any(folder.glob(f"{prefix}_{index:04d}*.nii.gz")):
         index += 1
@@ -217,7 +223,7 @@ def _free_stem(folder: Path, prefix: str, index: int) -> tuple[str, int]:
 def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, options: SampleOptions, scheduler: str,
                  steps: int, prefix: str = "sample", channel_suffix: bool = False,
                  sidecar_dir: Path | None = None, labels: np.ndarray | None = None,
-                 label_dir: Path | None = None) -> list[Path]:
+                 label_dir: Path | None = None, label_sources: list[str] | None = None) -> list[Path]:
     """Write every sample (all channels) as NIfTI + a JSON sidecar saying how it was made; never overwrite files.
 
     ``labels``: (N, *image_size) uint8 label maps generated with the samples, written with the same crop,
@@ -225,7 +231,9 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, opt
     ``<stem>_label.nii.gz`` beside the image, or ``<stem>.nii.gz`` in ``label_dir`` (nnU-Net's labelsTr); the
     sidecar names both. ``options.crop``: cut each (N, C, *image_size) sample back to the data it pads
     (``data.data_size``); without it the padded model size is written, its origin moved so that the data region
-    stays in place. ``options.resample``: to the dataset's original median spacing. Returns the image files."""
+    stays in place. ``options.resample``: to the dataset's original median spacing. ``label_sources``: the label
+    map each sample followed (a ControlNet's --labels), recorded in its sidecar. The sidecar records the device and
+    the mixed precision really used (none on a CPU). Returns the image files."""
     crop, resample = options.crop, options.resample
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +261,8 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, opt
             name = f"{stem}_{c:04d}.nii.gz" if channel_suffix or sample.shape[0] > 1 else f"{stem}.nii.gz"
             files.append(write_nifti(sample[c], out_dir / name, sampler.geometry, spacing, shift=shift))
         sidecar = {"model": sampler.source, "kind": sampler.kind, "dataset": sampler.dataset, "seed": options.seed,
-                   "index": i, "scheduler": scheduler, "steps": steps, "amp": options.amp,
+                   "index": i, "scheduler": scheduler, "steps": steps, "device": str(sampler.device),
+                   "amp_requested": options.amp, "amp": _amp_used(options.amp, sampler.device),
                    "spacing": list(spacing), "resampled_to_original_spacing": resample,
                    "cropped_to_data_size": data_crop(sampler.cfg) is not None and crop,
                    "channels": list(sampler.cfg.data.channel_names), "files": [f.name for f in files]}
@@ -262,7 +271,9 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, opt
             write_nifti(label[0], label_file, sampler.geometry, spacing, dtype=np.uint8, shift=shift)
             sidecar.update({"label_file": f"{label_file.parent.name}/{label_file.name}" if label_dir is not None
                             else label_file.name, "labels": {"background": 0, **label_names}})
-        (sidecar_dir / f"{stem}.json").write_text(json.dumps(sidecar, indent=2))
+        if label_sources is not None and i < len(label_sources):
+            sidecar["label_map_followed"] = label_sources[i]
+        write_bytes_atomic(sidecar_dir / f"{stem}.json", json.dumps(sidecar, indent=2).encode())
         written += files
         index += 1
     return written
@@ -318,10 +329,11 @@ def sample_for_labels(save_path: Path | str, request: LabelRequest, ref: ModelRe
     controlnet run), written as ``sample_NNNN.nii.gz`` + the map it was conditioned on, ``sample_NNNN_label.nii.gz``
     (or into ``label_dir``), cropped, resampled and placed exactly as the image. Returns the image files."""
     sampler = resolve_controlnet(ref, options)
-    images, labels = conditioned_pairs(sampler, request, ref, options)
+    images, labels, followed = conditioned_triples(sampler, request, ref, options)
     name, n_steps = sampler.schedule(options.scheduler, options.steps)
     return save_samples(images, sampler, save_path, options, name, n_steps, prefix=prefix,
-                        channel_suffix=channel_suffix, sidecar_dir=sidecar_dir, labels=labels, label_dir=label_dir)
+                        channel_suffix=channel_suffix, sidecar_dir=sidecar_dir, labels=labels, label_dir=label_dir,
+                        label_sources=[f"{request.source}:{n}" for n in followed])
 
 
 def resolve_controlnet(ref: ModelRef, options: SampleOptions = SampleOptions()) -> Sampler:
@@ -339,8 +351,15 @@ def conditioned_pairs(sampler: Sampler, request: LabelRequest, ref: ModelRef,
                       options: SampleOptions = SampleOptions()) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, C, *image_size) in the dataset's units, the label maps they were conditioned on (N, *image_size)
     uint8) for the maps ``request`` names."""
+    images, maps, _ = conditioned_triples(sampler, request, ref, options)
+    return images, maps
+
+
+def conditioned_triples(sampler: Sampler, request: LabelRequest, ref: ModelRef,
+                        options: SampleOptions = SampleOptions()) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """:func:`conditioned_pairs` and, for each, the label map it followed (a file or case name, for sidecars)."""
     maps = label_maps(sampler, request, ref)
     name, n_steps = sampler.schedule(options.scheduler, options.steps)
     images = sampler.sample_conditioned(maps.maps, options.seed, name, n_steps, options.batch_size, options.amp,
                                         options.progress, options.tiled_decoding)
-    return images, maps.maps[:, 0].numpy().astype(np.uint8)
+    return images, maps.maps[:, 0].numpy().astype(np.uint8), list(maps.names)

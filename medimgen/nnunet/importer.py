@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from medimgen.core.atomic import publish_folder
 from medimgen.core.errors import MedimgenError
-from medimgen.core.names import check_name
+from medimgen.core.names import check_name, short_repr
 from medimgen.models.labels import GENERATED_MASK_KEY
 
 _NII = re.compile(r"^(?P<stem>.+)\.nii(?:\.gz)?$")
@@ -224,7 +224,7 @@ def import_dataset(
     tmp = out.with_name(f".{out.name}.importing-{os.getpid()}")  # hidden: nnU-Net never sees it as a dataset
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        made_masks = _write_cases(cases, tmp, label_dir, progress)
+        made_masks = _write_cases(cases, tmp, label_dir, progress, {int(v) for v in label_names.values()})
         from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
         generate_dataset_json(
@@ -241,7 +241,31 @@ def import_dataset(
     return Imported(out, grouping, backup)
 
 
-def _write_cases(cases: dict[str, list[Path]], out: Path, label_dir: Path | None, progress: bool) -> int:
+def _checked_image(arr: np.ndarray, path: Path) -> np.ndarray:
+    arr = np.asarray(arr, dtype=np.float32)
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise MedimgenError(f"{path} has {bad} NaN or infinite voxel(s): nnU-Net's statistics and training need "
+                            f"finite values; fix or mask them first")
+    return arr
+
+
+def _checked_label(seg: np.ndarray, path: Path, shape: tuple[int, ...], values: set[int]) -> np.ndarray:
+    """A label map of the image's shape whose values are labels of dataset.json, as uint8."""
+    seg = np.asarray(seg)
+    if seg.shape != shape:
+        raise MedimgenError(f"label {path} has shape {seg.shape} but its image has {shape}: a label map must match "
+                            f"its image voxel for voxel")
+    found = np.unique(seg)
+    bad = [v for v in found.tolist() if not (np.isfinite(v) and float(v) == int(v) and int(v) in values)]
+    if bad:
+        raise MedimgenError(f"label {path} has value(s) {short_repr(bad)} that are not labels of the dataset "
+                            f"(dataset.json: {sorted(values)}; labels are the integers 0..N)")
+    return seg.astype(np.uint8)
+
+
+def _write_cases(cases: dict[str, list[Path]], out: Path, label_dir: Path | None, progress: bool,
+                 label_values: set[int] = frozenset({0, 1})) -> int:
     """imagesTr/labelsTr of every case under ``out``; the number of generated foreground masks."""
     from tqdm import tqdm
 
@@ -252,14 +276,14 @@ def _write_cases(cases: dict[str, list[Path]], out: Path, label_dir: Path | None
     for case, paths in tqdm(sorted(cases.items()), desc="importing", disable=not progress):
         chans, ref = _channels(paths)
         for c, arr in enumerate(chans):
-            _save(np.asarray(arr, dtype=np.float32), ref, out / "imagesTr" / f"{case}_{c:04d}.nii.gz")
+            _save(_checked_image(arr, paths[min(c, len(paths) - 1)]), ref, out / "imagesTr" / f"{case}_{c:04d}.nii.gz")
         if label_dir is not None:
             found = [p for p in (label_dir / f"{case}.nii.gz", label_dir / f"{case}.nii") if p.is_file()]
             if not found:
                 raise MedimgenError(f"no label for case {case} in {label_dir} (expected {case}.nii.gz)")
-            seg = np.asarray(_load(found[0]).dataobj)
+            seg = _checked_label(_load(found[0]).dataobj, found[0], np.shape(chans[0]), label_values)
             any_foreground = any_foreground or bool(np.any(seg > 0))
-            _save(np.asarray(seg, dtype=np.uint8), ref, out / "labelsTr" / f"{case}.nii.gz")
+            _save(seg, ref, out / "labelsTr" / f"{case}.nii.gz")
         else:
             mask = foreground_mask(np.asarray(chans[0], dtype=np.float32)).astype(np.uint8)
             made_masks += 1
