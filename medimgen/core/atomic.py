@@ -30,6 +30,19 @@ def file_mode() -> int:
     return 0o666 & ~umask()
 
 
+def write_failure(e: Exception, path: Path | str) -> OSError:
+    """An OSError for a writer's non-OSError failure (torch's C++ writer, SimpleITK raise RuntimeError): ENOSPC
+    where the disk is (nearly) full, so that :func:`disk_error` names the folder and its free space."""
+    import shutil
+
+    try:
+        full = shutil.disk_usage(Path(path).parent).free < 64 * 2**20
+    except OSError:
+        full = False
+    text = str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__
+    return OSError(errno.ENOSPC if full else errno.EIO, text, str(path))
+
+
 def disk_error(e: OSError, path: Path | str) -> MedimgenError:
     """One line for a write that failed: the folder, and for a full disk the space there was."""
     import shutil
@@ -119,3 +132,19 @@ def publish_folder(tmp: Path, out: Path, force: bool, option: str = "--force") -
             backup.rename(out)
         raise
     return backup
+
+
+def check_output_folder(folder: Path | str, what: str = "output folder") -> Path:
+    """Refuse, before any long work, an output folder that cannot be made or written: its nearest existing
+    ancestor must be a writable folder (nothing is created here)."""
+    folder = Path(folder)
+    probe = folder.absolute()
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise MedimgenError(f"{what} {folder}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK) or str(probe.resolve()).startswith(("/proc", "/sys")):
+        raise MedimgenError(f"{what} {folder} cannot be created or written ({probe} is not writable)")
+    return folder

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from medimgen.core.atomic import atomic_path, write_bytes_atomic
+from medimgen.core.atomic import atomic_path, check_output_folder, write_bytes_atomic, write_failure
 from medimgen.config.schema import SAMPLING_MODELS, GenerationConfig
 from medimgen.data.intensity import IntensityMap
-from medimgen.core.devices import amp_dtype, autocast, resolve_device
+from medimgen.core.devices import amp_dtype, autocast, check_host_memory, resolve_device
 from medimgen.models.decoding import decoder
 from medimgen.models.diffusion import generate, sampler_name
 from medimgen.core.errors import MedimgenError
@@ -204,7 +205,10 @@ def write_nifti(volume: np.ndarray, path: Path, geometry: Geometry, spacing: Seq
         image.SetDirection(direction)
         image.SetOrigin(origin)
     with atomic_path(path, suffix=".nii.gz") as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+        except RuntimeError as e:  # SimpleITK reports a full disk or an unwritable file as RuntimeError
+            raise write_failure(e, path) from None
     return path
 
 
@@ -286,7 +290,10 @@ def sample_to_folder(save_path: Path | str, num_images: int, ref: ModelRef, opti
     label maps as ``<stem>_label.nii.gz``) into ``save_path``. Returns the image files. ``echo``: gets the
     predicted GPU memory of sampling (and an LDM's tiled decoding) before sampling starts, on a GPU (or with
     ``options.tiled_decoding``)."""
+    check_output_folder(save_path, "SAVE_PATH")
     sampler = resolve_sampler(ref).to(resolve_device(options.device))
+    check_host_memory(2 * num_images * sampler.cfg.data.in_channels * math.prod(sampler.cfg.data.image_size) * 4,
+                      f"{num_images} samples")
     name, n_steps = sampler.schedule(options.scheduler, options.steps)
     if echo is not None and (sampler.device.type == "cuda" or options.tiled_decoding):  # GPU memory: on a GPU
         echo(sampler.memory(min(num_images, options.batch_size or num_images), options.amp,
@@ -328,6 +335,7 @@ def sample_for_labels(save_path: Path | str, request: LabelRequest, ref: ModelRe
     """One image per label map (``request``) from the ControlNet ``ref`` names (``auto``: the dataset's
     controlnet run), written as ``sample_NNNN.nii.gz`` + the map it was conditioned on, ``sample_NNNN_label.nii.gz``
     (or into ``label_dir``), cropped, resampled and placed exactly as the image. Returns the image files."""
+    check_output_folder(save_path, "SAVE_PATH")
     sampler = resolve_controlnet(ref, options)
     images, labels, followed = conditioned_triples(sampler, request, ref, options)
     name, n_steps = sampler.schedule(options.scheduler, options.steps)

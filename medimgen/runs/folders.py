@@ -21,7 +21,6 @@ working. Nothing here is ever unpickled.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from medimgen.core.atomic import atomic_path
+from medimgen.core.atomic import atomic_path, write_failure
 from medimgen.config import load_generation_config, save_generation_config
 from medimgen.config.schema import DIFFUSION_MODELS, MODELS, SAMPLING_MODELS, GenerationConfig
 from medimgen.core.errors import MedimgenError
@@ -119,8 +118,12 @@ class RunDir:
         return check_dataset_name(name, f"dataset_name in {self.root / f'{plans_identifier}.json'}")
 
     def make(self) -> None:
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.plots.mkdir(parents=True, exist_ok=True)
+        """The run's folders; a checkpoints/ or plots/ that leads outside the run (a symlink) is refused."""
+        from medimgen.core.names import inside
+
+        for sub in (self.checkpoints, self.plots):
+            inside(sub, self.root, "run folder")
+            sub.mkdir(parents=True, exist_ok=True)
 
     def copy_nnunet_files(self, dataset_folder: Path, plans_identifier: str) -> None:
         for name in (f"{plans_identifier}.json", "dataset.json"):
@@ -180,14 +183,7 @@ def write_checkpoint(state: dict, path: Path) -> None:
         try:
             torch.save(state, tmp)
         except RuntimeError as e:  # torch's writer reports ENOSPC as 'basic_ios::clear' or 'file write failed'
-            raise OSError(errno.ENOSPC if _nearly_full(tmp) else errno.EIO, str(e).splitlines()[0][:200]) from None
-
-
-def _nearly_full(path: Path) -> bool:
-    try:
-        return shutil.disk_usage(path.parent).free < 64 * 2**20
-    except OSError:
-        return False
+            raise write_failure(e, path) from None
 
 
 def read_checkpoint(path: Path, mmap: bool = False) -> dict:
