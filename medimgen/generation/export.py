@@ -133,13 +133,13 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
         num_images = len(images)
     else:
         sampler = resolve_sampler(ref).to(resolve_device(options.device))
-    if mix_real and not sampler.generates_labels and labels is None:
-        raise MedimgenError(f"--mix-real needs a model that generates labels ({sampler.source} is image-only: its "
-                            f"labels would be foreground masks next to real labels); plan with data.generate_labels=true")
     if mix_real and sampler.cfg.data.spatial_dims == 2 and _is_3d(src):
         raise MedimgenError(f"--mix-real with a 2D model of {src}, whose cases are 3D: single-slice synthetic cases "
                             f"would sit beside 3D real ones (nnU-Net would plan 3d_fullres on them); use its 3d model, "
                             f"or export without --mix-real for a 2D dataset")
+    if mix_real and not sampler.generates_labels and labels is None:
+        raise MedimgenError(f"--mix-real needs a model that generates labels ({sampler.source} is image-only: its "
+                            f"labels would be foreground masks next to real labels); plan with data.generate_labels=true")
     sched, n_steps = sampler.schedule(options.scheduler, options.steps)
     if labels is None:
         images, labels = sampler.sample_pairs(num_images, options.seed, sched, n_steps, options.batch_size, options.amp,

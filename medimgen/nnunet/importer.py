@@ -257,7 +257,8 @@ def _checked_label(seg: np.ndarray, path: Path, shape: tuple[int, ...], values: 
         raise MedimgenError(f"label {path} has shape {seg.shape} but its image has {shape}: a label map must match "
                             f"its image voxel for voxel")
     found = np.unique(seg)
-    bad = [v for v in found.tolist() if not (np.isfinite(v) and float(v) == int(v) and int(v) in values)]
+    bad = [int(v) if np.isfinite(v) and float(v).is_integer() else v for v in found.tolist()
+           if not (np.isfinite(v) and float(v).is_integer() and int(v) in values)]
     if bad:
         raise MedimgenError(f"label {path} has value(s) {short_repr(bad)} that are not labels of the dataset "
                             f"(dataset.json: {sorted(values)}; labels are the integers 0..N)")
