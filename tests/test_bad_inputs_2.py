@@ -69,7 +69,7 @@ def _nifti(path: Path, data: np.ndarray) -> None:
 
 
 def _images(folder: Path, n: int = 3, shape=(24, 24, 8)) -> Path:
-    folder.mkdir()
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(n):
         _nifti(folder / f"scan{i}.nii.gz", rng.normal(100, 10, shape).astype(np.float32))
@@ -182,8 +182,8 @@ ROWS = [
     row("empty", ["demo-data", "-d", "562", "--shape", "16,16", "--name", "a b"], "--name 'a b'"),
     row("empty", ["demo-data", "-d", "562", "--shape", "16,16", "--name", "x" * 101], "1 to 100 characters"),
     row("empty", ["demo-data", "-d", "563", "--shape", "16,16", "--cases", "2", "{+existing}"], "already exists"),
-    row("session", ["export-dataset", str(FLAT_2D), "2d", "1", "-t", "561", "--name", "../../Dataset560_Victim",
-                    "{+victim}"], "--name '../../Dataset560_Victim'"),
+    row("session", ["export-dataset", str(FLAT_2D), "2d", "1", "-t", "561", "--name", "../../Dataset560_Victim"],
+        "--name '../../Dataset560_Victim'"),
     row("empty", ["import", "{images}", "-d", "564", "--name", "../../evil"], "--name '../../evil'"),
     row("session", ["register", "{run}", "--alias", "../bad alias"], "--alias '../bad alias'"),
     row("session", ["register", "{run}", "--alias", "v2"], "MLflow reserves"),

@@ -148,3 +148,26 @@ def check_output_folder(folder: Path | str, what: str = "output folder") -> Path
     if not os.access(probe, os.W_OK | os.X_OK) or str(probe.resolve()).startswith(("/proc", "/sys")):
         raise MedimgenError(f"{what} {folder} cannot be created or written ({probe} is not writable)")
     return folder
+
+
+@contextmanager
+def scratch_folder(path: Path | str) -> Iterator[Path]:
+    """A fresh hidden working folder ``path`` (its parent is a root like nnUNet_raw), removed on failure together
+    with every trace of it: the parent's modification time is put back, so a refused import or demo dataset
+    leaves the root exactly as it was. On success the caller has renamed it (see :func:`publish_folder`)."""
+    import shutil
+
+    path = Path(path)
+    parent = path.parent
+    stat = parent.stat() if parent.exists() else None
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        if stat is not None:
+            try:
+                os.utime(parent, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            except OSError:
+                pass
+        raise

@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from medimgen.core.atomic import publish_folder
+from medimgen.core.atomic import publish_folder, scratch_folder
 from medimgen.core.errors import MedimgenError
 from medimgen.core.names import check_name, short_repr
 from medimgen.models.labels import GENERATED_MASK_KEY
@@ -221,9 +221,8 @@ def import_dataset(
     same_id = [d.name for d in Path(nnunet_raw).glob(f"Dataset{int(dataset_id):03d}_*") if d.name != out.name]
     if same_id:
         raise MedimgenError(f"dataset id {dataset_id} is taken by {Path(nnunet_raw) / same_id[0]}: choose another id")
-    tmp = out.with_name(f".{out.name}.importing-{os.getpid()}")  # hidden: nnU-Net never sees it as a dataset
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # hidden: nnU-Net never sees it as a dataset; removed without a trace on failure
+    with scratch_folder(out.with_name(f".{out.name}.importing-{os.getpid()}")) as tmp:
         made_masks = _write_cases(cases, tmp, label_dir, progress, {int(v) for v in label_names.values()})
         from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
@@ -235,9 +234,6 @@ def import_dataset(
             # the planner must not take generated body masks for real labels (medimgen.models.labels.real_labels)
             **({GENERATED_MASK_KEY: True} if made_masks else {}))
         backup = publish_folder(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Imported(out, grouping, backup)
 
 

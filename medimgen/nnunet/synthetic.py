@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from medimgen.core.atomic import publish_folder
+from medimgen.core.atomic import publish_folder, scratch_folder
 from medimgen.core.devices import check_host_memory
 from medimgen.core.errors import MedimgenError
 from medimgen.core.names import check_name
@@ -147,15 +147,10 @@ def make_synthetic_dataset(
         raise MedimgenError(f"{folder} already exists: choose another dataset id or name, or pass --force (the "
                             f"existing dataset is kept as a backup)")
     _check_disk(Path(nnunet_raw), num_cases * (channels + 1) * voxels * 4 // 2, num_cases)
-    final, folder = folder, folder.with_name(f".{folder.name}.writing-{os.getpid()}")  # hidden until complete
-    shutil.rmtree(folder, ignore_errors=True)
-    try:
-        _write_cases(folder, final.name, num_cases, shape, spacing, channels, modality, seed, rotation, origin)
-        publish_folder(folder, final, overwrite)  # an existing dataset (overwrite) is kept as a hidden backup
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    return final
+    with scratch_folder(folder.with_name(f".{folder.name}.writing-{os.getpid()}")) as tmp:  # hidden until complete
+        _write_cases(tmp, folder.name, num_cases, shape, spacing, channels, modality, seed, rotation, origin)
+        publish_folder(tmp, folder, overwrite)  # an existing dataset (overwrite) is kept as a hidden backup
+    return folder
 
 
 def _check_disk(root: Path, need: int, num_cases: int) -> None:
