@@ -366,7 +366,12 @@ def test_failed_sample_write_leaves_no_partial_files(trained, planned, tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: cannot write") and str(out) in lines[0], p.stderr
-    assert [f for f in out.rglob("*") if f.is_file()] == []  # no 0-byte or half-written sample, no temporary
+    left = [f for f in out.rglob("*") if f.is_file()]
+    assert not [f for f in left if f.name.startswith(".") or f.stat().st_size == 0]  # no temporary, no 0-byte file
+    for image in (f for f in left if f.name.endswith(".nii.gz") and "_label" not in f.name):  # whole samples only
+        assert image.with_name(image.name.replace(".nii.gz", ".json")).is_file()
+        assert image.with_name(image.name.replace(".nii.gz", "_label.nii.gz")).is_file()
+    assert len(left) < 6  # the write really failed part-way
 
 
 def test_failed_checkpoint_write_keeps_last_good_last_pt(trained, planned, tmp_path):  # noqa: F811

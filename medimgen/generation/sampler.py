@@ -260,24 +260,32 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, opt
                 label = resample_to_original(label, sampler.cfg, sampler.geometry, is_seg=True)[0]
             sample, spacing = resample_to_original(sample, sampler.cfg, sampler.geometry)
         stem, index = _free_stem(out_dir, prefix, index)
-        files = []
-        for c in range(sample.shape[0]):
-            name = f"{stem}_{c:04d}.nii.gz" if channel_suffix or sample.shape[0] > 1 else f"{stem}.nii.gz"
-            files.append(write_nifti(sample[c], out_dir / name, sampler.geometry, spacing, shift=shift))
-        sidecar = {"model": sampler.source, "kind": sampler.kind, "dataset": sampler.dataset, "seed": options.seed,
-                   "index": i, "scheduler": scheduler, "steps": steps, "device": str(sampler.device),
-                   "amp_requested": options.amp, "amp": _amp_used(options.amp, sampler.device),
-                   "spacing": list(spacing), "resampled_to_original_spacing": resample,
-                   "cropped_to_data_size": data_crop(sampler.cfg) is not None and crop,
-                   "channels": list(sampler.cfg.data.channel_names), "files": [f.name for f in files]}
-        if label is not None:
-            label_file = Path(label_dir) / f"{stem}.nii.gz" if label_dir is not None else out_dir / f"{stem}_label.nii.gz"
-            write_nifti(label[0], label_file, sampler.geometry, spacing, dtype=np.uint8, shift=shift)
-            sidecar.update({"label_file": f"{label_file.parent.name}/{label_file.name}" if label_dir is not None
-                            else label_file.name, "labels": {"background": 0, **label_names}})
-        if label_sources is not None and i < len(label_sources):
-            sidecar["label_map_followed"] = label_sources[i]
-        write_bytes_atomic(sidecar_dir / f"{stem}.json", json.dumps(sidecar, indent=2).encode())
+        files: list[Path] = []
+        made: list[Path] = []  # every file of this sample: all of them, or none (a failed write removes the rest)
+        try:
+            for c in range(sample.shape[0]):
+                name = f"{stem}_{c:04d}.nii.gz" if channel_suffix or sample.shape[0] > 1 else f"{stem}.nii.gz"
+                files.append(write_nifti(sample[c], out_dir / name, sampler.geometry, spacing, shift=shift))
+                made.append(files[-1])
+            sidecar = {"model": sampler.source, "kind": sampler.kind, "dataset": sampler.dataset,
+                       "seed": options.seed, "index": i, "scheduler": scheduler, "steps": steps, "device": str(sampler.device),
+                       "amp_requested": options.amp, "amp": _amp_used(options.amp, sampler.device),
+                       "spacing": list(spacing), "resampled_to_original_spacing": resample,
+                       "cropped_to_data_size": data_crop(sampler.cfg) is not None and crop,
+                       "channels": list(sampler.cfg.data.channel_names), "files": [f.name for f in files]}
+            if label is not None:
+                label_file = (Path(label_dir) / f"{stem}.nii.gz" if label_dir is not None
+                              else out_dir / f"{stem}_label.nii.gz")
+                made.append(write_nifti(label[0], label_file, sampler.geometry, spacing, dtype=np.uint8, shift=shift))
+                sidecar.update({"label_file": f"{label_file.parent.name}/{label_file.name}" if label_dir is not None
+                                else label_file.name, "labels": {"background": 0, **label_names}})
+            if label_sources is not None and i < len(label_sources):
+                sidecar["label_map_followed"] = label_sources[i]
+            write_bytes_atomic(sidecar_dir / f"{stem}.json", json.dumps(sidecar, indent=2).encode())
+        except BaseException:
+            for f in made:
+                f.unlink(missing_ok=True)
+            raise
         written += files
         index += 1
     return written
