@@ -74,12 +74,12 @@ def check_network(section: AutoencoderConfig | UNetConfig, key: str, spatial_dim
     if (attention or isinstance(section, UNetConfig)) and len(attention) != levels:
         raise MedimgenError(f"config key '{key}.attention_levels': {levels} channel levels need {levels} values, "
                             f"got {len(attention)}")
-    if isinstance(section, UNetConfig) and any(c % section.num_head_channels for c in section.channels):
-        raise MedimgenError(f"config key '{key}.num_head_channels': {section.num_head_channels} does not divide "
-                            f"channels {_show(section.channels)} (allowed: a divisor of every channel count)")
     if any(c % section.norm_num_groups for c in section.channels):
         raise MedimgenError(f"config key '{key}.norm_num_groups': norm_num_groups={section.norm_num_groups} does not "
                             f"divide channels {_show(section.channels)} (allowed: a divisor of every channel count)")
+    if isinstance(section, UNetConfig) and any(c % section.num_head_channels for c in section.channels):
+        raise MedimgenError(f"config key '{key}.num_head_channels': {section.num_head_channels} does not divide "
+                            f"channels {_show(section.channels)} (allowed: a divisor of every channel count)")
 
 
 def _product(strides, nd: int) -> tuple[int, ...]:
