@@ -469,7 +469,8 @@ def model_keys_changed(trained: GenerationConfig, now: GenerationConfig) -> list
     the run's config.yaml now."""
     a, b = flatten({k: to_dict(getattr(trained, k)) for k in _MODEL_SECTIONS}), flatten(
         {k: to_dict(getattr(now, k)) for k in _MODEL_SECTIONS})
-    return [k for k in sorted(set(a) | set(b)) if k not in _NOT_MODEL and a.get(k) != b.get(k)]
+    return [k for k in sorted(set(a) | set(b)) if k not in _NOT_MODEL and a.get(k) != b.get(k)
+            and not k.endswith(".activation_checkpointing")]  # a memory re-fit may switch it on: same weights
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
