@@ -23,6 +23,12 @@ def friendly_errors(fn):
         except MedimgenError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:  # the environment (a full disk, a folder that cannot be made): one line, no traceback
+            from medimgen.core.atomic import disk_error
+
+            where = e.filename or "an output"
+            click.echo(f"Error: {disk_error(e, where) if e.errno is not None else e}", err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -61,6 +67,16 @@ _device_option = click.option("--device", default=None, callback=_device,
                               help="cuda, cuda:1 or cpu (default: cuda when available).")
 _positive = click.IntRange(min=1)
 _fold = click.IntRange(0, 4)
+_seed_range = click.IntRange(0, 2**32 - 1)  # what numpy and torch take as a seed
+
+
+def _finite_gb(ctx, param, value):
+    """--gpu-memory: a finite number of GB > 0 (nan and inf are no memory size)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and 0 < value <= 1e6):
+        raise click.BadParameter(f"{value} is not a memory size in GB (a finite number > 0, at most 1e6)")
+    return value
 
 
 @click.group(cls=_Group)
@@ -76,7 +92,7 @@ _set_option = click.option(
 
 @main.command("plan")
 @click.option("-d", "--dataset", "dataset_id", required=True, help="nnU-Net dataset id (e.g. 1 or 001) or name.")
-@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite_gb,
               help="GPU memory target in GB (default: detected GPU, else 8).")
 @click.option("--force", is_flag=True, help="Re-plan over a hand-edited config (it is backed up first).")
 @click.option("--explain", is_flag=True, help="Print the predicted memory per model (params, activations, total vs target) "
@@ -180,7 +196,7 @@ def weights_list_cmd():
 @click.argument("dataset_id", required=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Config YAML (default: the dataset's medimgen_config.yaml).")
-@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite_gb,
               help="GPU memory to check against in GB (default: the config's memory.target_gb).")
 @click.option("--plans", "plans_identifier", default=None,
               help="nnU-Net plans identifier (default: the one the dataset's config was planned from).")
@@ -279,7 +295,7 @@ _sampling_options = [
                  help="Deprecated name of --sampler."),
     click.option("--steps", type=_positive, default=None,
                  help="DDIM / rectified-flow steps (default: the config's num_inference_steps)."),
-    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--seed", type=_seed_range, default=0, show_default=True),
     click.option("--batch-size", type=_positive, default=None, help="Images per forward pass (default: all)."),
     _device_option,
     click.option("--amp/--no-amp", default=True, show_default=True,
@@ -318,11 +334,12 @@ def _with(options):
     return deco
 
 
-def _requests(kw: dict, dataset_id, model_type):
+def _requests(kw: dict, dataset_id, model_type, dim_given: bool = True):
     """(ModelRef, SampleOptions) from the parsed options (removed from ``kw``): built once, passed by keyword."""
     from medimgen.core.requests import ModelRef, SampleOptions
 
-    ref = ModelRef(kw.pop("model"), dataset_id, model_type, kw.pop("splitting"), kw.pop("fold"), kw.pop("checkpoint"))
+    ref = ModelRef(kw.pop("model"), dataset_id, model_type, kw.pop("splitting"), kw.pop("fold"), kw.pop("checkpoint"),
+                   dim_given=dim_given)
     fields = ("seed", "sampler", "steps", "batch_size", "device", "amp", "tiled_decoding", "resample", "progress")
     options = {k: kw.pop(k) for k in fields if k in kw}
     old = _deprecated(kw.pop("old_sampler", None), "--scheduler", "--sampler")
@@ -479,7 +496,7 @@ def evaluate_cmd(dataset_id, model_type, num_samples, real, extractor, weights, 
     """Score a trained model: FID/MMD (named extractor), MS-SSIM diversity vs real, reconstruction metrics."""
     from medimgen.evaluation.api import evaluate
 
-    ref, options = _requests(kw, dataset_id, model_type)
+    ref, options = _requests(kw, dataset_id, model_type, dim_given=False)
     report = evaluate(ref, real=real, num_samples=num_samples, extractor=extractor, weights=weights, options=options,
                       output=output, track=not no_mlflow)
     click.echo(f"{report['kind']} {report['dim']} of {report['dataset']} vs {report['real']['images']} real "
@@ -587,9 +604,11 @@ def register_cmd(run_folder, checkpoint, alias):
 @click.option("--spacing", default=None, help="mm per voxel x,y[,z] (default 1 each).")
 @click.option("--channels", type=_positive, default=1, show_default=True)
 @click.option("--modality", type=click.Choice(["MRI", "CT"]), default="MRI", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=_seed_range, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing dataset of this id and name (the old one is kept "
+              "beside it as a hidden .DatasetXXX_NAME.backup-<time> folder).")
 @friendly_errors
-def demo_data_cmd(dataset_id, name, num_cases, shape, spacing, channels, modality, seed):
+def demo_data_cmd(dataset_id, name, num_cases, shape, spacing, channels, modality, seed, force):
     """Write a synthetic phantom dataset in nnU-Net raw format into $nnUNet_raw."""
     from medimgen.core.paths import nnunet_raw
     from medimgen.nnunet.synthetic import make_synthetic_dataset
@@ -597,8 +616,8 @@ def demo_data_cmd(dataset_id, name, num_cases, shape, spacing, channels, modalit
     dims = _ints(shape, "--shape")
     space = _floats(spacing, "--spacing") if spacing else (1.0,) * len(dims)
     folder = make_synthetic_dataset(nnunet_raw(), dataset_id, name=name, num_cases=num_cases, shape=dims, spacing=space,
-                                    channels=channels, modality=modality, seed=seed)
-    click.echo(f"wrote {folder}")
+                                    channels=channels, modality=modality, seed=seed, overwrite=force)
+    click.echo(f"wrote {folder}" + (" (a previous dataset there is kept as a hidden backup beside it)" if force else ""))
 
 
 @main.command("import")
@@ -609,7 +628,8 @@ def demo_data_cmd(dataset_id, name, num_cases, shape, spacing, channels, modalit
               help="Folder of label files named like the cases (default: SOURCE/labelsTr if present, else masks are generated).")
 @click.option("--modality", default="MRI", show_default=True, help="Channel name(s) for dataset.json; CT selects nnU-Net's CT normalisation.")
 @click.option("--channel-names", default=None, help="Comma-separated names, one per channel (overrides --modality).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing raw dataset with this id and name.")
+@click.option("--force", "--overwrite", "overwrite", is_flag=True,
+              help="Replace an existing raw dataset with this id and name (the old one is kept as a hidden backup).")
 @click.option("-p", "--progress", is_flag=True, help="Show a progress bar.")
 @friendly_errors
 def import_cmd(source, dataset_id, name, labels, modality, channel_names, overwrite, progress):
@@ -620,6 +640,8 @@ def import_cmd(source, dataset_id, name, labels, modality, channel_names, overwr
     names = channel_names.split(",") if channel_names else None
     done = import_dataset(source, nnunet_raw(), dataset_id, name, labels=labels, modality=modality, channel_names=names,
                           overwrite=overwrite, progress=progress)
+    if done.backup:
+        click.echo(f"kept the previous dataset as {done.backup}")
     click.echo(f"{done.grouping}; wrote {done.folder}")
     click.echo(f"next: nnUNetv2_plan_and_preprocess -d {dataset_id} --verify_dataset_integrity")
 

@@ -191,7 +191,8 @@ def test_export_dataset_honours_checkpoint_amp_and_resample(flow_3d, nnunet_env,
     assert r.exit_code == 0, r.output
     out = nnunet_env["nnUNet_raw"] / "Dataset302_AnisoSynth"
     sidecar = json.loads((out / "provenance" / "synth_0000.json").read_text())
-    assert sidecar["model"].endswith("last.pt") and sidecar["amp"] is True
+    assert sidecar["model"].endswith("last.pt") and sidecar["amp_requested"] is True
+    assert sidecar["device"] == "cpu" and sidecar["amp"] is False  # what really ran: no mixed precision on a CPU
     assert sidecar["resampled_to_original_spacing"] is True
     target = json.loads((flow_3d["ddpm"].run_dir / "nnUNetPlans.json").read_text())["original_median_spacing_after_transp"]
     image = nib.load(str(out / "imagesTr" / "synth_0000_0000.nii.gz"))

@@ -67,10 +67,16 @@ def test_planted_pickles_are_never_unpickled_by_sampling(flow_3d, nnunet_roots, 
     elsewhere = tmp_path / "elsewhere" / "cases"
     elsewhere.mkdir(parents=True)
     (elsewhere / "a.pkl").write_bytes(planted)
+    name = plans["dataset_name"]
     plans["dataset_name"] = str(elsewhere.parent)
     plans["configurations"]["3d_fullres"]["data_identifier"] = "cases"
     (run / "nnUNetPlans.json").write_text(json.dumps(plans))
-    sampler = from_run(run)  # what `medimgen register RUN_FOLDER` and `sample --model RUN_FOLDER` do
+    with pytest.raises(MedimgenError, match="not a dataset folder name"):  # a path as a name: refused (issue 24)
+        from_run(run)  # what `medimgen register RUN_FOLDER` and `sample --model RUN_FOLDER` do
+    assert not marker.exists()
+    plans["dataset_name"] = name
+    (run / "nnUNetPlans.json").write_text(json.dumps(plans))
+    sampler = from_run(run)
     model = sampler.save(tmp_path / "model")  # the packaged model (MLflow artifact), with a planted pickle too
     (model / "sampler.pkl").write_bytes(planted)
     assert Sampler.load(model).geometry == sampler.geometry

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import math
 import types
 
 from pathlib import Path
@@ -19,8 +20,9 @@ import yaml
 
 from medimgen.core.atomic import write_text_atomic
 from medimgen.config.schema import DIMS, DatasetInfo, GenerationConfig, MedimgenConfig
-from medimgen.config.validate import check_field, check_generation
+from medimgen.config.validate import check_dataset, check_field, check_generation
 from medimgen.core.errors import MedimgenError
+from medimgen.core.names import short_repr
 
 # Results that configs written before the `derived` section kept among the inputs: (section, key) -> derived key.
 # Every train_* section had a latent_scale_factor; only the LDM's was ever set (the others were null).
@@ -65,9 +67,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _Bad(MedimgenError):
+    """'expected <type>, got <value>' for one key, its text built only when shown (values may be huge)."""
+
+    def __init__(self, key: str, tp: Any, value: Any):
+        super().__init__(key)
+        self.key, self.tp, self.value = key, tp, value
+
+    def __str__(self) -> str:
+        return f"config key '{self.key}': expected {_type_name(self.tp)}, got {short_repr(self.value)}"
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
-    bad = MedimgenError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    bad = _Bad(key, tp, value)
     if tp is Any:
         return value
     if origin is Literal:
@@ -110,12 +123,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond a float
+            value = math.inf
+        if not math.isfinite(value):
+            raise MedimgenError(f"config key '{key}': must be a finite number, got {short_repr(value)}")
+        return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     raise MedimgenError(f"config key '{key}': unsupported type {tp}")  # pragma: no cover - schema bug
@@ -130,7 +149,7 @@ def _unknown_key(key: str, name: str, valid: list[str]) -> MedimgenError:
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
     """Build dataclass ``cls`` from plain data, rejecting unknown, missing, mistyped and impossible values."""
     if not isinstance(data, dict):
-        raise MedimgenError(f"config section '{where or cls.__name__}' must be a mapping, got {data!r}")
+        raise MedimgenError(f"config section '{where or cls.__name__}' must be a mapping, got {short_repr(data)}")
     if cls is GenerationConfig:
         data = _derived_apart(data)
     hints = get_type_hints(cls)
@@ -180,6 +199,7 @@ def medimgen_config_from_dict(data: Any) -> MedimgenConfig:
                for dim in DIMS if data.get(dim) is not None}
     if not configs:
         raise MedimgenError("the config has neither a '2d' nor a '3d' section")
+    check_dataset(dataset, configs)
     for dim, c in configs.items():
         if c.data.plans_identifier != dataset.plans_identifier:
             raise MedimgenError(
@@ -199,15 +219,17 @@ def _with_plans(section: Any, plans_identifier: str) -> Any:
 # ----------------------------------------------------------------------------- overrides
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise MedimgenError(f"override {text!r} must look like section.key=value")
+        raise MedimgenError(f"override {short_repr(text)} must look like section.key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise MedimgenError(f"override {text!r} must look like section.key=value")
+        raise MedimgenError(f"override {short_repr(text)} must look like section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = parse_yaml(raw, f"override {key!r}") if raw.strip() else ""
+    except YamlRefused:
+        raise
+    except MedimgenError:
+        value = raw  # not YAML: the text itself (a string value)
     return key.split("."), value
 
 
@@ -311,16 +333,86 @@ def is_user_edited(path: Path) -> bool:
     return recorded is None or recorded != body_checksum(body)
 
 
+MAX_YAML_BYTES = 16 * 2**20  # a config is a few kB; a bigger file is not one
+MAX_YAML_DEPTH = 32  # medimgen's configs nest 4 levels
+
+
+class _LimitError(yaml.YAMLError):
+    """A YAML document beyond medimgen's limits (an alias, too deep, a duplicated key)."""
+
+    def __init__(self, problem: str, mark=None):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+class YamlRefused(MedimgenError):
+    """YAML that parses but breaks a limit (an alias, nesting, a duplicate key, size): never read as a string."""
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases (no 'billion laughs'), nesting capped, duplicate keys refused."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _LimitError("aliases (*name) are not allowed in medimgen YAML", self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _LimitError(f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key is not None:
+                    if key in seen:
+                        raise _LimitError(f"duplicate key {short_repr(key)} (each key may appear once per section)",
+                                          key_node.start_mark)
+                    seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str | bytes, where: str) -> Any:
+    """The one YAML reader (safe, no aliases, depth-capped, no duplicate keys, UTF-8, at most MAX_YAML_BYTES):
+    every problem is one line starting with ``where`` (a file, or an override)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise YamlRefused(f"{where}: {len(text)} bytes is too large for a config (at most {MAX_YAML_BYTES})")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MedimgenError(f"{where}: not a YAML text file (byte {e.start} is not UTF-8)") from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a yaml.SafeLoader
+    except _LimitError as e:
+        line = f" line {e.problem_mark.line + 1}" if e.problem_mark is not None else ""
+        raise YamlRefused(f"{where}{line}: refused YAML ({e.problem})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise MedimgenError(f"{where}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise YamlRefused(f"{where}: refused YAML (nested too deeply)") from None
+
+
 def load_yaml(path: Path | str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise MedimgenError(f"config file {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise MedimgenError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise MedimgenError(f"{path}: {size} bytes is too large for a config (at most {MAX_YAML_BYTES})")
+        data = path.read_bytes()
+    except OSError as e:
+        raise MedimgenError(f"cannot read {path} ({e.strerror})") from None
+    return parse_yaml(data, str(path))
 
 
 def load_config(path: Path | str) -> MedimgenConfig:
@@ -354,7 +446,28 @@ def save_generation_config(cfg: GenerationConfig, path: Path | str) -> Path:
 
 
 def load_generation_config(path: Path | str) -> GenerationConfig:
-    return from_dict(GenerationConfig, load_yaml(path))
+    try:
+        return from_dict(GenerationConfig, load_yaml(path))
+    except YamlRefused:
+        raise
+    except MedimgenError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise MedimgenError(f"{path}: {e}") from None
+
+
+# what the weights of a run depend on: a change here after training makes the weights wrong for the config
+_MODEL_SECTIONS = ("data", "autoencoder", "ddpm_unet", "ldm_unet", "ddpm_scheduler", "ldm_scheduler", "controlnet")
+_NOT_MODEL = ("data.num_workers", "data.augmentation", "data.oversample_foreground_percent")
+
+
+def model_keys_changed(trained: GenerationConfig, now: GenerationConfig) -> list[str]:
+    """The keys of the model-defining sections whose value differs between the config a run trained with and
+    the run's config.yaml now."""
+    a, b = flatten({k: to_dict(getattr(trained, k)) for k in _MODEL_SECTIONS}), flatten(
+        {k: to_dict(getattr(now, k)) for k in _MODEL_SECTIONS})
+    return [k for k in sorted(set(a) | set(b)) if k not in _NOT_MODEL and a.get(k) != b.get(k)
+            and not k.endswith(".activation_checkpointing")]  # a memory re-fit may switch it on: same weights
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -372,6 +485,7 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 __all__ = [
     "apply_overrides", "flatten", "from_dict", "is_user_edited", "load_config", "load_generation_config",
+    "model_keys_changed", "parse_yaml",
     "medimgen_config_from_dict", "render_generation_config", "render_yaml", "save_config", "save_generation_config",
     "to_dict",
 ]

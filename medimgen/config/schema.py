@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 from medimgen import __version__
 from medimgen.config.kinds import auto_generators, kind
+from medimgen.core.names import MAX_NAME, NAME_ALLOWED, NAME_RULE
 
 
 _REQUIRED = object()
@@ -213,12 +214,14 @@ class TrainConfig:
                                      "used once past 1/(1-decay) updates (null: off)", None, ge=0, lt=1)
     val_interval: int = doc("validate every N epochs", 1, ge=1)
     val_plot_interval: int = doc("save sample/reconstruction plots every N epochs", 10, ge=1)
-    seed: int = doc("random seed", 12345)
+    seed: int = doc("random seed", 12345, ge=0, le=2**32 - 1)
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    experiment_name: Optional[str] = doc("MLflow experiment (null: the dataset name)", None)
+    experiment_name: Optional[str] = doc("MLflow experiment (null: the dataset name)", None,
+                                         pattern=(f"{NAME_RULE[:-1]}{{1,{MAX_NAME}}}",
+                                                  f"a name of {NAME_ALLOWED} (1 to {MAX_NAME} characters)"))
     tracking_uri: Optional[str] = doc("MLflow tracking URI (null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)", None)
     log_models: bool = doc("log trained samplers as MLflow pyfunc models", True)
     register_models: bool = doc("register logged models as DatasetXXX_<model>_<dim>", True)

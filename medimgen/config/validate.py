@@ -15,13 +15,16 @@ from typing import Any
 
 from medimgen.config.schema import AutoencoderConfig, GenerationConfig, UNetConfig
 from medimgen.core.errors import MedimgenError
+from medimgen.core.names import short_repr
 
 _OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
         "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
 
 
 def _show(value: Any) -> str:
-    return str(list(value)).replace(" ", "") if isinstance(value, (tuple, list)) else repr(value)
+    if isinstance(value, (tuple, list)) and len(value) <= 16:
+        return short_repr(list(value), 120).replace(" ", "")
+    return short_repr(value, 120)
 
 
 def _bad(key: str, allowed: str, value: Any) -> MedimgenError:
@@ -74,6 +77,9 @@ def check_network(section: AutoencoderConfig | UNetConfig, key: str, spatial_dim
     if any(c % section.norm_num_groups for c in section.channels):
         raise MedimgenError(f"config key '{key}.norm_num_groups': norm_num_groups={section.norm_num_groups} does not "
                             f"divide channels {_show(section.channels)} (allowed: a divisor of every channel count)")
+    if isinstance(section, UNetConfig) and any(c % section.num_head_channels for c in section.channels):
+        raise MedimgenError(f"config key '{key}.num_head_channels': {section.num_head_channels} does not divide "
+                            f"channels {_show(section.channels)} (allowed: a divisor of every channel count)")
 
 
 def _product(strides, nd: int) -> tuple[int, ...]:
@@ -122,8 +128,57 @@ def check_generation(cfg: GenerationConfig, where: str = "") -> None:
             raise _bad(_join(where, "controlnet.conditioning_channels"),
                        f"one more level than controlnet.conditioning_strides ({len(cn.conditioning_strides) + 1})",
                        cn.conditioning_channels)
+    _check_intensity(data, where)
+    max_layers = max(1, int(math.floor(math.log2(max(2, min(data.image_size))))) - 2)
+    if cfg.discriminator.num_layers > max_layers:
+        raise _bad(_join(where, "discriminator.num_layers"), f"<= {max_layers} (each layer halves the smallest "
+                   f"image axis, {min(data.image_size)} voxels)", cfg.discriminator.num_layers)
     for name in ("ddpm_scheduler", "ldm_scheduler"):
         sched = getattr(cfg, name)
+        if sched.beta_start >= sched.beta_end:
+            raise MedimgenError(f"config key '{_join(where, name + '.beta_start')}': must be < {name}.beta_end "
+                                f"({sched.beta_end:g}), got {sched.beta_start:g}")
         if sched.num_inference_steps > sched.num_train_timesteps:
             raise _bad(_join(where, f"{name}.num_inference_steps"),
                        f"<= {name}.num_train_timesteps ({sched.num_train_timesteps})", sched.num_inference_steps)
+
+
+def _check_intensity(data, where: str) -> None:
+    """The intensity map: a range with low < high, per-channel values one per channel with low < high."""
+    lo, hi = data.intensity_range
+    if not lo < hi:
+        raise _bad(_join(where, "data.intensity_range"), "[low, high] with low < high", data.intensity_range)
+    per_channel = ("intensity_low", "intensity_high", "intensity_mean", "intensity_std", "intensity_case_mean",
+                   "intensity_case_std", "intensity_background")
+    for name in per_channel:
+        value = getattr(data, name)
+        if value and len(value) != data.in_channels:
+            raise _bad(_join(where, f"data.{name}"), f"one value per channel ({data.in_channels}, data.in_channels)",
+                       value)
+    for c, (low, high) in enumerate(zip(data.intensity_low, data.intensity_high)):
+        if not low < high:
+            raise MedimgenError(f"config key '{_join(where, 'data.intensity_low')}': must be below data.intensity_high "
+                                f"on every channel, got {low:g} >= {high:g} on channel {c}")
+    if data.intensity_std and any(v <= 0 for v in data.intensity_std):
+        raise _bad(_join(where, "data.intensity_std"), "numbers > 0", data.intensity_std)
+
+
+def check_dataset(info, configs: dict) -> None:
+    """Relations between dataset facts and the sections: transpositions that are inverse permutations, label
+    values that dataset.json has."""
+    fwd, bwd = tuple(info.transpose_forward), tuple(info.transpose_backward)
+    for name, perm in (("transpose_forward", fwd), ("transpose_backward", bwd)):
+        if sorted(perm) != list(range(len(perm))) or len(perm) not in (2, 3):
+            raise _bad(f"dataset.{name}", f"a permutation of 0..{max(len(perm), 2) - 1}", perm)
+    if len(fwd) != len(bwd) or any(fwd[bwd[i]] != i for i in range(len(bwd))):
+        raise _bad("dataset.transpose_backward", f"the inverse of dataset.transpose_forward {_show(fwd)}", bwd)
+    if len(info.original_median_spacing) not in (0, len(fwd)) or any(s <= 0 for s in info.original_median_spacing):
+        raise _bad("dataset.original_median_spacing", f"{len(fwd)} numbers > 0", info.original_median_spacing)
+    values = list(info.labels.values()) if isinstance(info.labels, dict) else []
+    plain = values and all(isinstance(v, int) and not isinstance(v, bool) for v in values)  # not region-based
+    known = set(values) if plain else set()
+    for dim, c in configs.items():
+        unknown = [v for v in c.data.label_values if known and v not in known]
+        if unknown:
+            raise MedimgenError(f"config key '{dim}.data.label_values': {_show(unknown)} not among the label values of "
+                                f"dataset.json {_show(sorted(known))}")

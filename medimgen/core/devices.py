@@ -55,3 +55,26 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if isinstance(device, torch.device):
         return device
     return torch.device(check_device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def available_memory_bytes() -> int | None:
+    """Host memory available to a new allocation (Linux MemAvailable; None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(need_bytes: float, what: str) -> None:
+    """One line before an allocation of ``need_bytes`` that host memory cannot hold (instead of the allocator's
+    error, or the machine swapping)."""
+    from medimgen.core.errors import MedimgenError
+
+    have = available_memory_bytes()
+    if have is not None and need_bytes > have:
+        raise MedimgenError(f"{what} needs about {need_bytes / 2**30:.1f} GiB of memory, {have / 2**30:.1f} GiB is "
+                            f"available: make it smaller")

@@ -18,6 +18,7 @@ class ModelRef:
     splitting: str = "train-val-test"
     fold: int = 0
     checkpoint: str = "best"  # best | last (run folders)
+    dim_given: bool = False  # MODEL_TYPE was given by the user: a model of the other dimensionality is refused
 
     @property
     def is_uri(self) -> bool:

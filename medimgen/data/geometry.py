@@ -9,6 +9,7 @@ dataset class reads, at training time, from the preprocessed data being trained 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 
 from medimgen.core.atomic import write_bytes_atomic
 from medimgen.core.errors import MedimgenError
+from medimgen.core.names import short_repr
 
 FILE = "geometry.json"
 
@@ -48,9 +50,36 @@ class Geometry:
                 out[k] = None
                 continue
             if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-                raise MedimgenError(f"{where}: '{k}' must be a list of numbers, got {v!r}")
+                raise MedimgenError(f"{where}: '{k}' must be a list of numbers, got {short_repr(v)}")
+            if not all(math.isfinite(x) and abs(x) <= 1e7 for x in v):
+                raise MedimgenError(f"{where}: '{k}' must hold finite numbers of at most 1e7, got {short_repr(v)}")
             out[k] = tuple(int(x) for x in v) if k == "transpose_backward" else tuple(float(x) for x in v)
-        return cls(**out)
+        geometry = cls(**out)
+        geometry.check(where)
+        return geometry
+
+    def check(self, where: str = "geometry") -> None:
+        """Spacings > 0, transpose_backward a permutation, a direction of n x n values with a non-zero
+        determinant, an origin of n values (one line naming the key, else)."""
+        tb = self.transpose_backward
+        if sorted(tb) != list(range(len(tb))) or len(tb) not in (2, 3):
+            raise MedimgenError(f"{where}: 'transpose_backward' must be a permutation of 0..{max(len(tb), 2) - 1}, "
+                                f"got {short_repr(list(tb))}")
+        for k in ("spacing", "original_spacing"):
+            v = getattr(self, k)
+            if not v or len(v) > 3 or any(x <= 0 for x in v):
+                raise MedimgenError(f"{where}: '{k}' must be 1 to 3 spacings > 0 mm, got {short_repr(list(v))}")
+        if self.direction is not None:
+            n = int(round(len(self.direction) ** 0.5))
+            if n not in (2, 3) or n * n != len(self.direction):
+                raise MedimgenError(f"{where}: 'direction' must be a 2x2 or 3x3 matrix (4 or 9 numbers), got "
+                                    f"{len(self.direction)}")
+            if abs(np.linalg.det(np.asarray(self.direction, float).reshape(n, n))) < 1e-6:
+                raise MedimgenError(f"{where}: 'direction' {short_repr(list(self.direction))} is singular "
+                                    f"(determinant 0): not an orientation")
+            if self.origin is not None and len(self.origin) != n:
+                raise MedimgenError(f"{where}: 'origin' must have {n} values (the direction's size), got "
+                                    f"{len(self.origin)}")
 
 
 def training_geometry(plans: dict, spacing, properties: dict | None) -> Geometry:
@@ -198,7 +227,9 @@ def load_geometry(run_root: Path, spacing, plans_identifier: str = "nnUNetPlans"
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MedimgenError(f"{plans_file} is not valid JSON ({e})") from None
     try:
-        return training_geometry(plans if isinstance(plans, dict) else {}, spacing, None)
+        geometry = training_geometry(plans if isinstance(plans, dict) else {}, spacing, None)
+        geometry.check(str(plans_file))
+        return geometry
     except (TypeError, ValueError):
         raise MedimgenError(f"{plans_file}: transpose_backward and original_median_spacing_after_transp must be "
                             f"lists of numbers") from None

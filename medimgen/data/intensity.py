@@ -10,9 +10,10 @@ inverse gives HU back (up to that clip). Per-case z-scored MRI has no dataset-wi
 is mapped back exactly with its own mean/std, and a generated image with a representative case's
 (the median over the raw cases of the per-case mean and of the per-case std, over the voxels nnU-Net
 used). Voxels outside nnU-Net's nonzero mask get the model's lower bound r0 in training; a sample at
-r0 gets the raw value of those voxels back (``raw_background``, 0) where the dataset has them.
+r0 gets the raw value of those voxels back (``raw_background``, 0) where the dataset has them; that value is
+the data's floor, so nothing maps below it (the map is continuous: no jump just above r0).
 Configs from before these fields map back with the fingerprint's foreground mean/std.
-Nothing is clipped on the way back: the model's own range is the only bound.
+The model's own range is the only other bound (outputs are clamped to it before mapping back).
 """
 
 from __future__ import annotations
@@ -71,16 +72,23 @@ class IntensityMap:
         return norm * self._shape(self.std, norm, channel_axis) + self._shape(self.mean, norm, channel_axis)
 
     def to_original(self, model, channel_axis: int = 0):
-        """Model output -> original intensity units (HU for CT); values at or below the model range's lower
-        bound -> ``raw_background`` when set (the raw value of voxels outside nnU-Net's nonzero mask). No clipping."""
+        """Model output -> original intensity units (HU for CT), continuous and within what the data holds.
+
+        The model value is first clamped to the model's range (training never showed it values outside). With
+        ``raw_background`` set (the value of voxels outside nnU-Net's nonzero mask, MRI's 0 background; CT: the
+        lower clip), that value is the data's floor: the lower bound maps to it and nothing maps below it, so the
+        map has no jump at the lower bound (a value just above it cannot come back far below the background)."""
+        r0, r1 = self.out_range
+        model = model.clamp(r0, r1) if isinstance(model, torch.Tensor) else np.clip(model, r0, r1)
         out = self.normalized_to_original(self.to_normalized(model, channel_axis), channel_axis)
         if not self.raw_background:
             return out
-        at_floor = model <= self.out_range[0]
         bg = self._shape(self.raw_background, model, channel_axis)
+        at_floor = model <= r0
         if isinstance(out, torch.Tensor):
-            return torch.where(at_floor, bg.to(out.dtype), out)
-        return np.where(at_floor, bg, out)
+            bg = bg.to(out.dtype)
+            return torch.where(at_floor, bg, torch.maximum(out, bg))
+        return np.where(at_floor, bg, np.maximum(out, bg))
 
     def background(self) -> tuple[float, ...]:
         """Model-range value used for padded voxels (the lower end: air / background)."""

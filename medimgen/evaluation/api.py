@@ -234,7 +234,14 @@ def evaluate(ref: ModelRef, real: str = "test", num_samples: int = 16, extractor
     """Evaluate the trained model ``ref`` names; returns the report (also written as JSON and logged to MLflow)."""
     from medimgen.data.intensity import IntensityMap
 
+    from medimgen.core.atomic import check_output_folder
+    from medimgen.core.devices import check_host_memory
+
     model = TrainedModel.resolve(ref)
+    if output:
+        check_output_folder(Path(output).parent, "-o")
+    check_host_memory(3 * num_samples * model.cfg.data.in_channels * math.prod(model.cfg.data.image_size) * 4,
+                      f"evaluating {num_samples} generated images (-k)")
     images, labels, ids = real_cases(model.cfg, model.dataset, real, ref.splitting, ref.fold)
     feats = build_extractor(extractor, weights, model.dataset, model.cfg.data.spatial_dims,
                             IntensityMap.from_config(model.cfg.data), model.cfg.data.plans_identifier)

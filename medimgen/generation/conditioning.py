@@ -77,7 +77,13 @@ def read_label_file(path: Path, cfg: GenerationConfig, transpose_backward: Seque
         seg = resample(seg[None].astype(np.int16), spacing, target, is_seg=True)[0]
     seg = np.asarray(seg).astype(np.int16)
     _unknown_values(seg, cfg.data.label_values, str(path))
-    return centre(seg, cfg.data.image_size)
+    out = centre(seg, cfg.data.image_size)
+    lost = int(np.count_nonzero(seg)) - int(np.count_nonzero(out))
+    if lost > 0:
+        raise MedimgenError(f"label map {path} is {'x'.join(map(str, seg.shape))} voxels at the model's spacing, "
+                            f"larger than the model's image size {'x'.join(map(str, cfg.data.image_size))}: "
+                            f"{lost} labelled voxels would be cut off; crop the map to the labelled region first")
+    return out
 
 
 def from_folder(folder: Path | str, cfg: GenerationConfig, transpose_backward: Sequence[int],

@@ -22,12 +22,13 @@ import numpy as np
 
 from medimgen.config.kinds import kind
 from medimgen.core.atomic import atomic_path
+from medimgen.core.names import check_name
 from medimgen.core.devices import resolve_device
 from medimgen.core.errors import MedimgenError
 from medimgen.nnunet.importer import foreground_mask
 from medimgen.models.labels import GENERATED_MASK_KEY
 from medimgen.core.requests import LabelRequest, ModelRef, SampleOptions
-from medimgen.generation.sampler import conditioned_pairs, resolve_controlnet, resolve_sampler, save_samples
+from medimgen.generation.sampler import conditioned_triples, resolve_controlnet, resolve_sampler, save_samples
 
 SYNTH_PREFIX = "synth"
 FOLDS = 5
@@ -80,6 +81,16 @@ def _copy_real(folder: Path, cases: list[str], channels: int, out: Path) -> None
         shutil.copy2(folder / "labelsTr" / f"{case}.nii.gz", out / "labelsTr" / f"{case}.nii.gz")
 
 
+def _is_3d(src: str) -> bool:
+    """Whether the raw cases of dataset ``src`` are 3D (nnU-Net plans a 3d_fullres configuration for them)."""
+    from medimgen.nnunet.plans import DatasetPlans
+
+    try:
+        return "3d_fullres" in DatasetPlans.from_id(src).manager.available_configurations
+    except MedimgenError:
+        return False
+
+
 def mixed_splits(real: list[str], synthetic: list[str], seed: int = 12345) -> list[dict[str, list[str]]]:
     """nnU-Net's folds (its KFold split, up to 5 folds) over the real cases; the synthetic cases join the training
     side of every fold and are never validated on."""
@@ -100,6 +111,8 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
 
     from medimgen.core.paths import dataset_name_from_id, nnunet_preprocessed, nnunet_raw
 
+    if name is not None:
+        check_name(name, "--name")
     src = dataset_name_from_id(dataset_id) if dataset_id is not None else None
     default_name = (src.split("_", 1)[1] if src else "Medimgen") + ("Mixed" if mix_real else "Synth")
     out = nnunet_raw() / f"Dataset{int(target_id):03d}_{name or default_name}"
@@ -108,17 +121,23 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
         taken += [p for p in nnunet_preprocessed().glob(f"Dataset{int(target_id):03d}_*")]
     if taken:
         raise MedimgenError(f"dataset id {int(target_id):03d} is taken ({taken[0]}): choose another target id")
-    real_folder, real_cases, src_json = None, [], {}
+    real_folder, real_cases, src_json, followed = None, [], {}, None
     if mix_real:
         real_folder, src_json = _source_raw(src)
         real_cases = _real_cases(real_folder, src_json)
     if labels is not None:
         sampler = resolve_controlnet(ref, options)
-        images, labels = conditioned_pairs(sampler, dataclasses.replace(labels, limit=labels.limit or num_images),
-                                           ref, options)
+        request = labels
+        images, labels, followed = conditioned_triples(sampler, dataclasses.replace(request, limit=request.limit or
+                                                                                      num_images), ref, options)
+        followed = [f"{request.source}:{n}" for n in followed]
         num_images = len(images)
     else:
         sampler = resolve_sampler(ref).to(resolve_device(options.device))
+    if mix_real and sampler.cfg.data.spatial_dims == 2 and _is_3d(src):
+        raise MedimgenError(f"--mix-real with a 2D model of {src}, whose cases are 3D: single-slice synthetic cases "
+                            f"would sit beside 3D real ones (nnU-Net would plan 3d_fullres on them); use its 3d model, "
+                            f"or export without --mix-real for a 2D dataset")
     if mix_real and not sampler.generates_labels and labels is None:
         raise MedimgenError(f"--mix-real needs a model that generates labels ({sampler.source} is image-only: its "
                             f"labels would be foreground masks next to real labels); plan with data.generate_labels=true")
@@ -130,7 +149,7 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
     try:
         files = save_samples(images, sampler, out / "imagesTr", options, prefix=SYNTH_PREFIX,
                              channel_suffix=True, sidecar_dir=out / "provenance", labels=labels,
-                             label_dir=out / "labelsTr")
+                             label_dir=out / "labelsTr", label_sources=followed)
         synthetic = [f.name[:-len("_0000.nii.gz")] for f in files if f.name.endswith("_0000.nii.gz")]
         extra: dict = {}
         if labels is None:

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from medimgen.core.atomic import atomic_path
+from medimgen.core.atomic import atomic_path, check_output_folder, write_bytes_atomic, write_failure
 from medimgen.config.kinds import kind, names, the
 from medimgen.config.schema import GenerationConfig
 from medimgen.data.intensity import IntensityMap
-from medimgen.core.devices import amp_dtype, autocast, resolve_device
+from medimgen.core.devices import amp_dtype, autocast, check_host_memory, resolve_device
 from medimgen.models.decoding import decoder
 from medimgen.models.diffusion import generate, sampling_plan
 from medimgen.core.errors import MedimgenError
@@ -201,8 +202,17 @@ def write_nifti(volume: np.ndarray, path: Path, geometry: Geometry, spacing: Seq
         image.SetDirection(direction)
         image.SetOrigin(origin)
     with atomic_path(path, suffix=".nii.gz") as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+        except RuntimeError as e:  # SimpleITK reports a full disk or an unwritable file as RuntimeError
+            raise write_failure(e, path) from None
     return path
+
+
+def _amp_used(amp: bool, device: torch.device) -> str | bool:
+    """What mixed precision sampling really ran with: 'bf16'/'fp16' on a GPU, False otherwise."""
+    dtype = amp_dtype("auto" if amp else "off", device)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, False)
 
 
 def _free_stem(folder: Path, prefix: str, index: int) -> tuple[str, int]:
@@ -214,7 +224,7 @@ def _free_stem(folder: Path, prefix: str, index: int) -> tuple[str, int]:
 def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, options: SampleOptions,
                  prefix: str = "sample", channel_suffix: bool = False,
                  sidecar_dir: Path | None = None, labels: np.ndarray | None = None,
-                 label_dir: Path | None = None) -> list[Path]:
+                 label_dir: Path | None = None, label_sources: list[str] | None = None) -> list[Path]:
     """Write every sample (all channels) as NIfTI + a JSON sidecar saying how it was made; never overwrite files.
 
     ``labels``: (N, *image_size) uint8 label maps generated with the samples, written with the same crop,
@@ -222,7 +232,9 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, opt
     ``<stem>_label.nii.gz`` beside the image, or ``<stem>.nii.gz`` in ``label_dir`` (nnU-Net's labelsTr); the
     sidecar names both. ``options.crop``: cut each (N, C, *image_size) sample back to the data it pads
     (``data.data_size``); without it the padded model size is written, its origin moved so that the data region
-    stays in place. ``options.resample``: to the dataset's original median spacing. Returns the image files."""
+    stays in place. ``options.resample``: to the dataset's original median spacing. ``label_sources``: the label
+    map each sample followed (a ControlNet's --labels), recorded in its sidecar. The sidecar records the device and
+    the mixed precision really used (none on a CPU). Returns the image files."""
     crop, resample = options.crop, options.resample
     method, steps = sampler.schedule(options.sampler, options.steps)
     out_dir = Path(out_dir)
@@ -246,23 +258,34 @@ def save_samples(samples: np.ndarray, sampler: Sampler, out_dir: Path | str, opt
                 label = resample_to_original(label, sampler.cfg, sampler.geometry, is_seg=True)[0]
             sample, spacing = resample_to_original(sample, sampler.cfg, sampler.geometry)
         stem, index = _free_stem(out_dir, prefix, index)
-        files = []
-        for c in range(sample.shape[0]):
-            name = f"{stem}_{c:04d}.nii.gz" if channel_suffix or sample.shape[0] > 1 else f"{stem}.nii.gz"
-            files.append(write_nifti(sample[c], out_dir / name, sampler.geometry, spacing, shift=shift))
-        sidecar = {"model": sampler.source, "kind": sampler.kind, "dataset": sampler.dataset, "seed": options.seed,
-                   "index": i, "sampler": method,
-                   "scheduler": method,  # deprecated: the sampler's old key (readers of older sidecars)
-                   "steps": steps, "amp": options.amp,
-                   "spacing": list(spacing), "resampled_to_original_spacing": resample,
-                   "cropped_to_data_size": data_crop(sampler.cfg) is not None and crop,
-                   "channels": list(sampler.cfg.data.channel_names), "files": [f.name for f in files]}
-        if label is not None:
-            label_file = Path(label_dir) / f"{stem}.nii.gz" if label_dir is not None else out_dir / f"{stem}_label.nii.gz"
-            write_nifti(label[0], label_file, sampler.geometry, spacing, dtype=np.uint8, shift=shift)
-            sidecar.update({"label_file": f"{label_file.parent.name}/{label_file.name}" if label_dir is not None
-                            else label_file.name, "labels": {"background": 0, **label_names}})
-        (sidecar_dir / f"{stem}.json").write_text(json.dumps(sidecar, indent=2))
+        files: list[Path] = []
+        made: list[Path] = []  # every file of this sample: all of them, or none (a failed write removes the rest)
+        try:
+            for c in range(sample.shape[0]):
+                name = f"{stem}_{c:04d}.nii.gz" if channel_suffix or sample.shape[0] > 1 else f"{stem}.nii.gz"
+                files.append(write_nifti(sample[c], out_dir / name, sampler.geometry, spacing, shift=shift))
+                made.append(files[-1])
+            sidecar = {"model": sampler.source, "kind": sampler.kind, "dataset": sampler.dataset,
+                       "seed": options.seed, "index": i, "sampler": method,
+                       "scheduler": method,  # deprecated: the sampler's old key (readers of older sidecars)
+                       "steps": steps, "device": str(sampler.device),
+                       "amp_requested": options.amp, "amp": _amp_used(options.amp, sampler.device),
+                       "spacing": list(spacing), "resampled_to_original_spacing": resample,
+                       "cropped_to_data_size": data_crop(sampler.cfg) is not None and crop,
+                       "channels": list(sampler.cfg.data.channel_names), "files": [f.name for f in files]}
+            if label is not None:
+                label_file = (Path(label_dir) / f"{stem}.nii.gz" if label_dir is not None
+                              else out_dir / f"{stem}_label.nii.gz")
+                made.append(write_nifti(label[0], label_file, sampler.geometry, spacing, dtype=np.uint8, shift=shift))
+                sidecar.update({"label_file": f"{label_file.parent.name}/{label_file.name}" if label_dir is not None
+                                else label_file.name, "labels": {"background": 0, **label_names}})
+            if label_sources is not None and i < len(label_sources):
+                sidecar["label_map_followed"] = label_sources[i]
+            write_bytes_atomic(sidecar_dir / f"{stem}.json", json.dumps(sidecar, indent=2).encode())
+        except BaseException:
+            for f in made:
+                f.unlink(missing_ok=True)
+            raise
         written += files
         index += 1
     return written
@@ -275,7 +298,10 @@ def sample_to_folder(save_path: Path | str, num_images: int, ref: ModelRef, opti
     label maps as ``<stem>_label.nii.gz``) into ``save_path``. Returns the image files. ``echo``: gets the
     predicted GPU memory of sampling (and an LDM's tiled decoding) before sampling starts, on a GPU (or with
     ``options.tiled_decoding``)."""
+    check_output_folder(save_path, "SAVE_PATH")
     sampler = resolve_sampler(ref).to(resolve_device(options.device))
+    check_host_memory(2 * num_images * sampler.cfg.data.in_channels * math.prod(sampler.cfg.data.image_size) * 4,
+                      f"{num_images} samples")
     sampler.schedule(options.sampler, options.steps)  # a bad request fails before the memory is predicted
     if echo is not None and (sampler.device.type == "cuda" or options.tiled_decoding):  # GPU memory: on a GPU
         echo(sampler.memory(min(num_images, options.batch_size or num_images), options.amp,
@@ -316,10 +342,12 @@ def sample_for_labels(save_path: Path | str, request: LabelRequest, ref: ModelRe
     """One image per label map (``request``) from the ControlNet ``ref`` names (``auto``: the dataset's
     controlnet run), written as ``sample_NNNN.nii.gz`` + the map it was conditioned on, ``sample_NNNN_label.nii.gz``
     (or into ``label_dir``), cropped, resampled and placed exactly as the image. Returns the image files."""
+    check_output_folder(save_path, "SAVE_PATH")
     sampler = resolve_controlnet(ref, options)
-    images, labels = conditioned_pairs(sampler, request, ref, options)
+    images, labels, followed = conditioned_triples(sampler, request, ref, options)
     return save_samples(images, sampler, save_path, options, prefix=prefix,
-                        channel_suffix=channel_suffix, sidecar_dir=sidecar_dir, labels=labels, label_dir=label_dir)
+                        channel_suffix=channel_suffix, sidecar_dir=sidecar_dir, labels=labels, label_dir=label_dir,
+                        label_sources=[f"{request.source}:{n}" for n in followed])
 
 
 def resolve_controlnet(ref: ModelRef, options: SampleOptions = SampleOptions()) -> Sampler:
@@ -337,6 +365,13 @@ def conditioned_pairs(sampler: Sampler, request: LabelRequest, ref: ModelRef,
                       options: SampleOptions = SampleOptions()) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, C, *image_size) in the dataset's units, the label maps they were conditioned on (N, *image_size)
     uint8) for the maps ``request`` names."""
+    images, maps, _ = conditioned_triples(sampler, request, ref, options)
+    return images, maps
+
+
+def conditioned_triples(sampler: Sampler, request: LabelRequest, ref: ModelRef,
+                        options: SampleOptions = SampleOptions()) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """:func:`conditioned_pairs` and, for each, the label map it followed (a file or case name, for sidecars)."""
     maps = label_maps(sampler, request, ref)
     images = sampler.sample_conditioned(maps.maps, options)
-    return images, maps.maps[:, 0].numpy().astype(np.uint8)
+    return images, maps.maps[:, 0].numpy().astype(np.uint8), list(maps.names)

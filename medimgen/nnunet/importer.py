@@ -31,7 +31,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medimgen.core.atomic import publish_folder, scratch_folder
 from medimgen.core.errors import MedimgenError
+from medimgen.core.names import check_name, short_repr
 from medimgen.models.labels import GENERATED_MASK_KEY
 
 _NII = re.compile(r"^(?P<stem>.+)\.nii(?:\.gz)?$")
@@ -168,6 +170,7 @@ def _save(array: np.ndarray, ref: nib.Nifti1Image, path: Path) -> None:
 class Imported:
     folder: Path
     grouping: str  # how the source files were grouped into cases and channels
+    backup: Path | None = None  # the replaced dataset (--force), kept
 
 
 def import_dataset(
@@ -188,8 +191,7 @@ def import_dataset(
     source = Path(source)
     if not source.is_dir():
         raise MedimgenError(f"{source} is not a folder")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
-        raise MedimgenError(f"--name {name!r}: use letters, digits, '_' and '-' only")
+    check_name(name, "--name")
     if not 1 <= int(dataset_id) <= 999:
         raise MedimgenError(f"dataset id {dataset_id}: nnU-Net dataset ids are 1..999")
     msd_json = source / "dataset.json"
@@ -213,15 +215,15 @@ def import_dataset(
         raise MedimgenError(f"{len(names)} channel names given for {n_channels} channels ({grouping})")
 
     out = Path(nnunet_raw) / f"Dataset{int(dataset_id):03d}_{name}"
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MedimgenError(f"{out} already exists: choose another dataset id or pass --overwrite")
+    if out.exists() and not overwrite:
+        raise MedimgenError(f"{out} already exists: choose another dataset id or pass --force (the existing "
+                            f"dataset is kept as a backup)")
     same_id = [d.name for d in Path(nnunet_raw).glob(f"Dataset{int(dataset_id):03d}_*") if d.name != out.name]
     if same_id:
         raise MedimgenError(f"dataset id {dataset_id} is taken by {Path(nnunet_raw) / same_id[0]}: choose another id")
-    tmp = out.with_name(f".{out.name}.importing-{os.getpid()}")  # hidden: nnU-Net never sees it as a dataset
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        made_masks = _write_cases(cases, tmp, label_dir, progress)
+    # hidden: nnU-Net never sees it as a dataset; removed without a trace on failure
+    with scratch_folder(out.with_name(f".{out.name}.importing-{os.getpid()}")) as tmp:
+        made_masks = _write_cases(cases, tmp, label_dir, progress, {int(v) for v in label_names.values()})
         from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
         generate_dataset_json(
@@ -231,14 +233,36 @@ def import_dataset(
                         + (f"; {made_masks} foreground masks generated" if made_masks else ""),
             # the planner must not take generated body masks for real labels (medimgen.models.labels.real_labels)
             **({GENERATED_MASK_KEY: True} if made_masks else {}))
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Imported(out, grouping)
+        backup = publish_folder(tmp, out, overwrite)
+    return Imported(out, grouping, backup)
 
 
-def _write_cases(cases: dict[str, list[Path]], out: Path, label_dir: Path | None, progress: bool) -> int:
+def _checked_image(arr: np.ndarray, path: Path) -> np.ndarray:
+    arr = np.asarray(arr, dtype=np.float32)
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise MedimgenError(f"{path} has {bad} NaN or infinite voxel(s): nnU-Net's statistics and training need "
+                            f"finite values; fix or mask them first")
+    return arr
+
+
+def _checked_label(seg: np.ndarray, path: Path, shape: tuple[int, ...], values: set[int]) -> np.ndarray:
+    """A label map of the image's shape whose values are labels of dataset.json, as uint8."""
+    seg = np.asarray(seg)
+    if seg.shape != shape:
+        raise MedimgenError(f"label {path} has shape {seg.shape} but its image has {shape}: a label map must match "
+                            f"its image voxel for voxel")
+    found = np.unique(seg)
+    bad = [int(v) if np.isfinite(v) and float(v).is_integer() else v for v in found.tolist()
+           if not (np.isfinite(v) and float(v).is_integer() and int(v) in values)]
+    if bad:
+        raise MedimgenError(f"label {path} has value(s) {short_repr(bad)} that are not labels of the dataset "
+                            f"(dataset.json: {sorted(values)}; labels are the integers 0..N)")
+    return seg.astype(np.uint8)
+
+
+def _write_cases(cases: dict[str, list[Path]], out: Path, label_dir: Path | None, progress: bool,
+                 label_values: set[int] = frozenset({0, 1})) -> int:
     """imagesTr/labelsTr of every case under ``out``; the number of generated foreground masks."""
     from tqdm import tqdm
 
@@ -249,14 +273,14 @@ def _write_cases(cases: dict[str, list[Path]], out: Path, label_dir: Path | None
     for case, paths in tqdm(sorted(cases.items()), desc="importing", disable=not progress):
         chans, ref = _channels(paths)
         for c, arr in enumerate(chans):
-            _save(np.asarray(arr, dtype=np.float32), ref, out / "imagesTr" / f"{case}_{c:04d}.nii.gz")
+            _save(_checked_image(arr, paths[min(c, len(paths) - 1)]), ref, out / "imagesTr" / f"{case}_{c:04d}.nii.gz")
         if label_dir is not None:
             found = [p for p in (label_dir / f"{case}.nii.gz", label_dir / f"{case}.nii") if p.is_file()]
             if not found:
                 raise MedimgenError(f"no label for case {case} in {label_dir} (expected {case}.nii.gz)")
-            seg = np.asarray(_load(found[0]).dataobj)
+            seg = _checked_label(_load(found[0]).dataobj, found[0], np.shape(chans[0]), label_values)
             any_foreground = any_foreground or bool(np.any(seg > 0))
-            _save(np.asarray(seg, dtype=np.uint8), ref, out / "labelsTr" / f"{case}.nii.gz")
+            _save(seg, ref, out / "labelsTr" / f"{case}.nii.gz")
         else:
             mask = foreground_mask(np.asarray(chans[0], dtype=np.float32)).astype(np.uint8)
             made_masks += 1
@@ -267,15 +291,3 @@ def _write_cases(cases: dict[str, list[Path]], out: Path, label_dir: Path | None
     return made_masks
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an existing ``out`` (--overwrite) is removed only afterwards."""
-    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -85,7 +85,10 @@ class DatasetPlans:
     # ------------------------------------------------------------------ dataset facts
     @property
     def name(self) -> str:
-        return self.manager.dataset_name
+        """nnU-Net's dataset_name from the plans: it names folders, so it must be a dataset folder name."""
+        from medimgen.core.names import check_dataset_name
+
+        return check_dataset_name(self.manager.dataset_name, f"dataset_name in {self.plans_file}")
 
     @property
     def dataset_id(self) -> int:

@@ -8,6 +8,9 @@ that nnU-Net's fingerprinting, planning and preprocessing run on it unchanged.
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -15,7 +18,10 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from medimgen.core.atomic import publish_folder, scratch_folder
+from medimgen.core.devices import check_host_memory
 from medimgen.core.errors import MedimgenError
+from medimgen.core.names import check_name
 
 Modality = Literal["MRI", "CT"]
 
@@ -119,21 +125,49 @@ def make_synthetic_dataset(
     (2D NIfTI files, which nnU-Net plans as 2d only). ``rotation`` (an orthonormal matrix, columns the RAS
     direction of each axis) and ``origin`` (mm, RAS) give the files a real-like oblique geometry.
     """
+    check_name(name, "--name")
     if len(shape) not in (2, 3) or len(spacing) != len(shape):
         raise MedimgenError(f"shape and spacing must both have 2 or 3 values, got {tuple(shape)} and {tuple(spacing)}")
-    if min(shape) < 1 or min(spacing) <= 0:
-        raise MedimgenError(f"shape must be >= 1 voxel and spacing > 0 mm on every axis, got {tuple(shape)} and {tuple(spacing)}")
+    if min(shape) < 1 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise MedimgenError(f"shape must be >= 1 voxel and spacing > 0 mm (finite) on every axis, got {tuple(shape)} "
+                            f"and {tuple(spacing)}")
+    if any(abs(s) > 1e6 for s in spacing):
+        raise MedimgenError(f"spacing must be at most 1e6 mm per axis, got {tuple(spacing)}")
     if channels < 1:
         raise MedimgenError(f"channels must be >= 1, got {channels}")
     if modality not in _TISSUE:
         raise MedimgenError(f"modality must be MRI or CT, got {modality!r}")
     if num_cases < 2:
         raise MedimgenError("num_cases must be at least 2")
+    voxels = math.prod(int(v) for v in shape)
+    # one case in memory: the float64 grids and ellipsoid masks of make_phantom (~(ndim + 8) arrays of the shape)
+    check_host_memory(voxels * max(channels, 1) * 8 * (len(shape) + 8), f"a phantom of shape {tuple(shape)}")
+    folder = Path(nnunet_raw) / f"Dataset{int(dataset_id):03d}_{name}"
+    if folder.exists() and not overwrite:
+        raise MedimgenError(f"{folder} already exists: choose another dataset id or name, or pass --force (the "
+                            f"existing dataset is kept as a backup)")
+    _check_disk(Path(nnunet_raw), num_cases * (channels + 1) * voxels * 4 // 2, num_cases)
+    with scratch_folder(folder.with_name(f".{folder.name}.writing-{os.getpid()}")) as tmp:  # hidden until complete
+        _write_cases(tmp, folder.name, num_cases, shape, spacing, channels, modality, seed, rotation, origin)
+        publish_folder(tmp, folder, overwrite)  # an existing dataset (overwrite) is kept as a hidden backup
+    return folder
+
+
+def _check_disk(root: Path, need: int, num_cases: int) -> None:
+    """Refuse a dataset the disk cannot hold (estimated at half the raw float32 size: phantoms compress well)."""
+    try:
+        free = shutil.disk_usage(root if root.exists() else root.parent).free
+    except OSError:
+        return
+    if need > free:
+        raise MedimgenError(f"{num_cases} cases need about {need / 1e9:.1f} GB in {root}, {free / 1e9:.1f} GB is "
+                            f"free: use fewer --cases or a smaller --shape")
+
+
+def _write_cases(folder: Path, dataset_name: str, num_cases: int, shape, spacing, channels: int, modality: str, seed: int,
+                 rotation, origin) -> None:
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
-    folder = Path(nnunet_raw) / f"Dataset{int(dataset_id):03d}_{name}"
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise MedimgenError(f"{folder} already exists; pick another dataset id or pass overwrite")
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -154,10 +188,9 @@ def make_synthetic_dataset(
         labels={"background": 0, "organ": 1, "lesion": 2},
         num_training_cases=num_cases,
         file_ending=".nii.gz",
-        dataset_name=folder.name,
+        dataset_name=dataset_name,
         description="synthetic phantoms made by medimgen",
     )
-    return folder
 
 
 def read_dataset_json(folder: Path) -> dict:

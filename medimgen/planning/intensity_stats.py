@@ -164,10 +164,17 @@ def case_statistics(plans: DatasetPlans, dim: str, identifiers: Sequence[str] | 
     rw = plans.manager.image_reader_writer_class()
     out = []
     for identifier in ids:
-        data, _ = rw.read_images(files[identifier]["images"])
-        label = files[identifier].get("label")
-        seg = rw.read_seg(label)[0] if label and Path(label).is_file() else None
+        try:
+            data, _ = rw.read_images(files[identifier]["images"])
+            label = files[identifier].get("label")
+            seg = rw.read_seg(label)[0] if label and Path(label).is_file() else None
+        except Exception as e:  # a truncated or corrupt raw file: named, not silently left out
+            raise MedimgenError(f"raw case {identifier} of {plans.name} cannot be read ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:160]}): fix or remove it, then plan again") from None
         data = data.astype(np.float32)
+        if not np.isfinite(data).all():
+            raise MedimgenError(f"raw case {identifier} of {plans.name} has NaN or infinite voxels: its intensity "
+                                f"statistics would be wrong; fix or remove it, then plan again")
         data, seg, _ = crop_to_nonzero(data, seg)  # transpose_forward does not change the statistics
         inside = seg[0] >= 0
         offset, scale = [], []

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from medimgen.core.atomic import atomic_path
+from medimgen.core.atomic import atomic_path, write_failure
 from medimgen.config import load_generation_config, save_generation_config
 from medimgen.config.kinds import auto_generators, kind, names, the
 from medimgen.config.schema import GenerationConfig
@@ -60,9 +60,11 @@ class RunDir:
     @classmethod
     def standard(cls, dataset: str, model: str, dim: str, split: str) -> "RunDir":
         """The dataset's run of ``model`` for ``dim`` and ``split`` under $medimgen_results."""
+        from medimgen.core.names import inside
         from medimgen.core.paths import medimgen_results
 
-        return cls(medimgen_results() / dataset / model / dim / split)
+        root = medimgen_results()
+        return cls(inside(root / dataset / model / dim / split, root, f"the run folder of {dataset}"))
 
     @property
     def checkpoints(self) -> Path:
@@ -116,14 +118,21 @@ class RunDir:
     def dataset(self, plans_identifier: str) -> str:
         """The dataset's name, from the run's copy of the nnU-Net plans it was trained on (else the standard
         layout's folder name)."""
+        from medimgen.core.names import check_dataset_name
+
         try:
-            return str(json.loads((self.root / f"{plans_identifier}.json").read_text())["dataset_name"])
+            name = str(json.loads((self.root / f"{plans_identifier}.json").read_text())["dataset_name"])
         except (OSError, ValueError, KeyError, TypeError):
             return self.root.parents[2].name
+        return check_dataset_name(name, f"dataset_name in {self.root / f'{plans_identifier}.json'}")
 
     def make(self) -> None:
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.plots.mkdir(parents=True, exist_ok=True)
+        """The run's folders; a checkpoints/ or plots/ that leads outside the run (a symlink) is refused."""
+        from medimgen.core.names import inside
+
+        for sub in (self.checkpoints, self.plots):
+            inside(sub, self.root, "run folder")
+            sub.mkdir(parents=True, exist_ok=True)
 
     def copy_nnunet_files(self, dataset_folder: Path, plans_identifier: str) -> None:
         for name in (f"{plans_identifier}.json", "dataset.json"):
@@ -207,9 +216,38 @@ def scale_factor_of(cfg: GenerationConfig, *old: dict | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+def check_config_unchanged(state: dict, cfg: GenerationConfig, config_file: Path, checkpoint: Path) -> None:
+    """Refuse a run whose config.yaml was edited after training where the weights depend on it (the checkpoint
+    keeps the config it trained with), naming the first key that changed."""
+    from medimgen.config.io import from_dict, model_keys_changed, parse_yaml
+
+    text = state.get("config")
+    if not isinstance(text, str):
+        return  # a checkpoint from before configs were kept in it
+    try:
+        trained = from_dict(GenerationConfig, parse_yaml(text, str(checkpoint)))
+    except MedimgenError:
+        return  # an older schema: nothing to compare with
+    changed = model_keys_changed(trained, cfg)
+    if changed:
+        from medimgen.config.io import flatten
+        from medimgen.core.names import short_repr
+
+        key = changed[0]
+        raise MedimgenError(f"{config_file} was edited after training: '{key}' is "
+                            f"{short_repr(flatten(cfg).get(key))}, the weights in {checkpoint.name} were trained "
+                            f"with {short_repr(flatten(trained).get(key))}"
+                            + (f" (and {len(changed) - 1} more key(s))" if len(changed) > 1 else "")
+                            + ": restore the value, or train again")
+
+
 def write_checkpoint(state: dict, path: Path) -> None:
+    """Atomic: a failed write (a full disk: torch's C++ writer raises RuntimeError) keeps the previous file."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's writer reports ENOSPC as 'basic_ios::clear' or 'file write failed'
+            raise write_failure(e, path) from None
 
 
 def read_checkpoint(path: Path, mmap: bool = False) -> dict:
@@ -322,6 +360,7 @@ class TrainedModel:
         state = read_checkpoint(path)
         k = kind(state["model"])
         cfg = load_generation_config(run.config)
+        check_config_unchanged(state, cfg, run.config, path)
         base, own = None, None
         if k.steers:
             base_run = upstream_of(run.root, state["extra"])
@@ -389,12 +428,17 @@ class TrainedModel:
             raise MedimgenError(f"{folder / META}: unknown model kind {name!r}")
         k = kind(name)
         cfg = load_generation_config(folder / CONFIG)
-        tensors = load_file(str(folder / WEIGHTS))
+        try:
+            tensors = load_file(str(folder / WEIGHTS))
+        except Exception as e:  # safetensors' SafetensorError (an edited or truncated header), OSError
+            raise MedimgenError(f"cannot read the weights {folder / WEIGHTS} ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:160]})") from None
         unet, ae = _networks(name, cfg)
         controlnet = build_controlnet(cfg) if k.steers else None
         for prefix, net in (("unet", unet), ("autoencoder", ae), ("controlnet", controlnet)):
             if net is not None:
-                net.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+                _load(net, {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")},
+                      folder / WEIGHTS, f"networks of {folder / CONFIG}")
         scale = scale_factor_of(cfg, meta) if cfg.space_of(name) == "latent" else None
         return cls(name, cfg, _eval(unet), _eval(ae), scale, geometry, str(meta.get("dataset", "")),
                    source or meta.get("source", str(folder)), controlnet=_eval(controlnet),
@@ -427,7 +471,23 @@ class TrainedModel:
                                 f"got {ref.model!r}")
         if model.kind not in kinds:
             raise MedimgenError(f"{model.source} is a {model.kind} model; this needs {' or '.join(kinds)}")
+        _check_request(ref, model)
         return model
+
+
+def _check_request(ref: ModelRef, model: "TrainedModel") -> None:
+    """A DATASET_ID (and, where the command takes one, a MODEL_TYPE) that contradicts the model named by a run
+    folder or URI is refused, not ignored."""
+    import re
+
+    if ref.dataset_id is not None and re.fullmatch(r"Dataset\d{3}_.*", model.dataset or ""):
+        text = str(ref.dataset_id)
+        wanted = int(text) if text.isdigit() else int(text[7:10]) if re.fullmatch(r"Dataset\d{3}_.*", text) else None
+        if wanted is not None and wanted != int(model.dataset[7:10]):
+            raise MedimgenError(f"DATASET_ID {text} contradicts the model: {model.source} was trained on "
+                                f"{model.dataset}; give {int(model.dataset[7:10])} or another model")
+    if ref.dim_given and ref.dim != model.dim:
+        raise MedimgenError(f"MODEL_TYPE {ref.dim} contradicts the model: {model.source} is a {model.dim} model")
 
 
 def _eval(net: torch.nn.Module | None):

@@ -4,6 +4,7 @@ run."""
 from __future__ import annotations
 
 import contextlib
+import math
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +146,36 @@ def _run_config(plans: DatasetPlans, run: RunDir, dim: str, resume: bool, overri
                             f"{cfg.data.plans_identifier}, but {plans.name} is planned from {plans.plans_identifier} "
                             f"(its {CONFIG_NAME}): re-plan with `medimgen plan -d {plans.dataset_id} --plans "
                             f"{cfg.data.plans_identifier}`, or start a new run")
+    check_against_dataset(cfg, plans)
     return cfg
+
+
+def check_against_dataset(cfg: GenerationConfig, plans: DatasetPlans) -> None:
+    """The config agrees with the dataset it trains on (checked before the run folder is made): its channels and
+    its label values are the dataset's."""
+    if cfg.data.in_channels != plans.num_channels:
+        raise MedimgenError(f"config key 'data.in_channels': must be {plans.num_channels} (the channels of "
+                            f"{plans.name}'s dataset.json), got {cfg.data.in_channels}")
+    labels = plans.dataset_json.get("labels") or {}
+    values = {v for v in labels.values() if isinstance(v, int) and not isinstance(v, bool)}
+    unknown = [v for v in cfg.data.label_values if v not in values]
+    if values and len(values) == len(labels) and unknown:
+        raise MedimgenError(f"config key 'data.label_values': {unknown} not among the label values of {plans.name}'s "
+                            f"dataset.json {sorted(values)}")
+
+
+def check_host_memory_for(cfg: GenerationConfig, model: str, device: torch.device) -> None:
+    """On a CPU, training allocates in host memory: refuse an image size whose full-resolution activations alone
+    (a lower bound: a few maps of the first level's channels per image of the micro-batch) exceed what is free."""
+    if device.type != "cpu":
+        return  # a GPU: the planner's memory fit and the memory guard
+    from medimgen.core.devices import check_host_memory
+
+    full_resolution_autoencoder = kind(model).encoder or cfg.space_of(model) == "latent"
+    net = cfg.autoencoder if full_resolution_autoencoder else cfg.unet_for(model)
+    voxels = math.prod(cfg.data.image_size)
+    need = cfg.train_for(model).batch_size * net.channels[0] * voxels * 4 * 4
+    check_host_memory(need, f"training the {model} at data.image_size {list(cfg.data.image_size)} on the CPU")
 
 
 def _train_locked(lock: RunLock | None, model: str, plans: DatasetPlans, split, run: RunDir, dim: str, resume: bool,
@@ -153,6 +183,7 @@ def _train_locked(lock: RunLock | None, model: str, plans: DatasetPlans, split, 
                   stop_after_epoch: int | None, echo: Callable[[str], None]) -> TrainResult:
     _check_run(run, model, resume)
     cfg = _run_config(plans, run, dim, resume, overrides, config_path, setup)
+    check_host_memory_for(cfg, model, device)
     seed_everything(distributed.rank_seed(cfg.train_for(model).seed))  # several ranks: DDP gives all rank 0's weights
     upstream = upstream_for(model, run, cfg, plans.name, split.name, setup.upstream_run)  # resume: the run's own link
     task = build_task(model, cfg, device, upstream, run.root)  # writes nothing (LDM: loads its AE)

@@ -357,8 +357,6 @@ class Trainer:
                 if k != "epoch":
                     self.history[k] = self.history.get(k, [None] * (len(self.history["epoch"]) - 1))
                     self.history[k].append(metrics.get(k))
-            if main:
-                self._epoch_outputs(epoch, metrics)
             val = metrics.get("val_loss_ema" if self.ema_ready else "val_loss")
             if val is not None and (val < self.best_val or self.ema_ready != self.best_ema):
                 self.best_val, self.best_ema = val, self.ema_ready
@@ -366,7 +364,12 @@ class Trainer:
                     write_checkpoint(self.sampling_state(epoch + 1), self.run.best)
             rngs = distributed.gather(rng_state()) if distributed.active() else None
             if main:
+                # the epoch is saved before its plots and samples (slow on a CPU): a kill during them loses nothing;
+                # they leave the random state as saved, so a resumed run continues exactly as this one does
                 write_checkpoint(self.state(epoch + 1, rngs), self.run.last)
+                saved = rng_state()
+                self._epoch_outputs(epoch, metrics)
+                set_rng_state(saved)
                 self.opt.echo(f"{self.task.name} epoch {epoch + 1}/{cfg.epochs} "
                               + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
             if self.opt.on_epoch is not None:
