@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import FLAT_2D, plan_once
+from tests.conftest import ANISO_3D
 
 
 @pytest.fixture(scope="module")
-def real_2d(nnunet_roots):
+def real_2d(workspace):
+    """The real 2D images of the planned test dataset (3 slices a case): training and held-out (val + test) cases."""
     from medimgen.evaluation.api import real_cases, reference
 
-    cfg = plan_once(FLAT_2D).config.get("2d")
-    val, _, _ = real_cases(cfg, str(FLAT_2D), "val")
-    return reference(cfg, str(FLAT_2D), val)
+    cfg = workspace["config"].get("2d")
+    val, _, _ = real_cases(cfg, str(ANISO_3D), "val")
+    return reference(cfg, str(ANISO_3D), val)
 
 
 def test_memorisation_flags_training_copies_not_heldout_cases(real_2d):
@@ -39,11 +40,82 @@ def test_memorisation_flags_training_copies_not_heldout_cases(real_2d):
 
 
 def test_scorer_names_and_quality_metrics(real_2d):
-    from medimgen.evaluation.scorer import quality_metrics, score
+    from medimgen.evaluation.scorer import Reference, quality_metrics, score
 
     ref = real_2d
+    ref = Reference(ref.heldout, ref.train, ref.train_ids, ref.heldout, ref.heldout_ids)
     scores, mem = score(ref.train[:4], ref)
+    assert mem.pairs[0]["ncc"] == pytest.approx(1.0)
     assert {"mmd_stats", "ms_ssim_generated", "ms_ssim_gap", "memorised_fraction"} <= set(scores)
     assert not any(k.startswith("fid") for k in scores)  # no extractor: no FID
     q = quality_metrics(scores)
     assert q["quality/memorised_fraction"] == 1.0 and "quality/ms_ssim" in q and "quality/mmd_stats" in q
+
+
+def _quality_keys(run) -> set[str]:
+    return {k for k in run.data.metrics if k.startswith("quality/")}
+
+
+def test_ddpm_and_ldm_runs_score_themselves_under_the_same_names(flow_2d):
+    """Tiny DDPM and LDM runs (CPU): the same quality/* keys read back with MlflowClient, at the optimiser step;
+    params only of the sections the model uses; the registered version carries quality and a description."""
+    from mlflow import MlflowClient
+
+    from medimgen.training.quality import optimizer_steps
+
+    client = MlflowClient()
+    runs = {m: client.get_run(flow_2d[m].mlflow_run_id) for m in ("ddpm", "ldm", "autoencoder")}
+    keys = {m: _quality_keys(r) for m, r in runs.items()}
+    assert keys["ddpm"] == keys["ldm"]
+    assert {"quality/mmd_stats", "quality/ms_ssim", "quality/memorised_fraction"} <= keys["ldm"]
+    assert not any(k.startswith("quality/fid") for k in keys["ldm"])  # no extractor weights here: no FID
+    assert {"quality/psnr", "quality/ssim"} <= keys["autoencoder"]
+    train = flow_2d["ldm"].config.train_ldm
+    steps = [m.step for m in client.get_metric_history(runs["ldm"].info.run_id, "quality/mmd_stats")]
+    assert steps == [optimizer_steps(train, train.epochs)]
+    ldm_params = runs["ldm"].data.params
+    assert "ldm_unet.channels" in ldm_params and "autoencoder.channels" in ldm_params
+    assert not any(k.startswith(("train_ddpm.", "ddpm_unet.", "train_controlnet.", "discriminator.")) for k in ldm_params)
+    assert not any(k.startswith(("ldm_unet.", "autoencoder.")) for k in runs["ddpm"].data.params)
+    name = f"{runs['ldm'].data.tags['medimgen.dataset']}_ldm_2d"
+    version = client.search_model_versions(f"name='{name}'")[0]
+    assert "quality/mmd_stats" in version.tags and "quality:" in version.description
+    assert "split train-val-test" in version.description
+
+
+def test_other_split_does_not_become_a_version_of_the_default_name(flow_2d, workspace):
+    from mlflow import MlflowClient
+
+    from medimgen.training.api import train
+    from tests.training_helpers import tiny_overrides
+
+    client = MlflowClient()
+    dataset = client.get_run(flow_2d["ddpm"].mlflow_run_id).data.tags["medimgen.dataset"]
+    default = f"{dataset}_ddpm_2d"
+    before = len(client.search_model_versions(f"name='{default}'"))
+    sets = tiny_overrides(workspace["config"].get("2d"), epochs=1)
+    result = train("ddpm", ANISO_3D, "5-fold", "2d", fold=0, overrides=sets, echo=lambda *_: None)
+    assert len(client.search_model_versions(f"name='{default}'")) == before
+    versions = client.search_model_versions(f"name='{default}_fold_0'")
+    assert [v.run_id for v in versions] == [result.mlflow_run_id]
+
+
+def test_plots_keep_normal_fonts_after_seaborn(tmp_path):
+    """nnU-Net's `sns.set(font_scale=2.5)` in the same process does not reach medimgen's plots."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from medimgen.training.outputs import plot_losses, plot_style
+
+    sns = pytest.importorskip("seaborn")
+    sns.set(font_scale=2.5)
+    try:
+        plot_losses({"epoch": [1, 2, 3], "train_loss": [3.0, 2.0, 1.0], "val_loss": [3.5, 2.5, 1.5]},
+                    tmp_path / "loss.png")
+        assert (tmp_path / "loss.png").is_file()
+        with plot_style():
+            fig, ax = plt.subplots()
+            assert ax.title.get_fontsize() < 20 and ax.xaxis.label.get_fontsize() < 15
+            plt.close(fig)
+    finally:
+        matplotlib.rcdefaults()

@@ -37,6 +37,7 @@ class ModelKind:
     generator: bool = False
     samples: bool = False
     sampling_modules: tuple[str, ...] = ()
+    extra_sections: tuple[str, ...] = ()  # further config sections only this kind trains with
 
     def __str__(self) -> str:
         return self.name
@@ -61,7 +62,7 @@ def unregister(name: str) -> None:
 DDPM = register(ModelKind("ddpm", "train_ddpm", "ddpm_unet", "ddpm_scheduler", "image", generator=True, samples=True,
                           sampling_modules=("unet",)))
 AUTOENCODER = register(ModelKind("autoencoder", "train_autoencoder", "autoencoder", None, "image",
-                                 sampling_modules=("autoencoder",)))
+                                 sampling_modules=("autoencoder",), extra_sections=("discriminator", "losses")))
 LDM = register(ModelKind("ldm", "train_ldm", "ldm_unet", "ldm_scheduler", "latent", upstream="autoencoder",
                          generator=True, samples=True, sampling_modules=("unet",)))
 CONTROLNET = register(ModelKind("controlnet", "train_controlnet", "controlnet", None, "image", upstream="generator",
@@ -87,3 +88,20 @@ def names(*, generator: Optional[bool] = None, samples: Optional[bool] = None) -
     """Names of the registered kinds, optionally only generators / only those one can sample from."""
     return tuple(k.name for k in _KINDS.values()
                  if (generator is None or k.generator == generator) and (samples is None or k.samples == samples))
+
+
+SHARED_SECTIONS = ("data", "tracking", "memory", "derived")  # every kind's
+
+
+def config_sections(name: "str | ModelKind", cfg=None) -> tuple[str, ...]:
+    """The config sections a run of kind ``name`` uses: the shared ones, its own, and those of the kind it builds on
+    (a ControlNet's base is ``cfg.controlnet_base()``, the LDM without a config). What a run logs as MLflow params."""
+    k = kind(name)
+    own = [k.train_section, k.network_section, *([k.scheduler_section] if k.scheduler_section else []),
+           *k.extra_sections]
+    if k.upstream == "autoencoder":
+        own.append(kind("autoencoder").network_section)
+    elif k.upstream == "generator":
+        base = kind(cfg.controlnet_base() if cfg is not None else "ldm")
+        own += [s for s in config_sections(base, cfg) if s != base.train_section]
+    return tuple(dict.fromkeys([*SHARED_SECTIONS, *own]))

@@ -71,15 +71,16 @@ def _real_samples(cfg: GenerationConfig, dataset: str, subset: str, splitting: s
 
 
 def reference(cfg: GenerationConfig, dataset: str, real: torch.Tensor, splitting: str = "train-val-test",
-              fold: int = 0, memorise: bool = True) -> Reference:
+              fold: int = 0, memorise: bool = True, heldout: str = "heldout") -> Reference:
     """What generated images are scored against: ``real``, and (``memorise``) the split's training cases and its
-    held-out (val and test) cases for the memorisation score; a split without held-out cases scores no memorisation."""
+    ``heldout`` cases ('heldout': val and test; training runs use 'val' alone) for the memorisation score; a split
+    without such cases scores no memorisation."""
     ref = Reference(real)
     if not memorise:
         return ref
     try:
         ref.train, _, ref.train_ids, _ = _real_samples(cfg, dataset, "train", splitting, fold)
-        ref.heldout, _, ref.heldout_ids, _ = _real_samples(cfg, dataset, "heldout", splitting, fold)
+        ref.heldout, _, ref.heldout_ids, _ = _real_samples(cfg, dataset, heldout, splitting, fold)
     except MedimgenError:
         ref.train = ref.heldout = None
     return ref

@@ -87,7 +87,7 @@ def memorisation(generated: torch.Tensor, train: torch.Tensor, heldout: torch.Te
     gen_sim = ncc(generated, train)
     nearest, which = gen_sim.max(1)
     held = ncc(heldout, train).max(1).values
-    threshold = float(torch.quantile(held, percentile / 100))
+    threshold = float(torch.quantile(held, percentile / 100, interpolation="higher"))  # few cases: the max
     memorised = nearest > threshold
     ids = list(generated_ids) if generated_ids is not None else [f"sample_{i}" for i in range(len(generated))]
     order = nearest.argsort(descending=True)[:top].tolist()

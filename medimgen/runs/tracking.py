@@ -354,17 +354,41 @@ class Registration:
     version: str | None
 
 
-def registered_name(dataset: str, kind: str, dim: str) -> str:
-    """The registry name of a dataset's model: DatasetXXX_Name_<kind>_<dim>."""
-    return f"{dataset}_{kind}_{dim}"
+DEFAULT_SPLIT = "train-val-test"
+
+
+def registered_name(dataset: str, kind: str, dim: str, split: str = DEFAULT_SPLIT) -> str:
+    """The registry name of a dataset's model: DatasetXXX_Name_<kind>_<dim> for runs of the default train-val-test
+    split, DatasetXXX_Name_<kind>_<dim>_<split> (e.g. ``_fold_0``) for any other split, so a quick fold experiment
+    never becomes the newest version of the name users sample from."""
+    return f"{dataset}_{kind}_{dim}" + ("" if split == DEFAULT_SPLIT else f"_{split}")
+
+
+def run_facts(run_id: str | None) -> tuple[dict, dict]:
+    """(tags, quality/* metrics) of a training run (empty when unknown)."""
+    if not run_id:
+        return {}, {}
+    run = _client().get_run(run_id)
+    return dict(run.data.tags), {k: v for k, v in run.data.metrics.items() if k.startswith("quality/")}
+
+
+def version_description(kind: str, dim: str, run_id: str | None, tags: dict, epochs: int | None,
+                        metrics: dict[str, float]) -> str:
+    """What a registered version is: its run, split, epochs and quality."""
+    quality = ", ".join(f"{k.removeprefix('quality/')}={v:.4g}" for k, v in sorted(metrics.items())) or "not scored"
+    return (f"{kind} {dim} of run {run_id or '(none)'} ({tags.get('medimgen.run_dir', '')}); split "
+            f"{tags.get('medimgen.split', DEFAULT_SPLIT)}; {epochs if epochs is not None else '?'} epochs; "
+            f"quality: {quality}")
 
 
 def log_model(folder: Path, run_id: str | None = None, registered_name: str | None = None, alias: str | None = None,
               experiment: str = "Default", run_name: str = "register", tags: dict | None = None,
-              tracking_uri: str | None = None) -> Registration:
+              tracking_uri: str | None = None, metrics: dict[str, float] | None = None,
+              description: str | None = None) -> Registration:
     """Log the packaged model in ``folder`` as pyfunc model 'model' ("model from code": medimgen/generation/pyfunc.py,
     weights as safetensors) in run ``run_id`` (else the active run, else a new run in ``experiment``), register it
-    as ``registered_name`` (with ``alias``) and tag the version with ``tags``."""
+    as ``registered_name`` (with ``alias``) and tag the version with ``tags``; ``metrics`` (quality/*) go on the
+    logged model and the version's tags, ``description`` on the version."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -381,11 +405,15 @@ def log_model(folder: Path, run_id: str | None = None, registered_name: str | No
     with ctx:
         info = mlflow.pyfunc.log_model(name="model", python_model=str(code), artifacts={"sampler": str(folder)},
                                        pip_requirements=["medimgen"], registered_model_name=registered_name)
+        if metrics:
+            mlflow.log_metrics(metrics, model_id=info.model_id)
     version = str(info.registered_model_version) if registered_name and info.registered_model_version else None
     if version:
         client = MlflowClient()
-        for k, v in (tags or {}).items():
+        for k, v in {**(tags or {}), **(metrics or {})}.items():
             client.set_model_version_tag(registered_name, version, k, str(v))
+        if description:
+            client.update_model_version(registered_name, version, description=description)
         if alias:
             client.set_registered_model_alias(registered_name, alias, version)
     return Registration(info.model_uri, registered_name, version)
@@ -536,7 +564,8 @@ class ClientRuns:
         self.client.delete_run(run_id)
 
     def log(self, run_id: str | None, metrics: dict[str, float], step: int = 0, tags: dict | None = None,
-            status: str | None = None) -> None:
+            status: str | None = None, params: dict | None = None) -> None:
+        """Metrics (at ``step``), tags and ``params`` (those the run does not have yet) of run ``run_id``."""
         if not run_id:
             return
 
@@ -544,12 +573,14 @@ class ClientRuns:
             import math
             import time
 
-            from mlflow.entities import Metric, RunTag
+            from mlflow.entities import Metric, Param, RunTag
 
             now = int(time.time() * 1000)
+            have = self.client.get_run(run_id).data.params if params else {}
             self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
                                                    if v is not None and math.isfinite(float(v))],
-                                  tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+                                  tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+                                  params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items() if k not in have])
             if status:
                 self.client.set_terminated(run_id, status)
         self._guard("logging", go)

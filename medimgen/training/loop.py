@@ -113,6 +113,7 @@ class LoopOptions:
     on_epoch: Callable[[int, dict], None] | None = None  # called after each epoch's checkpoint (tuning: pruning)
     memory_guard: object | None = None  # training.memory_guard.MemoryGuard: checks the first steps' peak
     on_refit: Callable[[object], Iterator[dict]] | None = None  # applies a memory Refit: returns the new batches
+    quality: Callable[[int], dict] | None = None  # training.quality.QualityCheck: quality/* metrics after an epoch
 
 
 class Trainer:
@@ -367,6 +368,7 @@ class Trainer:
                 write_checkpoint(self.state(epoch + 1, rngs), self.run.last)
                 self.opt.echo(f"{self.task.name} epoch {epoch + 1}/{cfg.epochs} "
                               + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
+                self._quality(epoch + 1)
             if self.opt.on_epoch is not None:
                 self.opt.on_epoch(epoch + 1, metrics)
             if self.opt.stop_after_epoch is not None and epoch + 1 >= self.opt.stop_after_epoch and epoch + 1 < cfg.epochs:
@@ -374,6 +376,23 @@ class Trainer:
                 return {"completed": False, "epoch": epoch + 1}
         self.tracker.log_artifact(self.run.plots / "loss.png", "plots")
         return {"completed": True, "epoch": cfg.epochs, "best_val": self.best_val, "seconds": time.time() - t_start}
+
+    def _quality(self, epoch: int) -> None:
+        """The run scores itself where planned (training.quality); quality/* metrics at the optimiser step (rank 0)."""
+        from medimgen.training.quality import optimizer_steps
+
+        check = self.opt.quality
+        if check is None or not check.due(epoch):
+            return
+        self.opt.echo(f"{self.task.name} epoch {epoch}: scoring {check.train.eval_samples} samples (quality checks)"
+                      if self.task.name != "autoencoder" else f"{self.task.name} epoch {epoch}: scoring reconstructions")
+        try:
+            q = check(epoch)
+        except MedimgenError as e:
+            self.opt.echo(f"quality check skipped: {e}")
+            return
+        self.tracker.log_metrics(q, step=optimizer_steps(self.cfg, epoch))
+        self.opt.echo(f"{self.task.name} epoch {epoch} " + " ".join(f"{k}={v:.4g}" for k, v in q.items()))
 
     def _epoch_outputs(self, epoch: int, metrics: dict) -> None:
         """MLflow metrics, loss history and plots of an epoch (rank 0)."""

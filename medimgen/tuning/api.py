@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -230,6 +231,8 @@ def tune(
     progress: bool = False,
     echo: Callable[[str], None] = print,
     metrics: str | Sequence[str] | None = None,
+    eval_samples: int | None = None,
+    eval_steps: int | None = None,
 ) -> TuneResult:
     """Run ``trials`` more trials of the study (creating it if needed); see the module doc. ``metrics``: the
     objective names (comma-separated or a list; default: see medimgen.tuning.objectives.choose_metrics)."""
@@ -244,6 +247,15 @@ def tune(
 
     st = _setup(dataset_id, model, dim, trials, space_path, objective, overrides, autoencoder_run, splitting, fold)
     plans, space, base = st.plans, st.space, st.base
+    for key, value in (("num_samples", eval_samples), ("sampling_steps", eval_steps)):  # --eval-samples/--eval-steps
+        if value is not None:
+            if value < 1:
+                raise MedimgenError(f"--eval-{'samples' if key == 'num_samples' else 'steps'} must be at least 1")
+            space = dataclasses.replace(space, budget={**space.budget, key: value})
+    if progress:  # trial lines above the progress bar, not glued to it
+        from tqdm import tqdm
+
+        echo = tqdm.write
     name = study_name or f"{plans.name}/{model}/{dim}/{objective}"
     tuning_root = medimgen_results() / plans.name / "tuning"
     storage_obj, storage_desc = open_storage(storage, tuning_root / "optuna.db")
@@ -274,7 +286,8 @@ def tune(
         objective_fn = TrialObjective(name, plans.name, model, dim, objective, space, base, st.config_sets,
                                       tuning_root / f"{model}_{dim}_{objective}", feats, runs, None,
                                       splitting=splitting, fold=fold, autoencoder_run=st.autoencoder_run,
-                                      device=device, echo=echo, metrics=names, budget=st.budget_sets)
+                                      device=device, echo=echo, metrics=names, budget=st.budget_sets,
+                                      progress=progress)
         objective_fn.check()
         parent = runs.parent(
             study, storage_obj,
