@@ -233,6 +233,8 @@ def _train_command(model: str | None):
         state = "finished" if result.completed else f"stopped after epoch {result.epoch}"
         if result.rank == 0:  # torchrun: every rank returns, rank 0 speaks
             click.echo(f"{model} {state}: {result.run_dir}" + (f" (MLflow run {result.mlflow_run_id})" if result.mlflow_run_id else ""))
+            if result.mlflow_url:
+                click.echo(f"MLflow: {result.mlflow_url}  (`mlflow ui` on the store for a local one)")
 
     return command
 
@@ -474,8 +476,10 @@ def evaluate_cmd(dataset_id, model_type, num_samples, real, extractor, weights, 
 
 
 @main.command("tune")
-@click.option("-d", "--dataset", "dataset_id", required=True, help="nnU-Net dataset id (e.g. 1 or 001) or name.")
-@click.option("--model", type=click.Choice(["autoencoder", "ldm", "ddpm"]), required=True, help="Model to tune.")
+@click.option("-d", "--dataset", "dataset_id", default=None,
+              help="nnU-Net dataset id (e.g. 1 or 001) or name; default: the one planned dataset.")
+@click.option("--model", type=click.Choice(["autoencoder", "ldm", "ddpm"]), default="ldm", show_default=True,
+              help="Model to tune (as MLproject's tune entry).")
 @click.option("-t", "--model-type", type=click.Choice(["2d", "3d"]), default="3d", show_default=True)
 @click.option("--trials", type=int, default=20, show_default=True, help="Trials to run now (added to the study's).")
 @click.option("--space", "space_path", type=click.Path(dir_okay=False), default=None,

@@ -8,7 +8,10 @@
 - A resumed training run continues its MLflow run (its id is stored in the checkpoint), also under
   ``mlflow run -P continue=true``: the run MLflow created for that command then only points to it.
 - Experiments medimgen creates or uses carry ``mlflow.experimentKind=custom_model_development`` (unless
-  they have a kind already), so MLflow 3's UI opens them in its model-training view, not on GenAI traces.
+  they have a kind already). MLflow 3.17's UI does not open the model-training view from that tag: it keeps the
+  view in the browser (default GenAI) or takes it from the URL, so every link medimgen prints ends with
+  ``workflowType=machine_learning`` (:func:`runs_view_url`).
+- Experiments medimgen creates on a sqlite store keep their artifacts beside the database (:func:`artifact_location`).
 - Every MLflow call is bounded: the HTTP client gets a short timeout and one retry (unless
   the user set MLflow's own variables), and an http(s) server is probed for a few seconds
   before a run starts. If the server is unreachable or fails mid-run, one warning line says
@@ -130,16 +133,48 @@ def mark_experiment(experiment_id: str, client=None) -> None:
     _mark(client.get_experiment(experiment_id), client)
 
 
+def artifact_location(name: str, uri: str | None = None) -> str | None:
+    """Where a new experiment's artifacts go: beside a sqlite database (``<db folder>/mlruns/<experiment>``), so the
+    runs of different stores never share the working directory's ./mlruns (MLflow's default); None (MLflow's choice)
+    for any other store, e.g. a server with its own artifact root."""
+    import re
+
+    uri = resolve_uri(uri)
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        return None
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve()
+    return (db.parent / "mlruns" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)).as_uri()
+
+
+UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
+RUNS_VIEW = "workflowType=machine_learning"  # MLflow 3's UI opens an experiment in the GenAI view without it
+
+
+def ui_base(uri: str | None = None) -> str:
+    """The MLflow UI of the tracking store: the server itself, or `mlflow ui`'s address for a local store."""
+    uri = resolve_uri(uri)
+    return uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else UI_URL
+
+
+def runs_view_url(experiment_id: str, uri: str | None = None) -> str:
+    """The experiment's runs table (model-training view) in the MLflow UI."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?{RUNS_VIEW}"
+
+
 def ensure_experiment(name: str, client=None) -> str:
-    """The id of experiment ``name``: created with the model-training kind tag, or an existing one given
-    the tag if it lacks a kind. Every experiment medimgen creates is made here."""
+    """The id of experiment ``name``: created with the model-training kind tag (and its artifacts beside a sqlite
+    store, see :func:`artifact_location`), or an existing one (its location untouched) given the tag if it lacks a
+    kind. Every experiment medimgen creates is made here."""
     from mlflow.exceptions import MlflowException
 
     client = _client(client)
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            import mlflow
+
+            return client.create_experiment(name, artifact_location=artifact_location(name, mlflow.get_tracking_uri()),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # another process created it meanwhile
             exp = client.get_experiment_by_name(name)
             if exp is None:

@@ -40,6 +40,7 @@ class TrainResult:
     mlflow_run_id: str | None
     config: GenerationConfig
     rank: int = 0  # several ranks (torchrun): which one returned this
+    mlflow_url: str | None = None  # the run's experiment in the MLflow UI (runs view)
 
 
 @dataclass
@@ -216,8 +217,12 @@ class _Job:
                 self._start_tracking(previous_run_id)
             result = self.trainer.fit()
             self._finish(result["completed"])
+            from medimgen.runs.tracking import runs_view_url
+
+            url = runs_view_url(self.tracker.experiment_id, self.cfg.tracking.tracking_uri) \
+                if self.tracker.run_id and self.tracker.experiment_id else None
             return TrainResult(self.run.root, result["completed"], result["epoch"], self.tracker.run_id, self.cfg,
-                               distributed.rank())
+                               distributed.rank(), url)
         except BaseException:
             self.tracker.end("KILLED")
             raise

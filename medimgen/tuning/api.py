@@ -165,6 +165,15 @@ def _setup(dataset_id, model: str, dim: str, trials: int, space_path, objective:
     return _Setup(plans, config_path, space, base, config_sets, budget_sets, dropped, ae_run)
 
 
+def _study_disk(base, space, budget_sets: dict, model: str, trials: int) -> int:
+    """Bytes ``trials`` more trials leave (best.pt, plots, log of each: a finished trial keeps no last.pt) plus the
+    last.pt of the one running (planning.disk's estimates for the trial's run length)."""
+    from medimgen.planning.disk import estimate_disk
+
+    e = estimate_disk(apply_overrides(base, space.budget_overrides(budget_sets)), model)
+    return trials * (e.best + e.plots) + e.last
+
+
 def _require_features(names: Sequence[str], feats, model: str, dataset_id) -> None:
     from medimgen.tuning import objectives
 
@@ -210,7 +219,7 @@ def _others_running(study) -> bool:
 
 @sigterm_interrupts()  # SIGTERM ends the trial's and the study's MLflow runs as KILLED, like Ctrl-C
 def tune(
-    dataset_id: int | str,
+    dataset_id: int | str | None,
     model: str = "ldm",
     dim: str = "3d",
     trials: int = 20,
@@ -235,7 +244,8 @@ def tune(
     eval_steps: int | None = None,
 ) -> TuneResult:
     """Run ``trials`` more trials of the study (creating it if needed); see the module doc. ``metrics``: the
-    objective names (comma-separated or a list; default: see medimgen.tuning.objectives.choose_metrics)."""
+    objective names (comma-separated or a list; default: see medimgen.tuning.objectives.choose_metrics).
+    ``dataset_id`` None: the one planned dataset (said so), else one line listing the planned ones."""
     import optuna
 
     from medimgen import __version__
@@ -245,6 +255,11 @@ def tune(
     from medimgen.runs.tracking import git_commit
     from medimgen.tuning import objectives
 
+    if dataset_id is None:
+        from medimgen.core.paths import the_planned_dataset
+
+        dataset_id = the_planned_dataset()
+        echo(f"tuning the {model} ({dim}) of {dataset_id}, the one planned dataset")
     st = _setup(dataset_id, model, dim, trials, space_path, objective, overrides, autoencoder_run, splitting, fold)
     plans, space, base = st.plans, st.space, st.base
     for key, value in (("num_samples", eval_samples), ("sampling_steps", eval_steps)):  # --eval-samples/--eval-steps
@@ -272,7 +287,8 @@ def tune(
                                                     recorded_objectives(storage_obj, name, model),
                                                     lambda: features() is not None)
     study = load_study(storage_obj, storage_desc, name, objective, space, names)
-    echo(f"study {name} in {storage_desc}: {len(study.trials)} trial(s) so far, running {trials} more")
+    echo(f"study {name} in {storage_desc}: {len(study.trials)} trial(s) so far, running {trials} more"
+         + (f"; disk: about {_study_disk(base, space, st.budget_sets, model, trials) / 2**30:.2f} GB" if trials else ""))
 
     parent = None
     if trials > 0:
