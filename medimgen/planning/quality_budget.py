@@ -32,11 +32,12 @@ def checks(train: TrainConfig) -> int:
     return train.epochs // train.eval_interval + (train.epochs % train.eval_interval != 0)
 
 
-def plan(train: TrainConfig, inference_steps: int) -> dict:
-    """eval_interval, eval_samples and eval_steps for a run of ``train`` (see the module)."""
+def plan(train: TrainConfig, inference_steps: int = MAX_STEPS, max_checks: int = MAX_CHECKS) -> dict:
+    """eval_interval, eval_samples and eval_steps for a run of ``train`` (see the module); a tuning trial, scored
+    once, asks with ``max_checks=1``."""
     budget = SHARE * training_cost(train)
     steps = max(MIN_STEPS, min(MAX_STEPS, inference_steps))
-    for n in range(MAX_CHECKS, 0, -1):
+    for n in range(max_checks, 0, -1):
         samples = int(budget / n / steps)
         if samples >= MIN_SAMPLES or n == 1:
             break

@@ -260,22 +260,51 @@ def sigterm_interrupts():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-class Tracker:
-    """One MLflow run. Every method is safe to call when tracking is off or broken, and none calls
-    MLflow once tracking was switched off."""
+class Guarded:
+    """The one failure policy of every MLflow user in medimgen: calls go through :meth:`_guard`, which never raises;
+    the first failure warns once ("MLflow <what> failed (<why>); <consequence>") and switches MLflow off for this
+    object, so nothing calls a dead server again."""
 
-    def __init__(self, enabled: bool = True):
+    consequence = "continuing without MLflow"
+
+    def __init__(self, enabled: bool = True, consequence: str | None = None):
         self.enabled = enabled
-        self.run_id: str | None = None
-        self.experiment_id: str | None = None
         self._warned = False
+        if consequence:
+            self.consequence = consequence
 
-    def _fail(self, what: str, error: Exception) -> None:
+    def _fail(self, what: str, error: BaseException) -> None:
         if not self._warned:
-            warnings.warn(f"MLflow {what} failed ({brief(error)}); tracking is off for the rest of this run, "
-                          f"training continues and outputs stay in the run folder", stacklevel=3)
+            warnings.warn(f"MLflow {what} failed ({brief(error)}); {self.consequence}", stacklevel=4)
             self._warned = True
         self.enabled = False
+        self._switched_off()
+
+    def _switched_off(self) -> None:
+        """What else goes when MLflow is switched off (subclasses)."""
+
+    def _guard(self, what: str, fn, default=None):
+        if not self.enabled:
+            return default
+        try:
+            return fn()
+        except Exception as e:
+            self._fail(what, e)
+            return default
+
+
+class Tracker(Guarded):
+    """One MLflow run through MLflow's active run (the training loop's). Every method is safe to call when tracking
+    is off or broken, and none calls MLflow once tracking was switched off."""
+
+    consequence = "tracking is off for the rest of this run, training continues and outputs stay in the run folder"
+
+    def __init__(self, enabled: bool = True):
+        super().__init__(enabled)
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+
+    def _switched_off(self) -> None:
         self._forget_active_run()
 
     def _forget_active_run(self) -> None:
@@ -292,37 +321,33 @@ class Tracker:
 
     def start(self, experiment: str, run_name: str, tracking_uri: str | None = None,
               run_id: str | None = None, tags: dict | None = None) -> str | None:
-        if not self.enabled:
-            return None
-        try:
-            import mlflow
+        return self._guard("start_run", lambda: self._start(experiment, run_name, tracking_uri, run_id, tags))
 
-            connect(tracking_uri)
-            project_run = os.environ.get("MLFLOW_RUN_ID")
-            if run_id:  # resume our own run (in its own experiment)
-                if project_run and project_run != run_id:  # `mlflow run -P continue=true`: its run points here
-                    name = attach_project_run(project_run, run_name, experiment, continues=run_id)
-                    if name:
-                        mlflow.MlflowClient().update_run(project_run, name=name)
-                run = start_existing_run(run_id)
-            elif project_run:  # `mlflow run` created the run: attach (its experiment is MLflow's choice)
-                run = mlflow.start_run(run_name=attach_project_run(project_run, run_name, experiment))
-            else:
-                mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
-                run = mlflow.start_run(run_name=run_name)
-            self.run_id = run.info.run_id
-            self.experiment_id = run.info.experiment_id
-            if tags:
-                mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
-            return self.run_id
-        except Exception as e:  # unreachable server, bad URI, ...
-            self._fail("start_run", e)
-            return None
+    def _start(self, experiment: str, run_name: str, tracking_uri: str | None, run_id: str | None,
+               tags: dict | None) -> str:
+        import mlflow
+
+        connect(tracking_uri)
+        project_run = os.environ.get("MLFLOW_RUN_ID")
+        if run_id:  # resume our own run (in its own experiment)
+            if project_run and project_run != run_id:  # `mlflow run -P continue=true`: its run points here
+                name = attach_project_run(project_run, run_name, experiment, continues=run_id)
+                if name:
+                    mlflow.MlflowClient().update_run(project_run, name=name)
+            run = start_existing_run(run_id)
+        elif project_run:  # `mlflow run` created the run: attach (its experiment is MLflow's choice)
+            run = mlflow.start_run(run_name=attach_project_run(project_run, run_name, experiment))
+        else:
+            mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
+            run = mlflow.start_run(run_name=run_name)
+        self.run_id = run.info.run_id
+        self.experiment_id = run.info.experiment_id
+        if tags:
+            mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+        return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        try:
+        def go():
             import mlflow
 
             items = [(k, str(v)[:6000]) for k, v in params.items()]
@@ -330,55 +355,48 @@ class Tracker:
             items = [(k, v) for k, v in items if k not in existing]  # a resumed run keeps its params
             for i in range(0, len(items), 100):
                 mlflow.log_params(dict(items[i:i + 100]))
-        except Exception as e:
-            self._fail("log_params", e)
+        self._guard("log_params", go)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        try:
+        def go():
             import mlflow
 
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-        except Exception as e:
-            self._fail("log_metrics", e)
+        self._guard("log_metrics", go)
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
-        if not self.enabled or not Path(path).exists():
+        if not Path(path).exists():
             return
-        try:
+
+        def go():
             import mlflow
 
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
-        except Exception as e:
-            self._fail("log_artifact", e)
+        self._guard("log_artifact", go)
 
     def log_artifacts(self, paths: Iterable[Path], artifact_path: str | None = None) -> None:
         for p in paths:
             self.log_artifact(p, artifact_path)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        try:
+        def go():
             import mlflow
 
             mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
-        except Exception as e:
-            self._fail("set_tags", e)
+        self._guard("set_tags", go)
 
     def end(self, status: str = "FINISHED") -> None:
         """End our run with ``status`` if it is still the active one (a second call does nothing)."""
-        if not self.enabled or not self.run_id:
+        if not self.run_id:
             return
-        try:
+
+        def go():
             import mlflow
 
             active = mlflow.active_run()
             if active is not None and active.info.run_id == self.run_id:
                 mlflow.end_run(status=status)
-        except Exception as e:
-            self._fail("end_run", e)
+        self._guard("end_run", go)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -485,73 +503,58 @@ def log_side_run(run_name: str, experiment: str, parent_run_id: str | None, tags
                  metrics: dict[str, float], artifact: Path, what: str) -> str | None:
     """A finished run of its own (an evaluation), nested under ``parent_run_id`` when given, else in ``experiment``;
     under ``mlflow run`` ($MLFLOW_RUN_ID) the run MLflow made is used. Never raises: one warning instead."""
-    import time
-
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
-
-    try:
-        connect()  # bounded HTTP calls; fails at once when the server is down
-        client = MlflowClient()
-        attached = os.environ.get("MLFLOW_RUN_ID")
-        tags = dict(tags)
-        if parent_run_id:
-            experiment_id = client.get_run(parent_run_id).info.experiment_id
-            mark_experiment(experiment_id, client)
-            tags["mlflow.parentRunId"] = parent_run_id
-        elif not attached:  # (under `mlflow run`, the run MLflow made has its experiment)
-            experiment_id = ensure_experiment(experiment, client)
-        if attached:
-            name = attach_project_run(attached, run_name, experiment, client)
-            if name:
-                client.update_run(attached, name=name)
-            run_id = attached
-            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        else:
-            run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v],
-                         params=[Param(k, str(v)) for k, v in params.items()])
-        client.log_artifact(run_id, str(artifact))
-        if not attached:  # `mlflow run` ends its own run
-            client.set_terminated(run_id)
-        return run_id
-    except Exception as e:
-        warnings.warn(f"could not log {what} to MLflow ({brief(e)}); the results are in {artifact}", stacklevel=2)
-        return None
+    runs = ClientRuns(True, experiment, what=what, consequence=f"the results of {what} are in {artifact}")
+    return runs.side_run(run_name, parent_run_id, tags, params, metrics, artifact)
 
 
-class ClientRuns:
+class ClientRuns(Guarded):
     """Runs addressed by id through MlflowClient (no active-run juggling, so training's own runs are unaffected).
     Never raises: the first failure warns once ("``what`` continues without it") and switches MLflow off."""
 
-    def __init__(self, enabled: bool, experiment: str, what: str = "tuning"):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, experiment: str, what: str = "tuning", consequence: str | None = None):
+        super().__init__(enabled, consequence or f"{what} continues without it")
         self.experiment = experiment
         self.what = what
         self.client = None
         if enabled:
-            try:
-                from mlflow import MlflowClient
+            self.client = self._guard("connect", self._connect)
 
-                connect()  # bounded HTTP calls; fails at once when the server is down
-                self.client = MlflowClient()
-            except Exception as e:
-                self._warn("connect", e)
+    @staticmethod
+    def _connect():
+        from mlflow import MlflowClient
 
-    def _warn(self, what: str, e: Exception) -> None:
-        warnings.warn(f"MLflow {what} failed ({brief(e)}); {self.what} continues without it", stacklevel=3)
-        self.enabled = False
+        connect()  # bounded HTTP calls; fails at once when the server is down
+        return MlflowClient()
+
+    def _switched_off(self) -> None:
         self.client = None
 
-    def _guard(self, what: str, fn, default=None):
-        if not self.enabled:
-            return default
-        try:
-            return fn()
-        except Exception as e:
-            self._warn(what, e)
-            return default
+    def side_run(self, run_name: str, parent_run_id: str | None, tags: dict, params: dict,
+                 metrics: dict[str, float], artifact: Path) -> str | None:
+        """See :func:`log_side_run`."""
+        return self._guard("logging", lambda: self._side_run(run_name, parent_run_id, tags, params, metrics, artifact))
+
+    def _side_run(self, run_name: str, parent_run_id: str | None, tags: dict, params: dict,
+                  metrics: dict[str, float], artifact: Path) -> str:
+        import time
+
+        from mlflow.entities import Metric, Param
+
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run_id = self.attach_project_run(run_name, tags)
+        if run_id is None:  # (under `mlflow run`, the run MLflow made has its experiment)
+            if parent_run_id:
+                mark_experiment(self.client.get_run(parent_run_id).info.experiment_id, self.client)
+            run_id = self._create(run_name, tags, parent_run_id)
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v],
+                              params=[Param(k, str(v)) for k, v in params.items()])
+        self.client.log_artifact(run_id, str(artifact))
+        if run_id != os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` ends its own run
+            self.client.set_terminated(run_id)
+        return run_id
 
     def experiment_id(self, parent: str | None = None) -> str:
         if parent:

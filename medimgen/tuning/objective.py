@@ -167,12 +167,21 @@ class TrialObjective:
         train(self.model, self.dataset, self.splitting, self.dim, self.fold, device=self.device,
               echo=lambda *_: None, setup=setup)
         model = TrainedModel.from_run(run_root)
-        n, steps = int(self.space.budget["num_samples"]), int(self.space.budget["sampling_steps"])
+        n, steps = self.eval_budget(cfg)
         self.echo(f"trial {trial.number}: scoring {n} samples x {steps} steps" if self.model != "autoencoder" else
                   f"trial {trial.number}: scoring reconstructions")
         options = SampleOptions(seed=trial.number, steps=steps, device=self.device, progress=self.progress)
         ref = self.reference(model.cfg)
         return score_model(model, ref, n, self.extractor, options, self.real_labels(model.cfg))
+
+    def eval_budget(self, cfg: GenerationConfig) -> tuple[int, int]:
+        """(samples, steps) that score a trial: the space's budget (or --eval-samples / --eval-steps), else sized by
+        the rule of a training run's quality checks (planning.quality_budget) for the trial's run length."""
+        from medimgen.planning.quality_budget import plan
+
+        planned = plan(cfg.train_for(self.model), max_checks=1)
+        n, steps = self.space.budget.get("num_samples"), self.space.budget.get("sampling_steps")
+        return int(n or planned["eval_samples"]), int(steps or planned["eval_steps"])
 
     def reference(self, cfg: GenerationConfig):
         """The real images, with the split's training and held-out val cases for the memorisation score."""
