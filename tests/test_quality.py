@@ -119,3 +119,20 @@ def test_plots_keep_normal_fonts_after_seaborn(tmp_path):
             plt.close(fig)
     finally:
         matplotlib.rcdefaults()
+
+
+@pytest.mark.parametrize("epochs, iterations, batch", [(100, 1000, 2), (2000, 10, 4), (50, 40, 2)])
+def test_planned_quality_checks_cost_a_bounded_share(epochs, iterations, batch):
+    import dataclasses
+
+    from medimgen.config.schema import TrainConfig
+    from medimgen.planning import quality_budget as qb
+
+    run = TrainConfig(epochs=epochs, batch_size=batch, iterations_per_epoch=iterations)
+    planned = dataclasses.replace(run, **qb.plan(run))
+    assert qb.MIN_SAMPLES <= planned.eval_samples <= qb.MAX_SAMPLES
+    assert 1 <= qb.checks(planned) <= qb.MAX_CHECKS
+    assert qb.share(planned) <= qb.SHARE + 1e-9
+    # a trial (one check) of a tiny run: the floor (4 samples x 10 steps), not 16 x 50
+    tiny = qb.plan(TrainConfig(epochs=1, batch_size=2, iterations_per_epoch=2), max_checks=1)
+    assert (tiny["eval_samples"], tiny["eval_steps"], tiny["eval_interval"]) == (qb.MIN_SAMPLES, qb.MIN_STEPS, 0)

@@ -440,8 +440,8 @@ def log_model(folder: Path, run_id: str | None = None, registered_name: str | No
               description: str | None = None) -> Registration:
     """Log the packaged model in ``folder`` as pyfunc model 'model' ("model from code": medimgen/generation/pyfunc.py,
     weights as safetensors) in run ``run_id`` (else the active run, else a new run in ``experiment``), register it
-    as ``registered_name`` (with ``alias``) and tag the version with ``tags``; ``metrics`` (quality/*) go on the
-    logged model and the version's tags, ``description`` on the version."""
+    as ``registered_name`` (with ``alias``) and tag the version with ``tags`` and ``metrics`` (the run's quality/*;
+    logging them to the logged model would repeat them in the run's history), ``description`` on the version."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -458,8 +458,6 @@ def log_model(folder: Path, run_id: str | None = None, registered_name: str | No
     with ctx:
         info = mlflow.pyfunc.log_model(name="model", python_model=str(code), artifacts={"sampler": str(folder)},
                                        pip_requirements=["medimgen"], registered_model_name=registered_name)
-        if metrics:
-            mlflow.log_metrics(metrics, model_id=info.model_id)
     version = str(info.registered_model_version) if registered_name and info.registered_model_version else None
     if version:
         client = MlflowClient()

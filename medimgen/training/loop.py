@@ -404,7 +404,8 @@ class Trainer:
                 m.eval()
             note = None if self.ema is None else (f"EMA weights (step {self.ema.step})" if self.ema_ready
                                                   else f"raw weights (EMA warm-up, step {self.ema.step})")
-            with torch.no_grad(), self._autocast(), self._out_of_memory("plotting"), plot_note(note):
+            with torch.no_grad(), self._autocast(), self._out_of_memory("plotting"), \
+                    plot_note(note, self.opt.progress):
                 path = self.task.plot(self.run.plots / f"epoch_{epoch + 1:04d}", self.plot_batch(), self.eval_model)
             if path is not None:
                 self.tracker.log_artifact(path, "plots")

@@ -24,16 +24,24 @@ def _matplotlib():
 
 
 _NOTE: ContextVar[str | None] = ContextVar("plot_note", default=None)
+_PROGRESS: ContextVar[bool] = ContextVar("plot_progress", default=False)
+
+
+def plot_progress() -> bool:
+    """Whether the sampling behind a training plot shows a progress bar (the run's --progress, set by the loop)."""
+    return _PROGRESS.get()
 
 
 @contextmanager
-def plot_note(note: str | None):
-    """Within the block, training plot titles (plot_images) end with ``note`` (e.g. which weights: EMA or raw)."""
-    token = _NOTE.set(note)
+def plot_note(note: str | None, progress: bool = False):
+    """Within the block, training plot titles (plot_images) end with ``note`` (e.g. which weights: EMA or raw), and
+    the sampling behind a plot shows progress when ``progress``."""
+    token, shown = _NOTE.set(note), _PROGRESS.set(progress)
     try:
         yield
     finally:
         _NOTE.reset(token)
+        _PROGRESS.reset(shown)
 
 
 @contextmanager
