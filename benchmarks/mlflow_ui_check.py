@@ -36,18 +36,18 @@ def free_port() -> int:
 
 def start_ui(store: str, port: int, artifacts: str | None) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", store, "--port", str(port),
-           "--host", "127.0.0.1"]
+           "--host", "127.0.0.1", "--workers", "1"]
     if artifacts:
         cmd += ["--default-artifact-root", artifacts]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(120):
+    for _ in range(480):  # a loaded machine takes a minute or more
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
             return proc
         except OSError:
             time.sleep(0.5)
     proc.terminate()
-    raise SystemExit(f"mlflow ui did not answer on port {port} within 60 s")
+    raise SystemExit(f"mlflow ui did not answer on port {port} within 4 minutes")
 
 
 def chromium() -> str:
@@ -57,18 +57,18 @@ def chromium() -> str:
     raise SystemExit("no Chromium: `apt-get install -y chromium` (Debian package)")
 
 
-def browse(url: str, screenshot: Path | None, budget_ms: int = 20000) -> str:
+def browse(url: str, screenshot: Path | None, budget_ms: int = 15000, height: int = 1000) -> str:
     """The rendered page text (DOM after scripts ran) of ``url``; a screenshot too when ``screenshot``."""
     base = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            "--window-size=1600,1000", f"--virtual-time-budget={budget_ms}"]
+            f"--window-size=1600,{height}", f"--virtual-time-budget={budget_ms}"]
     with tempfile.TemporaryDirectory() as profile:
         if screenshot is not None:
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             subprocess.run([*base, f"--user-data-dir={profile}", f"--screenshot={screenshot}", url],
-                           check=True, capture_output=True, timeout=120)
+                           check=True, capture_output=True, timeout=240)
         with tempfile.TemporaryDirectory() as profile2:
             out = subprocess.run([*base, f"--user-data-dir={profile2}", "--dump-dom", url], check=True,
-                                 capture_output=True, text=True, timeout=120)
+                                 capture_output=True, text=True, timeout=240)
     return out.stdout
 
 
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                        f"&{RUNS_VIEW}")
         out = Path(args.out)
         table = browse(table_url, out / "mlflow_runs_table.png")
-        compare = browse(compare_url, out / "mlflow_compare_ldm_ddpm.png")
+        compare = browse(compare_url, out / "mlflow_compare_ldm_ddpm.png", height=3600)
         for name in (ldm.info.run_name, ddpm.info.run_name):
             if name not in table:
                 failures.append(f"runs table: run {name} not shown ({table_url})")

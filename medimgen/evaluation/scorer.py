@@ -32,6 +32,7 @@ from medimgen.evaluation.statistics import statistics_mmd
 HELDOUT_PERCENTILE = 95.0
 TOP_PAIRS = 5
 QUALITY = "quality/"
+LABEL_DETAILS = "labels/"  # per-label volume fractions of joint models: details, kept out of the quality/* columns
 _RENAMED = {"ms_ssim_generated": "ms_ssim"}  # quality/ms_ssim of a generator is its samples' diversity
 
 
@@ -128,12 +129,14 @@ def feature_scores(prefix: str, generated: torch.Tensor, real: torch.Tensor, ext
 
 
 def quality_metrics(scores: dict[str, float]) -> dict[str, float]:
-    """Scores under the MLflow names every run uses (``quality/<name>``, '.' as '_'); non-finite ones dropped."""
+    """Scores under the MLflow names every run uses (``quality/<name>``, '.' as '_'; a joint model's per-label
+    fractions as ``labels/<name>``); non-finite ones dropped."""
     import math
 
     out = {}
     for k, v in scores.items():
         if v is None or not math.isfinite(float(v)):
             continue
-        out[QUALITY + _RENAMED.get(k, k).replace(".", "_")] = float(v)
+        prefix = LABEL_DETAILS if k.startswith(("label_fraction.", "label_inside_foreground.")) else QUALITY
+        out[prefix + _RENAMED.get(k, k).replace(".", "_")] = float(v)
     return out
