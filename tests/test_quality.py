@@ -136,3 +136,19 @@ def test_planned_quality_checks_cost_a_bounded_share(epochs, iterations, batch):
     # a trial (one check) of a tiny run: the floor (4 samples x 10 steps), not 16 x 50
     tiny = qb.plan(TrainConfig(epochs=1, batch_size=2, iterations_per_epoch=2), max_checks=1)
     assert (tiny["eval_samples"], tiny["eval_steps"], tiny["eval_interval"]) == (qb.MIN_SAMPLES, qb.MIN_STEPS, 0)
+
+
+def test_tune_without_a_dataset_takes_the_one_planned(empty_env):
+    from medimgen.core.errors import MedimgenError
+    from medimgen.core.paths import the_planned_dataset
+
+    with pytest.raises(MedimgenError, match="no dataset is planned"):
+        the_planned_dataset()
+    pre = empty_env["nnUNet_preprocessed"]
+    (pre / "Dataset001_A").mkdir()
+    (pre / "Dataset001_A" / "medimgen_config.yaml").write_text("x: 1\n")
+    assert the_planned_dataset() == "Dataset001_A"
+    (pre / "Dataset002_B").mkdir()
+    (pre / "Dataset002_B" / "medimgen_config.yaml").write_text("x: 1\n")
+    with pytest.raises(MedimgenError, match=r"2 datasets are planned: choose one with -d \(Dataset001_A, Dataset002_B\)"):
+        the_planned_dataset()
