@@ -153,10 +153,12 @@ def _explain_existing(dataset_id, plans_identifier) -> bool:
     for line in report.misfits:
         click.echo(f"does not fit: {line}")
     from medimgen.planning.disk import explain_disk
+    from medimgen.planning.quality_budget import explain_quality
 
     cfg = load_config(report.path)
     for dim, c in cfg.configs.items():
         click.echo(explain_disk(c, dim))
+        click.echo(explain_quality(c, dim))
     for note in weights_notes({}, cfg, offline=False):
         click.echo(note)
     return True
@@ -253,6 +255,8 @@ def _train_command(model: str | None):
         state = "finished" if result.completed else f"stopped after epoch {result.epoch}"
         if result.rank == 0:  # torchrun: every rank returns, rank 0 speaks
             click.echo(f"{model} {state}: {result.run_dir}" + (f" (MLflow run {result.mlflow_run_id})" if result.mlflow_run_id else ""))
+            if result.mlflow_url:
+                click.echo(f"MLflow: {result.mlflow_url}  (`mlflow ui` on the store for a local one)")
 
     return command
 
@@ -509,8 +513,10 @@ def evaluate_cmd(dataset_id, model_type, num_samples, real, extractor, weights, 
 
 
 @main.command("tune")
-@click.option("-d", "--dataset", "dataset_id", required=True, help="nnU-Net dataset id (e.g. 1 or 001) or name.")
-@click.option("--model", type=click.Choice(names(steers=False)), required=True, help="Model to tune.")
+@click.option("-d", "--dataset", "dataset_id", default=None,
+              help="nnU-Net dataset id (e.g. 1 or 001) or name; default: the one planned dataset.")
+@click.option("--model", type=click.Choice(names(steers=False)), default="ldm", show_default=True,
+              help="Model to tune (as MLproject's tune entry).")
 @click.option("-t", "--model-type", type=click.Choice(["2d", "3d"]), default="3d", show_default=True)
 @click.option("--trials", type=int, default=20, show_default=True, help="Trials to run now (added to the study's).")
 @click.option("--space", "space_path", type=click.Path(dir_okay=False), default=None,
@@ -541,10 +547,14 @@ def evaluate_cmd(dataset_id, model_type, num_samples, real, extractor, weights, 
               help="Objectives: fid, ms_ssim_gap (ldm/ddpm); rfid, ms_ssim_loss, l1, psnr (autoencoder). Default: "
                    "fid,ms_ssim_gap; autoencoder rfid,ms_ssim_loss when a feature extractor has weights, else "
                    "ms_ssim_loss,l1 (no weights needed). A continued study keeps its own.")
+@click.option("--eval-samples", type=_positive, default=None,
+              help="Images each trial samples to be scored (default: budget.num_samples of the search space).")
+@click.option("--eval-steps", type=_positive, default=None,
+              help="Sampling steps per image when a trial is scored (default: budget.sampling_steps of the space).")
 @friendly_errors
 def tune_cmd(dataset_id, model, model_type, trials, space_path, storage, objective, study_name, splitting, fold,
              extractor, weights, autoencoder_run, apply_best, timeout, device, no_mlflow, overrides, override_text,
-             progress, metrics):
+             progress, metrics, eval_samples, eval_steps):
     """Tune the planner's values with Optuna; every trial is a short training run scored by FID and MS-SSIM
     (autoencoders without feature weights: reconstruction MS-SSIM and L1)."""
     from medimgen.tuning.api import tune
@@ -553,7 +563,7 @@ def tune_cmd(dataset_id, model, model_type, trials, space_path, storage, objecti
                   objective=objective, study_name=study_name, splitting=splitting, fold=fold, extractor=extractor,
                   weights=weights, autoencoder_run=autoencoder_run, overrides=[*overrides, *override_text.split()],
                   apply_best=apply_best, device=device, timeout=timeout, track=not no_mlflow, progress=progress,
-                  echo=click.echo, metrics=metrics)
+                  echo=click.echo, metrics=metrics, eval_samples=eval_samples, eval_steps=eval_steps)
     click.echo(f"study {result.study_name}: {result.trials} trial(s), {result.completed} complete"
                + (f"; MLflow parent run {result.parent_run_id}" if result.parent_run_id else ""))
     for b in result.best:

@@ -145,9 +145,24 @@ def run_demo(workspace: Path | str = "demo_workspace", dataset_id: int = DEMO_ID
          f"nnUNetv2_plan_and_preprocess -d {mixed_id} --verify_dataset_integrity, then nnUNetv2_train {mixed_id} 3d_fullres 0")
     echo(f"  Dice gain   medimgen benchmark-segmentation -d {dataset_id} -t <new id> --synthetic N (two nnU-Net "
          f"trainings with a generator trained on `5-fold`; README 'Does synthetic data help nnU-Net')")
-    echo(f"  MLflow UI   mlflow ui --backend-store-uri {resolve_uri(None)}  (then open http://127.0.0.1:5000)")
+    echo(f"  MLflow UI   mlflow ui --backend-store-uri {resolve_uri(None)}, then open:")
+    echo(_runs_view(runs))
     return {"config": result.path, "env": env, "runs": runs, "samples": files, "evaluation": report, "tuning": tuned,
             "mixed_dataset": mixed, "conditioned": conditioned}
+
+
+def _runs_view(runs: dict) -> str:
+    """The link that opens the demo's experiment on its runs table (MLflow's model-training view)."""
+    from mlflow import MlflowClient
+
+    from medimgen.runs.folders import RunDir
+    from medimgen.runs.tracking import runs_view_url, ui_base
+
+    try:
+        run_id = RunDir(Path(runs["ldm"])).checkpoint_meta()["mlflow_run_id"]
+        return runs_view_url(MlflowClient().get_run(run_id).info.experiment_id)
+    except Exception:  # no MLflow run: the list of experiments, in the same view
+        return f"{ui_base()}/#/experiments?workflowType=machine_learning"
 
 
 def _free_id(dataset_id: int) -> int:

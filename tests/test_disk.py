@@ -136,3 +136,4 @@ def test_plan_explain_reports_disk(workspace, nnunet_env):
     r = CliRunner().invoke(main, ["plan", "-d", str(ANISO_3D), "--explain"])
     assert r.exit_code == 0, r.output
     assert "disk per run" in r.output and "last.pt" in r.output and "total 3d:" in r.output and "total 2d:" in r.output
+    assert "quality checks per run" in r.output and "% of training" in r.output  # scoring's planned share

@@ -146,6 +146,9 @@ def test_tune_three_trials_resume_and_apply_best(tune_env):
         assert row["metrics.objective.rfid"] == pytest.approx(t.values[0])
         assert row["metrics.objective.ms_ssim_loss"] == pytest.approx(t.values[1])
         assert float(row["params.losses.kl_weight"]) == pytest.approx(t.params["losses.kl_weight"])
+        assert int(row["params.autoencoder.depth"]) == t.params["autoencoder.depth"]  # Optuna's values as params
+        assert row["metrics.quality/ms_ssim"] == pytest.approx(1 - t.values[1])  # the scorer's names, as training's
+        assert not (Path(t.user_attrs["run_dir"]) / "checkpoints" / "last.pt").exists()  # sampling weights only
     assert "metrics.train_loss" in children.columns  # the trial's own training curves
     assert "metrics.trials_complete" in parents.columns
 

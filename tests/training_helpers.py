@@ -37,5 +37,6 @@ def tiny_overrides(cfg: GenerationConfig, epochs: int = 2) -> list[str]:
         if getattr(cfg, f"train_{model}") is None:  # a config planned before the ControlNet
             continue
         sets += [f"train_{model}.epochs={epochs}", f"train_{model}.iterations_per_epoch=2",
-                 f"train_{model}.batch_size=2", f"train_{model}.val_plot_interval=1"]
+                 f"train_{model}.batch_size=2", f"train_{model}.val_plot_interval=1",
+                 f"train_{model}.eval_samples=2", f"train_{model}.eval_steps=2", f"train_{model}.eval_interval=0"]
     return sets

@@ -46,6 +46,7 @@ class ModelKind:
     generator: bool = False
     samples: bool = False
     sampling_modules: tuple[str, ...] = ()
+    extra_sections: tuple[str, ...] = ()  # further config sections only this kind trains with
     encoder: bool = False
     auto: Optional[int] = None
     build: Optional[Callable[[Any], Any]] = field(default=None, compare=False)
@@ -83,7 +84,8 @@ def unregister(name: str) -> None:
 DDPM = register(ModelKind("ddpm", "train_ddpm", "ddpm_unet", "ddpm_scheduler", "image", generator=True, samples=True,
                           sampling_modules=("unet",), auto=1))
 AUTOENCODER = register(ModelKind("autoencoder", "train_autoencoder", "autoencoder", None, "image",
-                                 sampling_modules=("autoencoder",), encoder=True))
+                                 sampling_modules=("autoencoder",), encoder=True,
+                                 extra_sections=("discriminator", "losses")))
 LDM = register(ModelKind("ldm", "train_ldm", "ldm_unet", "ldm_scheduler", "latent", upstream="encoder",
                          generator=True, samples=True, sampling_modules=("unet",), auto=0))
 CONTROLNET = register(ModelKind("controlnet", "train_controlnet", "controlnet", None, "upstream", upstream="generator",
@@ -126,3 +128,21 @@ def the(role: str) -> ModelKind:
     if len(found) != 1:
         raise MedimgenError(f"{len(found)} registered model kinds are '{role}' (need exactly one)")
     return found[0]
+
+
+SHARED_SECTIONS = ("data", "tracking", "memory", "derived")  # every kind's
+
+
+def config_sections(name: "str | ModelKind", cfg=None) -> tuple[str, ...]:
+    """The config sections a run of kind ``name`` uses: the shared ones, its own, and those of the kind it builds on
+    (a ControlNet's base is ``cfg.controlnet_base()``, the first of `auto_generators()` without a config). What a run
+    logs as MLflow params."""
+    k = kind(name)
+    own = [k.train_section, k.network_section, *([k.scheduler_section] if k.scheduler_section else []),
+           *k.extra_sections]
+    if k.upstream == "encoder":
+        own.append(the("encoder").network_section)
+    elif k.upstream == "generator":
+        base = kind(cfg.controlnet_base() if cfg is not None else auto_generators()[0])
+        own += [s for s in config_sections(base, cfg) if s != base.train_section]
+    return tuple(dict.fromkeys([*SHARED_SECTIONS, *own]))

@@ -214,6 +214,13 @@ class TrainConfig:
                                      "used once past 1/(1-decay) updates (null: off)", None, ge=0, lt=1)
     val_interval: int = doc("validate every N epochs", 1, ge=1)
     val_plot_interval: int = doc("save sample/reconstruction plots every N epochs", 10, ge=1)
+    eval_interval: int = doc("score the model (quality/* metrics in MLflow) every N epochs and at the end of "
+                             "training (0: at the end only); planned so scoring costs a bounded share of training", 0,
+                             ge=0)
+    eval_samples: int = doc("images a generator samples per quality check (0: no quality checks; autoencoders "
+                            "reconstruct the validation cases)", 8, ge=0)
+    eval_steps: Optional[int] = doc("sampling steps per quality check (null: the scheduler's num_inference_steps)",
+                                    None, ge=1)
     seed: int = doc("random seed", 12345, ge=0, le=2**32 - 1)
 
 

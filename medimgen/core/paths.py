@@ -107,3 +107,19 @@ def preprocessed_dataset_dir(dataset_id: int | str, plans_identifier: str = "nnU
 def config_path(dataset_id: int | str) -> Path:
     """nnUNet_preprocessed/DatasetXXX_Name/medimgen_config.yaml (whichever nnU-Net plans it was planned from)."""
     return nnunet_preprocessed() / dataset_name_from_id(dataset_id) / CONFIG_NAME
+
+
+def planned_datasets() -> list[str]:
+    """The datasets `medimgen plan` has planned (those with a medimgen_config.yaml in nnUNet_preprocessed)."""
+    root = nnunet_preprocessed()
+    return sorted(p.parent.name for p in root.glob(f"Dataset*/{CONFIG_NAME}")) if root.is_dir() else []
+
+
+def the_planned_dataset(option: str = "-d") -> str:
+    """The one planned dataset, for a command given no dataset; else one line listing the choices."""
+    found = planned_datasets()
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise MedimgenError(f"no dataset is planned yet: run `medimgen plan -d ID` first (or pass {option} ID)")
+    raise MedimgenError(f"{len(found)} datasets are planned: choose one with {option} ({', '.join(found)})")

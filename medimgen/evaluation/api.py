@@ -26,7 +26,8 @@ from medimgen.config.schema import GenerationConfig
 from medimgen.core.devices import resolve_device
 from medimgen.core.errors import MedimgenError
 from medimgen.evaluation.features import FeatureExtractor, build_extractor
-from medimgen.evaluation.metrics import frechet_distance, mean_pairwise_ms_ssim, mmd, reconstruction_metrics
+from medimgen.evaluation.metrics import reconstruction_metrics
+from medimgen.evaluation.scorer import Reference, feature_scores, quality_metrics, score
 from medimgen.core.requests import ModelRef, SampleOptions
 from medimgen.models.labels import dice_per_label, join, label_channels, split
 from medimgen.runs.folders import TrainedModel
@@ -45,43 +46,53 @@ def real_images(cfg: GenerationConfig, dataset: str, subset: str = "test", split
 def real_cases(cfg: GenerationConfig, dataset: str, subset: str = "test", splitting: str = "train-val-test",
                fold: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """As :func:`real_images`, with the (N, 1, *image_size) label maps (nnU-Net values, -1 padding)."""
+    images, labels, _, ids = _real_samples(cfg, dataset, subset, splitting, fold)
+    return images, labels, ids
+
+
+def _real_samples(cfg: GenerationConfig, dataset: str, subset: str, splitting: str, fold: int):
+    """(images, labels, one key per image (2D: case_zN), case ids) of a split subset ('heldout': val and test)."""
     from medimgen.data.cases import open_cases
     from medimgen.data.loader import validation_samples
     from medimgen.data.splits import get_split
     from medimgen.nnunet.plans import DatasetPlans
 
-    if subset not in SUBSETS:
+    if subset not in (*SUBSETS, "heldout"):
         raise MedimgenError(f"real images must come from one of {', '.join(SUBSETS)}, got {subset!r}")
     plans = DatasetPlans.planned(dataset, cfg)
     identifiers = open_cases(plans.preprocessed_folder(f"{cfg.data.spatial_dims}d")).identifiers
     split = get_split(plans.folder, identifiers, splitting, fold)
-    ids = {"val": split.val, "test": split.test, "train": split.train, "all": identifiers}[subset]
+    ids = {"val": split.val, "test": split.test, "train": split.train, "all": identifiers,
+           "heldout": [*split.val, *split.test]}[subset]
     if not ids:
         raise MedimgenError(f"the {split.name} split of {dataset} has no {subset} cases: choose --real val, train or all")
     samples = list(validation_samples(cfg, plans, ids))
-    return torch.stack([s["image"] for s in samples]), torch.stack([s["label"] for s in samples]), ids
+    return (torch.stack([s["image"] for s in samples]), torch.stack([s["label"] for s in samples]),
+            [s["key"] for s in samples], ids)
 
 
-def _extractor_scores(prefix: str, generated: torch.Tensor, real: torch.Tensor, extractor: FeatureExtractor,
-                      device: torch.device, batch_size: int) -> dict[str, float]:
-    if len(generated) < 2 or len(real) < 2:
-        raise MedimgenError(f"a Fréchet distance needs at least 2 generated and 2 real images "
-                            f"(have {len(generated)} and {len(real)}): sample more, or choose --real train/all")
-    fr = extractor.extract(real, batch_size, device)
-    fg = extractor.extract(generated, batch_size, device)
-    return {f"{prefix}fid.{extractor.key}": frechet_distance(fg, fr), f"{prefix}mmd.{extractor.key}": mmd(fg, fr)}
+def reference(cfg: GenerationConfig, dataset: str, real: torch.Tensor, splitting: str = "train-val-test",
+              fold: int = 0, memorise: bool = True, heldout: str = "heldout") -> Reference:
+    """What generated images are scored against: ``real``, and (``memorise``) the split's training cases and its
+    ``heldout`` cases ('heldout': val and test; training runs use 'val' alone) for the memorisation score; a split
+    without such cases scores no memorisation."""
+    ref = Reference(real)
+    if not memorise:
+        return ref
+    try:
+        ref.train, _, ref.train_ids, _ = _real_samples(cfg, dataset, "train", splitting, fold)
+        ref.heldout, _, ref.heldout_ids, _ = _real_samples(cfg, dataset, heldout, splitting, fold)
+    except MedimgenError:
+        ref.train = ref.heldout = None
+    return ref
 
 
-def generation_scores(generated: torch.Tensor, real: torch.Tensor, extractor: FeatureExtractor | None,
+def generation_scores(generated: torch.Tensor, real: "torch.Tensor | Reference", extractor: FeatureExtractor | None,
                       device: torch.device | str = "cpu", batch_size: int = 8) -> dict[str, float]:
-    """Scores of generated images against real ones (both model range, same size)."""
-    if tuple(generated.shape[1:]) != tuple(real.shape[1:]):
-        raise MedimgenError(f"generated images {tuple(generated.shape[1:])} and real images {tuple(real.shape[1:])} differ in shape")
-    g, r = mean_pairwise_ms_ssim(generated), mean_pairwise_ms_ssim(real)
-    scores = {"ms_ssim_generated": g, "ms_ssim_real": r, "ms_ssim_gap": abs(g - r)}
-    if extractor is not None:
-        scores.update(_extractor_scores("", generated, real, extractor, torch.device(device), batch_size))
-    return scores
+    """Scores of generated images against real ones (both model range, same size): the scorer's (see
+    evaluation.scorer), with memorisation when ``real`` is a :class:`Reference` with training and held-out cases."""
+    reference = real if isinstance(real, Reference) else Reference(real)
+    return score(generated, reference, extractor, device, batch_size)[0]
 
 
 @torch.no_grad()
@@ -139,7 +150,7 @@ def reconstruction_scores(recon: torch.Tensor, real: torch.Tensor, extractor: Fe
     if lp is not None:
         scores["lpips.alex"] = lp
     if extractor is not None:
-        scores.update(_extractor_scores("r", recon, real, extractor, device, batch_size))
+        scores.update(feature_scores("r", recon, real, extractor, device, batch_size))
     return scores
 
 
@@ -172,20 +183,32 @@ def label_sanity_scores(images: torch.Tensor, labels: torch.Tensor, real_labels:
     return scores
 
 
-def score_model(model: TrainedModel, real: torch.Tensor, num_samples: int, extractor: FeatureExtractor | None,
-                options: SampleOptions = SampleOptions(), real_labels: torch.Tensor | None = None) -> dict[str, float]:
-    """Reconstruction scores of an autoencoder (with label Dice for a joint one: needs ``real_labels``), or
-    generation scores of ``num_samples`` images of a DDPM/LDM."""
+def score_model(model: TrainedModel, real: "torch.Tensor | Reference", num_samples: int,
+                extractor: FeatureExtractor | None, options: SampleOptions = SampleOptions(),
+                real_labels: torch.Tensor | None = None, details: dict | None = None) -> dict[str, float]:
+    """Reconstruction scores of an autoencoder (with label Dice for a joint one: needs ``real_labels``), or the
+    scorer's scores of ``num_samples`` images of a DDPM/LDM/ControlNet (a ControlNet generates them for the real
+    label maps, in turn); ``real`` a :class:`Reference` adds the memorisation score (its closest pairs go into
+    ``details['memorisation']``)."""
     dev = resolve_device(options.device)
+    ref = real if isinstance(real, Reference) else Reference(real)
+    images = ref.real
     if model_kind(model.kind).encoder:
         if label_channels(model.cfg):
-            recon, recon_labels = reconstruct(model.autoencoder, real, dev, cfg=model.cfg, labels=real_labels)
-            return {**reconstruction_scores(recon, real, extractor, dev),
+            recon, recon_labels = reconstruct(model.autoencoder, images, dev, cfg=model.cfg, labels=real_labels)
+            return {**reconstruction_scores(recon, images, extractor, dev),
                     **label_dice_scores(recon_labels, real_labels, model.cfg)}
-        return reconstruction_scores(reconstruct(model.autoencoder, real, dev), real, extractor, dev)
+        return reconstruction_scores(reconstruct(model.autoencoder, images, dev), images, extractor, dev)
     sampler = Sampler.of(model).to(dev)
-    generated, labels = sampler.sample_model_range(num_samples, options, labels=True)
-    scores = generation_scores(generated, real, extractor, dev)
+    condition = None
+    if model_kind(model.kind).steers:
+        if real_labels is None or not len(real_labels):
+            raise MedimgenError("scoring a ControlNet needs the real label maps it generates images for")
+        condition = real_labels[torch.arange(num_samples) % len(real_labels)].clamp(min=0)
+    generated, labels = sampler.sample_model_range(num_samples, options, labels=True, condition=condition)
+    scores, mem = score(generated, ref, extractor, dev)
+    if mem is not None and details is not None:
+        details["memorisation"] = {"threshold": mem.threshold, "fraction": mem.fraction, "closest_pairs": mem.pairs}
     if labels is not None:
         scores.update(label_sanity_scores(generated, labels, real_labels, model.cfg))
     return scores
@@ -225,7 +248,7 @@ def _log_to_mlflow(report: dict, json_path: Path, parent_run_id: str | None) -> 
     tags = {"medimgen.evaluates": report["model"], "medimgen.model": report["kind"], "medimgen.dim": report["dim"],
             "feature_extractor": report["feature_extractor"] or "none"}
     return log_side_run(f"evaluate_{report['kind']}_{report['dim']}", report["dataset"], parent_run_id, tags, params,
-                        report["scores"], json_path, what="the evaluation")
+                        {**report["scores"], **quality_metrics(report["scores"])}, json_path, what="the evaluation")
 
 
 def evaluate(ref: ModelRef, real: str = "test", num_samples: int = 16, extractor: str = "auto",
@@ -245,14 +268,17 @@ def evaluate(ref: ModelRef, real: str = "test", num_samples: int = 16, extractor
     images, labels, ids = real_cases(model.cfg, model.dataset, real, ref.splitting, ref.fold)
     feats = build_extractor(extractor, weights, model.dataset, model.cfg.data.spatial_dims,
                             IntensityMap.from_config(model.cfg.data), model.cfg.data.plans_identifier)
-    scores = score_model(model, images, num_samples, feats, options, labels)
+    against = reference(model.cfg, model.dataset, images, ref.splitting, ref.fold,
+                        memorise=not model_kind(model.kind).encoder)
+    details: dict = {}
+    scores = score_model(model, against, num_samples, feats, options, labels, details)
     num_generated = 0 if model_kind(model.kind).encoder else num_samples
     report = {
         "model": model.source, "kind": model.kind, "dataset": model.dataset, "dim": model.dim,
         "mlflow_model_run_id": model.mlflow_run_id, "seed": options.seed, "num_generated": num_generated,
         "real": {"subset": real, "splitting": ref.splitting, "fold": ref.fold, "cases": len(ids), "images": len(images)},
         "feature_extractor": feats.name if feats is not None else None,
-        "scores": scores, "objectives": objective_values(scores, model.kind),
+        "scores": scores, "objectives": objective_values(scores, model.kind), **details,
         "notes": _notes(scores, model.kind, extractor, feats, len(images), num_samples),
     }
     default = (model.run_root or Path.cwd()) / f"evaluation_{model.kind}_{model.dim}_{real}.json"

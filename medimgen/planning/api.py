@@ -38,8 +38,11 @@ class PlanResult:
         from medimgen.planning.disk import explain_disk
         from medimgen.planning.memory import explain
 
+        from medimgen.planning.quality_budget import explain_quality
+
         return "\n".join([*(explain(cfg, dim) for dim, cfg in self.config.configs.items()),
-                          *(explain_disk(cfg, dim) for dim, cfg in self.config.configs.items())])
+                          *(explain_disk(cfg, dim) for dim, cfg in self.config.configs.items()),
+                          *(explain_quality(cfg, dim) for dim, cfg in self.config.configs.items())])
 
 
 def weights_notes(planned: dict, fitted: MedimgenConfig, offline: bool) -> list[str]:

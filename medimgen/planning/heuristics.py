@@ -200,8 +200,13 @@ def _networks(lv: _Levels) -> dict:
 def _training(samples: int, batch: int) -> dict:
     def train(model: str, lr: float, disc_lr: float | None = None, ema: float | None = None) -> TrainConfig:
         epochs, iterations = epochs_for(model, samples, batch)
-        return TrainConfig(epochs=epochs, batch_size=batch, iterations_per_epoch=iterations, learning_rate=lr,
-                           disc_learning_rate=disc_lr, ema_decay=ema, val_plot_interval=max(1, epochs // PLOTS_PER_RUN))
+        from dataclasses import replace
+
+        from medimgen.planning import quality_budget
+
+        run = TrainConfig(epochs=epochs, batch_size=batch, iterations_per_epoch=iterations, learning_rate=lr,
+                          disc_learning_rate=disc_lr, ema_decay=ema, val_plot_interval=max(1, epochs // PLOTS_PER_RUN))
+        return replace(run, **quality_budget.plan(run, quality_budget.MAX_STEPS))  # scoring: a bounded share
 
     return dict(train_autoencoder=train("autoencoder", 1e-4, disc_lr=5e-4), train_ddpm=train("ddpm", 1e-4, ema=0.999),
                 train_ldm=train("ldm", 2.5e-5, ema=0.999),

@@ -496,14 +496,23 @@ def _eval(net: torch.nn.Module | None):
 
 def log_run_model(run_root: Path | str, run_id: str | None, register: bool = True, alias: str | None = None,
                   tracking_uri: str | None = None, checkpoint: str = "best"):
-    """Log the trained DDPM/LDM/ControlNet of a run folder as an MLflow pyfunc model in ``run_id`` (registered as
-    DatasetXXX_<model>_<dim> when ``register``); see :func:`medimgen.runs.tracking.log_model`."""
-    from medimgen.runs.tracking import log_model, registered_name
+    """Log the trained DDPM/LDM/ControlNet of a run folder as an MLflow pyfunc model in ``run_id`` (registered, when
+    ``register``, as DatasetXXX_<model>_<dim>, with the split's name appended for a split other than the default; a
+    tuning trial is never registered), with the run's quality/* metrics and a description; see
+    :func:`medimgen.runs.tracking.log_model`."""
+    from medimgen.runs.tracking import connect, log_model, registered_name, run_facts, version_description
 
     model = TrainedModel.resolve(ModelRef(str(run_root), checkpoint=checkpoint), names(samples=True))
+    connect(tracking_uri)
+    tags, metrics = run_facts(run_id)
+    split = tags.get("medimgen.split") or Path(run_root).name
+    if tags.get("medimgen.tuning_trial") == "true":
+        register = False
+    epochs = model.cfg.train_for(model.kind).epochs
     with tempfile.TemporaryDirectory() as tmp:
         folder = model.save(Path(tmp) / "sampler")
-        name = registered_name(model.dataset, model.kind, model.dim) if register else None
+        name = registered_name(model.dataset, model.kind, model.dim, split) if register else None
         return log_model(folder, run_id=run_id, registered_name=name, alias=alias, experiment=model.dataset,
                          run_name=f"register_{model.kind}_{model.dim}", tags={"medimgen.source": model.source},
-                         tracking_uri=tracking_uri)
+                         tracking_uri=tracking_uri, metrics=metrics,
+                         description=version_description(model.kind, model.dim, run_id, tags, epochs, metrics))

@@ -8,7 +8,10 @@
 - A resumed training run continues its MLflow run (its id is stored in the checkpoint), also under
   ``mlflow run -P continue=true``: the run MLflow created for that command then only points to it.
 - Experiments medimgen creates or uses carry ``mlflow.experimentKind=custom_model_development`` (unless
-  they have a kind already), so MLflow 3's UI opens them in its model-training view, not on GenAI traces.
+  they have a kind already). MLflow 3.17's UI does not open the model-training view from that tag: it keeps the
+  view in the browser (default GenAI) or takes it from the URL, so every link medimgen prints ends with
+  ``workflowType=machine_learning`` (:func:`runs_view_url`).
+- Experiments medimgen creates on a sqlite store keep their artifacts beside the database (:func:`artifact_location`).
 - Every MLflow call is bounded: the HTTP client gets a short timeout and one retry (unless
   the user set MLflow's own variables), and an http(s) server is probed for a few seconds
   before a run starts. If the server is unreachable or fails mid-run, one warning line says
@@ -130,16 +133,48 @@ def mark_experiment(experiment_id: str, client=None) -> None:
     _mark(client.get_experiment(experiment_id), client)
 
 
+def artifact_location(name: str, uri: str | None = None) -> str | None:
+    """Where a new experiment's artifacts go: beside a sqlite database (``<db folder>/mlruns/<experiment>``), so the
+    runs of different stores never share the working directory's ./mlruns (MLflow's default); None (MLflow's choice)
+    for any other store, e.g. a server with its own artifact root."""
+    import re
+
+    uri = resolve_uri(uri)
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        return None
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve()
+    return (db.parent / "mlruns" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)).as_uri()
+
+
+UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
+RUNS_VIEW = "workflowType=machine_learning"  # MLflow 3's UI opens an experiment in the GenAI view without it
+
+
+def ui_base(uri: str | None = None) -> str:
+    """The MLflow UI of the tracking store: the server itself, or `mlflow ui`'s address for a local store."""
+    uri = resolve_uri(uri)
+    return uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else UI_URL
+
+
+def runs_view_url(experiment_id: str, uri: str | None = None) -> str:
+    """The experiment's runs table (model-training view) in the MLflow UI."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?{RUNS_VIEW}"
+
+
 def ensure_experiment(name: str, client=None) -> str:
-    """The id of experiment ``name``: created with the model-training kind tag, or an existing one given
-    the tag if it lacks a kind. Every experiment medimgen creates is made here."""
+    """The id of experiment ``name``: created with the model-training kind tag (and its artifacts beside a sqlite
+    store, see :func:`artifact_location`), or an existing one (its location untouched) given the tag if it lacks a
+    kind. Every experiment medimgen creates is made here."""
     from mlflow.exceptions import MlflowException
 
     client = _client(client)
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            import mlflow
+
+            return client.create_experiment(name, artifact_location=artifact_location(name, mlflow.get_tracking_uri()),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # another process created it meanwhile
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -225,22 +260,51 @@ def sigterm_interrupts():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-class Tracker:
-    """One MLflow run. Every method is safe to call when tracking is off or broken, and none calls
-    MLflow once tracking was switched off."""
+class Guarded:
+    """The one failure policy of every MLflow user in medimgen: calls go through :meth:`_guard`, which never raises;
+    the first failure warns once ("MLflow <what> failed (<why>); <consequence>") and switches MLflow off for this
+    object, so nothing calls a dead server again."""
 
-    def __init__(self, enabled: bool = True):
+    consequence = "continuing without MLflow"
+
+    def __init__(self, enabled: bool = True, consequence: str | None = None):
         self.enabled = enabled
-        self.run_id: str | None = None
-        self.experiment_id: str | None = None
         self._warned = False
+        if consequence:
+            self.consequence = consequence
 
-    def _fail(self, what: str, error: Exception) -> None:
+    def _fail(self, what: str, error: BaseException) -> None:
         if not self._warned:
-            warnings.warn(f"MLflow {what} failed ({brief(error)}); tracking is off for the rest of this run, "
-                          f"training continues and outputs stay in the run folder", stacklevel=3)
+            warnings.warn(f"MLflow {what} failed ({brief(error)}); {self.consequence}", stacklevel=4)
             self._warned = True
         self.enabled = False
+        self._switched_off()
+
+    def _switched_off(self) -> None:
+        """What else goes when MLflow is switched off (subclasses)."""
+
+    def _guard(self, what: str, fn, default=None):
+        if not self.enabled:
+            return default
+        try:
+            return fn()
+        except Exception as e:
+            self._fail(what, e)
+            return default
+
+
+class Tracker(Guarded):
+    """One MLflow run through MLflow's active run (the training loop's). Every method is safe to call when tracking
+    is off or broken, and none calls MLflow once tracking was switched off."""
+
+    consequence = "tracking is off for the rest of this run, training continues and outputs stay in the run folder"
+
+    def __init__(self, enabled: bool = True):
+        super().__init__(enabled)
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+
+    def _switched_off(self) -> None:
         self._forget_active_run()
 
     def _forget_active_run(self) -> None:
@@ -257,37 +321,33 @@ class Tracker:
 
     def start(self, experiment: str, run_name: str, tracking_uri: str | None = None,
               run_id: str | None = None, tags: dict | None = None) -> str | None:
-        if not self.enabled:
-            return None
-        try:
-            import mlflow
+        return self._guard("start_run", lambda: self._start(experiment, run_name, tracking_uri, run_id, tags))
 
-            connect(tracking_uri)
-            project_run = os.environ.get("MLFLOW_RUN_ID")
-            if run_id:  # resume our own run (in its own experiment)
-                if project_run and project_run != run_id:  # `mlflow run -P continue=true`: its run points here
-                    name = attach_project_run(project_run, run_name, experiment, continues=run_id)
-                    if name:
-                        mlflow.MlflowClient().update_run(project_run, name=name)
-                run = start_existing_run(run_id)
-            elif project_run:  # `mlflow run` created the run: attach (its experiment is MLflow's choice)
-                run = mlflow.start_run(run_name=attach_project_run(project_run, run_name, experiment))
-            else:
-                mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
-                run = mlflow.start_run(run_name=run_name)
-            self.run_id = run.info.run_id
-            self.experiment_id = run.info.experiment_id
-            if tags:
-                mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
-            return self.run_id
-        except Exception as e:  # unreachable server, bad URI, ...
-            self._fail("start_run", e)
-            return None
+    def _start(self, experiment: str, run_name: str, tracking_uri: str | None, run_id: str | None,
+               tags: dict | None) -> str:
+        import mlflow
+
+        connect(tracking_uri)
+        project_run = os.environ.get("MLFLOW_RUN_ID")
+        if run_id:  # resume our own run (in its own experiment)
+            if project_run and project_run != run_id:  # `mlflow run -P continue=true`: its run points here
+                name = attach_project_run(project_run, run_name, experiment, continues=run_id)
+                if name:
+                    mlflow.MlflowClient().update_run(project_run, name=name)
+            run = start_existing_run(run_id)
+        elif project_run:  # `mlflow run` created the run: attach (its experiment is MLflow's choice)
+            run = mlflow.start_run(run_name=attach_project_run(project_run, run_name, experiment))
+        else:
+            mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
+            run = mlflow.start_run(run_name=run_name)
+        self.run_id = run.info.run_id
+        self.experiment_id = run.info.experiment_id
+        if tags:
+            mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+        return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        try:
+        def go():
             import mlflow
 
             items = [(k, str(v)[:6000]) for k, v in params.items()]
@@ -295,55 +355,48 @@ class Tracker:
             items = [(k, v) for k, v in items if k not in existing]  # a resumed run keeps its params
             for i in range(0, len(items), 100):
                 mlflow.log_params(dict(items[i:i + 100]))
-        except Exception as e:
-            self._fail("log_params", e)
+        self._guard("log_params", go)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        try:
+        def go():
             import mlflow
 
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-        except Exception as e:
-            self._fail("log_metrics", e)
+        self._guard("log_metrics", go)
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
-        if not self.enabled or not Path(path).exists():
+        if not Path(path).exists():
             return
-        try:
+
+        def go():
             import mlflow
 
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
-        except Exception as e:
-            self._fail("log_artifact", e)
+        self._guard("log_artifact", go)
 
     def log_artifacts(self, paths: Iterable[Path], artifact_path: str | None = None) -> None:
         for p in paths:
             self.log_artifact(p, artifact_path)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        try:
+        def go():
             import mlflow
 
             mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
-        except Exception as e:
-            self._fail("set_tags", e)
+        self._guard("set_tags", go)
 
     def end(self, status: str = "FINISHED") -> None:
         """End our run with ``status`` if it is still the active one (a second call does nothing)."""
-        if not self.enabled or not self.run_id:
+        if not self.run_id:
             return
-        try:
+
+        def go():
             import mlflow
 
             active = mlflow.active_run()
             if active is not None and active.info.run_id == self.run_id:
                 mlflow.end_run(status=status)
-        except Exception as e:
-            self._fail("end_run", e)
+        self._guard("end_run", go)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -354,17 +407,41 @@ class Registration:
     version: str | None
 
 
-def registered_name(dataset: str, kind: str, dim: str) -> str:
-    """The registry name of a dataset's model: DatasetXXX_Name_<kind>_<dim>."""
-    return f"{dataset}_{kind}_{dim}"
+DEFAULT_SPLIT = "train-val-test"
+
+
+def registered_name(dataset: str, kind: str, dim: str, split: str = DEFAULT_SPLIT) -> str:
+    """The registry name of a dataset's model: DatasetXXX_Name_<kind>_<dim> for runs of the default train-val-test
+    split, DatasetXXX_Name_<kind>_<dim>_<split> (e.g. ``_fold_0``) for any other split, so a quick fold experiment
+    never becomes the newest version of the name users sample from."""
+    return f"{dataset}_{kind}_{dim}" + ("" if split == DEFAULT_SPLIT else f"_{split}")
+
+
+def run_facts(run_id: str | None) -> tuple[dict, dict]:
+    """(tags, quality/* metrics) of a training run (empty when unknown)."""
+    if not run_id:
+        return {}, {}
+    run = _client().get_run(run_id)
+    return dict(run.data.tags), {k: v for k, v in run.data.metrics.items() if k.startswith("quality/")}
+
+
+def version_description(kind: str, dim: str, run_id: str | None, tags: dict, epochs: int | None,
+                        metrics: dict[str, float]) -> str:
+    """What a registered version is: its run, split, epochs and quality."""
+    quality = ", ".join(f"{k.removeprefix('quality/')}={v:.4g}" for k, v in sorted(metrics.items())) or "not scored"
+    return (f"{kind} {dim} of run {run_id or '(none)'} ({tags.get('medimgen.run_dir', '')}); split "
+            f"{tags.get('medimgen.split', DEFAULT_SPLIT)}; {epochs if epochs is not None else '?'} epochs; "
+            f"quality: {quality}")
 
 
 def log_model(folder: Path, run_id: str | None = None, registered_name: str | None = None, alias: str | None = None,
               experiment: str = "Default", run_name: str = "register", tags: dict | None = None,
-              tracking_uri: str | None = None) -> Registration:
+              tracking_uri: str | None = None, metrics: dict[str, float] | None = None,
+              description: str | None = None) -> Registration:
     """Log the packaged model in ``folder`` as pyfunc model 'model' ("model from code": medimgen/generation/pyfunc.py,
     weights as safetensors) in run ``run_id`` (else the active run, else a new run in ``experiment``), register it
-    as ``registered_name`` (with ``alias``) and tag the version with ``tags``."""
+    as ``registered_name`` (with ``alias``) and tag the version with ``tags`` and ``metrics`` (the run's quality/*;
+    logging them to the logged model would repeat them in the run's history), ``description`` on the version."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -384,8 +461,10 @@ def log_model(folder: Path, run_id: str | None = None, registered_name: str | No
     version = str(info.registered_model_version) if registered_name and info.registered_model_version else None
     if version:
         client = MlflowClient()
-        for k, v in (tags or {}).items():
+        for k, v in {**(tags or {}), **(metrics or {})}.items():
             client.set_model_version_tag(registered_name, version, k, str(v))
+        if description:
+            client.update_model_version(registered_name, version, description=description)
         if alias:
             client.set_registered_model_alias(registered_name, alias, version)
     return Registration(info.model_uri, registered_name, version)
@@ -422,73 +501,58 @@ def log_side_run(run_name: str, experiment: str, parent_run_id: str | None, tags
                  metrics: dict[str, float], artifact: Path, what: str) -> str | None:
     """A finished run of its own (an evaluation), nested under ``parent_run_id`` when given, else in ``experiment``;
     under ``mlflow run`` ($MLFLOW_RUN_ID) the run MLflow made is used. Never raises: one warning instead."""
-    import time
-
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
-
-    try:
-        connect()  # bounded HTTP calls; fails at once when the server is down
-        client = MlflowClient()
-        attached = os.environ.get("MLFLOW_RUN_ID")
-        tags = dict(tags)
-        if parent_run_id:
-            experiment_id = client.get_run(parent_run_id).info.experiment_id
-            mark_experiment(experiment_id, client)
-            tags["mlflow.parentRunId"] = parent_run_id
-        elif not attached:  # (under `mlflow run`, the run MLflow made has its experiment)
-            experiment_id = ensure_experiment(experiment, client)
-        if attached:
-            name = attach_project_run(attached, run_name, experiment, client)
-            if name:
-                client.update_run(attached, name=name)
-            run_id = attached
-            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        else:
-            run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v],
-                         params=[Param(k, str(v)) for k, v in params.items()])
-        client.log_artifact(run_id, str(artifact))
-        if not attached:  # `mlflow run` ends its own run
-            client.set_terminated(run_id)
-        return run_id
-    except Exception as e:
-        warnings.warn(f"could not log {what} to MLflow ({brief(e)}); the results are in {artifact}", stacklevel=2)
-        return None
+    runs = ClientRuns(True, experiment, what=what, consequence=f"the results of {what} are in {artifact}")
+    return runs.side_run(run_name, parent_run_id, tags, params, metrics, artifact)
 
 
-class ClientRuns:
+class ClientRuns(Guarded):
     """Runs addressed by id through MlflowClient (no active-run juggling, so training's own runs are unaffected).
     Never raises: the first failure warns once ("``what`` continues without it") and switches MLflow off."""
 
-    def __init__(self, enabled: bool, experiment: str, what: str = "tuning"):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, experiment: str, what: str = "tuning", consequence: str | None = None):
+        super().__init__(enabled, consequence or f"{what} continues without it")
         self.experiment = experiment
         self.what = what
         self.client = None
         if enabled:
-            try:
-                from mlflow import MlflowClient
+            self.client = self._guard("connect", self._connect)
 
-                connect()  # bounded HTTP calls; fails at once when the server is down
-                self.client = MlflowClient()
-            except Exception as e:
-                self._warn("connect", e)
+    @staticmethod
+    def _connect():
+        from mlflow import MlflowClient
 
-    def _warn(self, what: str, e: Exception) -> None:
-        warnings.warn(f"MLflow {what} failed ({brief(e)}); {self.what} continues without it", stacklevel=3)
-        self.enabled = False
+        connect()  # bounded HTTP calls; fails at once when the server is down
+        return MlflowClient()
+
+    def _switched_off(self) -> None:
         self.client = None
 
-    def _guard(self, what: str, fn, default=None):
-        if not self.enabled:
-            return default
-        try:
-            return fn()
-        except Exception as e:
-            self._warn(what, e)
-            return default
+    def side_run(self, run_name: str, parent_run_id: str | None, tags: dict, params: dict,
+                 metrics: dict[str, float], artifact: Path) -> str | None:
+        """See :func:`log_side_run`."""
+        return self._guard("logging", lambda: self._side_run(run_name, parent_run_id, tags, params, metrics, artifact))
+
+    def _side_run(self, run_name: str, parent_run_id: str | None, tags: dict, params: dict,
+                  metrics: dict[str, float], artifact: Path) -> str:
+        import time
+
+        from mlflow.entities import Metric, Param
+
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run_id = self.attach_project_run(run_name, tags)
+        if run_id is None:  # (under `mlflow run`, the run MLflow made has its experiment)
+            if parent_run_id:
+                mark_experiment(self.client.get_run(parent_run_id).info.experiment_id, self.client)
+            run_id = self._create(run_name, tags, parent_run_id)
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v],
+                              params=[Param(k, str(v)) for k, v in params.items()])
+        self.client.log_artifact(run_id, str(artifact))
+        if run_id != os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` ends its own run
+            self.client.set_terminated(run_id)
+        return run_id
 
     def experiment_id(self, parent: str | None = None) -> str:
         if parent:
@@ -536,7 +600,8 @@ class ClientRuns:
         self.client.delete_run(run_id)
 
     def log(self, run_id: str | None, metrics: dict[str, float], step: int = 0, tags: dict | None = None,
-            status: str | None = None) -> None:
+            status: str | None = None, params: dict | None = None) -> None:
+        """Metrics (at ``step``), tags and ``params`` (those the run does not have yet) of run ``run_id``."""
         if not run_id:
             return
 
@@ -544,12 +609,14 @@ class ClientRuns:
             import math
             import time
 
-            from mlflow.entities import Metric, RunTag
+            from mlflow.entities import Metric, Param, RunTag
 
             now = int(time.time() * 1000)
+            have = self.client.get_run(run_id).data.params if params else {}
             self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
                                                    if v is not None and math.isfinite(float(v))],
-                                  tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+                                  tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+                                  params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items() if k not in have])
             if status:
                 self.client.set_terminated(run_id, status)
         self._guard("logging", go)

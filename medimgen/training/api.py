@@ -16,7 +16,7 @@ from medimgen import __version__
 from medimgen.core import distributed
 from medimgen.config import (apply_overrides, flatten, load_config, load_generation_config, render_generation_config,
                              save_generation_config)
-from medimgen.config.kinds import kind, names
+from medimgen.config.kinds import config_sections, kind, names
 from medimgen.config.schema import DIMS, GenerationConfig
 from medimgen.data.cases import open_cases
 from medimgen.data.loader import TrainBatches, validation_batches
@@ -43,6 +43,7 @@ class TrainResult:
     mlflow_run_id: str | None
     config: GenerationConfig
     rank: int = 0  # several ranks (torchrun): which one returned this
+    mlflow_url: str | None = None  # the run's experiment in the MLflow UI (runs view)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RunSetup:
     parent_run_id: str | None = None  # nest the MLflow run under this one
     tags: dict = field(default_factory=dict)
     on_epoch: Callable[[int, dict], None] | None = None  # after every epoch (may raise to stop, e.g. pruning)
+    score: bool = True  # quality checks during and after training (tuning trials score once, with their own budget)
 
 
 def _echo_for(cfg: GenerationConfig, run: RunDir, echo: Callable[[str], None]) -> Callable[[str], None]:
@@ -220,8 +222,12 @@ class _Job:
                 self._start_tracking(previous_run_id)
             result = self.trainer.fit()
             self._finish(result["completed"])
+            from medimgen.runs.tracking import runs_view_url
+
+            url = runs_view_url(self.tracker.experiment_id, self.cfg.tracking.tracking_uri) \
+                if self.tracker.run_id and self.tracker.experiment_id else None
             return TrainResult(self.run.root, result["completed"], result["epoch"], self.tracker.run_id, self.cfg,
-                               distributed.rank())
+                               distributed.rank(), url)
         except BaseException:
             self.tracker.end("KILLED")
             raise
@@ -270,9 +276,21 @@ class _Job:
             val_batches=lambda: validation_batches(self.cfg, self.plans, val_ids, self.cfg.train_for(self.model).batch_size),
             plot_batch=lambda: next(validation_batches(self.cfg, self.plans, val_ids[:PLOT_EXAMPLES], PLOT_EXAMPLES)),
             options=LoopOptions(progress=progress and self.main, echo=run_echo, stop_after_epoch=stop_after_epoch,
-                                on_epoch=self.setup.on_epoch, memory_guard=guard, on_refit=self._on_refit),
+                                on_epoch=self.setup.on_epoch, memory_guard=guard, on_refit=self._on_refit,
+                                quality=self._quality_check(progress)),
             config_yaml=render_generation_config(self.cfg),
         )
+
+    def _quality_check(self, progress: bool):
+        """The run's own quality checks (training.quality), on rank 0, unless the setup says no."""
+        from medimgen.training.quality import QualityCheck
+
+        if not (self.setup.score and self.main):
+            return None
+        splitting, fold = ("train-val-test", 0) if self.split.name == "train-val-test" else \
+            ("5-fold", int(self.split.name.rsplit("_", 1)[1]))
+        return QualityCheck(self.model, self.cfg, self.plans.name, splitting, fold, self.run.root, self.device,
+                            _echo_for(self.cfg, self.run, self.echo), progress)
 
     def _on_refit(self, refit) -> TrainBatches:
         """A memory re-fit in the first steps: new batches, the change recorded in config.yaml and MLflow."""
@@ -312,8 +330,10 @@ class _Job:
                 **setup.tags,
             },
         )
+        sections = config_sections(model, self.cfg)  # the whole resolved config is the run/config.yaml artifact
         self.tracker.log_params({"dataset": self.plans.name, "model": model, "dim": dim, "split": split,
-                                 "world_size": distributed.world_size(), **flatten(self.cfg)})
+                                 "world_size": distributed.world_size(),
+                                 **{k: v for k, v in flatten(self.cfg).items() if k.split(".", 1)[0] in sections}})
 
     def _finish(self, completed: bool) -> None:
         run, cfg = self.run, self.cfg

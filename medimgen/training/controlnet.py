@@ -31,7 +31,7 @@ from medimgen.models.labels import condition_channels, join
 from medimgen.models.networks import build_controlnet, enable_unet_checkpointing
 from medimgen.runs.folders import RunDir, TrainedModel, link_upstream
 from medimgen.training.ddpm import PLOT_SEED, VAL_SEED
-from medimgen.training.outputs import PLOT_EXAMPLES, plot_images
+from medimgen.training.outputs import PLOT_EXAMPLES, plot_images, plot_progress
 
 
 def run_config(base_cfg: GenerationConfig, cfg: GenerationConfig, base_kind: str) -> GenerationConfig:
@@ -126,7 +126,8 @@ class ControlNetTask:
         step = self.cfg.train_for(self.name).batch_size
         images = torch.cat([generate(self.cfg, self.base_kind, self.base.unet, len(chunk), PLOT_SEED + i,
                                      device=self.device, decode=self.decode(), controlnet=model(self.ema_module),
-                                     condition=condition_channels(chunk.to(self.device), self.cfg.data.label_values))
+                                     condition=condition_channels(chunk.to(self.device), self.cfg.data.label_values),
+                                     progress=plot_progress())
                             for i, chunk in ((i, label[i:i + step]) for i in range(0, len(label), step))])
         lo, hi = self.cfg.data.intensity_range
         maps = label.float().cpu() / max(self.cfg.data.label_values)

@@ -13,7 +13,7 @@ from medimgen.config.schema import GenerationConfig
 from medimgen.models.diffusion import generate, noised, training_scheduler
 from medimgen.models.labels import join, label_channels, network_channels
 from medimgen.models.networks import build_unet
-from medimgen.training.outputs import PLOT_EXAMPLES, plot_images
+from medimgen.training.outputs import PLOT_EXAMPLES, plot_images, plot_progress
 
 VAL_SEED = 1234
 PLOT_SEED = 4321
@@ -84,7 +84,7 @@ class DiffusionTask:
         intensity range)."""
         n, step = self.num_plot_samples, self.cfg.train_for(self.name).batch_size  # no bigger batches than training's
         pairs = [generate(self.cfg, self.name, model("unet"), min(step, n - i), PLOT_SEED + i, device=self.device,
-                          decode=self.decode, labels=True) for i in range(0, n, step)]
+                          decode=self.decode, labels=True, progress=plot_progress()) for i in range(0, n, step)]
         images = torch.cat([p[0] for p in pairs])
         what = f"{self.name.upper()} samples ({n}, seed {PLOT_SEED})"
         if not self.labels:

@@ -115,6 +115,7 @@ class LoopOptions:
     on_epoch: Callable[[int, dict], None] | None = None  # called after each epoch's checkpoint (tuning: pruning)
     memory_guard: object | None = None  # training.memory_guard.MemoryGuard: checks the first steps' peak
     on_refit: Callable[[object], Iterator[dict]] | None = None  # applies a memory Refit: returns the new batches
+    quality: Callable[[int], dict] | None = None  # training.quality.QualityCheck: quality/* metrics after an epoch
 
 
 class Trainer:
@@ -372,6 +373,7 @@ class Trainer:
                 set_rng_state(saved)
                 self.opt.echo(f"{self.task.name} epoch {epoch + 1}/{cfg.epochs} "
                               + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
+                self._quality(epoch + 1)
             if self.opt.on_epoch is not None:
                 self.opt.on_epoch(epoch + 1, metrics)
             if self.opt.stop_after_epoch is not None and epoch + 1 >= self.opt.stop_after_epoch and epoch + 1 < cfg.epochs:
@@ -379,6 +381,23 @@ class Trainer:
                 return {"completed": False, "epoch": epoch + 1}
         self.tracker.log_artifact(self.run.plots / "loss.png", "plots")
         return {"completed": True, "epoch": cfg.epochs, "best_val": self.best_val, "seconds": time.time() - t_start}
+
+    def _quality(self, epoch: int) -> None:
+        """The run scores itself where planned (training.quality); quality/* metrics at the optimiser step (rank 0)."""
+        from medimgen.training.quality import optimizer_steps
+
+        check = self.opt.quality
+        if check is None or not check.due(epoch):
+            return
+        self.opt.echo(f"{self.task.name} epoch {epoch}: scoring {check.train.eval_samples} samples (quality checks)"
+                      if not kind(self.task.name).encoder else f"{self.task.name} epoch {epoch}: scoring reconstructions")
+        try:
+            q = check(epoch)
+        except MedimgenError as e:
+            self.opt.echo(f"quality check skipped: {e}")
+            return
+        self.tracker.log_metrics(q, step=optimizer_steps(self.cfg, epoch))
+        self.opt.echo(f"{self.task.name} epoch {epoch} " + " ".join(f"{k}={v:.4g}" for k, v in q.items()))
 
     def _epoch_outputs(self, epoch: int, metrics: dict) -> None:
         """MLflow metrics, loss history and plots of an epoch (rank 0)."""
@@ -390,7 +409,8 @@ class Trainer:
                 m.eval()
             note = None if self.ema is None else (f"EMA weights (step {self.ema.step})" if self.ema_ready
                                                   else f"raw weights (EMA warm-up, step {self.ema.step})")
-            with torch.no_grad(), self._autocast(), self._out_of_memory("plotting"), plot_note(note):
+            with torch.no_grad(), self._autocast(), self._out_of_memory("plotting"), \
+                    plot_note(note, self.opt.progress):
                 path = self.task.plot(self.run.plots / f"epoch_{epoch + 1:04d}", self.plot_batch(), self.eval_model)
             if path is not None:
                 self.tracker.log_artifact(path, "plots")

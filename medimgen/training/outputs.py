@@ -24,21 +24,42 @@ def _matplotlib():
 
 
 _NOTE: ContextVar[str | None] = ContextVar("plot_note", default=None)
+_PROGRESS: ContextVar[bool] = ContextVar("plot_progress", default=False)
+
+
+def plot_progress() -> bool:
+    """Whether the sampling behind a training plot shows a progress bar (the run's --progress, set by the loop)."""
+    return _PROGRESS.get()
 
 
 @contextmanager
-def plot_note(note: str | None):
-    """Within the block, training plot titles (plot_images) end with ``note`` (e.g. which weights: EMA or raw)."""
-    token = _NOTE.set(note)
+def plot_note(note: str | None, progress: bool = False):
+    """Within the block, training plot titles (plot_images) end with ``note`` (e.g. which weights: EMA or raw), and
+    the sampling behind a plot shows progress when ``progress``."""
+    token, shown = _NOTE.set(note), _PROGRESS.set(progress)
     try:
         yield
     finally:
         _NOTE.reset(token)
+        _PROGRESS.reset(shown)
+
+
+@contextmanager
+def plot_style():
+    """matplotlib's own default style (and a 10 pt font) within the block, whatever nnU-Net or seaborn set globally
+    in this process (`sns.set(font_scale=2.5)` would otherwise give giant fonts and legends over the curves)."""
+    plt = _matplotlib()
+    with plt.style.context("default"), plt.rc_context({"font.size": 10, "legend.fontsize": 8}):
+        yield plt
 
 
 def plot_losses(history: dict[str, list], path: Path) -> Path:
     """One panel per loss name; train and val curves together (an EMA copy's ``val_<name>_ema`` beside ``val``)."""
-    plt = _matplotlib()
+    with plot_style() as plt:
+        return _plot_losses(plt, history, path)
+
+
+def _plot_losses(plt, history: dict[str, list], path: Path) -> Path:
     names = sorted({k.split("_", 1)[1].removesuffix("_ema") for k in history if k.startswith(("train_", "val_"))})
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -109,6 +130,20 @@ def _font(size: int = 16):
         return ImageFont.load_default()
 
 
+def _wrap(text: str, font, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` px (broken between words; ' | ' parts kept whole where they fit)."""
+    from PIL import Image, ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return [ln.strip(" |") for ln in lines] or [""]
+
+
 def save_images(rows, path_stem: Path, value_range=(-1.0, 1.0), title: str = "", geometry=None,
                 spacing=None) -> Path:
     """A titled grid of images (each (C, *spatial), first channel shown): a PNG for 2D, a GIF across the
@@ -131,12 +166,13 @@ def save_images(rows, path_stem: Path, value_range=(-1.0, 1.0), title: str = "",
     shape = arrays[0][0].shape[-2:]
     scale = _scale(shape, spacing, view[0])
     gap, font = 4, _font()
-    header = 24 if not three_d else 44
+    h, w = _view(arrays[0][0][0] if three_d else arrays[0][0], view, scale).shape
+    ncols = max(len(r) for r in arrays)
+    lines = _wrap(title, font, ncols * (w + gap) - gap - 8)
+    header = 20 * len(lines) + 4 + (20 if three_d else 0)
 
     def frame(z: int | None) -> Image.Image:
         tiles = [[_view(a[z] if z is not None else a, view, scale) for a in row] for row in arrays]
-        h, w = tiles[0][0].shape
-        ncols = max(len(r) for r in tiles)
         canvas = np.zeros((header + len(tiles) * (h + gap) - gap, ncols * (w + gap) - gap), np.uint8)
         for i, row in enumerate(tiles):
             for j, t in enumerate(row):
@@ -144,9 +180,10 @@ def save_images(rows, path_stem: Path, value_range=(-1.0, 1.0), title: str = "",
                 canvas[y:y + h, x:x + w] = t
         image = Image.fromarray(canvas)
         draw = ImageDraw.Draw(image)
-        draw.text((4, 3), title, fill=255, font=font)
+        for i, line in enumerate(lines):
+            draw.text((4, 3 + 20 * i), line, fill=255, font=font)
         if z is not None:
-            draw.text((4, 23), f"slice {z + 1}/{depth} along preprocessed axis 0 (through-plane)", fill=200, font=font)
+            draw.text((4, 3 + 20 * len(lines)), f"slice {z + 1}/{depth}, preprocessed axis 0", fill=200, font=font)
         return image
 
     if not three_d:

@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -164,6 +165,15 @@ def _setup(dataset_id, model: str, dim: str, trials: int, space_path, objective:
     return _Setup(plans, config_path, space, base, config_sets, budget_sets, dropped, ae_run)
 
 
+def _study_disk(base, space, budget_sets: dict, model: str, trials: int) -> int:
+    """Bytes ``trials`` more trials leave (best.pt, plots, log of each: a finished trial keeps no last.pt) plus the
+    last.pt of the one running (planning.disk's estimates for the trial's run length)."""
+    from medimgen.planning.disk import estimate_disk
+
+    e = estimate_disk(apply_overrides(base, space.budget_overrides(budget_sets)), model)
+    return trials * (e.best + e.plots) + e.last
+
+
 def _require_features(names: Sequence[str], feats, model: str, dataset_id) -> None:
     from medimgen.tuning import objectives
 
@@ -209,7 +219,7 @@ def _others_running(study) -> bool:
 
 @sigterm_interrupts()  # SIGTERM ends the trial's and the study's MLflow runs as KILLED, like Ctrl-C
 def tune(
-    dataset_id: int | str,
+    dataset_id: int | str | None,
     model: str = "ldm",
     dim: str = "3d",
     trials: int = 20,
@@ -230,9 +240,12 @@ def tune(
     progress: bool = False,
     echo: Callable[[str], None] = print,
     metrics: str | Sequence[str] | None = None,
+    eval_samples: int | None = None,
+    eval_steps: int | None = None,
 ) -> TuneResult:
     """Run ``trials`` more trials of the study (creating it if needed); see the module doc. ``metrics``: the
-    objective names (comma-separated or a list; default: see medimgen.tuning.objectives.choose_metrics)."""
+    objective names (comma-separated or a list; default: see medimgen.tuning.objectives.choose_metrics).
+    ``dataset_id`` None: the one planned dataset (said so), else one line listing the planned ones."""
     import optuna
 
     from medimgen import __version__
@@ -242,8 +255,22 @@ def tune(
     from medimgen.runs.tracking import git_commit
     from medimgen.tuning import objectives
 
+    if dataset_id is None:
+        from medimgen.core.paths import the_planned_dataset
+
+        dataset_id = the_planned_dataset()
+        echo(f"tuning the {model} ({dim}) of {dataset_id}, the one planned dataset")
     st = _setup(dataset_id, model, dim, trials, space_path, objective, overrides, autoencoder_run, splitting, fold)
     plans, space, base = st.plans, st.space, st.base
+    for key, value in (("num_samples", eval_samples), ("sampling_steps", eval_steps)):  # --eval-samples/--eval-steps
+        if value is not None:
+            if value < 1:
+                raise MedimgenError(f"--eval-{'samples' if key == 'num_samples' else 'steps'} must be at least 1")
+            space = dataclasses.replace(space, budget={**space.budget, key: value})
+    if progress:  # trial lines above the progress bar, not glued to it
+        from tqdm import tqdm
+
+        echo = tqdm.write
     name = study_name or f"{plans.name}/{model}/{dim}/{objective}"
     tuning_root = medimgen_results() / plans.name / "tuning"
     storage_obj, storage_desc = open_storage(storage, tuning_root / "optuna.db")
@@ -260,7 +287,8 @@ def tune(
                                                     recorded_objectives(storage_obj, name, model),
                                                     lambda: features() is not None)
     study = load_study(storage_obj, storage_desc, name, objective, space, names)
-    echo(f"study {name} in {storage_desc}: {len(study.trials)} trial(s) so far, running {trials} more")
+    echo(f"study {name} in {storage_desc}: {len(study.trials)} trial(s) so far, running {trials} more"
+         + (f"; disk: about {_study_disk(base, space, st.budget_sets, model, trials) / 2**30:.2f} GB" if trials else ""))
 
     parent = None
     if trials > 0:
@@ -274,7 +302,8 @@ def tune(
         objective_fn = TrialObjective(name, plans.name, model, dim, objective, space, base, st.config_sets,
                                       tuning_root / f"{model}_{dim}_{objective}", feats, runs, None,
                                       splitting=splitting, fold=fold, autoencoder_run=st.autoencoder_run,
-                                      device=device, echo=echo, metrics=names, budget=st.budget_sets)
+                                      device=device, echo=echo, metrics=names, budget=st.budget_sets,
+                                      progress=progress)
         objective_fn.check()
         parent = runs.parent(
             study, storage_obj,

@@ -13,8 +13,11 @@ from typing import Callable, Sequence
 import torch
 
 from medimgen.config import apply_overrides
+from medimgen.config.kinds import kind
 from medimgen.config.schema import GenerationConfig
 from medimgen.core.errors import MedimgenError
+from medimgen.evaluation.scorer import quality_metrics
+from medimgen.training.quality import optimizer_steps
 from medimgen.tuning import objectives
 from medimgen.tuning.study_runs import StudyRuns
 from medimgen.tuning.space import SearchSpace
@@ -25,6 +28,16 @@ FAILURES = (MedimgenError, ValueError, RuntimeError, torch.OutOfMemoryError)  # 
 
 class TrialFailed(MedimgenError):
     """A trial that could not produce objective values; Optuna records it as FAIL and goes on."""
+
+
+def _keep_sampling_weights(run_root: Path) -> None:
+    """A finished trial keeps its sampling weights (best.pt) only: its last.pt (optimiser, EMA, ...: several times
+    larger) goes, as a complete trial is never continued."""
+    from medimgen.runs.folders import RunDir
+
+    run = RunDir(run_root)
+    if run.best.is_file() and run.last.is_file():
+        run.last.unlink()
 
 
 def is_oom(e: BaseException) -> bool:
@@ -55,6 +68,7 @@ class TrialObjective:
     metrics: tuple[str, ...] = ()  # objective names (medimgen.tuning.objectives); default: the model's FID-based pair
     budget: dict[str, str] = field(default_factory=dict)  # the user's --set train_<model>.epochs/iterations_per_epoch
     subsets: tuple[str, ...] = ()  # the real cases scored against; set by check() (budget.real, or val + train)
+    progress: bool = False  # sampling/scoring progress bars inside a trial
     _real: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -149,13 +163,52 @@ class TrialObjective:
         if run_root.exists():  # a folder left by a study of the same name that was deleted
             run_root.rename(run_root.with_name(f"{run_root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
         setup = RunSetup(config=cfg, run_root=run_root, upstream_run=self.autoencoder_run, tracker=tracker,
-                         run_name=run_root.name, parent_run_id=self.parent, tags=tags, on_epoch=self._pruning(trial))
+                         run_name=run_root.name, parent_run_id=self.parent, tags=tags,
+                         on_epoch=self._watch(trial, cfg), score=False)  # scored once below, with the trial budget
         train(self.model, self.dataset, self.splitting, self.dim, self.fold, device=self.device,
               echo=lambda *_: None, setup=setup)
         model = TrainedModel.from_run(run_root)
-        options = SampleOptions(seed=trial.number, steps=int(self.space.budget["sampling_steps"]), device=self.device)
-        return score_model(model, self.real_images(model.cfg), int(self.space.budget["num_samples"]), self.extractor,
-                           options, self.real_labels(model.cfg))
+        n, steps = self.eval_budget(cfg)
+        self.echo(f"trial {trial.number}: scoring {n} samples x {steps} steps" if not kind(self.model).encoder else
+                  f"trial {trial.number}: scoring reconstructions")
+        options = SampleOptions(seed=trial.number, steps=steps, device=self.device, progress=self.progress)
+        ref = self.reference(model.cfg)
+        return score_model(model, ref, n, self.extractor, options, self.real_labels(model.cfg))
+
+    def eval_budget(self, cfg: GenerationConfig) -> tuple[int, int]:
+        """(samples, steps) that score a trial: the space's budget (or --eval-samples / --eval-steps), else sized by
+        the rule of a training run's quality checks (planning.quality_budget) for the trial's run length."""
+        from medimgen.planning.quality_budget import plan
+
+        planned = plan(cfg.train_for(self.model), max_checks=1)
+        n, steps = self.space.budget.get("num_samples"), self.space.budget.get("sampling_steps")
+        return int(n or planned["eval_samples"]), int(steps or planned["eval_steps"])
+
+    def reference(self, cfg: GenerationConfig):
+        """The real images, with the split's training and held-out val cases for the memorisation score."""
+        from medimgen.config.kinds import kind
+        from medimgen.evaluation.api import reference
+
+        key = ("reference", tuple(cfg.data.image_size), tuple(cfg.data.crop_size), tuple(cfg.data.spacing))
+        if key not in self._real:
+            self._real[key] = reference(cfg, self.dataset, self.real_images(cfg), self.splitting, self.fold,
+                                        memorise=kind(self.model).generator, heldout="val")
+        return self._real[key]
+
+    def _watch(self, trial, cfg: GenerationConfig) -> Callable[[int, dict], None]:
+        """After each epoch: a progress line (epoch, validation loss, time left of the training), then pruning."""
+        prune = self._pruning(trial)
+        epochs = cfg.train_for(self.model).epochs
+        start = time.time()
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            left = (time.time() - start) / epoch * (epochs - epoch)
+            val = metrics.get("val_loss")
+            self.echo(f"trial {trial.number}: epoch {epoch}/{epochs}" + (f" val_loss={val:.4g}" if val is not None
+                                                                        else "") + f", training ETA {left:.0f}s")
+            prune(epoch, metrics)
+
+        return on_epoch
 
     def _fail(self, trial, reason: str, run_id: str | None, metrics: dict | None = None) -> TrialFailed:
         trial.set_user_attr("failure", reason)
@@ -204,7 +257,10 @@ class TrialObjective:
         logged = {**scores, **{f"objective.{k}": v for k, v in obj.items()}}
         if self.objective == "scalar":
             logged["objective.scalar"] = value
-        self.runs.log(tracker.run_id, logged, tags={"optuna.state": "COMPLETE", **param_tags})
+        self.runs.log(tracker.run_id, logged, tags={"optuna.state": "COMPLETE", **param_tags}, params=values)
+        self.runs.log(tracker.run_id, quality_metrics(scores), step=optimizer_steps(cfg.train_for(self.model),
+                                                                                     cfg.train_for(self.model).epochs))
+        _keep_sampling_weights(run_root)
         self.echo(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" for k, v in obj.items())
                   + (f"  (scalar {value:.4g})" if self.objective == "scalar" else "")
                   + f"  [{length}; {run_root}]")

@@ -18,7 +18,8 @@ from medimgen.core.errors import MedimgenError
 SETTINGS_SECTIONS = ("budget", "objective", "pruner")  # and one section per model kind (kinds.names())
 SPEC_KEYS = {"float": {"type", "low", "high", "log"}, "int": {"type", "low", "high", "step", "log"},
              "categorical": {"type", "choices"}}
-BUDGET_DEFAULTS = {"epochs": 30, "iterations_per_epoch": None, "num_samples": 16, "real": "val", "sampling_steps": 50}
+BUDGET_DEFAULTS = {"epochs": 30, "iterations_per_epoch": None, "num_samples": None, "real": "val",
+                   "sampling_steps": None}  # None: sized by planning.quality_budget on the trial's run
 OBJECTIVE_DEFAULTS = {"ms_ssim_gap_weight": 100.0, "nsga2_population_size": 10}
 PRUNER_DEFAULTS = {"n_startup_trials": 5, "n_warmup_steps": 5}
 BUDGET_KEYS = ("epochs", "iterations_per_epoch")  # train_<model>.<key>: a trial's run length
@@ -120,7 +121,8 @@ class SearchSpace:
             else:
                 parts.append(f"{key} as planned")
         scored = ("the real images reconstructed" if kind(self.model).encoder else
-                  f"{self.budget['num_samples']} samples ({self.budget['sampling_steps']} DDIM steps)")
+                  f"{self.budget['num_samples'] or 'planned'} samples ({self.budget['sampling_steps'] or 'planned'} "
+                  f"DDIM steps)")
         return f"{kind(self.model).train_section}." + ", ".join(parts) + f"; scored on {scored}"
 
     def restrict(self, cfg: GenerationConfig, fixed: Sequence[str] = ()) -> tuple["SearchSpace", list[str]]:
