@@ -224,10 +224,13 @@ def feature_extractor(args, dataset: int, dim: str, cfg):
     from medimgen.evaluation.features import build_extractor, find_nnunet_model
     from medimgen.nnunet.commands import train_feature_nnunet
 
-    if find_nnunet_model(str(dataset), cfg.data.spatial_dims) is None:
+    from medimgen.nnunet.plans import DatasetPlans
+
+    name = DatasetPlans.from_id(dataset).name
+    if find_nnunet_model(name, cfg.data.spatial_dims) is None:
         print(f"training the {dim} nnU-Net feature encoder ({args.fid_epochs} epochs) ...", flush=True)
         train_feature_nnunet(dataset, dim, epochs=args.fid_epochs, iterations=args.fid_iterations)
-    return build_extractor("nnunet", None, str(dataset), cfg.data.spatial_dims, IntensityMap.from_config(cfg.data))
+    return build_extractor("nnunet", None, name, cfg.data.spatial_dims, IntensityMap.from_config(cfg.data))
 
 
 def compare(args, dataset: int, dim: str) -> dict:

@@ -1,6 +1,7 @@
 """A real-anatomy nnU-Net raw dataset, built at benchmark time from head MRI that ships in public packages.
 
     python benchmarks/real_anatomy.py --out RAW_FOLDER [--id 801] [--cases 24] [--spacing 3.5] [--cache DIR]
+    python benchmarks/real_anatomy.py --copy-sources DIR   # only the 7 source files, for an offline machine
 
 Sources (fetched into ``--cache``, default ~/.cache/medimgen-bench, never into the repository):
 - ``pip download --no-deps nilearn``: the MNI152 2009a symmetric T1 template with its grey- and white-matter
@@ -82,6 +83,18 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
         raise FetchError(f"{what} failed: {e}") from None
     if out.returncode != 0:
         raise FetchError(f"{what} failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
+
+
+def copy_sources(dest: Path, cache: Path = CACHE) -> Path:
+    """Copy only the seven source files (~12 MB) into ``dest/extracted`` (a cache for a machine without a registry,
+    e.g. carried to a lent GPU): ``--cache dest`` there finds them without downloading."""
+    import shutil
+
+    root = fetch_sources(cache)
+    for f in FILES:
+        (Path(dest) / "extracted" / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / f, Path(dest) / "extracted" / f)
+    return Path(dest)
 
 
 @dataclass
@@ -211,14 +224,20 @@ def build_dataset(out: Path | str, dataset_id: int = 801, num_cases: int = 24, s
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="nnU-Net raw folder to write DatasetXXX_RealHeads into")
+    ap.add_argument("--out", help="nnU-Net raw folder to write DatasetXXX_RealHeads into")
+    ap.add_argument("--copy-sources", type=Path, default=None, help="only copy the source files into this cache folder")
     ap.add_argument("--id", type=int, default=801)
     ap.add_argument("--cases", type=int, default=24)
     ap.add_argument("--spacing", type=float, default=3.5, help="mm; 3.5 gives ~45x55x45 volumes (CPU), 1.5 for a GPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=CACHE)
     a = ap.parse_args()
+    if not a.out and not a.copy_sources:
+        ap.error("give --out (build the dataset) or --copy-sources")
     try:
+        if a.copy_sources:
+            print(f"source files copied to {copy_sources(a.copy_sources, a.cache)}")
+            return
         build_dataset(a.out, a.id, a.cases, a.spacing, a.seed, a.cache)
     except FetchError as e:
         sys.exit(f"error: {e}")

@@ -1,0 +1,111 @@
+"""benchmarks/bench_defaults.py (planned defaults vs MONAI's tutorials) and benchmarks/real_anatomy.py (the real-anatomy
+dataset): the hand configs as valid medimgen overrides, the identical reduction, the tissue clustering (fast); and
+(slow) the whole comparison end to end at a tiny budget on the real downloaded heads (plumbing, not the verdict)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_defaults  # noqa: E402
+import real_anatomy  # noqa: E402
+
+from medimgen.config import apply_overrides, load_config  # noqa: E402
+
+PLANNED = Path(__file__).parent / "data" / "Dataset501_config_8GB.yaml"
+
+
+def test_hand_configs_are_the_tutorials_values_as_valid_overrides():
+    cfg2 = load_config(PLANNED).get("2d")
+    hand = apply_overrides(cfg2, bench_defaults.hand_overrides(cfg2, "ddpm"))
+    # generation/2d_ddpm/2d_ddpm_tutorial.ipynb: channels (128, 256, 256), attention (F, T, T), 1 res block, heads of
+    # 256, Adam lr 2.5e-5, batch 64, MONAI's DDPMScheduler defaults
+    assert list(hand.ddpm_unet.channels) == [128, 256, 256] and list(hand.ddpm_unet.attention_levels) == [False, True, True]
+    assert (hand.ddpm_unet.num_res_blocks, hand.ddpm_unet.num_head_channels) == (1, 256)
+    assert len(hand.ddpm_unet.strides) == 2  # one per level transition, from the plan
+    assert (hand.train_ddpm.learning_rate, hand.train_ddpm.batch_size, hand.train_ddpm.ema_decay) == (2.5e-5, 64, None)
+    assert (hand.ddpm_scheduler.schedule, hand.ddpm_scheduler.beta_start, hand.ddpm_scheduler.beta_end) == \
+        ("linear_beta", 0.0001, 0.02)
+    cfg3 = load_config(PLANNED).get("3d")
+    hand3 = apply_overrides(cfg3, bench_defaults.hand_overrides(cfg3, "autoencoder") + bench_defaults.hand_overrides(cfg3, "ldm"))
+    # generation/3d_ldm/3d_ldm_tutorial.ipynb
+    assert list(hand3.autoencoder.channels) == [32, 64, 64] and hand3.autoencoder.norm_num_groups == 16
+    assert (hand3.losses.adversarial_weight, hand3.losses.perceptual_weight, hand3.losses.kl_weight) == (0.01, 0.001, 1e-6)
+    assert list(hand3.ldm_unet.channels) == [32, 64, 64] and hand3.ldm_unet.num_head_channels == 64
+    assert (hand3.ldm_scheduler.beta_start, hand3.ldm_scheduler.beta_end) == (0.0015, 0.0195)
+    assert (hand3.train_ldm.learning_rate, hand3.train_ldm.batch_size) == (1e-4, 2)
+    # the planned LDM has 3 levels here; a plan with fewer level transitions gets MONAI's 2s
+    assert bench_defaults._strides([[1, 2, 2]], 2, 3) == "[[1,2,2],[2,2,2]]"
+
+
+def test_reduction_is_the_same_rule_for_both_sides():
+    cfg = load_config(PLANNED).get("2d")
+    hand = apply_overrides(cfg, bench_defaults.hand_overrides(cfg, "ddpm"))
+    sides = {}
+    for name, c in (("planned", cfg), ("hand", hand)):
+        sides[name] = apply_overrides(c, bench_defaults.reduction(c, "ddpm", 4, 8, None))
+    assert list(sides["planned"].ddpm_unet.channels) == [c // 4 for c in cfg.ddpm_unet.channels]
+    assert list(sides["hand"].ddpm_unet.channels) == [32, 64, 64]
+    assert sides["hand"].ddpm_unet.num_head_channels == 64
+    assert sides["planned"].ddpm_unet.num_head_channels == cfg.ddpm_unet.num_head_channels // 4
+    assert (sides["planned"].train_ddpm.batch_size, sides["hand"].train_ddpm.batch_size) == \
+        (math.ceil(cfg.train_ddpm.batch_size / 8), 8)
+    for c in sides.values():  # group norm divides every width; nothing pretrained downloaded
+        assert all(ch % c.ddpm_unet.norm_num_groups == 0 for ch in c.ddpm_unet.channels)
+        assert c.losses.perceptual_network == "none"
+
+
+def test_kmeans_tissue_orders_csf_grey_white():
+    rng = np.random.default_rng(0)
+    t1 = np.concatenate([rng.normal(30, 3, 1000), rng.normal(80, 3, 1000), rng.normal(120, 3, 1000)]).astype(np.float32)
+    brain = np.ones_like(t1, bool)
+    brain[:100] = False  # outside the brain: never tissue
+    gm, wm = real_anatomy.kmeans_tissue(t1, brain)
+    assert not gm[:1000].any() and not wm[:1000].any()
+    assert gm[1000:2000].all() and wm[2000:].all() and not wm[1000:2000].any()
+
+
+@pytest.mark.slow
+def test_comparison_end_to_end_at_a_tiny_budget(empty_env, tmp_path, monkeypatch):
+    try:
+        real_anatomy.fetch_sources()
+    except real_anatomy.FetchError as e:
+        pytest.skip(f"the public head MRI packages cannot be fetched here: {e}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out, png = tmp_path / "results.json", tmp_path / "curves.png"
+    results = bench_defaults.main([
+        "--workspace", str(tmp_path / "ws"), "--dataset-id", "827", "--cases", "6", "--spacing", "8",
+        "--steps", "2,4", "--ae-steps", "2", "--width-div", "8", "--batch-div", "16", "--size3d", "16,16,16",
+        "--samples", "3", "--sample-steps", "3", "--out", str(out), "--png", str(png)])
+    # the dataset: real heads with the four tissue classes
+    raw = empty_env["nnUNet_raw"] / "Dataset827_RealHeads"
+    assert json.loads((raw / "dataset.json").read_text())["labels"] == real_anatomy.LABELS
+    assert {p.name.split("_")[0] for p in (raw / "labelsTr").iterdir()} == {"mni152", "colin27", "itk"}
+    saved = json.loads(out.read_text())
+    assert png.stat().st_size > 0 and saved["device"] == results["device"]
+    for dim, models in (("2d", ("ddpm",)), ("3d", ("autoencoder", "ldm"))):
+        for side in bench_defaults.CONFIGS:
+            for model in models:
+                rows = saved["dims"][dim][side][model]["rows"]
+                assert [r["step"] for r in rows] == ([2] if model == "autoencoder" else [2, 4])
+                key = "psnr" if model == "autoencoder" else "mmd_stats"
+                assert all(math.isfinite(r[key]) for r in rows)
+                if model != "autoencoder":
+                    assert rows[-1]["train_seconds"] > 0 and "ms_ssim_generated" in rows[-1]
+    # each side trained what it claims: the run folders' own configs
+    runs = {p.name: p for p in (tmp_path / "ws" / "runs").iterdir()}
+    hand = next(p for n, p in runs.items() if n.startswith("2d_ddpm_monai_tutorial"))
+    cfg = load_config(hand / "config.yaml") if (hand / "config.yaml").is_file() else None
+    text = (hand / "config.yaml").read_text()
+    assert "2.5e-05" in text and "[16, 32, 32]" in text, cfg
+    planned = next(p for n, p in runs.items() if n.startswith("2d_ddpm_planned"))
+    assert "2.5e-05" not in (planned / "config.yaml").read_text().split("train_ddpm:")[1].split("train_ldm:")[0]
+    assert "equal wall time" in bench_defaults.tables(results)
