@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -233,6 +234,54 @@ def feature_extractor(args, dataset: int, dim: str, cfg):
     return build_extractor("nnunet", None, name, cfg.data.spatial_dims, IntensityMap.from_config(cfg.data))
 
 
+def follow_mask(args, dataset: int, dim: str, base, base_run: Path, log) -> dict:
+    """The ControlNet check MAISI reports: a ControlNet (planned settings, reduced like the rest) trained
+    ``--controlnet-steps`` on top of the planned side's trained DDPM generates one image per real label map of the
+    test split; the dataset's nnU-Net (the FID encoder's model) segments them; mean Dice per label against the maps
+    they were conditioned on. References: the same nnU-Net on the real test images (its ceiling here) and the
+    generated images against another case's map (what ignoring the mask scores)."""
+    from medimgen.data.intensity import IntensityMap
+    from medimgen.evaluation.features import NnUNetSegmenter, find_nnunet_model
+    from medimgen.models.labels import dice_per_label
+    from medimgen.nnunet.plans import DatasetPlans
+
+    found = find_nnunet_model(DatasetPlans.from_id(dataset).name, base.data.spatial_dims)
+    if found is None:
+        return {"skipped": "no trained nnU-Net of the dataset (give --fid-epochs > 0)"}
+    steps = args.controlnet_steps
+    chunk = max(1, steps // 4) if steps % 4 == 0 else 1
+    cn = base.controlnet
+    sets = reduction(base, "ddpm", args.width_div, args.batch_div, args.size3d) + budget(base, "controlnet", steps, chunk, None) \
+        + [f"controlnet.conditioning_channels={_l(max(1, c // args.width_div) for c in cn.conditioning_channels)}",
+           f"train_controlnet.batch_size={max(1, math.ceil(base.train_controlnet.batch_size / args.batch_div))}",
+           "controlnet.base=ddpm"] + list(args.set)
+    run_cfg = apply_overrides(base, sets)
+    real, real_labels, _ = real_cases(run_cfg, str(dataset), subset="test")
+    maps = real_labels[: args.samples].long().clamp(min=0)
+    run_root = Path(args.workspace) / "runs" / f"{dim}_controlnet_planned_{int(time.time())}"
+    t0 = time.time()
+    train("controlnet", dataset, "train-val-test", dim, overrides=sets, echo=lambda *_: None,
+          setup=RunSetup(run_root=run_root, autoencoder_run=base_run, run_name=f"bench_defaults_{run_root.name}"))
+    seconds = time.time() - t0
+    sampler = Sampler.of(TrainedModel.from_run(run_root, "last"))
+    name, n = sampler.schedule(None, args.sample_steps)
+    generated = sampler.sample_model_range(len(maps), SAMPLE_SEED, name, n, condition=maps)
+    seg = NnUNetSegmenter(found[0], found[1], intensity_map=IntensityMap.from_config(run_cfg.data))
+    values, names = run_cfg.data.label_values, run_cfg.data.label_names
+    pred_gen, pred_real = seg.segment(generated), seg.segment(real[: len(maps)])
+
+    def mean_dice(pred, ref) -> dict:
+        per = [dice_per_label(p, r, values) for p, r in zip(pred, ref)]
+        return {nm: float(np.nanmean([d[int(v)] for d in per])) for nm, v in zip(names, values)}
+
+    out = {"steps": steps, "train_seconds": round(seconds, 1), "num_maps": len(maps), "segmenter": seg.name,
+           "dice_generated_vs_condition": mean_dice(pred_gen, maps),
+           "dice_generated_vs_other_map": mean_dice(pred_gen, maps.roll(1, 0)),
+           "dice_real_vs_label": mean_dice(pred_real, real_labels[: len(maps)].clamp(min=0))}
+    log(json.dumps(out))
+    return out
+
+
 def compare(args, dataset: int, dim: str) -> dict:
     """Both configs of one dimensionality: {config: {model: rows}}."""
     from medimgen.nnunet.plans import DatasetPlans
@@ -242,7 +291,7 @@ def compare(args, dataset: int, dim: str) -> dict:
     steps = sorted({int(s) for s in args.steps.split(",") if int(s) > 0})
     chunk = math.gcd(*steps)
     out: dict = {}
-    for side in CONFIGS:
+    for side in args.configs:
         out[side] = {}
         ae_run = None
         for model in MODELS[dim]:
@@ -268,8 +317,11 @@ def compare(args, dataset: int, dim: str) -> dict:
             rows = train_curve(model, dataset, dim, run_cfg, sets, n_steps, c, run_root, real, real_labels, args, extractor,
                                log=lambda m, s=side, mo=model: print(f"  {dim} {mo} {s}: {m}", flush=True),
                                autoencoder_run=ae_run)
-            if model == "autoencoder":
-                ae_run = run_root
+            if kind(model).upstream is None:
+                ae_run = run_root  # what a next model builds on (the LDM: this autoencoder)
+            if side == "planned" and model == "ddpm" and args.controlnet_steps > 0:
+                out["follow_mask"] = follow_mask(args, dataset, dim, base, run_root,
+                                                 lambda m: print(f"  {dim} controlnet: {m}", flush=True))
             out[side][model] = {"rows": rows, "overrides": sets, "summary": _net_summary(run_cfg, model),
                                 "batch": run_cfg.train_for(model).batch_size,
                                 "learning_rate": run_cfg.train_for(model).learning_rate}
@@ -286,13 +338,17 @@ def _net_summary(cfg, model: str) -> str:
     return f"channels {list(net.channels)} attention {att} res blocks {net.num_res_blocks}{extra}"
 
 
+def _sides(curves: dict) -> list[str]:
+    return [s for s in CONFIGS if s in curves]
+
+
 def equal_time(curves: dict, model: str) -> tuple[float, dict]:
     """(T, {side: row}): T the training seconds the faster side needed for all its steps; each side's last row
     within T."""
-    finals = {s: curves[s][model]["rows"][-1]["train_seconds"] for s in CONFIGS}
+    finals = {s: curves[s][model]["rows"][-1]["train_seconds"] for s in _sides(curves)}
     t = min(finals.values())
     picked = {}
-    for s in CONFIGS:
+    for s in _sides(curves):
         within = [r for r in curves[s][model]["rows"] if r["train_seconds"] <= t + 1e-6]
         picked[s] = within[-1] if within else None
     return t, picked
@@ -308,13 +364,15 @@ def tables(results: dict) -> str:
         lines.append(f"\n{dim}: {ref['num_real']} real images; image-statistics MMD of Gaussian noise "
                      f"{ref['mmd_stats_of_gaussian_noise']:.3f} (learned nothing), about 0 for real images")
         for model in MODELS[dim]:
-            keys = [k for k in KEYS if k in curves["planned"][model]["rows"][-1]]
-            keys += [k for k in curves["planned"][model]["rows"][-1] if k.startswith(("fid.", "mmd.")) and k not in keys]
+            sides = _sides(curves)
+            last = curves[sides[0]][model]["rows"]
+            keys = [k for k in KEYS if k in last[-1]]
+            keys += [k for k in last[-1] if k.startswith(("fid.", "mmd.")) and k not in keys]
             lines.append(f"\n{dim} {model}: curves (step: train s, " + ", ".join(keys) + ")\n")
             lines.append("| config | network | batch | lr | " + " | ".join(
-                f"step {r['step']}" for r in curves["planned"][model]["rows"]) + " |")
-            lines.append("|---" * (4 + len(curves["planned"][model]["rows"])) + "|")
-            for s in CONFIGS:
+                f"step {r['step']}" for r in last) + " |")
+            lines.append("|---" * (4 + len(last)) + "|")
+            for s in sides:
                 c = curves[s][model]
                 cells = [f"{r['train_seconds']:.0f} s: " + " / ".join(f"{r[k]:.3f}" for k in keys) for r in c["rows"]]
                 lines.append(f"| {s} | {c['summary']} | {c['batch']} | {c['learning_rate']:g} | " + " | ".join(cells) + " |")
@@ -323,10 +381,22 @@ def tables(results: dict) -> str:
             t, picked = equal_time(curves, model)
             lines.append(f"\nequal wall time ({t:.0f} s of training):\n")
             lines.append("| config | step reached | " + " | ".join(keys) + " |\n|---|---|" + "---|" * len(keys))
-            for s in CONFIGS:
+            for s in sides:
                 r = picked[s]
                 lines.append(f"| {s} | " + (f"{r['step']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) if r
                                            else "none scored within T | " + " | ".join("-" for _ in keys)) + " |")
+        fm = curves.get("follow_mask")
+        if fm and "skipped" not in fm:
+            names = list(fm["dice_generated_vs_condition"])
+            lines.append(f"\n{dim} ControlNet follow-the-mask Dice ({fm['steps']} ControlNet steps on the planned DDPM, "
+                         f"{fm['num_maps']} test-split maps, segmenter {fm['segmenter']}):\n")
+            lines.append("| pair | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+            for key, what in (("dice_generated_vs_condition", "generated vs its conditioning map"),
+                              ("dice_generated_vs_other_map", "generated vs another case's map (ignoring the mask)"),
+                              ("dice_real_vs_label", "real image vs its label (the segmenter's ceiling)")):
+                lines.append(f"| {what} | " + " | ".join(f"{fm[key][n]:.3f}" for n in names) + " |")
+        elif fm:
+            lines.append(f"\n{dim} ControlNet follow-the-mask Dice: skipped ({fm['skipped']})")
     return "\n".join(lines)
 
 
@@ -340,6 +410,8 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.6 * len(panels)), squeeze=False)
     for (dim, model), row in zip(panels, axes):
         for side, style in zip(CONFIGS, ("o-", "s--")):
+            if side not in results["dims"][dim]:
+                continue
             rows = results["dims"][dim][side][model]["rows"]
             for ax, x in zip(row, ("step", "train_seconds")):
                 ax.plot([r[x] for r in rows], [r["mmd_stats"] for r in rows], style, label=side)
@@ -360,6 +432,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--cases", type=int, default=24)
     ap.add_argument("--spacing", type=float, default=3.5)
     ap.add_argument("--dims", default="2d,3d")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="which sides to train (both for a comparison)")
     ap.add_argument("--steps", default="50,100,200", help="optimiser steps after which the DDPM/LDM is scored")
     ap.add_argument("--ae-steps", type=int, default=100, help="3D: autoencoder steps before the LDM")
     ap.add_argument("--width-div", type=int, default=4)
@@ -369,10 +442,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--fid-epochs", type=int, default=0, help="> 0: train the dataset's nnU-Net encoder for FID")
     ap.add_argument("--fid-iterations", type=int, default=10)
+    ap.add_argument("--controlnet-steps", type=int, default=0, help="> 0: the ControlNet follow-the-mask Dice (2D DDPM "
+                    "base, needs --fid-epochs > 0: the same nnU-Net segments)")
     ap.add_argument("--set", action="append", default=[], help="extra override for both sides (repeatable)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args(argv)
+    args.configs = [c for c in args.configs.split(",") if c]
+    if not args.configs or set(args.configs) - set(CONFIGS):
+        ap.error(f"--configs takes {', '.join(CONFIGS)}")
     args.size3d = [int(v) for v in args.size3d.split(",")] if args.size3d else None
     args.workspace = args.workspace or tempfile.mkdtemp(prefix="bench_defaults_")
     ws = Path(args.workspace)

@@ -109,3 +109,40 @@ def test_comparison_end_to_end_at_a_tiny_budget(empty_env, tmp_path, monkeypatch
     planned = next(p for n, p in runs.items() if n.startswith("2d_ddpm_planned"))
     assert "2.5e-05" not in (planned / "config.yaml").read_text().split("train_ddpm:")[1].split("train_ldm:")[0]
     assert "equal wall time" in bench_defaults.tables(results)
+
+
+def test_nnunet_segmenter_is_nnunets_own_argmax_in_label_values(nnunet_env, tmp_path):
+    """A 2d nnU-Net checkpoint in nnU-Net's format, made here with nnU-Net's builder (random weights: this checks
+    the loading, padding and label mapping, not a segmentation quality)."""
+    import shutil
+
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from medimgen.evaluation.features import NnUNetSegmenter
+
+    pre = nnunet_env["nnUNet_preprocessed"] / "Dataset201_Aniso"
+    folder = tmp_path / "nnUNetTrainer__nnUNetPlans__2d"
+    (folder / "fold_0").mkdir(parents=True)
+    shutil.copy(pre / "nnUNetPlans.json", folder / "plans.json")
+    shutil.copy(pre / "dataset.json", folder / "dataset.json")
+    pm = PlansManager(str(folder / "plans.json"))
+    cm = pm.get_configuration("2d")
+    lm = pm.get_label_manager(json.loads((folder / "dataset.json").read_text()))
+    torch.manual_seed(0)
+    net = nnUNetTrainer.build_network_architecture(pm, cm, 2, lm.num_segmentation_heads, enable_deep_supervision=False)
+    torch.save({"network_weights": net.state_dict(), "init_args": {"configuration": "2d", "fold": 0},
+                "trainer_name": "nnUNetTrainer", "current_epoch": 1}, folder / "fold_0" / "checkpoint_final.pth")
+    seg = NnUNetSegmenter(folder, 0)
+    size = [p + 3 for p in cm.patch_size]  # not a multiple of the downsampling: padded, then cropped back
+    x = torch.randn(3, 2, *size)
+    out = seg.segment(x, batch_size=2)
+    assert out.shape == (3, 1, *size) and out.dtype == torch.long
+    assert set(out.unique().tolist()) <= {int(v) for v in lm.all_labels}
+    net.eval()
+    with torch.no_grad():
+        div = seg.divisor
+        padded = torch.nn.functional.pad(x, [0, (-size[1]) % div[1], 0, (-size[0]) % div[0]])
+        expected = net(padded).argmax(1, keepdim=True)[..., : size[0], : size[1]]
+    torch.testing.assert_close(out, torch.as_tensor([int(v) for v in lm.all_labels])[expected])
