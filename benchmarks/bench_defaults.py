@@ -463,6 +463,8 @@ def main(argv=None) -> dict:
     t0 = time.time()
     for dim in args.dims.split(","):
         results["dims"][dim] = compare(args, dataset, dim)
+        if args.out:  # after each dimensionality: a run stopped by a time limit keeps what it finished
+            args.out.write_text(json.dumps(results, indent=1))
     results["total_seconds"] = round(time.time() - t0, 1)
     print(f"\ndevice: {results['device']}; {results['date']}; {results['total_seconds']} s\n{tables(results)}")
     if args.out:

@@ -100,14 +100,17 @@ def test_comparison_end_to_end_at_a_tiny_budget(empty_env, tmp_path, monkeypatch
                 assert all(math.isfinite(r[key]) for r in rows)
                 if model != "autoencoder":
                     assert rows[-1]["train_seconds"] > 0 and "ms_ssim_generated" in rows[-1]
-    # each side trained what it claims: the run folders' own configs
+    # each side trained what it claims: the run folders' own configs (tutorial widths / 8, planned learning rate)
+    from medimgen.config.io import load_generation_config
+
     runs = {p.name: p for p in (tmp_path / "ws" / "runs").iterdir()}
-    hand = next(p for n, p in runs.items() if n.startswith("2d_ddpm_monai_tutorial"))
-    cfg = load_config(hand / "config.yaml") if (hand / "config.yaml").is_file() else None
-    text = (hand / "config.yaml").read_text()
-    assert "2.5e-05" in text and "[16, 32, 32]" in text, cfg
-    planned = next(p for n, p in runs.items() if n.startswith("2d_ddpm_planned"))
-    assert "2.5e-05" not in (planned / "config.yaml").read_text().split("train_ddpm:")[1].split("train_ldm:")[0]
+    hand = load_generation_config(next(p for n, p in runs.items() if n.startswith("2d_ddpm_monai_tutorial")) / "config.yaml")
+    assert list(hand.ddpm_unet.channels) == [16, 32, 32] and hand.train_ddpm.learning_rate == 2.5e-5
+    assert hand.train_ddpm.batch_size == 4 and hand.train_ddpm.ema_decay is None
+    planned = load_generation_config(next(p for n, p in runs.items() if n.startswith("2d_ddpm_planned")) / "config.yaml")
+    plan = load_config(empty_env["nnUNet_preprocessed"] / "Dataset827_RealHeads" / "medimgen_config.yaml").get("2d")
+    assert planned.train_ddpm.learning_rate == plan.train_ddpm.learning_rate
+    assert list(planned.ddpm_unet.channels) == [max(1, c // 8) for c in plan.ddpm_unet.channels]
     assert "equal wall time" in bench_defaults.tables(results)
 
 
