@@ -42,10 +42,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name  # noqa: E402
-from real_anatomy import build_dataset  # noqa: E402
+from real_anatomy import FetchError, build_dataset  # noqa: E402
 
 from medimgen.config import apply_overrides, load_config  # noqa: E402
 from medimgen.config.kinds import kind  # noqa: E402
+from medimgen.core.errors import MedimgenError  # noqa: E402
 from medimgen.core.requests import SampleOptions  # noqa: E402
 from medimgen.evaluation.api import generation_scores, label_sanity_scores, real_cases, score_model  # noqa: E402
 from medimgen.evaluation.statistics import statistics_mmd  # noqa: E402
@@ -234,6 +235,19 @@ def feature_extractor(args, dataset: int, dim: str, cfg):
     return build_extractor("nnunet", None, name, cfg.data.spatial_dims, IntensityMap.from_config(cfg.data))
 
 
+def check_depth(cfg, model: str, side: str) -> None:
+    """One clear line when the image (or latent) is too small for a side's UNet: its deepest level needs >= 2
+    voxels per axis (group norm of a batch of 1 fails on a single voxel)."""
+    size = list(cfg.data.image_size)
+    nets = ([cfg.autoencoder] if kind(model).space == "latent" else []) + [getattr(cfg, kind(model).network_section)]
+    for net in nets:
+        for stride in net.strides:
+            size = [n // s for n, s in zip(size, stride)]
+    if min(size) < 2:
+        raise MedimgenError(f"the {side} {model}'s deepest level would be {size} voxels for images of "
+                            f"{list(cfg.data.image_size)}: give a larger --size3d / --spacing")
+
+
 def follow_mask(args, dataset: int, dim: str, base, base_run: Path, log) -> dict:
     """The ControlNet check MAISI reports: a ControlNet (planned settings, reduced like the rest) trained
     ``--controlnet-steps`` on top of the planned side's trained DDPM generates one image per real label map of the
@@ -308,6 +322,7 @@ def compare(args, dataset: int, dim: str) -> dict:
             if kind(model).upstream == "autoencoder":
                 sets += reduction(cfg, "autoencoder", args.width_div, args.batch_div, args.size3d)
             run_cfg = apply_overrides(base, sets)
+            check_depth(run_cfg, model, side)
             real, real_labels, _ = real_cases(run_cfg, str(dataset), subset="all")
             extractor = feature_extractor(args, dataset, dim, run_cfg) if kind(model).generator else None
             run_root = Path(args.workspace) / "runs" / f"{dim}_{model}_{side}_{int(time.time())}"
@@ -456,6 +471,13 @@ def main(argv=None) -> dict:
     ws = Path(args.workspace)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'mlflow.db'}")
     torch.manual_seed(0)
+    try:
+        return _run(args)
+    except (MedimgenError, FetchError) as e:
+        sys.exit(f"error: {e}")
+
+
+def _run(args) -> dict:
     dataset = prepare(args)
     results = {"device": device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "tutorials": TUTORIALS, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

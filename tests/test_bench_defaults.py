@@ -83,7 +83,7 @@ def test_comparison_end_to_end_at_a_tiny_budget(empty_env, tmp_path, monkeypatch
     out, png = tmp_path / "results.json", tmp_path / "curves.png"
     results = bench_defaults.main([
         "--workspace", str(tmp_path / "ws"), "--dataset-id", "827", "--cases", "6", "--spacing", "8",
-        "--steps", "2,4", "--ae-steps", "2", "--width-div", "8", "--batch-div", "16", "--size3d", "16,16,16",
+        "--steps", "2,4", "--ae-steps", "2", "--width-div", "8", "--batch-div", "16", "--size3d", "32,32,32",
         "--samples", "3", "--sample-steps", "3", "--out", str(out), "--png", str(png)])
     # the dataset: real heads with the four tissue classes
     raw = empty_env["nnUNet_raw"] / "Dataset827_RealHeads"
@@ -149,3 +149,12 @@ def test_nnunet_segmenter_is_nnunets_own_argmax_in_label_values(nnunet_env, tmp_
         padded = torch.nn.functional.pad(x, [0, (-size[1]) % div[1], 0, (-size[0]) % div[0]])
         expected = net(padded).argmax(1, keepdim=True)[..., : size[0], : size[1]]
     torch.testing.assert_close(out, torch.as_tensor([int(v) for v in lm.all_labels])[expected])
+
+
+def test_too_small_a_crop_for_a_sides_unet_is_one_clear_line():
+    cfg = load_config(PLANNED).get("3d")
+    hand = apply_overrides(cfg, bench_defaults.hand_overrides(cfg, "autoencoder") + bench_defaults.hand_overrides(cfg, "ldm")
+                           + ["data.image_size=[16,16,16]", "data.crop_size=[]", "data.native_spacing=[]"])
+    with pytest.raises(bench_defaults.MedimgenError, match="deepest level would be \\[1, 1, 1\\]"):
+        bench_defaults.check_depth(hand, "ldm", "monai_tutorial")
+    bench_defaults.check_depth(apply_overrides(hand, ["data.image_size=[32,32,32]"]), "ldm", "monai_tutorial")
