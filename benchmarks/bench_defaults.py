@@ -126,9 +126,14 @@ def reduction(cfg, model: str, width_div: int, batch_div: int, size3d: list[int]
         sets.append(f"{net}.num_head_channels={max(1, section.num_head_channels // width_div)}")
     train_cfg = cfg.train_for(model)
     sets.append(f"train_{model}.batch_size={max(1, math.ceil(train_cfg.batch_size / batch_div))}")
+    return sets + size_overrides(cfg, size3d)
+
+
+def size_overrides(cfg, size3d: list[int] | None) -> list[str]:
+    """The 3D image size of both sides (a centred crop of the cases at the plan's spacing)."""
     if size3d and cfg.data.spatial_dims == 3:
-        sets += [f"data.image_size={_l(size3d)}", "data.crop_size=[]", "data.native_spacing=[]"]
-    return sets
+        return [f"data.image_size={_l(size3d)}", "data.crop_size=[]", "data.native_spacing=[]"]
+    return []
 
 
 def budget(cfg, model: str, steps: int, chunk: int, warmup_fraction: float | None) -> list[str]:
@@ -312,7 +317,7 @@ def compare(args, dataset: int, dim: str) -> dict:
             own = hand_overrides(base, model) if side == "monai_tutorial" else []
             if kind(model).upstream == "autoencoder" and side == "monai_tutorial":
                 own += hand_overrides(base, "autoencoder")  # the LDM's config names its autoencoder's
-            cfg = apply_overrides(base, own)
+            cfg = apply_overrides(base, size_overrides(base, args.size3d) + own)  # the size first: it is validated
             n_steps = steps if kind(model).generator else [args.ae_steps]
             c = chunk if kind(model).generator else max(1, args.ae_steps // 4) if args.ae_steps % 4 == 0 else 1
             warm = (HAND_WARMUP_FRACTION if side == "monai_tutorial"
