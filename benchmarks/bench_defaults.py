@@ -2,7 +2,8 @@
 
     python benchmarks/bench_defaults.py [--workspace DIR] [--dims 2d,3d] [--steps 50,100,200] [--ae-steps 100]
         [--width-div 4] [--batch-div 8] [--size3d 32,32,32] [--samples 16] [--sample-steps 50]
-        [--cases 24] [--spacing 3.5] [--fid-epochs 0] [--out results.json] [--png curves.png]
+        [--cases 24] [--spacing 3.5] [--fid-epochs 0] [--controlnet-steps 0] [--configs planned,monai_tutorial]
+        [--out results.json] [--png curves.png]
 
 1. Builds the real-anatomy dataset (benchmarks/real_anatomy.py: public head MRI, tissue labels) as an nnU-Net raw
    dataset, runs nnUNetv2_plan_and_preprocess and `medimgen plan` on it.
@@ -24,6 +25,8 @@
    the training seconds the faster config needed for all its steps (the slower config's last scored point within
    that time; training seconds exclude scoring). Prints Markdown tables, writes ``--out`` (JSON) and ``--png``
    (metric vs steps and vs seconds).
+5. With ``--controlnet-steps`` (and ``--fid-epochs``): the ControlNet follow-the-mask Dice (``follow_mask``).
+Results, the hand configs' sources and the dataset's limits: benchmarks/README.md.
 """
 
 from __future__ import annotations
