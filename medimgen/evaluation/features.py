@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -104,6 +105,32 @@ def load_nnunet_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def load_nnunet_network(model_folder: Path | str, fold: int | str = 0, checkpoint: str = "checkpoint_final.pth"):
+    """(network in eval mode without deep supervision, its ConfigurationManager, its LabelManager) of a trained
+    nnU-Net model folder (plans.json, dataset.json, fold_X/<checkpoint>), read weights-only."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = Path(model_folder)
+    ckpt_path = folder / f"fold_{fold}" / checkpoint
+    for f in (folder / "plans.json", folder / "dataset.json", ckpt_path):
+        if not f.is_file():
+            raise MedimgenError(f"nnU-Net model file {f} is missing (train nnU-Net for this dataset first, "
+                                f"or choose another feature extractor)")
+    ckpt = load_nnunet_checkpoint(ckpt_path)
+    configuration = ckpt["init_args"]["configuration"]
+    pm = PlansManager(str(folder / "plans.json"))
+    cm = pm.get_configuration(configuration)
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    labels = pm.get_label_manager(dataset_json)
+    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                 cm.network_arch_init_kwargs_req_import, channels, labels.num_segmentation_heads,
+                                 allow_init=True, deep_supervision=False)
+    net.load_state_dict(ckpt["network_weights"])
+    return net.eval(), cm, labels
+
+
 class NnUNetEncoderFeatures(FeatureExtractor):
     """Encoder features of a trained nnU-Net (checkpoint written by nnU-Net's trainer).
 
@@ -116,26 +143,8 @@ class NnUNetEncoderFeatures(FeatureExtractor):
     def __init__(self, model_folder: Path | str, fold: int | str = 0, checkpoint: str = "checkpoint_final.pth",
                  intensity_map=None):
         super().__init__()
-        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
+        net, cm, _ = load_nnunet_network(model_folder, fold, checkpoint)
         folder = Path(model_folder)
-        ckpt_path = folder / f"fold_{fold}" / checkpoint
-        for f in (folder / "plans.json", folder / "dataset.json", ckpt_path):
-            if not f.is_file():
-                raise MedimgenError(f"nnU-Net model file {f} is missing (train nnU-Net for this dataset first, "
-                                    f"or choose another feature extractor)")
-        ckpt = load_nnunet_checkpoint(ckpt_path)
-        configuration = ckpt["init_args"]["configuration"]
-        pm = PlansManager(str(folder / "plans.json"))
-        cm = pm.get_configuration(configuration)
-        dataset_json = json.loads((folder / "dataset.json").read_text())
-        channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
-        heads = pm.get_label_manager(dataset_json).num_segmentation_heads
-        net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                     cm.network_arch_init_kwargs_req_import, channels, heads,
-                                     allow_init=True, deep_supervision=False)
-        net.load_state_dict(ckpt["network_weights"])
         self.encoder = net.encoder.eval()
         self.imap = intensity_map
         self.spatial_dims = (len(cm.patch_size),)
@@ -147,6 +156,39 @@ class NnUNetEncoderFeatures(FeatureExtractor):
             images = self.imap.to_normalized(images.float(), channel_axis=1)
         deepest = self.encoder(images)[-1]
         return deepest.flatten(2).mean(-1)
+
+
+class NnUNetSegmenter:
+    """Segmentations by a trained nnU-Net of model-range images (``intensity_map`` maps them back to nnU-Net's
+    normalisation): the "does the generated image follow its mask" check. One forward pass per image padded to a
+    multiple of the network's downsampling (no sliding window: generated images are about the patch size)."""
+
+    def __init__(self, model_folder: Path | str, fold: int | str = 0, checkpoint: str = "checkpoint_final.pth",
+                 intensity_map=None):
+        self.net, cm, labels = load_nnunet_network(model_folder, fold, checkpoint)
+        if labels.has_regions:
+            raise MedimgenError(f"{model_folder} is a region-based nnU-Net: its outputs are not label values")
+        self.values = torch.as_tensor([int(v) for v in labels.all_labels])
+        self.divisor = [math.prod(int(v) for v in k) for k in zip(*cm.pool_op_kernel_sizes)]
+        self.imap = intensity_map
+        self.name = f"nnunet:{Path(model_folder).name}/fold_{fold}"
+
+    @torch.no_grad()
+    def segment(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """(N, 1, *spatial) long label values of (N, C, *spatial) images."""
+        x = images.float()
+        if self.imap is not None:
+            x = self.imap.to_normalized(x, channel_axis=1)
+        spatial = x.shape[2:]
+        pad = []
+        for size, d in zip(reversed(spatial), reversed(self.divisor)):
+            pad += [0, (-size) % d]
+        x = torch.nn.functional.pad(x, pad)
+        out = []
+        for start in range(0, len(x), batch_size):
+            logits = self.net(x[start:start + batch_size])
+            out.append(logits.argmax(1, keepdim=True)[(...,) + tuple(slice(0, n) for n in spatial)])
+        return self.values[torch.cat(out)]
 
 
 def find_nnunet_model(dataset: str, spatial_dims: int, plans_identifier: str = "nnUNetPlans") -> tuple[Path, str] | None:
