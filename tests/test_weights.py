@@ -236,3 +236,15 @@ def test_plan_says_when_the_planned_weights_are_absent(nnunet_env, torch_home, t
     dest.write_bytes(test_made_alexnet)
     assert plan("--offline") == ([], "alex")
     assert plan() == ([], "alex")  # leaves the session's config as the other tests plan it
+
+
+def test_torchvision_urls_are_torchvisions_own():
+    """The weight URLs written out in medimgen.models.weights (so that a look-up imports no torchvision) are the ones
+    torchvision's weight enums name."""
+    import torchvision.models as tvm
+
+    from medimgen.models.weights import TORCHVISION
+
+    for network, (builder, enum_name, url) in TORCHVISION.items():
+        assert getattr(tvm, enum_name).IMAGENET1K_V1.url == url, network
+        assert callable(getattr(tvm, builder)), network

@@ -39,12 +39,16 @@ MIRROR_ENV = "MEDIMGEN_WEIGHTS_MIRROR"
 TIMEOUT_S = 30
 CHUNK = 1 << 20
 
-# torchvision weights: network name -> (torchvision builder, weights enum); lpips uses IMAGENET1K_V1
+# torchvision weights: network name -> (torchvision builder, weights enum, URL of its IMAGENET1K_V1 weights; lpips
+# uses those). The URLs are written out so that looking for a file does not import torchvision (~4 s: planning's
+# notes ask); tests/test_weights.py checks them against torchvision's enums.
 TORCHVISION = {
-    "alex": ("alexnet", "AlexNet_Weights"),
-    "vgg": ("vgg16", "VGG16_Weights"),
-    "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights"),
-    "inception_v3": ("inception_v3", "Inception_V3_Weights"),
+    "alex": ("alexnet", "AlexNet_Weights", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+    "vgg": ("vgg16", "VGG16_Weights", "https://download.pytorch.org/models/vgg16-397923af.pth"),
+    "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights",
+                "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth"),
+    "inception_v3": ("inception_v3", "Inception_V3_Weights",
+                     "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"),
 }
 
 # MONAI's torch.hub repository (the folder name torch.hub gives "Project-MONAI/perceptual-models:main"),
@@ -91,10 +95,7 @@ def checkpoint_path(url: str) -> Path:
 def torchvision_weights_file(network: str) -> tuple[Path, str]:
     """(expected local path, download URL) of the torchvision weights for ``network``
     (alex, vgg, squeeze as lpips loads them; inception_v3)."""
-    import torchvision.models as tvm
-
-    _, enum_name = TORCHVISION[network]
-    url = getattr(tvm, enum_name).IMAGENET1K_V1.url
+    url = TORCHVISION[network][2]
     return checkpoint_path(url), url
 
 
