@@ -114,14 +114,17 @@ def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, 
              override_text):
     """Turn nnU-Net's plans (nnUNetPlans.json, or --plans) into medimgen_config.yaml (2d and 3d sections)."""
     from medimgen.planning import plan_dataset
+    from medimgen.planning.api import explain_existing
 
     old = _deprecated(old_noise, "plan --scheduler", "--noise")
     noise = noise or old
 
     sets = [*overrides, *override_text.split()]
-    if explain and not (force or sets or gpu_memory or offline or noise) and _explain_existing(dataset_id,
-                                                                                                    plans_identifier):
-        return
+    if explain and not (force or sets or gpu_memory or offline or noise):
+        text = explain_existing(dataset_id, plans_identifier)
+        if text is not None:
+            click.echo(text)
+            return
     result = plan_dataset(dataset_id, gpu_memory_gb=gpu_memory or None, overrides=sets, force=force,
                           plans_identifier=plans_identifier, offline=offline, noise=noise)
     if result.backup:
@@ -136,32 +139,6 @@ def plan_cmd(dataset_id, gpu_memory, force, explain, plans_identifier, offline, 
         click.echo(note)
     if explain:
         click.echo(result.explain())
-
-
-def _explain_existing(dataset_id, plans_identifier) -> bool:
-    """`plan --explain` alone on a planned dataset: the table of the config as it stands, no re-planning."""
-    from medimgen.config import load_config
-    from medimgen.core.paths import config_path
-    from medimgen.planning.api import check_memory, weights_notes
-
-    path = config_path(dataset_id)
-    if not path.is_file() or load_config(path).dataset.plans_identifier != plans_identifier:
-        return False  # not planned yet, or from other nnU-Net plans: plan
-    report = check_memory(dataset_id, None, None, plans_identifier)
-    click.echo(f"{report.path} exists: explaining it as it stands (--force, --set or --gpu-memory re-plan)")
-    click.echo(report.table)
-    for line in report.misfits:
-        click.echo(f"does not fit: {line}")
-    from medimgen.planning.disk import explain_disk
-    from medimgen.planning.quality_budget import explain_quality
-
-    cfg = load_config(report.path)
-    for dim, c in cfg.configs.items():
-        click.echo(explain_disk(c, dim))
-        click.echo(explain_quality(c, dim))
-    for note in weights_notes({}, cfg, offline=False):
-        click.echo(note)
-    return True
 
 
 @main.group("weights")

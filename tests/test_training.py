@@ -124,8 +124,10 @@ def _state(run_dir: Path) -> dict:
 
 @pytest.mark.parametrize("model", ["ddpm", "autoencoder"])
 def test_resume_equals_uninterrupted(model, workspace, tmp_path, monkeypatch):
-    """Stop after epoch 1, continue with -c: identical to an uninterrupted 2-epoch run (same seed)."""
-    sets = tiny_overrides(workspace["config"].get("2d")) + [f"train_{model}.val_plot_interval=5"]
+    """Stop after epoch 1, continue with -c: identical to an uninterrupted 2-epoch run (same seed), with the run's
+    quality check after every epoch (it builds networks and samples, and must leave the random state as saved)."""
+    sets = tiny_overrides(workspace["config"].get("2d")) + [f"train_{model}.val_plot_interval=5",
+                                                            f"train_{model}.eval_interval=1"]
     monkeypatch.setenv("medimgen_results", str(tmp_path / "a"))
     full = train(model, ANISO_3D, "5-fold", "2d", fold=1, overrides=sets, echo=lambda *_: None)
     monkeypatch.setenv("medimgen_results", str(tmp_path / "b"))

@@ -456,16 +456,19 @@ def load_generation_config(path: Path | str) -> GenerationConfig:
         raise MedimgenError(f"{path}: {e}") from None
 
 
-# what the weights of a run depend on: a change here after training makes the weights wrong for the config
-_MODEL_SECTIONS = ("data", "autoencoder", "ddpm_unet", "ldm_unet", "ddpm_scheduler", "ldm_scheduler", "controlnet")
 _NOT_MODEL = ("data.num_workers", "data.augmentation", "data.oversample_foreground_percent")
 
 
-def model_keys_changed(trained: GenerationConfig, now: GenerationConfig) -> list[str]:
-    """The keys of the model-defining sections whose value differs between the config a run trained with and
-    the run's config.yaml now."""
-    a, b = flatten({k: to_dict(getattr(trained, k)) for k in _MODEL_SECTIONS}), flatten(
-        {k: to_dict(getattr(now, k)) for k in _MODEL_SECTIONS})
+def model_keys_changed(trained: GenerationConfig, now: GenerationConfig, model: str) -> list[str]:
+    """The keys whose value differs between the config a run of ``model`` trained with and the run's config.yaml now,
+    among what its weights depend on: ``data`` and the network and noise-process sections of the kind and of the
+    kinds it builds on (a change there after training makes the weights wrong for the config)."""
+    from medimgen.config.kinds import config_sections, kinds
+
+    weights = {s for k in kinds() for s in (k.network_section, k.scheduler_section) if s}
+    sections = [s for s in config_sections(model, trained) if s == "data" or s in weights]
+    a, b = flatten({k: to_dict(getattr(trained, k)) for k in sections}), flatten(
+        {k: to_dict(getattr(now, k)) for k in sections})
     return [k for k in sorted(set(a) | set(b)) if k not in _NOT_MODEL and a.get(k) != b.get(k)
             and not k.endswith(".activation_checkpointing")]  # a memory re-fit may switch it on: same weights
 

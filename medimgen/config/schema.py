@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from medimgen import __version__
 from medimgen.config.kinds import auto_generators, kind
-from medimgen.core.names import MAX_NAME, NAME_ALLOWED, NAME_RULE
+from medimgen.core.names import EXPERIMENT_NAME_ALLOWED, EXPERIMENT_NAME_RULE
 
 
 _REQUIRED = object()
@@ -227,8 +227,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     experiment_name: Optional[str] = doc("MLflow experiment (null: the dataset name)", None,
-                                         pattern=(f"{NAME_RULE[:-1]}{{1,{MAX_NAME}}}",
-                                                  f"a name of {NAME_ALLOWED} (1 to {MAX_NAME} characters)"))
+                                         pattern=(EXPERIMENT_NAME_RULE, EXPERIMENT_NAME_ALLOWED))
     tracking_uri: Optional[str] = doc("MLflow tracking URI (null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)", None)
     log_models: bool = doc("log trained samplers as MLflow pyfunc models", True)
     register_models: bool = doc("register logged models as DatasetXXX_<model>_<dim>", True)

@@ -133,7 +133,9 @@ def check_generation(cfg: GenerationConfig, where: str = "") -> None:
     if cfg.discriminator.num_layers > max_layers:
         raise _bad(_join(where, "discriminator.num_layers"), f"<= {max_layers} (each layer halves the smallest "
                    f"image axis, {min(data.image_size)} voxels)", cfg.discriminator.num_layers)
-    for name in ("ddpm_scheduler", "ldm_scheduler"):
+    from medimgen.config.kinds import kinds
+
+    for name in dict.fromkeys(k.scheduler_section for k in kinds() if k.scheduler_section):
         sched = getattr(cfg, name)
         if sched.beta_start >= sched.beta_end:
             raise MedimgenError(f"config key '{_join(where, name + '.beta_start')}': must be < {name}.beta_end "

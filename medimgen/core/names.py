@@ -38,6 +38,11 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+# an MLflow experiment name medimgen may make a folder of (artifacts beside a sqlite store): a name, or a dataset
+# name ('.' allowed as nnU-Net allows it in dataset names, never '..'), which is the default experiment
+EXPERIMENT_NAME_RULE = rf"(?!.*\.\.)[A-Za-z0-9_-][A-Za-z0-9_.-]{{0,{MAX_NAME - 1}}}"
+EXPERIMENT_NAME_ALLOWED = f"a name of letters, digits, '_', '-' and '.' (no '..', 1 to {MAX_NAME} characters)"
+
 DATASET_NAME = r"Dataset\d{3}_[A-Za-z0-9_-][A-Za-z0-9_.-]*"
 
 

@@ -214,10 +214,6 @@ def score_model(model: TrainedModel, real: "torch.Tensor | Reference", num_sampl
     return scores
 
 
-def objective_names(kind: str) -> tuple[str, str]:
-    return ("rfid", "ms_ssim_loss") if model_kind(kind).encoder else ("fid", "ms_ssim_gap")
-
-
 def objective_values(scores: dict[str, float], kind: str) -> dict[str, float]:
     """The two tuning objectives, both minimised. DDPM/LDM: 'fid' and 'ms_ssim_gap' (diversity gap to real data);
     autoencoder: 'rfid' (reconstructions vs originals) and 'ms_ssim_loss' (1 - MS-SSIM of reconstructions)."""

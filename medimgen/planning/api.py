@@ -35,14 +35,34 @@ class PlanResult:
     notes: tuple[str, ...] = ()  # one line each, for the user (e.g. pretrained weights that are absent)
 
     def explain(self) -> str:
-        from medimgen.planning.disk import explain_disk
         from medimgen.planning.memory import explain
 
-        from medimgen.planning.quality_budget import explain_quality
-
         return "\n".join([*(explain(cfg, dim) for dim, cfg in self.config.configs.items()),
-                          *(explain_disk(cfg, dim) for dim, cfg in self.config.configs.items()),
-                          *(explain_quality(cfg, dim) for dim, cfg in self.config.configs.items())])
+                          *explain_costs(self.config)])
+
+
+def explain_costs(config: MedimgenConfig) -> list[str]:
+    """The disk and quality-check tables of `plan --explain`, every dimensionality."""
+    from medimgen.planning.disk import explain_disk
+    from medimgen.planning.quality_budget import explain_quality
+
+    return [*(explain_disk(cfg, dim) for dim, cfg in config.configs.items()),
+            *(explain_quality(cfg, dim) for dim, cfg in config.configs.items())]
+
+
+def explain_existing(dataset_id: int | str, plans_identifier: str) -> str | None:
+    """`plan --explain` alone on a planned dataset: the tables of the config as it stands, no re-planning (None:
+    not planned yet, or planned from other nnU-Net plans: plan it)."""
+    from medimgen.core.paths import config_path
+
+    path = config_path(dataset_id)
+    if not path.is_file() or load_config(path).dataset.plans_identifier != plans_identifier:
+        return None
+    report = check_memory(dataset_id, None, None, plans_identifier)
+    cfg = load_config(report.path)
+    return "\n".join([f"{report.path} exists: explaining it as it stands (--force, --set or --gpu-memory re-plan)",
+                      report.table, *(f"does not fit: {line}" for line in report.misfits), *explain_costs(cfg),
+                      *weights_notes({}, cfg, offline=False)])
 
 
 def weights_notes(planned: dict, fitted: MedimgenConfig, offline: bool) -> list[str]:

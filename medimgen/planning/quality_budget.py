@@ -56,14 +56,15 @@ def share(train: TrainConfig, inference_steps: int | None = None) -> float:
 
 def explain_quality(cfg: GenerationConfig, dim: str) -> str:
     """The quality-check lines of ``medimgen plan --explain``."""
-    from medimgen.config.kinds import kind
+    from medimgen.config.kinds import kind, names
 
     lines = [f"{dim}: quality checks per run (quality/* metrics; cost as a share of the run's training compute)"]
-    for name in ("ddpm", "ldm", "controlnet"):
+    for name in names(samples=True):
         train = cfg.train_for(name)
         steps = train.eval_steps or cfg.scheduler_for(name).num_inference_steps
         every = f"every {train.eval_interval} epochs and at the end" if train.eval_interval else "at the end"
-        lines.append(f"  {kind(name).name:<12}{train.eval_samples} samples x {steps} steps, {every} "
+        lines.append(f"  {name:<12}{train.eval_samples} samples x {steps} steps, {every} "
                      f"({checks(train)} checks): ~{100 * share(train, steps):.1f}% of training")
-    lines.append("  autoencoder: reconstructions of the validation cases (PSNR, SSIM) at each check")
+    for name in (k.name for k in map(kind, names()) if k.encoder):
+        lines.append(f"  {name}: reconstructions of the validation cases (PSNR, SSIM) at each check")
     return "\n".join(lines)

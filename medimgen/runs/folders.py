@@ -228,7 +228,7 @@ def check_config_unchanged(state: dict, cfg: GenerationConfig, config_file: Path
         trained = from_dict(GenerationConfig, parse_yaml(text, str(checkpoint)))
     except MedimgenError:
         return  # an older schema: nothing to compare with
-    changed = model_keys_changed(trained, cfg)
+    changed = model_keys_changed(trained, cfg, state["model"])
     if changed:
         from medimgen.config.io import flatten
         from medimgen.core.names import short_repr
@@ -498,7 +498,7 @@ def log_run_model(run_root: Path | str, run_id: str | None, register: bool = Tru
                   tracking_uri: str | None = None, checkpoint: str = "best"):
     """Log the trained DDPM/LDM/ControlNet of a run folder as an MLflow pyfunc model in ``run_id`` (registered, when
     ``register``, as DatasetXXX_<model>_<dim>, with the split's name appended for a split other than the default; a
-    tuning trial is never registered), with the run's quality/* metrics and a description; see
+    tuning trial is refused: it is never registered), with the run's quality/* metrics and a description; see
     :func:`medimgen.runs.tracking.log_model`."""
     from medimgen.runs.tracking import connect, log_model, registered_name, run_facts, version_description
 
@@ -506,8 +506,9 @@ def log_run_model(run_root: Path | str, run_id: str | None, register: bool = Tru
     connect(tracking_uri)
     tags, metrics = run_facts(run_id)
     split = tags.get("medimgen.split") or Path(run_root).name
-    if tags.get("medimgen.tuning_trial") == "true":
-        register = False
+    if register and tags.get("medimgen.tuning_trial") == "true":
+        raise MedimgenError(f"{run_root} is a tuning trial: trials are never registered (they would mix with real "
+                            f"runs); apply it (`medimgen tune ... --trials 0 --apply-best`), train and register that")
     epochs = model.cfg.train_for(model.kind).epochs
     with tempfile.TemporaryDirectory() as tmp:
         folder = model.save(Path(tmp) / "sampler")

@@ -365,15 +365,15 @@ class Trainer:
                     write_checkpoint(self.sampling_state(epoch + 1), self.run.best)
             rngs = distributed.gather(rng_state()) if distributed.active() else None
             if main:
-                # the epoch is saved before its plots and samples (slow on a CPU): a kill during them loses nothing;
-                # they leave the random state as saved, so a resumed run continues exactly as this one does
+                # the epoch is saved before its plots, samples and quality check (slow on a CPU): a kill during them
+                # loses nothing; they leave the random state as saved, so a resumed run continues exactly as this one
                 write_checkpoint(self.state(epoch + 1, rngs), self.run.last)
                 saved = rng_state()
                 self._epoch_outputs(epoch, metrics)
-                set_rng_state(saved)
                 self.opt.echo(f"{self.task.name} epoch {epoch + 1}/{cfg.epochs} "
                               + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
                 self._quality(epoch + 1)
+                set_rng_state(saved)
             if self.opt.on_epoch is not None:
                 self.opt.on_epoch(epoch + 1, metrics)
             if self.opt.stop_after_epoch is not None and epoch + 1 >= self.opt.stop_after_epoch and epoch + 1 < cfg.epochs:

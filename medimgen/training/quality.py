@@ -12,7 +12,6 @@ joint). The closest generated/training pairs of the last check are in the run fo
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ class QualityCheck:
                 images = extra if images is None else torch.cat([images, extra])
                 labels = extra_labels if labels is None else torch.cat([labels, extra_labels])
             ref = reference(self.cfg, self.dataset, images, self.splitting, self.fold, heldout="val",
-                            memorise=kind(self.model).generator or kind(self.model).upstream == "generator")
+                            memorise=kind(self.model).samples)
             self._reference = (ref, labels)
         return self._reference
 

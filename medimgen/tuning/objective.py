@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import math
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from medimgen.config import apply_overrides
+from medimgen.core.names import EXPERIMENT_NAME_RULE
 from medimgen.config.kinds import kind
 from medimgen.config.schema import GenerationConfig
 from medimgen.core.errors import MedimgenError
@@ -115,7 +117,7 @@ class TrialObjective:
         the parent's experiment (the MLflow UI nests runs within one experiment). Read once ``parent`` is set."""
         sets = ["tracking.log_models=false", "tracking.output_mode=log"]
         experiment = self.runs.experiment_of(self.parent)
-        if experiment:
+        if experiment and re.fullmatch(EXPERIMENT_NAME_RULE, experiment):  # else the trials log to the dataset's
             sets.append(f"tracking.experiment_name={json.dumps(experiment)}")
         return sets
 
@@ -192,7 +194,7 @@ class TrialObjective:
         key = ("reference", tuple(cfg.data.image_size), tuple(cfg.data.crop_size), tuple(cfg.data.spacing))
         if key not in self._real:
             self._real[key] = reference(cfg, self.dataset, self.real_images(cfg), self.splitting, self.fold,
-                                        memorise=kind(self.model).generator, heldout="val")
+                                        memorise=kind(self.model).samples, heldout="val")
         return self._real[key]
 
     def _watch(self, trial, cfg: GenerationConfig) -> Callable[[int, dict], None]:
