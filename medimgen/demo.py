@@ -10,6 +10,7 @@ import click
 from medimgen.core import paths
 from medimgen.nnunet.commands import plan_and_preprocess
 from medimgen.planning.api import plan_dataset
+from medimgen.planning.quality_budget import MIN_SAMPLES, MIN_STEPS
 from medimgen.nnunet.plans import DatasetPlans
 from medimgen.generation.sampler import sample_to_folder
 from medimgen.nnunet.synthetic import make_synthetic_dataset
@@ -26,7 +27,9 @@ DEMO_TUNING = {"budget": {"epochs": 2, "iterations_per_epoch": 4, "num_samples":
 # short runs so the demo finishes in minutes on a CPU; architectures and everything else are as planned
 DEMO_OVERRIDES = [
     *[f"train_{m}.{k}={v}" for m in ("autoencoder", "ddpm", "ldm", "controlnet")
-      for k, v in (("epochs", DEMO_EPOCHS), ("iterations_per_epoch", 4), ("val_plot_interval", DEMO_EPOCHS))],
+      for k, v in (("epochs", DEMO_EPOCHS), ("iterations_per_epoch", 4), ("val_plot_interval", DEMO_EPOCHS),
+                   # one quality check at the end, at the planner's smallest budget (the plan sized it for its epochs)
+                   ("eval_interval", 0), ("eval_samples", MIN_SAMPLES), ("eval_steps", MIN_STEPS))],
     "losses.adversarial_warmup_epochs=1",
     "ddpm_scheduler.num_inference_steps=20",
     "ldm_scheduler.num_inference_steps=20",
