@@ -77,9 +77,15 @@ def check_network(section: AutoencoderConfig | UNetConfig, key: str, spatial_dim
     if any(c % section.norm_num_groups for c in section.channels):
         raise MedimgenError(f"config key '{key}.norm_num_groups': norm_num_groups={section.norm_num_groups} does not "
                             f"divide channels {_show(section.channels)} (allowed: a divisor of every channel count)")
-    if isinstance(section, UNetConfig) and any(c % section.num_head_channels for c in section.channels):
-        raise MedimgenError(f"config key '{key}.num_head_channels': {section.num_head_channels} does not divide "
-                            f"channels {_show(section.channels)} (allowed: a divisor of every channel count)")
+    if isinstance(section, UNetConfig):
+        # MONAI splits into heads only where there is attention: the levels with attention and the middle block
+        # (the deepest level's channels); elsewhere num_head_channels is ignored
+        attended = [c for i, c in enumerate(section.channels)
+                    if i == len(section.channels) - 1 or (i < len(attention) and attention[i])]
+        if any(c % section.num_head_channels for c in attended):
+            raise MedimgenError(f"config key '{key}.num_head_channels': {section.num_head_channels} does not divide "
+                                f"the channels {_show(attended)} of the levels with attention (and the middle block) "
+                                f"of {_show(section.channels)}")
 
 
 def _product(strides, nd: int) -> tuple[int, ...]:
