@@ -85,7 +85,9 @@ def newest_runs(store: str, experiment: str | None):
         for model in ("ldm", "ddpm"):
             found = client.search_runs([exp.experiment_id], f"tags.`medimgen.model` = '{model}' and "
                                        f"attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+            # training runs only: not trials, not side runs nested under a run (`evaluate`'s)
             found = [r for r in found if r.data.tags.get("medimgen.tuning_trial") != "true"
+                     and "mlflow.parentRunId" not in r.data.tags
                      and any(k.startswith("quality/") for k in r.data.metrics)]
             if found:
                 runs[model] = found[0]
