@@ -154,7 +154,8 @@ def test_nnunet_segmenter_is_nnunets_own_argmax_in_label_values(nnunet_env, tmp_
 def test_too_small_a_crop_for_a_sides_unet_is_one_clear_line():
     cfg = load_config(PLANNED).get("3d")
     hand = apply_overrides(cfg, bench_defaults.hand_overrides(cfg, "autoencoder") + bench_defaults.hand_overrides(cfg, "ldm")
-                           + ["data.image_size=[16,16,16]", "data.crop_size=[]", "data.native_spacing=[]"])
+                           + ["data.image_size=[16,16,16]", "data.crop_size=[]", "data.native_spacing=[]",
+                              "discriminator.num_layers=2"])  # a 16-voxel image has room for 2 (validated)
     with pytest.raises(bench_defaults.MedimgenError, match="deepest level would be \\[1, 1, 1\\]"):
         bench_defaults.check_depth(hand, "ldm", "monai_tutorial")
     bench_defaults.check_depth(apply_overrides(hand, ["data.image_size=[32,32,32]"]), "ldm", "monai_tutorial")

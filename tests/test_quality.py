@@ -56,14 +56,18 @@ def _quality_keys(run) -> set[str]:
     return {k for k in run.data.metrics if k.startswith("quality/")}
 
 
-def test_ddpm_and_ldm_runs_score_themselves_under_the_same_names(flow_2d):
+def _store(workspace) -> str:
+    return f"sqlite:///{workspace['base'] / 'mlflow.db'}"
+
+
+def test_ddpm_and_ldm_runs_score_themselves_under_the_same_names(flow_2d, workspace):
     """Tiny DDPM and LDM runs (CPU): the same quality/* keys read back with MlflowClient, at the optimiser step;
     params only of the sections the model uses; the registered version carries quality and a description."""
     from mlflow import MlflowClient
 
     from medimgen.training.quality import optimizer_steps
 
-    client = MlflowClient()
+    client = MlflowClient(_store(workspace))  # the runs' own store (an earlier test may have set another one)
     runs = {m: client.get_run(flow_2d[m].mlflow_run_id) for m in ("ddpm", "ldm", "autoencoder")}
     keys = {m: _quality_keys(r) for m, r in runs.items()}
     assert keys["ddpm"] == keys["ldm"]
@@ -89,7 +93,7 @@ def test_other_split_does_not_become_a_version_of_the_default_name(flow_2d, work
     from medimgen.training.api import train
     from tests.training_helpers import tiny_overrides
 
-    client = MlflowClient()
+    client = MlflowClient(_store(workspace))  # the runs' own store (an earlier test may have set another one)
     dataset = client.get_run(flow_2d["ddpm"].mlflow_run_id).data.tags["medimgen.dataset"]
     default = f"{dataset}_ddpm_2d"
     before = len(client.search_model_versions(f"name='{default}'"))
