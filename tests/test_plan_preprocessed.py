@@ -11,16 +11,16 @@ from medimgen.config import load_config
 from medimgen.nnunet.commands import plan_and_preprocess
 from medimgen.nnunet.synthetic import make_synthetic_dataset
 
-ONLY_2D = 204
+ONLY_2D = 207  # not 204: test_intensity uses it in the same nnUNet_raw
 
 
 def test_a_3d_dataset_preprocessed_for_2d_only_plans_2d_and_refuses_3d_training(nnunet_env):
     make_synthetic_dataset(nnunet_env["nnUNet_raw"], ONLY_2D, "Only2d", num_cases=4, shape=(32, 32, 8),
                            spacing=(1.0, 1.0, 2.0), seed=4)
     plan_and_preprocess(ONLY_2D, configurations=("2d",), quiet=True)
-    folder = nnunet_env["nnUNet_preprocessed"] / "Dataset204_Only2d"
+    folder = nnunet_env["nnUNet_preprocessed"] / "Dataset207_Only2d"
     assert not (folder / "nnUNetPlans_3d_fullres").exists()  # nnU-Net planned 3d_fullres, did not preprocess it
-    preprocess = "run `nnUNetv2_preprocess -d 204 -c 3d_fullres`"
+    preprocess = "run `nnUNetv2_preprocess -d 207 -c 3d_fullres`"
 
     r = CliRunner().invoke(main, ["plan", "-d", str(ONLY_2D), "--gpu-memory", "8"])
     assert r.exit_code == 0, r.output
@@ -30,4 +30,4 @@ def test_a_3d_dataset_preprocessed_for_2d_only_plans_2d_and_refuses_3d_training(
 
     r = CliRunner().invoke(main, ["train", "ddpm", str(ONLY_2D), "train-val-test", "3d"])
     assert r.exit_code != 0 and preprocess in r.output and "Traceback" not in r.output, r.output
-    assert not (nnunet_env["medimgen_results"] / "Dataset204_Only2d").exists()  # nothing written
+    assert not (nnunet_env["medimgen_results"] / "Dataset207_Only2d").exists()  # nothing written

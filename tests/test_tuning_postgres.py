@@ -22,7 +22,7 @@ from medimgen.tuning.study import open_storage, study_lock
 from tests import postgres_helpers
 from tests.training_helpers import tiny_overrides
 
-SHARED_2D = 212  # ids in use by other test modules: 201-204, 211, 231
+SHARED_2D = 212  # ids in use by other test modules: 201-204, 207, 211, 231
 
 WHY_NOT = postgres_helpers.missing()
 needs_postgres = pytest.mark.skipif(WHY_NOT is not None, reason=f"no PostgreSQL server here: {WHY_NOT}")
