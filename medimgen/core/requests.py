@@ -44,11 +44,6 @@ class SampleOptions:
     crop: bool = True
     progress: bool = False
 
-    @property
-    def scheduler(self) -> str | None:
-        """Deprecated name of ``sampler`` (the noise process is the config's ``*_scheduler.type``)."""
-        return self.sampler
-
 
 @dataclass(frozen=True)
 class LabelRequest:

@@ -86,7 +86,7 @@ def estimate(cfg: GenerationConfig, model: str) -> Estimate:
     batch = train.batch_size
     profile = _profile(cfg, model, batch)
     peak = profile.peak_bytes(batch) * CUDA_OVERHEAD
-    ckpt = _network(cfg, model).activation_checkpointing
+    ckpt = cfg.network_for(model).activation_checkpointing
     return Estimate(model, profile.params, profile.static_bytes, peak - profile.static_bytes, peak, _amp_on(train),
                     ckpt, batch, train.grad_accumulation_steps)
 
@@ -222,13 +222,8 @@ _profiles: dict = {}  # a few hundred bytes each; planning and tuning ask for th
 
 
 # ------------------------------------------------------------------------------------ fitting
-def _network(cfg: GenerationConfig, model: str):
-    """The trained network's section: the autoencoder's, the UNet of ddpm/ldm, or the ControlNet's."""
-    return cfg.network_for(model)
-
-
 def _set_ckpt(cfg: GenerationConfig, model: str) -> GenerationConfig:
-    return dataclasses.replace(cfg, **{kind(model).network_section: dataclasses.replace(_network(cfg, model),
+    return dataclasses.replace(cfg, **{kind(model).network_section: dataclasses.replace(cfg.network_for(model),
                                                                                    activation_checkpointing=True)})
 
 
@@ -317,7 +312,7 @@ def remedies(cfg: GenerationConfig, model: str) -> list[str]:
     keys = []
     if train.amp == "off":
         keys.append(f"{section}.amp=auto")
-    if not _network(cfg, model).activation_checkpointing:
+    if not cfg.network_for(model).activation_checkpointing:
         keys.append(f"{net}.activation_checkpointing=true")
     if train.batch_size > 1:
         keys.append(f"{section}.batch_size={max(1, train.batch_size // 2)} with "

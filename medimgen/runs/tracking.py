@@ -596,9 +596,6 @@ class ClientRuns(Guarded):
         for a in artifacts:
             self.client.log_artifact(run_id, str(a))
 
-    def delete(self, run_id: str) -> None:
-        self.client.delete_run(run_id)
-
     def log(self, run_id: str | None, metrics: dict[str, float], step: int = 0, tags: dict | None = None,
             status: str | None = None, params: dict | None = None) -> None:
         """Metrics (at ``step``), tags and ``params`` (those the run does not have yet) of run ``run_id``."""
