@@ -151,6 +151,31 @@ def test_export_dataset_passes_nnunet_integrity_check(flow_3d, nnunet_env, tmp_p
     assert r.exit_code == 2 and "is taken" in r.output
 
 
+def test_failed_export_leaves_nnunet_raw_as_it_was(flow_3d, nnunet_env, monkeypatch):
+    """The export is built in a hidden scratch folder and published by one rename: a failure at its last step
+    (dataset.json) leaves neither the dataset nor the scratch folder in nnUNet_raw, and the id stays free."""
+    import nnunetv2.dataset_conversion.generate_dataset_json as gdj
+
+    raw = nnunet_env["nnUNet_raw"]
+    before = sorted(p.name for p in raw.iterdir())
+
+    seen = []
+
+    def broken(*args, **kwargs):  # while it is written, the dataset is invisible to nnU-Net
+        seen.extend(sorted(p.name for p in raw.iterdir()))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gdj, "generate_dataset_json", broken)
+    r = CliRunner().invoke(main, ["export-dataset", str(ANISO_3D), "3d", "1", "-t", "305", "--steps", "2"])
+    assert r.exit_code != 0
+    assert "Dataset305_AnisoSynth" not in seen and any(n.startswith(".Dataset305_AnisoSynth.") for n in seen)
+    assert sorted(p.name for p in raw.iterdir()) == before
+    monkeypatch.undo()
+    r = CliRunner().invoke(main, ["export-dataset", str(ANISO_3D), "3d", "1", "-t", "305", "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*before, "Dataset305_AnisoSynth"])
+
+
 def test_sample_without_trained_model_is_clear(nnunet_env, tmp_path, monkeypatch):
     monkeypatch.setenv("medimgen_results", str(tmp_path))
     r = CliRunner().invoke(main, ["sample", str(ANISO_3D), "3d", "1", str(tmp_path / "o")])

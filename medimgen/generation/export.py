@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from medimgen.config.kinds import kind
-from medimgen.core.atomic import atomic_path
+from medimgen.core.atomic import atomic_path, publish_folder, scratch_folder, write_json_atomic
 from medimgen.core.names import check_name
 from medimgen.core.devices import resolve_device
 from medimgen.core.errors import MedimgenError
@@ -145,16 +146,21 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
     if labels is None:
         images, labels = sampler.sample_pairs(num_images, options)
     data = sampler.cfg.data
-    preprocessed_splits = None
-    try:
-        files = save_samples(images, sampler, out / "imagesTr", options, prefix=SYNTH_PREFIX,
-                             channel_suffix=True, sidecar_dir=out / "provenance", labels=labels,
-                             label_dir=out / "labelsTr", label_sources=followed)
+    preprocessed = nnunet_preprocessed() / out.name
+    # built in a hidden scratch folder and published by one rename: nnU-Net never sees a half-written dataset,
+    # and a failure leaves nnUNet_raw as it was
+    with scratch_folder(out.with_name(f".{out.name}.exporting-{os.getpid()}")) as tmp:
+        files = save_samples(images, sampler, tmp / "imagesTr", options, prefix=SYNTH_PREFIX,
+                             channel_suffix=True, sidecar_dir=tmp / "provenance", labels=labels,
+                             label_dir=tmp / "labelsTr", label_sources=followed)
+        if len(files) != num_images * images.shape[1]:
+            raise MedimgenError(f"wrote {len(files)} image files for {num_images} samples of "
+                                f"{images.shape[1]} channel(s)")
         synthetic = [f.name[:-len("_0000.nii.gz")] for f in files if f.name.endswith("_0000.nii.gz")]
         extra: dict = {}
         if labels is None:
             for case in synthetic:
-                _mask_like(out / "imagesTr" / f"{case}_0000.nii.gz", out / "labelsTr" / f"{case}.nii.gz")
+                _mask_like(tmp / "imagesTr" / f"{case}_0000.nii.gz", tmp / "labelsTr" / f"{case}.nii.gz")
             label_map = {"background": 0, "foreground": 1}
             extra[GENERATED_MASK_KEY] = True
             what = "synthetic images with foreground masks as labels (the model is image-only)"
@@ -164,25 +170,30 @@ def export_dataset(dataset_id: int | str, num_images: int, target_id: int, ref: 
             what = ("synthetic images for given label maps (ControlNet)" if kind(sampler.kind).steers
                     else "synthetic image+label pairs")
         channel_names = src_json.get("channel_names") or {str(i): n for i, n in enumerate(data.channel_names)}
+        splits = None
         if mix_real:
-            _copy_real(real_folder, real_cases, len(channel_names), out)
+            _copy_real(real_folder, real_cases, len(channel_names), tmp)
             splits = mixed_splits(real_cases, synthetic)
-            (out / "splits_final.json").write_text(json.dumps(splits, indent=2))
-            preprocessed_splits = nnunet_preprocessed() / out.name / "splits_final.json"
-            preprocessed_splits.parent.mkdir(parents=True, exist_ok=True)
-            preprocessed_splits.write_text(json.dumps(splits, indent=2))
+            write_json_atomic(tmp / "splits_final.json", splits)
             what += f" mixed with the {len(real_cases)} real training cases of {src} (validation folds: real only)"
         generate_dataset_json(
-            str(out), channel_names=channel_names, labels=label_map,
+            str(tmp), channel_names=channel_names, labels=label_map,
             num_training_cases=len(synthetic) + len(real_cases), file_ending=".nii.gz", dataset_name=out.name,
             description=f"{what}, sampled by medimgen from {sampler.source} ({sched}, {n_steps} steps, "
                         f"seed {options.seed})",
             medimgen_source_dataset=src, medimgen_synthetic_cases=len(synthetic), medimgen_real_cases=len(real_cases),
             **extra)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # no half-written dataset left behind
-        if preprocessed_splits is not None:
-            shutil.rmtree(preprocessed_splits.parent, ignore_errors=True)
-        raise
-    assert len(files) == num_images * images.shape[1]
+        if splits is not None:  # the id was checked free in nnUNet_preprocessed: this folder is new
+            try:
+                preprocessed.mkdir(parents=True)
+                write_json_atomic(preprocessed / "splits_final.json", splits)
+            except BaseException:
+                shutil.rmtree(preprocessed, ignore_errors=True)
+                raise
+        try:
+            publish_folder(tmp, out, force=False)
+        except BaseException:
+            if splits is not None:
+                shutil.rmtree(preprocessed, ignore_errors=True)
+            raise
     return out
