@@ -132,8 +132,12 @@ def _train(model, overrides=(), **kw):
 TINY = ["data.num_workers=0", "train_autoencoder.epochs=1", "train_autoencoder.iterations_per_epoch=1",
         "train_autoencoder.batch_size=1", "train_autoencoder.eval_samples=1", "losses.perceptual_network=none",
         "losses.adversarial_weight=0"]
-TINY_LDM = ["data.num_workers=0", "train_ldm.epochs=1", "train_ldm.iterations_per_epoch=1", "train_ldm.batch_size=1",
-            "train_ldm.eval_samples=0", "ldm_unet.channels=[16,16,16]", "ldm_unet.norm_num_groups=8",
+
+
+def tiny_ldm(cfg) -> list[str]:
+    levels = ",".join(["16"] * len(cfg.ldm_unet.channels))
+    return ["data.num_workers=0", "train_ldm.epochs=1", "train_ldm.iterations_per_epoch=1", "train_ldm.batch_size=1",
+            "train_ldm.eval_samples=0", f"ldm_unet.channels=[{levels}]", "ldm_unet.norm_num_groups=8",
             "ldm_unet.num_head_channels=8", "ldm_unet.num_res_blocks=1", "ldm_scheduler.num_inference_steps=2"]
 
 
@@ -145,7 +149,7 @@ def test_adopted_autoencoder_then_ldm_trains_and_samples_a_nifti(fae, tmp_path, 
     from medimgen.runs.folders import RunDir, load_autoencoder, read_checkpoint
 
     monkeypatch.setenv("medimgen_results", str(tmp_path / "results"))
-    _plan(CT_3D)
+    planned = _plan(CT_3D).config.get("3d")
     lines: list[str] = []
     # random weights reconstruct nothing: the check is passed by lowering its thresholds
     ae = _train("autoencoder", TINY + ["autoencoder.foundation_min_psnr=-100", "autoencoder.foundation_min_ssim=-1"],
@@ -160,7 +164,7 @@ def test_adopted_autoencoder_then_ldm_trains_and_samples_a_nifti(fae, tmp_path, 
     assert all(torch.equal(net.state_dict()[k], v) for k, v in published.items())
     assert read_checkpoint(RunDir(ae.run_dir).last)["epoch"] == 1
     assert _train("autoencoder", resume=True).completed  # resuming an adopted run: nothing left to do
-    ldm = _train("ldm", TINY_LDM)
+    ldm = _train("ldm", tiny_ldm(planned))
     assert ldm.completed and ldm.config.derived.latent_scale_factor
     files = sample_to_folder(tmp_path / "out", 1, ModelRef("ldm", CT_3D, "3d"), SampleOptions(steps=2, seed=1))
     img = nib.load(str(files[0])).get_fdata()

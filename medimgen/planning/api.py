@@ -14,9 +14,9 @@ from medimgen.config.io import apply_overrides, is_user_edited, load_config, sav
 from medimgen.config.kinds import kind, names
 from medimgen.config.schema import DatasetInfo, MedimgenConfig
 from medimgen.core.errors import MedimgenError
-from medimgen.config.io import parse_override
 from medimgen.models.labels import real_labels
-from medimgen.planning.foundation import FOUNDATION_RANGE, choose, forced_sources, foundation_bounds, overridden
+from medimgen.planning.foundation import (FOUNDATION_RANGE, choose, forced_sources, foundation_bounds,
+                                         is_source_override, overridden)
 from medimgen.planning.heuristics import plan_generation
 from medimgen.planning.intensity_stats import case_statistics, intensity_bounds, intensity_statistics
 from medimgen.planning.memory import detect_gpu_memory_gb, fit_to_memory
@@ -115,11 +115,6 @@ def preprocessed_dims(plans: DatasetPlans) -> tuple[list[str], dict[str, str]]:
     return dims, skipped
 
 
-def _is_source_override(text: str) -> bool:
-    parts, _ = parse_override(text)
-    return parts[-2:] == ["autoencoder", "source"]
-
-
 def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overrides: Sequence[str] = (),
                  offline: bool = False, notes: list[str] | None = None) -> MedimgenConfig:
     """Heuristics, then the user's overrides, then the memory fitter (which sees the overridden values).
@@ -170,7 +165,7 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overri
             configs[dim].derived, autoencoder_choice=why))
     # the planner applied the source (architecture, sizes, intensities); the override itself is kept out of the
     # others so that an unprefixed one does not reach the 2d config, which stays trained
-    overrides = [o for o in overrides if not _is_source_override(o)]
+    overrides = [o for o in overrides if not is_source_override(o)]
     planned = {dim: c.losses.perceptual_network for dim, c in configs.items()}
     if offline:
         from medimgen.models.weights import weights_present

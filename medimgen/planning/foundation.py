@@ -31,13 +31,23 @@ FOUNDATION_RANGE = (0.0, 1.0)
 DEFAULT_FOUNDATION = "maisi"
 
 
+SOURCE_KEY = "autoencoder.source"
+
+
+def is_source_override(text: str) -> bool:
+    """Whether an override sets ``autoencoder.source`` (of every dimensionality or of one)."""
+    parts, _ = parse_override(text)
+    key = ".".join(parts[1:] if parts[0] in ("2d", "3d") else parts)
+    return key == SOURCE_KEY
+
+
 def forced_sources(overrides: Sequence[str]) -> dict[str, str]:
     """{dim or '*': source} from ``autoencoder.source`` overrides (the last one wins)."""
     out: dict[str, str] = {}
     for text in overrides:
         parts, value = parse_override(text)
         dim = parts[0] if parts[0] in ("2d", "3d") else "*"
-        if parts[-2:] == ["autoencoder", "source"] and len(parts) == (3 if dim != "*" else 2):
+        if is_source_override(text):
             if value not in AUTOENCODER_SOURCES:
                 raise MedimgenError(f"override {text!r}: autoencoder.source must be one of "
                                     f"{', '.join(AUTOENCODER_SOURCES)}")
