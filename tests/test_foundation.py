@@ -169,6 +169,26 @@ def test_adopted_autoencoder_then_ldm_trains_and_samples_a_nifti(fae, tmp_path, 
     files = sample_to_folder(tmp_path / "out", 1, ModelRef("ldm", CT_3D, "3d"), SampleOptions(steps=2, seed=1))
     img = nib.load(str(files[0])).get_fdata()
     assert img.ndim == 3 and img.min() >= -1000 - 1e-3 and img.max() <= 1000 + 1e-3  # back in HU, the window's
+    # packaged as the registry/pyfunc model is (safetensors + config), loaded in its own right
+    from medimgen.runs.folders import TrainedModel
+
+    packaged = TrainedModel.load(TrainedModel.from_run(ldm.run_dir).save(tmp_path / "package"))
+    assert packaged.autoencoder is not None and packaged.cfg.autoencoder.source == "maisi"
+    assert all(torch.equal(packaged.autoencoder.state_dict()[k], v) for k, v in published.items())
+    # tiled decoding (MAISI's VAE is memory-hungry at large sizes) runs through the same network
+    tiled = sample_to_folder(tmp_path / "tiled", 1, ModelRef("ldm", CT_3D, "3d"),
+                             SampleOptions(steps=2, seed=1, tiled_decoding=True))
+    assert nib.load(str(tiled[0])).shape == nib.load(str(files[0])).shape
+    # the sampling memory prediction counts the foundation network, and a window lowers it
+    from medimgen.planning.sampling_memory import latent_tiles, predict_peak
+
+    tile = next(latent_tiles(ldm.config))
+    assert predict_peak(ldm.config, "ldm", 1, tile, unet=False) < predict_peak(ldm.config, "ldm", 1, None, unet=False)
+    # a ControlNet on this LDM (labels as its condition, as MAISI pairs them) trains a step through the same VAE
+    cn = _train("controlnet", ["data.num_workers=0", "train_controlnet.epochs=1", "train_controlnet.batch_size=1",
+                               "train_controlnet.iterations_per_epoch=1", "train_controlnet.eval_samples=0",
+                               "controlnet.conditioning_channels=[8,8,8]"])
+    assert cn.completed and cn.config.autoencoder.source == "maisi"
 
 
 def test_failed_reconstruction_check_trains_an_autoencoder_instead(fae, tmp_path, monkeypatch):

@@ -214,8 +214,9 @@ def _networks(lv: _Levels, autoencoder_source: str = "trained") -> dict:
         discriminator=DiscriminatorConfig(num_layers=discriminator_layers(lv.image_size)),
         ddpm_unet=UNetConfig(channels=lv.ddpm_channels, strides=lv.ddpm_strides, norm_num_groups=norm_groups(lv.ddpm_channels),
                              attention_levels=attention_levels(lv.image_size, lv.ddpm_strides, lv.dims)),
+        # a foundation autoencoder may give way to its trained fallback: empty strides follow whichever one the LDM has
         controlnet=ControlNetConfig(conditioning_channels=tuple(16 * 2 ** min(i, 2) for i in range(len(lv.ae_strides) + 1)),
-                                    conditioning_strides=lv.ae_strides),
+                                    conditioning_strides=lv.ae_strides if autoencoder_source == "trained" else ()),
         ldm_unet=UNetConfig(channels=lv.ldm_channels, strides=lv.ldm_strides, norm_num_groups=norm_groups(lv.ldm_channels),
                             attention_levels=attention_levels(lv.latent_size, lv.ldm_strides, lv.dims)),
     )
