@@ -175,15 +175,24 @@ def test_adopted_autoencoder_then_ldm_trains_and_samples_a_nifti(fae, tmp_path, 
     packaged = TrainedModel.load(TrainedModel.from_run(ldm.run_dir).save(tmp_path / "package"))
     assert packaged.autoencoder is not None and packaged.cfg.autoencoder.source == "maisi"
     assert all(torch.equal(packaged.autoencoder.state_dict()[k], v) for k, v in published.items())
-    # tiled decoding (MAISI's VAE is memory-hungry at large sizes) runs through the same network
+    # asking for tiled decoding (MAISI's VAE is memory-hungry at large sizes) samples through the same network
     tiled = sample_to_folder(tmp_path / "tiled", 1, ModelRef("ldm", CT_3D, "3d"),
                              SampleOptions(steps=2, seed=1, tiled_decoding=True))
     assert nib.load(str(tiled[0])).shape == nib.load(str(files[0])).shape
-    # the sampling memory prediction counts the foundation network, and a window lowers it
+    # at a size worth tiling, the sampling memory prediction of the foundation network's decoding drops with a window
+    import dataclasses
+
+    from medimgen.models.decoding import decoder
     from medimgen.planning.sampling_memory import latent_tiles, predict_peak
 
-    tile = next(latent_tiles(ldm.config))
-    assert predict_peak(ldm.config, "ldm", 1, tile, unet=False) < predict_peak(ldm.config, "ldm", 1, None, unet=False)
+    big = dataclasses.replace(ldm.config, data=dataclasses.replace(ldm.config.data, image_size=(64, 64, 64)))
+    tile = next(latent_tiles(big))
+    assert predict_peak(big, "ldm", 1, tile, unet=False) < predict_peak(big, "ldm", 1, None, unet=False)
+    # and the windows decode the published network's latents (a 16^3 latent in 8^3-voxel windows)
+    with torch.no_grad():
+        z = torch.randn(1, 4, 16, 8, 8)
+        out = decoder(net, 1.0, (8, 8, 8), cfg.autoencoder)(z)
+    assert out.shape == (1, 1, 64, 32, 32) and torch.isfinite(out).all()
     # a ControlNet on this LDM (labels as its condition, as MAISI pairs them) trains a step through the same VAE
     cn = _train("controlnet", ["data.num_workers=0", "train_controlnet.epochs=1", "train_controlnet.batch_size=1",
                                "train_controlnet.iterations_per_epoch=1", "train_controlnet.eval_samples=0",

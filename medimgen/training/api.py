@@ -221,8 +221,11 @@ class _Job:
             if not resume and kind(self.model).encoder and self.cfg.autoencoder.source != "trained":
                 from medimgen.training.foundation import adopt
 
-                if adopt(self, progress):  # the published autoencoder, checked: a complete run
-                    return self._adopted()
+                # rank 0 checks and writes (several ranks: the others follow its decision)
+                if distributed.broadcast(adopt(self, progress) if self.main else None):
+                    return self._adopted()  # the published autoencoder, checked: a complete run
+                if not self.main:
+                    self.cfg = self.cfg.trained_fallback()
                 self.task = build_task(self.model, self.cfg, self.device)  # the check failed: train the fallback
             self._derive(resume)  # the folder: RunLock made it, the Trainer makes its checkpoints/ and plots/
             self.trainer = self._make_trainer(progress, stop_after_epoch)
