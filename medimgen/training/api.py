@@ -257,8 +257,8 @@ class _Job:
         if self.main:
             self._start_tracking(None)
             self._log_foundation_check()
-            self.tracker.log_metrics({f"val_{k}": v[-1] for k, v in self.trainer.history.items()
-                                      if k != "epoch" and v}, step=epoch)
+            self.tracker.log_metrics({k: v[-1] for k, v in self.trainer.history.items() if k != "epoch" and v},
+                                     step=epoch)  # val_loss, as an autoencoder run's validation logs it
             self.tracker.log_metrics({k.replace("foundation/", "", 1): v for k, v in self.foundation_metrics.items()},
                                      step=0)
             for path in sorted(self.run.plots.glob("*.png")) + sorted(self.run.plots.glob("*.gif")):
