@@ -158,6 +158,11 @@ def test_adopted_autoencoder_then_ldm_trains_and_samples_a_nifti(fae, tmp_path, 
     check = ae.config.derived.foundation_check
     assert check["adopted"] is True and {"psnr", "ssim"} <= set(check)
     assert any("adopted the MAISI" in line for line in lines)
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(ae.mlflow_run_id).data  # logged like an autoencoder run's checks
+    assert {"quality/psnr", "quality/ssim", "val_loss"} <= set(run.metrics)
+    assert run.tags["medimgen.foundation_check"] == "adopted"
     # the run holds the published weights (here: the file this test wrote), read like any autoencoder run
     net, cfg, _ = load_autoencoder(RunDir(ae.run_dir))
     published = torch.load(fae["weights"], weights_only=True)
