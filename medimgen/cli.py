@@ -148,14 +148,16 @@ def weights_group() -> None:
 
 @weights_group.command("download")
 @click.argument("names", nargs=-1, required=True, metavar="NAME...",
-                type=click.Choice(["alex", "vgg", "squeeze", "radimagenet", "medicalnet", "inception", "all"]))
+                type=click.Choice(["alex", "vgg", "squeeze", "radimagenet", "medicalnet", "inception", "maisi-vae",
+                                 "all"]))
 @click.option("--mirror", default=None, metavar="URL",
               help="Replace scheme and host of every download URL (default: $MEDIMGEN_WEIGHTS_MIRROR).")
 @click.option("--checksums", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="sha256sum-style file ('<sha256>  <file name>') with the expected checksums of files it names.")
 @friendly_errors
 def weights_download_cmd(names, mirror, checksums):
-    """Fetch the pretrained weights of NAME (alex, vgg, squeeze, radimagenet, medicalnet, inception, all) into
+    """Fetch the pretrained weights of NAME (alex, vgg, squeeze, radimagenet, medicalnet, inception, maisi-vae: the
+    foundation autoencoder, all) into
     the torch hub cache, where training and evaluation look: checksummed, resumable (.part), renamed when complete."""
     from medimgen.models.weights import download_weights
 

@@ -46,12 +46,25 @@ class _Server:
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
+        self.heads: dict[str, dict] = {}  # url path -> headers its HEAD answer carries (a redirect, as the hub's)
         self.requests: list[dict] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # quiet
                 pass
+
+            def do_HEAD(self):
+                outer.requests.append({"path": self.path, "method": "HEAD"})
+                if self.path not in outer.heads:
+                    self.send_error(405)
+                    return
+                self.send_response(302)
+                for k, v in outer.heads[self.path].items():
+                    self.send_header(k, v)
+                self.send_header("Location", self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def do_GET(self):
                 data = outer.files.get(self.path)
@@ -248,3 +261,43 @@ def test_torchvision_urls_are_torchvisions_own():
     for network, (builder, enum_name, url) in TORCHVISION.items():
         assert getattr(tvm, enum_name).IMAGENET1K_V1.url == url, network
         assert callable(getattr(tvm, builder)), network
+
+
+MAISI_URL_PATH = "/nvidia/NV-Generate-CT/resolve/main/models/autoencoder_v1.pt"
+
+
+@pytest.fixture(scope="module")
+def test_made_maisi() -> bytes:
+    """A state dict of MAISI's published VAE architecture with RANDOM weights made here (not NVIDIA's file)."""
+    from medimgen.models.foundation import build_foundation_autoencoder
+
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.save(build_foundation_autoencoder("maisi").state_dict(), buf)
+    return buf.getvalue()
+
+
+def test_maisi_vae_download_checks_the_sha256_the_server_states(torch_home, server, test_made_maisi):
+    """The hub states an LFS file's sha256 in X-Linked-ETag on its (redirecting) resolve answer: the download is
+    checked against it; a mismatch is one line and leaves no file."""
+    server.files[MAISI_URL_PATH] = test_made_maisi
+    server.heads[MAISI_URL_PATH] = {"X-Linked-ETag": '"' + "0" * 64 + '"'}
+    line = _one_line_error(CliRunner().invoke(main, ["weights", "download", "maisi-vae", "--mirror", server.url]))
+    assert "checksum mismatch" in line
+    dest = torch_home / "hub" / "checkpoints" / "nv-generate-ct_autoencoder_v1.pt"
+    assert not dest.exists() and not list(dest.parent.glob("*.part"))
+    server.heads[MAISI_URL_PATH] = {"X-Linked-ETag": '"' + hashlib.sha256(test_made_maisi).hexdigest() + '"'}
+    r = CliRunner().invoke(main, ["weights", "download", "maisi-vae", "--mirror", server.url])
+    assert r.exit_code == 0, r.output
+    assert dest.read_bytes() == test_made_maisi and f"downloaded  {dest} (checked: sha256)" in r.output
+
+
+def test_maisi_vae_without_a_stated_sha256_is_checked_by_format(torch_home, server, test_made_maisi,
+                                                                  test_made_alexnet):
+    """A mirror that states no sha256: the file must be a state dict that loads into the published network."""
+    server.files[MAISI_URL_PATH] = test_made_alexnet  # a state dict, but not of the VAE
+    line = _one_line_error(CliRunner().invoke(main, ["weights", "download", "maisi-vae", "--mirror", server.url]))
+    assert "does not fit the published network" in line
+    server.files[MAISI_URL_PATH] = test_made_maisi
+    r = CliRunner().invoke(main, ["weights", "download", "maisi-vae", "--mirror", server.url])
+    assert r.exit_code == 0 and "checked: format: a state dict of the published network" in r.output, r.output

@@ -115,6 +115,11 @@ class DataConfig:
     label_names: tuple[str, ...] = doc("names of label_values, from dataset.json", default_factory=tuple)
 
 
+# Where an LDM's autoencoder comes from (``autoencoder.source``): trained on the dataset, or a published foundation
+# autoencoder adopted as it is (medimgen.models.foundation; README "Start from a foundation autoencoder").
+AUTOENCODER_SOURCES = ("trained", "maisi")
+
+
 @dataclass(frozen=True)
 class AutoencoderConfig:
     channels: tuple[int, ...] = doc("filters per level; few suffice for good reconstructions (seed: 32)", ge=1)
@@ -126,6 +131,30 @@ class AutoencoderConfig:
     attention_levels: tuple[bool, ...] = doc("self-attention per level (off: too costly at full resolution)", default_factory=tuple)
     norm_num_groups: int = doc("group-norm groups (must divide every channel count)", 32, ge=1)
     activation_checkpointing: bool = doc("recompute activations in backward to save memory", False)
+    source: Literal["trained", "maisi"] = doc(
+        "where the autoencoder comes from: 'trained' (trained on this dataset by `medimgen train autoencoder`) or "
+        "'maisi' (MAISI's published foundation VAE, NV-Generate-CT autoencoder_v1.pt, trained on CT and MR; "
+        "`medimgen train autoencoder` adopts it after a reconstruction check instead of training, and trains one "
+        "when the check fails). 'maisi' fixes the architecture (channels [64, 128, 256], strides 2 on every axis, "
+        "4 latent channels, 2 residual blocks, 32 groups, no attention: validated), needs 3D, one image channel and "
+        "data.generate_labels false; planned when its weights are present and the modality is CT or MR (`plan "
+        "--explain` says why). Configs without this key are 'trained'", "trained")
+    foundation_min_psnr: float = doc(
+        "source 'maisi': the reconstruction check's PSNR (dB, over data.intensity_range) the validation cases must "
+        "reach for `train autoencoder` to adopt the foundation autoencoder (else it trains one)", 25.0)
+    foundation_min_ssim: float = doc(
+        "source 'maisi': the reconstruction check's SSIM the validation cases must reach, as foundation_min_psnr",
+        0.8, le=1)
+
+
+# The published architecture of each foundation source (MAISI: Project-MONAI model-zoo maisi_ct_generative
+# configs/inference.json "autoencoder_def", the same network as NV-Generate-CT's autoencoder_v1.pt): what
+# `autoencoder.source` fixes, in this schema's terms (medimgen.models.foundation builds it; config.validate checks it).
+FOUNDATION_ARCHITECTURES = {
+    "maisi": AutoencoderConfig(channels=(64, 128, 256), strides=((2, 2, 2), (2, 2, 2)), latent_channels=4,
+                               num_res_blocks=2, attention_levels=(False, False, False), norm_num_groups=32,
+                               source="maisi"),
+}
 
 
 @dataclass(frozen=True)
@@ -249,6 +278,16 @@ class DerivedConfig:
     memory_fitted: bool = doc("whether every model's predicted peak fits memory.target_gb (set by the planner)", False)
     predicted_peak_gb: dict = doc("predicted peak training memory per model, GB (set by the planner)",
                                   default_factory=dict)
+    autoencoder_choice: str = doc(
+        "why the planner picked autoencoder.source (one line; set by the planner, printed by `plan --explain`)", "")
+    foundation_check: dict = doc(
+        "autoencoder runs of source 'maisi': the reconstruction check on the validation cases (psnr, ssim, the "
+        "thresholds, adopted true/false; set by `medimgen train autoencoder`). A run that fell back to training "
+        "has source 'trained' and this record", default_factory=dict)
+    fallback_autoencoder: dict = doc(
+        "autoencoder.source other than 'trained': the autoencoder section `medimgen train autoencoder` trains when "
+        "the reconstruction check fails (planned from nnU-Net's strides like any trained one; set by the planner)",
+        default_factory=dict)
     latent_scale_factor: Optional[float] = doc(
         "LDM only: 1/std of the autoencoder latents, computed once when LDM training starts (null until then)", None)
     world_size: int = doc("processes (GPUs) the run trains on (set by training; torchrun / --gpus)", 1, ge=1)
@@ -323,6 +362,24 @@ class GenerationConfig:
     def scheduler_for(self, model: str) -> SchedulerConfig:
         """The noise process of ``model`` (a generator; one steering a generator: its base's)."""
         return getattr(self, kind(self.generator_for(model)).scheduler_section)
+
+    def trained_fallback(self) -> "GenerationConfig":
+        """A config whose autoencoder is a foundation one (``autoencoder.source``): the copy that trains the planned
+        fallback autoencoder instead (``derived.fallback_autoencoder``; memory fitting and a failed reconstruction
+        check use it). A trained autoencoder's config: itself."""
+        from dataclasses import replace
+
+        if self.autoencoder.source == "trained":
+            return self
+        from medimgen.config.io import from_dict
+        from medimgen.core.errors import MedimgenError
+
+        if not self.derived.fallback_autoencoder:
+            raise MedimgenError("autoencoder.source is a foundation autoencoder, but derived.fallback_autoencoder is "
+                                "empty: re-plan (medimgen plan) to get the autoencoder a failed check trains")
+        ae = from_dict(AutoencoderConfig, dict(self.derived.fallback_autoencoder), "derived.fallback_autoencoder")
+        ae = replace(ae, source="trained", activation_checkpointing=self.autoencoder.activation_checkpointing)
+        return replace(self, autoencoder=ae)
 
     @property
     def dim(self) -> str:

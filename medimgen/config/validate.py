@@ -88,6 +88,33 @@ def check_network(section: AutoencoderConfig | UNetConfig, key: str, spatial_dim
                                 f"of {_show(section.channels)}")
 
 
+def check_foundation(cfg: GenerationConfig, where: str = "") -> None:
+    """``autoencoder.source`` other than 'trained': the published network as it is (its architecture fields fixed),
+    3D, one image channel, no joint label channels (the published weights encode images only)."""
+    from medimgen.config.schema import FOUNDATION_ARCHITECTURES
+
+    ae = cfg.autoencoder
+    if ae.source == "trained":
+        return
+    key = _join(where, "autoencoder.source")
+    if cfg.data.spatial_dims != 3:
+        raise MedimgenError(f"config key '{key}': '{ae.source}' is a 3D network, this is the "
+                            f"{cfg.data.spatial_dims}d config (allowed here: trained)")
+    if cfg.data.in_channels != 1:
+        raise MedimgenError(f"config key '{key}': '{ae.source}' encodes one image channel, this dataset has "
+                            f"{cfg.data.in_channels} (allowed here: trained)")
+    if cfg.data.generate_labels:
+        raise MedimgenError(f"config key '{key}': '{ae.source}' encodes images only, but data.generate_labels is "
+                            f"true: set data.generate_labels=false (labels then come from a ControlNet) or "
+                            f"autoencoder.source=trained")
+    published = FOUNDATION_ARCHITECTURES[ae.source]
+    for name in ("channels", "strides", "latent_channels", "num_res_blocks", "attention_levels", "norm_num_groups"):
+        got, want = getattr(ae, name), getattr(published, name)
+        if got != want:
+            raise MedimgenError(f"config key '{_join(where, 'autoencoder.' + name)}': must be {_show(want)} with "
+                                f"autoencoder.source={ae.source} (the published network), got {_show(got)}")
+
+
 def _product(strides, nd: int) -> tuple[int, ...]:
     return tuple(math.prod(s[i] for s in strides) for i in range(nd))
 
@@ -121,6 +148,7 @@ def check_generation(cfg: GenerationConfig, where: str = "") -> None:
         raise _bad(_join(where, "data.label_values"), "distinct values", data.label_values)
     for name in ("autoencoder", "ddpm_unet", "ldm_unet"):
         check_network(getattr(cfg, name), _join(where, name), nd)
+    check_foundation(cfg, where)
     _divides(_join(where, "autoencoder"), cfg.autoencoder.strides, nd, data.image_size, "data.image_size")
     _divides(_join(where, "ddpm_unet"), cfg.ddpm_unet.strides, nd, data.image_size, "data.image_size")
     latent = tuple(s // a for s, a in zip(data.image_size, _product(cfg.autoencoder.strides, nd)))

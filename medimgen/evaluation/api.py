@@ -111,7 +111,7 @@ def reconstruct(autoencoder: torch.nn.Module, images: torch.Tensor, device: torc
             x = join(x, labels[i:i + batch_size], cfg)
         z_mu, _ = autoencoder.encode(x)
         image, label = split(autoencoder.decode(z_mu), cfg, logits=True) if joint else (autoencoder.decode(z_mu), None)
-        out.append(image.float().clamp(-1, 1).cpu())
+        out.append(image.float().clamp(*(cfg.data.intensity_range if cfg is not None else (-1.0, 1.0))).cpu())
         if label is not None:
             out_labels.append(label.cpu())
     return (torch.cat(out), torch.cat(out_labels)) if joint else torch.cat(out)
@@ -142,9 +142,12 @@ def _lpips(recon: torch.Tensor, real: torch.Tensor, device: torch.device) -> flo
 
 
 def reconstruction_scores(recon: torch.Tensor, real: torch.Tensor, extractor: FeatureExtractor | None,
-                          device: torch.device | str = "cpu", batch_size: int = 8) -> dict[str, float]:
+                          device: torch.device | str = "cpu", batch_size: int = 8,
+                          data_range: float = 2.0) -> dict[str, float]:
+    """PSNR/SSIM/MS-SSIM over ``data_range`` (the model's intensity range: [-1, 1], a foundation autoencoder's
+    [0, 1]), LPIPS where its weights are on disk, r-features with an extractor."""
     device = torch.device(device)
-    scores = reconstruction_metrics(recon, real)
+    scores = reconstruction_metrics(recon, real, data_range)
     scores["ms_ssim_loss"] = 1 - scores["ms_ssim"]
     lp = _lpips(recon, real, device)
     if lp is not None:
@@ -194,11 +197,13 @@ def score_model(model: TrainedModel, real: "torch.Tensor | Reference", num_sampl
     ref = real if isinstance(real, Reference) else Reference(real)
     images = ref.real
     if model_kind(model.kind).encoder:
+        lo, hi = model.cfg.data.intensity_range
         if label_channels(model.cfg):
             recon, recon_labels = reconstruct(model.autoencoder, images, dev, cfg=model.cfg, labels=real_labels)
-            return {**reconstruction_scores(recon, images, extractor, dev),
+            return {**reconstruction_scores(recon, images, extractor, dev, data_range=hi - lo),
                     **label_dice_scores(recon_labels, real_labels, model.cfg)}
-        return reconstruction_scores(reconstruct(model.autoencoder, images, dev), images, extractor, dev)
+        return reconstruction_scores(reconstruct(model.autoencoder, images, dev, cfg=model.cfg), images, extractor, dev,
+                                     data_range=hi - lo)
     sampler = Sampler.of(model).to(dev)
     condition = None
     if model_kind(model.kind).steers:

@@ -145,9 +145,16 @@ def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: in
 
 def autoencoder_for(cfg: GenerationConfig) -> nn.Module:
     """The autoencoder of a config: encodes image (+ one-hot label) channels, decodes image channels (+ one label
-    logit per class for a joint model, medimgen.models.labels)."""
+    logit per class for a joint model, medimgen.models.labels); ``autoencoder.source`` other than 'trained': the
+    published foundation network (medimgen.models.foundation; weights loaded by whoever adopts it)."""
     from medimgen.models.labels import autoencoder_out_channels, network_channels
 
+    if cfg.autoencoder.source != "trained":  # a published foundation network (models.foundation), validated
+        from medimgen.config.validate import check_foundation
+        from medimgen.models.foundation import build_foundation_autoencoder
+
+        check_foundation(cfg)
+        return build_foundation_autoencoder(cfg.autoencoder.source, cfg.data.in_channels)
     return build_autoencoder(cfg.autoencoder, cfg.data.spatial_dims, network_channels(cfg), autoencoder_out_channels(cfg))
 
 

@@ -7,6 +7,12 @@ exactly where the libraries that load them look:
 - torchvision ImageNet classifiers (AlexNet/VGG16/SqueezeNet for MONAI's LPIPS perceptual loss,
   InceptionV3 for FID): ``hub/checkpoints/<file name of the torchvision URL>``; the file name
   carries the first hex digits of the file's sha256 (torch.hub's convention), checked on download.
+- foundation autoencoders (``autoencoder.source``, medimgen.models.foundation): ``hub/checkpoints/<file>``, e.g.
+  MAISI's VAE as ``hub/checkpoints/nv-generate-ct_autoencoder_v1.pt`` (``medimgen weights download maisi-vae``).
+  No sha256 of it is published where medimgen could pin it offline, so the download is checked against the sha256
+  the Hugging Face hub itself states for the file (its ``X-Linked-ETag`` header, the LFS object's sha256) and,
+  where a mirror does not send that header, by format: a state dict that loads strictly into the published network;
+  ``--checksums`` pins a sha256 of your own.
 - RadImageNet / MedicalNet (MONAI's perceptual loss and medimgen's feature extractors): MONAI's
   torch.hub repository ``Project-MONAI/perceptual-models`` in ``hub/Project-MONAI_perceptual-models_main``
   and its weights in ``hub/monai_checkpoints/`` (where that repository's code looks before it
@@ -68,6 +74,9 @@ HUB_WEIGHTS = {
     "medicalnet_resnet50_23datasets": "medicalnet_resnet50_23datasets.pth",
 }
 HF_BASE = "https://huggingface.co/MONAI/checkpoints/resolve/main/"
+# foundation autoencoders: network name -> its autoencoder.source (medimgen.models.foundation has URL and file)
+FOUNDATION_WEIGHTS = {"maisi_vae": "maisi"}
+HF_SHA256_HEADER = "X-Linked-ETag"  # the Hugging Face hub's sha256 of an LFS file, on its resolve URL
 
 # what `medimgen weights download NAME` fetches: NAME -> networks
 GROUPS = {
@@ -77,6 +86,7 @@ GROUPS = {
     "radimagenet": ("radimagenet_resnet50",),
     "medicalnet": ("medicalnet_resnet10_23datasets", "medicalnet_resnet50_23datasets"),
     "inception": ("inception_v3",),
+    "maisi-vae": ("maisi_vae",),
 }
 
 
@@ -147,6 +157,11 @@ def missing_weights(network: str) -> list[Path]:
     if network in HUB_WEIGHTS:
         missing = [] if hub_repo_present() else [hub_repo_dir()]
         return missing + ([] if find_hub_weights(network) else [hub_weights_path(network)])
+    if network in FOUNDATION_WEIGHTS:
+        from medimgen.models.foundation import weights_path
+
+        path = weights_path(FOUNDATION_WEIGHTS[network])
+        return [] if path.is_file() else [path]
     raise MedimgenError(f"unknown network {network!r}: choose one of {', '.join([*TORCHVISION, *HUB_WEIGHTS])}")
 
 
@@ -168,6 +183,8 @@ class WeightFile:
     hash_prefix: str | None = None  # torch.hub convention: the hex digits in the file name
     repo: bool = False  # a zip of the hub repository, extracted to dest
     state_dict_key: str | None = None  # format check where no checksum is published
+    foundation: str | None = None  # an autoencoder.source: the file must load strictly into its published network
+    sha256_header: str | None = None  # response header of ``url`` stating the file's sha256 (Hugging Face LFS)
 
     @property
     def check(self) -> str:
@@ -177,6 +194,8 @@ class WeightFile:
             return f"sha256 prefix {self.hash_prefix} (torch.hub)"
         if self.repo:
             return "sha256 of hubconf.py and the network code"
+        if self.foundation:
+            return "format: a state dict of the published network (no sha256 stated by the server)"
         return "format: a PyTorch state dict (no published checksum)"
 
     def present(self) -> Path | None:
@@ -200,6 +219,12 @@ def weight_files(network: str) -> list[WeightFile]:
     if network in TORCHVISION:
         dest, url = torchvision_weights_file(network)
         return [WeightFile(dest.name, url, dest, hash_prefix=_hash_prefix(dest.name))]
+    if network in FOUNDATION_WEIGHTS:
+        from medimgen.models.foundation import foundation, weights_path
+
+        f = foundation(FOUNDATION_WEIGHTS[network])
+        dest = weights_path(f.source)
+        return [WeightFile(dest.name, f.url, dest, foundation=f.source, sha256_header=HF_SHA256_HEADER)]
     name = HUB_WEIGHTS[network]
     return [WeightFile(f"perceptual-models-{HUB_REPO_COMMIT[:7]}.zip", HUB_REPO_URL, hub_repo_dir(), repo=True),
             WeightFile(name, HF_BASE + name, hub_weights_path(network),
@@ -214,7 +239,7 @@ def resolve_targets(names: Iterable[str]) -> list[str]:
             found = [n for g in GROUPS.values() for n in g]
         elif name in GROUPS:
             found = list(GROUPS[name])
-        elif name in TORCHVISION or name in HUB_WEIGHTS:
+        elif name in TORCHVISION or name in HUB_WEIGHTS or name in FOUNDATION_WEIGHTS:
             found = [name]
         else:
             raise MedimgenError(f"unknown weights {name!r}: choose from {', '.join(GROUPS)}, all")
@@ -362,6 +387,35 @@ def _verify(entry: WeightFile, part: Path, url: str) -> None:
     if not isinstance(obj, dict) or (entry.state_dict_key and entry.state_dict_key not in obj):
         key = f" (no '{entry.state_dict_key}')" if entry.state_dict_key else ""
         raise bad(f"is not the expected state dict{key}")
+    if entry.foundation:
+        from medimgen.models.foundation import build_foundation_autoencoder, read_state_dict
+
+        try:
+            build_foundation_autoencoder(entry.foundation).load_state_dict(read_state_dict(part))
+        except (RuntimeError, MedimgenError) as e:
+            raise bad(f"does not fit the published network ({_one_line(e)[:120]})") from None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # the hub states the sha256 on its own (redirecting) answer, not on the CDN's
+
+
+def stated_sha256(url: str, header: str) -> str | None:
+    """The sha256 the server states for ``url`` in ``header`` (Hugging Face: X-Linked-ETag on the resolve URL),
+    None where it states none (a mirror, a plain file server)."""
+    from medimgen import __version__
+
+    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": f"medimgen/{__version__}"})
+    try:
+        resp = urllib.request.build_opener(_NoRedirect).open(req, timeout=TIMEOUT_S)
+        headers = resp.headers
+    except urllib.error.HTTPError as e:  # the 302 to the CDN carries it
+        headers = e.headers
+    except (urllib.error.URLError, OSError, http.client.HTTPException):
+        return None
+    value = (headers.get(header) or "").strip().strip('"').lower() if headers is not None else ""
+    return value if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else None
 
 
 def _install(entry: WeightFile, part: Path) -> None:
@@ -385,6 +439,10 @@ def _install(entry: WeightFile, part: Path) -> None:
 def download_file(entry: WeightFile, mirror: str | None = None, progress: bool | None = None) -> Path:
     """Fetch one entry into place: ``<dest>.part`` (resumed if present), verified, renamed at the end."""
     url = _mirrored(entry.url, mirror)
+    if entry.sha256_header and not entry.sha256:
+        digest = stated_sha256(url, entry.sha256_header)
+        if digest:
+            entry = dataclasses.replace(entry, sha256=digest)
     entry.dest.parent.mkdir(parents=True, exist_ok=True)
     part = entry.dest.parent / (f"{entry.name}.part" if entry.repo else f"{entry.dest.name}.part")
     try:
@@ -398,7 +456,7 @@ def download_file(entry: WeightFile, mirror: str | None = None, progress: bool |
             f"--mirror to a reachable copy, or copy {hub_dir()} from a machine that has the weights") from None
     _verify(entry, part, url)
     _install(entry, part)
-    return entry.dest
+    return entry.dest, entry.check
 
 
 def download_weights(names: Sequence[str], mirror: str | None = None, checksums: Path | str | None = None,
@@ -421,7 +479,7 @@ def download_weights(names: Sequence[str], mirror: str | None = None, checksums:
             if at:
                 echo(f"present     {at}")
             else:
-                at = download_file(entry, mirror, progress)
-                echo(f"downloaded  {at} (checked: {entry.check})")
+                at, check = download_file(entry, mirror, progress)
+                echo(f"downloaded  {at} (checked: {check})")
             done[entry.dest] = at
     return list(done.values())

@@ -14,6 +14,9 @@ from medimgen.config.io import apply_overrides, is_user_edited, load_config, sav
 from medimgen.config.kinds import kind, names
 from medimgen.config.schema import DatasetInfo, MedimgenConfig
 from medimgen.core.errors import MedimgenError
+from medimgen.models.labels import real_labels
+from medimgen.planning.foundation import (FOUNDATION_RANGE, choose, forced_sources, foundation_bounds,
+                                         is_source_override, overridden)
 from medimgen.planning.heuristics import plan_generation
 from medimgen.planning.intensity_stats import case_statistics, intensity_bounds, intensity_statistics
 from medimgen.planning.memory import detect_gpu_memory_gb, fit_to_memory
@@ -46,7 +49,9 @@ def explain_costs(config: MedimgenConfig) -> list[str]:
     from medimgen.planning.disk import explain_disk
     from medimgen.planning.quality_budget import explain_quality
 
-    return [*(explain_disk(cfg, dim) for dim, cfg in config.configs.items()),
+    return [*(f"{dim} autoencoder: {cfg.derived.autoencoder_choice}" for dim, cfg in config.configs.items()
+              if cfg.derived.autoencoder_choice),
+            *(explain_disk(cfg, dim) for dim, cfg in config.configs.items()),
             *(explain_quality(cfg, dim) for dim, cfg in config.configs.items())]
 
 
@@ -135,15 +140,32 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overri
     dims, skipped = preprocessed_dims(plans)
     if notes is not None:
         notes += [f"note: {dim} not planned: {why} (then re-plan)" for dim, why in skipped.items()]
+    forced = forced_sources(overrides)
+    if "2d" in forced and forced["2d"] != "trained":
+        raise MedimgenError(f"autoencoder.source={forced['2d']} cannot be used for 2d: the published foundation "
+                            f"autoencoders are 3D networks")
+    choices = {}
     for dim in dims:
-        low, high = intensity_bounds(plans, dim)
+        labels = overridden(overrides, "data.generate_labels", dim)
+        joint = bool(real_labels(plans.dataset_json)) if labels is None else labels is True
+        force = forced.get(dim, forced.get("*") if dim == "3d" else None)
+        choices[dim] = choose(plans, dim, joint, force)
+    for dim in dims:
+        source, why = choices[dim]
+        low, high = intensity_bounds(plans, dim) if source == "trained" else foundation_bounds(plans, dim)
         cm = plans.configuration(dim)
         key = (tuple(cm.normalization_schemes), tuple(cm.use_mask_for_norm))
         if key not in raw_stats:
             needs_raw = any(s != "CTNormalization" for s in cm.normalization_schemes)
             raw_stats[key] = case_statistics(plans, dim) if needs_raw else []
         stats = intensity_statistics(plans, dim, low, cases=raw_stats[key])
-        configs[dim] = plan_generation(plans, dim, low, high, target, intensity_stats=stats)
+        configs[dim] = plan_generation(plans, dim, low, high, target, intensity_stats=stats, autoencoder_source=source,
+                                       intensity_range=(-1.0, 1.0) if source == "trained" else FOUNDATION_RANGE)
+        configs[dim] = dataclasses.replace(configs[dim], derived=dataclasses.replace(
+            configs[dim].derived, autoencoder_choice=why))
+    # the planner applied the source (architecture, sizes, intensities); the override itself is kept out of the
+    # others so that an unprefixed one does not reach the 2d config, which stays trained
+    overrides = [o for o in overrides if not is_source_override(o)]
     planned = {dim: c.losses.perceptual_network for dim, c in configs.items()}
     if offline:
         from medimgen.models.weights import weights_present

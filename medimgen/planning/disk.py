@@ -95,6 +95,14 @@ def _networks(cfg: GenerationConfig, model: str) -> tuple[Tensors, Tensors, Tens
 
     nd, c = cfg.data.spatial_dims, cfg.data.in_channels
     ae = ("autoencoder", cfg.autoencoder, nd, c)
+
+    def build_ae():  # a foundation autoencoder (autoencoder.source) is its published network, not a planned one
+        if cfg.autoencoder.source == "trained":
+            return build_autoencoder(cfg.autoencoder, nd, c)
+        from medimgen.models.foundation import build_foundation_autoencoder
+
+        return build_foundation_autoencoder(cfg.autoencoder.source, c)
+
     if kind(model).steers:  # a ControlNet: the frozen base (and its autoencoder) ship with it
         from medimgen.models.networks import autoencoder_for, build_controlnet, unet_for
 
@@ -108,15 +116,16 @@ def _networks(cfg: GenerationConfig, model: str) -> tuple[Tensors, Tensors, Tens
                         tuple(cfg.data.label_values), *channels), lambda: build_controlnet(cfg))
         return net, NONE, bundled
     if kind(model).encoder:
+        adopted = cfg.autoencoder.source != "trained"  # adopted as published: no discriminator trained
         disc = _tensors(("discriminator", cfg.discriminator, nd, c), lambda: build_discriminator(
-            cfg.discriminator, nd, c)) if cfg.losses.adversarial_weight > 0 else NONE
-        return _tensors(ae, lambda: build_autoencoder(cfg.autoencoder, nd, c)), disc, NONE
+            cfg.discriminator, nd, c)) if cfg.losses.adversarial_weight > 0 and not adopted else NONE
+        return _tensors(ae, build_ae), disc, NONE
     unet_cfg = cfg.unet_for(model)
     if cfg.space_of(model) == "image":
         return _tensors(("unet", unet_cfg, nd, c), lambda: build_unet(unet_cfg, nd, c)), NONE, NONE
     latent = cfg.autoencoder.latent_channels
     unet = _tensors(("unet", unet_cfg, nd, latent), lambda: build_unet(unet_cfg, nd, latent))
-    return unet, NONE, _tensors(ae, lambda: build_autoencoder(cfg.autoencoder, nd, c))
+    return unet, NONE, _tensors(ae, build_ae)
 
 
 def _torch_file(t: Tensors, fixed: int) -> int:
@@ -148,6 +157,8 @@ def estimate_disk(cfg: GenerationConfig, model: str) -> DiskEstimate:
     ema = bool(train.ema_decay) and not encoder
     trained = sampling + others
     adam = Tensors(2 * trained.trainable_bytes + 4 * trained.trainable_count, 3 * trained.trainable_count, 0, 0, 0)
+    if encoder and cfg.autoencoder.source != "trained":  # adopted, never stepped: AdamW holds no moments
+        adam = NONE
     ema_copy = Tensors(sampling.bytes + 8, sampling.count + 1, 0, 0, 0) if ema else NONE
     best = _torch_file(sampling, TORCH_FIXED_BYTES["best"])
     last = _torch_file(trained + adam + ema_copy, TORCH_FIXED_BYTES["last"])

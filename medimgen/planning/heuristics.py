@@ -16,6 +16,7 @@ from medimgen.config.schema import (
     AutoencoderConfig,
     ControlNetConfig,
     DataConfig,
+    DerivedConfig,
     DiscriminatorConfig,
     GenerationConfig,
     LossConfig,
@@ -25,6 +26,7 @@ from medimgen.config.schema import (
     TrainConfig,
     UNetConfig,
 )
+from medimgen.config.io import to_dict
 from medimgen.models.networks import total_stride
 from medimgen.models.labels import real_labels
 from medimgen.nnunet.plans import NNUNET_CONFIGURATION, DatasetPlans
@@ -122,22 +124,32 @@ class _Levels:
     divisor: tuple[int, ...]
     image_size: tuple[int, ...]
     latent_size: tuple[int, ...]
+    trained_ae_strides: tuple  # the strides a trained autoencoder gets (the same as ae_strides unless a foundation)
 
 
-def _levels(cm) -> _Levels:
+def _levels(cm, autoencoder_source: str = "trained") -> _Levels:
+    """A foundation autoencoder (``autoencoder_source``) brings its own strides; the image size is then divisible by
+    a trained autoencoder's levels too, so falling back to training one (training.foundation) keeps the size."""
     arch = cm.network_arch_init_kwargs
     dims = len(cm.patch_size)
     nn_strides = [list(s) for s in arch["strides"]]
     features = list(arch["features_per_stage"])
-    ae_strides = autoencoder_strides(nn_strides, dims)
+    trained = autoencoder_strides(nn_strides, dims)
+    ae_strides = trained
+    if autoencoder_source != "trained":
+        from medimgen.models.foundation import architecture
+
+        ae_strides = tuple(tuple(s) for s in architecture(autoencoder_source).strides)
     ae_factor = total_stride(ae_strides, dims)
     ddpm_channels, ddpm_strides = unet_levels(features, nn_strides, 0, MAX_DDPM_LEVELS)
-    ldm_channels, ldm_strides = unet_levels(features, nn_strides, len(ae_strides), MAX_LDM_LEVELS)
-    ldm_factor = tuple(a * b for a, b in zip(ae_factor, total_stride(ldm_strides, dims)))
-    divisor = tuple(int(np.lcm(a, b)) for a, b in zip(total_stride(ddpm_strides, dims), ldm_factor))
+    ldm_channels, ldm_strides = unet_levels(features, nn_strides, len(trained), MAX_LDM_LEVELS)
+    divisor = total_stride(ddpm_strides, dims)
+    for ae in (ae_strides, trained):
+        ldm_factor = tuple(a * b for a, b in zip(total_stride(ae, dims), total_stride(ldm_strides, dims)))
+        divisor = tuple(int(np.lcm(a, b)) for a, b in zip(divisor, ldm_factor))
     image_size = round_up([float(v) for v in cm.median_image_size_in_voxels], divisor)
     return _Levels(dims, ae_strides, ddpm_channels, ddpm_strides, ldm_channels, ldm_strides, divisor, image_size,
-                   tuple(s // f for s, f in zip(image_size, ae_factor)))
+                   tuple(s // f for s, f in zip(image_size, ae_factor)), trained)
 
 
 def _samples_per_epoch(plans: DatasetPlans, dims: int) -> int:
@@ -151,7 +163,7 @@ def _samples_per_epoch(plans: DatasetPlans, dims: int) -> int:
 
 
 def _data_config(plans: DatasetPlans, dim: str, cm, lv: _Levels, intensity_low, intensity_high,
-                 intensity_stats) -> DataConfig:
+                 intensity_stats, intensity_range=(-1.0, 1.0)) -> DataConfig:
     median = [float(v) for v in cm.median_image_size_in_voxels]
     fg = plans.foreground_intensity_properties
     labels = real_labels(plans.dataset_json)
@@ -168,6 +180,7 @@ def _data_config(plans: DatasetPlans, dim: str, cm, lv: _Levels, intensity_low, 
         nnunet_batch_size=int(cm.batch_size),
         normalization_schemes=tuple(cm.normalization_schemes),
         plans_identifier=plans.plans_identifier,
+        intensity_range=tuple(float(v) for v in intensity_range),
         intensity_low=tuple(float(v) for v in intensity_low),
         intensity_high=tuple(float(v) for v in intensity_high),
         intensity_mean=tuple(float(p["mean"]) for p in fg),
@@ -182,16 +195,28 @@ def _data_config(plans: DatasetPlans, dim: str, cm, lv: _Levels, intensity_low, 
     )
 
 
-def _networks(lv: _Levels) -> dict:
-    ae_channels = autoencoder_channels(len(lv.ae_strides))
+def trained_autoencoder(lv: _Levels) -> AutoencoderConfig:
+    """The autoencoder medimgen trains: few channels, nnU-Net's first pooling strides."""
+    ae_channels = autoencoder_channels(len(lv.trained_ae_strides))
+    return AutoencoderConfig(channels=ae_channels, strides=lv.trained_ae_strides, latent_channels=LATENT_CHANNELS[lv.dims],
+                             attention_levels=(False,) * len(ae_channels), norm_num_groups=norm_groups(ae_channels))
+
+
+def _networks(lv: _Levels, autoencoder_source: str = "trained") -> dict:
+    if autoencoder_source == "trained":
+        autoencoder = trained_autoencoder(lv)
+    else:
+        from medimgen.models.foundation import architecture
+
+        autoencoder = architecture(autoencoder_source)
     return dict(
-        autoencoder=AutoencoderConfig(channels=ae_channels, strides=lv.ae_strides, latent_channels=LATENT_CHANNELS[lv.dims],
-                                      attention_levels=(False,) * len(ae_channels), norm_num_groups=norm_groups(ae_channels)),
+        autoencoder=autoencoder,
         discriminator=DiscriminatorConfig(num_layers=discriminator_layers(lv.image_size)),
         ddpm_unet=UNetConfig(channels=lv.ddpm_channels, strides=lv.ddpm_strides, norm_num_groups=norm_groups(lv.ddpm_channels),
                              attention_levels=attention_levels(lv.image_size, lv.ddpm_strides, lv.dims)),
+        # a foundation autoencoder may give way to its trained fallback: empty strides follow whichever one the LDM has
         controlnet=ControlNetConfig(conditioning_channels=tuple(16 * 2 ** min(i, 2) for i in range(len(lv.ae_strides) + 1)),
-                                    conditioning_strides=lv.ae_strides),
+                                    conditioning_strides=lv.ae_strides if autoencoder_source == "trained" else ()),
         ldm_unet=UNetConfig(channels=lv.ldm_channels, strides=lv.ldm_strides, norm_num_groups=norm_groups(lv.ldm_channels),
                             attention_levels=attention_levels(lv.latent_size, lv.ldm_strides, lv.dims)),
     )
@@ -221,18 +246,22 @@ def plan_generation(
     intensity_high: Sequence[float],
     target_gb: float = 8.0,
     intensity_stats=None,
+    autoencoder_source: str = "trained",
+    intensity_range: Sequence[float] = (-1.0, 1.0),
 ) -> GenerationConfig:
     """The complete generation config for ``dim`` ('2d' or '3d') of a preprocessed dataset.
 
     ``intensity_stats``: medimgen.planning.intensity_stats.IntensityStatistics (how samples go back to the
-    dataset's units); None leaves those fields empty (the fingerprint's mean/std are used)."""
+    dataset's units); None leaves those fields empty (the fingerprint's mean/std are used). ``autoencoder_source``:
+    the LDM's autoencoder (medimgen.planning.foundation decides; a foundation one brings its architecture and, with
+    ``intensity_range`` and the bounds, the intensity mapping it was trained with)."""
     cm = plans.configuration(dim)
-    lv = _levels(cm)
+    lv = _levels(cm, autoencoder_source)
     batch = generation_batch_size(cm.batch_size, cm.patch_size, lv.image_size)
     training = _training(_samples_per_epoch(plans, lv.dims), batch)
     return GenerationConfig(
-        data=_data_config(plans, dim, cm, lv, intensity_low, intensity_high, intensity_stats),
-        **_networks(lv),
+        data=_data_config(plans, dim, cm, lv, intensity_low, intensity_high, intensity_stats, intensity_range),
+        **_networks(lv, autoencoder_source),
         # DDPM in image space: Ho et al.'s linear schedule; LDM on latents: Rombach/Pinaya's scaled linear
         ddpm_scheduler=SchedulerConfig(schedule="linear_beta", beta_start=1e-4, beta_end=2e-2),
         ldm_scheduler=SchedulerConfig(schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195),
@@ -244,4 +273,6 @@ def plan_generation(
         **training,
         tracking=TrackingConfig(),
         memory=MemoryConfig(target_gb=float(target_gb)),
+        derived=DerivedConfig(fallback_autoencoder={} if autoencoder_source == "trained" else
+                              to_dict(trained_autoencoder(lv))),
     )

@@ -30,7 +30,10 @@ SAMPLE_CASES = 16
 SAMPLE_VOXELS = 200_000
 
 
-def intensity_bounds(plans: DatasetPlans, dim: str, seed: int = 0) -> tuple[list[float], list[float]]:
+def intensity_bounds(plans: DatasetPlans, dim: str, seed: int = 0,
+                     percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[list[float], list[float]]:
+    """Per channel (low, high) in nnU-Net-normalised units: CT's clip bounds, else ``percentiles`` of the
+    preprocessed voxels (a foundation autoencoder's own mapping asks for others: medimgen.planning.foundation)."""
     cm = plans.configuration(dim)
     fg = plans.foreground_intensity_properties
     low: list[float | None] = [None] * plans.num_channels
@@ -55,7 +58,7 @@ def intensity_bounds(plans: DatasetPlans, dim: str, seed: int = 0) -> tuple[list
                 samples[c].append(flat[c, pick])
         for c in missing:
             values = np.concatenate(samples[c])
-            low[c], high[c] = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+            low[c], high[c] = (float(v) for v in np.percentile(values, list(percentiles)))
     return [float(v) for v in low], [float(v) for v in high]
 
 

@@ -139,7 +139,11 @@ def envelope(one: Sequence[int], two: Sequence[int]) -> tuple[tuple[int, int], .
 
 
 def _sim_key(cfg: GenerationConfig, model: str):
-    """Everything that decides a simulated step (not epochs, rates, ...), and the config it is simulated with."""
+    """Everything that decides a simulated step (not epochs, rates, ...), and the config it is simulated with.
+    An adopted foundation autoencoder trains nothing: the autoencoder's step is its planned fallback's training (what
+    a failed reconstruction check runs); the LDM's and ControlNet's count the frozen foundation network."""
+    if kind(model).encoder:
+        cfg = cfg.trained_fallback()
     train = cfg.train_for(model)
     key_train = TrainConfig(
         epochs=1, batch_size=1, grad_accumulation_steps=min(2, max(1, train.grad_accumulation_steps)),
@@ -335,6 +339,10 @@ def explain(cfg: GenerationConfig, dim: str, target_gb: float | None = None) -> 
         lines.append(f"  {m:<12}{e.params:>12,}{e.static_bytes / GIB:>11.2f}{e.activation_bytes / GIB:>11.2f}"
                      f"{e.peak_gb:>9.2f}  {'on ' if e.amp else 'off'}  {'on ' if e.checkpointing else 'off'}"
                      f"   {f'{e.micro_batch} x {e.accumulation}':<13} {'yes' if fits(e, target_gb * GIB) else 'NO'}")
+    if cfg.autoencoder.source != "trained":
+        lines.append(f"  autoencoder.source={cfg.autoencoder.source}: the foundation autoencoder is adopted, not "
+                     f"trained; its row is the fallback's training, the latent models' rows hold the frozen "
+                     f"foundation network")
     if cfg.data.crop_size and tuple(cfg.data.crop_size) != tuple(cfg.data.image_size):
         lines.append(f"  generated at a coarser spacing {[round(s, 3) for s in cfg.data.spacing]} "
                      f"(crops {list(cfg.data.crop_size)} native voxels) to fit")

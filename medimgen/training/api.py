@@ -210,9 +210,23 @@ class _Job:
                                     seed=distributed.rank_seed(self.tcfg.seed))
         self.tracker = setup.tracker or Tracker(enabled=self.main)
         self.trainer: Trainer | None = None
+        self.foundation_metrics: dict = {}  # a foundation autoencoder's reconstruction check (training.foundation)
+        self.foundation_tags: dict = {}
+
+    def run_echo(self) -> Callable[[str], None]:
+        return _echo_for(self.cfg, self.run, self.echo) if self.main else (lambda msg: None)
 
     def execute(self, resume: bool, progress: bool, stop_after_epoch: int | None) -> TrainResult:
         try:
+            if not resume and kind(self.model).encoder and self.cfg.autoencoder.source != "trained":
+                from medimgen.training.foundation import adopt
+
+                # rank 0 checks and writes (several ranks: the others follow its decision)
+                if distributed.broadcast(adopt(self, progress) if self.main else None):
+                    return self._adopted()  # the published autoencoder, checked: a complete run
+                if not self.main:
+                    self.cfg = self.cfg.trained_fallback()
+                self.task = build_task(self.model, self.cfg, self.device)  # the check failed: train the fallback
             self._derive(resume)  # the folder: RunLock made it, the Trainer makes its checkpoints/ and plots/
             self.trainer = self._make_trainer(progress, stop_after_epoch)
             previous_run_id = self.trainer.load(self.run.last)["mlflow_run_id"] if resume else None  # before any write
@@ -220,6 +234,7 @@ class _Job:
             if self.main:
                 self._write_run_files()
                 self._start_tracking(previous_run_id)
+                self._log_foundation_check()
             result = self.trainer.fit()
             self._finish(result["completed"])
             from medimgen.runs.tracking import runs_view_url
@@ -235,6 +250,26 @@ class _Job:
             self.batches.close()
             if self.tracker.run_id:
                 self.tracker.end("FINISHED")
+
+    def _adopted(self) -> TrainResult:
+        """The end of an adopted foundation autoencoder's run (training.foundation.adopt wrote its files)."""
+        epoch = self.cfg.train_for(self.model).epochs
+        if self.main:
+            self._start_tracking(None)
+            self._log_foundation_check()
+            self.tracker.log_metrics({k: v[-1] for k, v in self.trainer.history.items() if k != "epoch" and v},
+                                     step=epoch)  # val_loss, as an autoencoder run's validation logs it
+            self.tracker.log_metrics({k.replace("foundation/", "", 1): v for k, v in self.foundation_metrics.items()},
+                                     step=0)
+            for path in sorted(self.run.plots.glob("*.png")) + sorted(self.run.plots.glob("*.gif")):
+                self.tracker.log_artifact(path, "plots")
+        self._finish(True)
+        return TrainResult(self.run.root, True, epoch, self.tracker.run_id, self.cfg, distributed.rank())
+
+    def _log_foundation_check(self) -> None:
+        if self.foundation_tags:
+            self.tracker.set_tags(self.foundation_tags)
+            self.tracker.log_metrics(self.foundation_metrics, step=0)
 
     def _record_world(self, cfg: GenerationConfig) -> GenerationConfig:
         """The planned effective batch on this many ranks (distributed.split_batch): each rank's micro-batch,

@@ -38,14 +38,17 @@ class AutoencoderTask:
         self.modules: dict[str, nn.Module] = {"autoencoder": self.autoencoder}
         self.phase_modules = {"generator": ["autoencoder"]}
         self.losses = cfg.losses
-        self.adversarial = cfg.losses.adversarial_weight > 0
+        # a foundation autoencoder (autoencoder.source) is adopted, not trained (training.foundation): no
+        # discriminator, no perceptual network (nor its weights) are needed
+        self.adopted = cfg.autoencoder.source != "trained"
+        self.adversarial = cfg.losses.adversarial_weight > 0 and not self.adopted
         if self.adversarial:
             self.discriminator = build_discriminator(cfg.discriminator, nd, c).to(device)
             self.modules["discriminator"] = self.discriminator
             self.phase_modules["discriminator"] = ["discriminator"]
             self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
         self.perceptual = None
-        if cfg.losses.perceptual_weight > 0:
+        if cfg.losses.perceptual_weight > 0 and not self.adopted:
             self.perceptual = build_perceptual_loss(cfg.losses.perceptual_network, nd, cfg.losses.perceptual_fake_3d,
                                                     cfg.losses.perceptual_fake_3d_ratio, tuple(cfg.data.image_size))
             if self.perceptual is not None:

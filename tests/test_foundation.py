@@ -1,0 +1,231 @@
+"""Foundation autoencoder (autoencoder.source=maisi): planning, adoption after a reconstruction check, fallback.
+
+The published MAISI weights cannot be downloaded here. These tests write a weights file with the same architecture
+(MONAI's AutoencoderKlMaisi built as medimgen.models.foundation builds it, its random state_dict saved with
+torch.save) to the path `medimgen weights download maisi-vae` uses, under a temporary TORCH_HOME: the file is
+found, loaded with weights_only=True and adopted exactly as the published one would be. Nothing here measures the
+published model's quality (random weights reconstruct nothing: the fallback test relies on that).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medimgen.core.errors import MedimgenError
+from medimgen.nnunet.commands import plan_and_preprocess
+from medimgen.nnunet.synthetic import make_synthetic_dataset
+
+CT_3D = 281  # one CT channel, 3D (and 2D)
+MR_3D = 282  # one MRI channel, 3D
+
+_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "medimgen_results")
+
+
+@pytest.fixture(scope="module")
+def fae(tmp_path_factory):
+    """Own nnU-Net folders with the two tiny datasets preprocessed, an MLflow store, and a TORCH_HOME holding a
+    weights file of the published architecture (random weights, written here)."""
+    from medimgen.models.foundation import build_foundation_autoencoder, weights_path
+
+    base = tmp_path_factory.mktemp("fae")
+    mp = pytest.MonkeyPatch()
+    roots = {v: base / v for v in _VARS}
+    for k, p in roots.items():
+        p.mkdir()
+        mp.setenv(k, str(p))
+    mp.setenv("TORCH_HOME", str(base / "torch"))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base / 'mlflow.db'}")
+    mp.chdir(base)
+    make_synthetic_dataset(roots["nnUNet_raw"], CT_3D, "FaeCT", num_cases=4, shape=(16, 16, 16),
+                           spacing=(1.0, 1.0, 1.0), modality="CT", seed=3)
+    make_synthetic_dataset(roots["nnUNet_raw"], MR_3D, "FaeMR", num_cases=4, shape=(16, 16, 16),
+                           spacing=(1.0, 1.0, 1.0), modality="MRI", seed=4)
+    plan_and_preprocess(CT_3D, quiet=True)
+    plan_and_preprocess(MR_3D, configurations=("3d_fullres",), quiet=True)
+    path = weights_path("maisi")
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(build_foundation_autoencoder("maisi").state_dict(), path)
+    yield {"roots": roots, "weights": path, "base": base}
+    mp.undo()
+
+
+IMAGE_ONLY = ["data.generate_labels=false"]  # the synthetic datasets have real labels: plan the LDM image-only
+
+
+def _plan(dataset_id, overrides=IMAGE_ONLY):
+    from medimgen.planning import plan_dataset
+
+    return plan_dataset(dataset_id, force=True, overrides=overrides, gpu_memory_gb=80)
+
+
+def test_plan_picks_the_foundation_autoencoder_for_ct_with_its_intensity_window(fae):
+    from medimgen.nnunet.plans import DatasetPlans
+
+    result = _plan(CT_3D)
+    c3, c2 = result.config.get("3d"), result.config.get("2d")
+    assert c3.autoencoder.source == "maisi" and c3.derived.autoencoder_choice.startswith("maisi (")
+    assert c3.autoencoder.channels == (64, 128, 256) and c3.autoencoder.latent_channels == 4
+    assert all(s % 4 == 0 for s in c3.data.image_size)
+    # the HU window [-1000, 1000] -> [0, 1], exact through nnU-Net's CT normalisation
+    fg = DatasetPlans.from_id(CT_3D).foreground_intensity_properties[0]
+    assert c3.data.intensity_range == (0.0, 1.0)
+    assert c3.data.intensity_low[0] == pytest.approx((-1000 - fg["mean"]) / fg["std"])
+    assert c3.data.intensity_high[0] == pytest.approx((1000 - fg["mean"]) / fg["std"])
+    assert c3.derived.fallback_autoencoder["channels"] != [64, 128, 256]
+    # 2D: the published network is 3D
+    assert c2.autoencoder.source == "trained" and "3D network" in c2.derived.autoencoder_choice
+    explained = result.explain()
+    assert "3d autoencoder: maisi (" in explained and "2d autoencoder: trained (" in explained
+    # a joint image+label model keeps a trained autoencoder, saying why
+    joint = _plan(CT_3D, overrides=[]).config.get("3d")
+    assert joint.autoencoder.source == "trained" and "encodes images only" in joint.derived.autoencoder_choice
+
+
+def test_plan_picks_it_for_mr_and_trains_without_weights_or_for_another_modality(fae, monkeypatch, tmp_path):
+    from medimgen.nnunet.plans import DatasetPlans
+
+    mr = _plan(MR_3D).config.get("3d")
+    assert mr.autoencoder.source == "maisi" and "MR images" in mr.derived.autoencoder_choice
+    assert mr.data.intensity_range == (0.0, 1.0) and mr.data.intensity_low[0] < mr.data.intensity_high[0]
+    # no weights file: trained, naming the file and the command
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    absent = _plan(MR_3D).config.get("3d")
+    assert absent.autoencoder.source == "trained"
+    assert "medimgen weights download maisi-vae" in absent.derived.autoencoder_choice
+    assert absent.data.intensity_range == (-1.0, 1.0)
+    # forced: planned anyway, with the note
+    forced = _plan(MR_3D, IMAGE_ONLY + ["autoencoder.source=maisi"]).config.get("3d")
+    assert forced.autoencoder.source == "maisi" and "forced" in forced.derived.autoencoder_choice
+    monkeypatch.setenv("TORCH_HOME", str(fae["base"] / "torch"))
+    # a modality the weights were not trained on (a PET channel)
+    folder = DatasetPlans.from_id(MR_3D).folder
+    dj = json.loads((folder / "dataset.json").read_text())
+    dj["channel_names"] = {"0": "PET"}
+    (folder / "dataset.json").write_text(json.dumps(dj))
+    try:
+        other = _plan(MR_3D).config.get("3d")
+    finally:
+        dj["channel_names"] = {"0": "MRI"}
+        (folder / "dataset.json").write_text(json.dumps(dj))
+    assert other.autoencoder.source == "trained" and "'PET' is not a modality" in other.derived.autoencoder_choice
+
+
+def test_forcing_it_where_it_cannot_apply_is_one_line(fae):
+    with pytest.raises(MedimgenError, match="encodes images only") as e:
+        _plan(CT_3D, overrides=["3d.autoencoder.source=maisi"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(MedimgenError, match="3D networks"):
+        _plan(CT_3D, overrides=IMAGE_ONLY + ["2d.autoencoder.source=maisi"])
+
+
+def _train(model, overrides=(), **kw):
+    from medimgen.training.api import train
+
+    return train(model, CT_3D, "train-val-test", "3d", overrides=list(overrides), echo=kw.pop("echo", lambda *_: None),
+                 **kw)
+
+
+TINY = ["data.num_workers=0", "train_autoencoder.epochs=1", "train_autoencoder.iterations_per_epoch=1",
+        "train_autoencoder.batch_size=1", "train_autoencoder.eval_samples=1", "losses.perceptual_network=none",
+        "losses.adversarial_weight=0"]
+
+
+def tiny_ldm(cfg) -> list[str]:
+    levels = ",".join(["16"] * len(cfg.ldm_unet.channels))
+    return ["data.num_workers=0", "train_ldm.epochs=1", "train_ldm.iterations_per_epoch=1", "train_ldm.batch_size=1",
+            "train_ldm.eval_samples=0", f"ldm_unet.channels=[{levels}]", "ldm_unet.norm_num_groups=8",
+            "ldm_unet.num_head_channels=8", "ldm_unet.num_res_blocks=1", "ldm_scheduler.num_inference_steps=2"]
+
+
+def test_adopted_autoencoder_then_ldm_trains_and_samples_a_nifti(fae, tmp_path, monkeypatch):
+    import nibabel as nib
+
+    from medimgen.core.requests import ModelRef, SampleOptions
+    from medimgen.generation.sampler import sample_to_folder
+    from medimgen.runs.folders import RunDir, load_autoencoder, read_checkpoint
+
+    monkeypatch.setenv("medimgen_results", str(tmp_path / "results"))
+    planned = _plan(CT_3D).config.get("3d")
+    lines: list[str] = []
+    # random weights reconstruct nothing: the check is passed by lowering its thresholds
+    ae = _train("autoencoder", TINY + ["autoencoder.foundation_min_psnr=-100", "autoencoder.foundation_min_ssim=-1"],
+                echo=lines.append)
+    assert ae.completed and ae.config.autoencoder.source == "maisi"
+    check = ae.config.derived.foundation_check
+    assert check["adopted"] is True and {"psnr", "ssim"} <= set(check)
+    assert any("adopted the MAISI" in line for line in lines)
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(ae.mlflow_run_id).data  # logged like an autoencoder run's checks
+    assert {"quality/psnr", "quality/ssim", "val_loss"} <= set(run.metrics)
+    assert run.tags["medimgen.foundation_check"] == "adopted"
+    # the run holds the published weights (here: the file this test wrote), read like any autoencoder run
+    net, cfg, _ = load_autoencoder(RunDir(ae.run_dir))
+    published = torch.load(fae["weights"], weights_only=True)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in published.items())
+    assert read_checkpoint(RunDir(ae.run_dir).last)["epoch"] == 1
+    assert _train("autoencoder", resume=True).completed  # resuming an adopted run: nothing left to do
+    ldm = _train("ldm", tiny_ldm(planned))
+    assert ldm.completed and ldm.config.derived.latent_scale_factor
+    files = sample_to_folder(tmp_path / "out", 1, ModelRef("ldm", CT_3D, "3d"), SampleOptions(steps=2, seed=1))
+    img = nib.load(str(files[0])).get_fdata()
+    assert img.ndim == 3 and img.min() >= -1000 - 1e-3 and img.max() <= 1000 + 1e-3  # back in HU, the window's
+    # packaged as the registry/pyfunc model is (safetensors + config), loaded in its own right
+    from medimgen.runs.folders import TrainedModel
+
+    packaged = TrainedModel.load(TrainedModel.from_run(ldm.run_dir).save(tmp_path / "package"))
+    assert packaged.autoencoder is not None and packaged.cfg.autoencoder.source == "maisi"
+    assert all(torch.equal(packaged.autoencoder.state_dict()[k], v) for k, v in published.items())
+    # asking for tiled decoding (MAISI's VAE is memory-hungry at large sizes) samples through the same network
+    tiled = sample_to_folder(tmp_path / "tiled", 1, ModelRef("ldm", CT_3D, "3d"),
+                             SampleOptions(steps=2, seed=1, tiled_decoding=True))
+    assert nib.load(str(tiled[0])).shape == nib.load(str(files[0])).shape
+    # at a size worth tiling, the sampling memory prediction of the foundation network's decoding drops with a window
+    import dataclasses
+
+    from medimgen.models.decoding import decoder
+    from medimgen.planning.sampling_memory import latent_tiles, predict_peak
+
+    big = dataclasses.replace(ldm.config, data=dataclasses.replace(ldm.config.data, image_size=(64, 64, 64)))
+    tile = next(latent_tiles(big))
+    assert predict_peak(big, "ldm", 1, tile, unet=False) < predict_peak(big, "ldm", 1, None, unet=False)
+    # and the windows decode the published network's latents (a 16^3 latent in 8^3-voxel windows)
+    with torch.no_grad():
+        z = torch.randn(1, 4, 16, 8, 8)
+        out = decoder(net, 1.0, (8, 8, 8), cfg.autoencoder)(z)
+    assert out.shape == (1, 1, 64, 32, 32) and torch.isfinite(out).all()
+    # a ControlNet on this LDM (labels as its condition, as MAISI pairs them) trains a step through the same VAE
+    cn = _train("controlnet", ["data.num_workers=0", "train_controlnet.epochs=1", "train_controlnet.batch_size=1",
+                               "train_controlnet.iterations_per_epoch=1", "train_controlnet.eval_samples=0",
+                               "controlnet.conditioning_channels=[8,8,8]"])
+    assert cn.completed and cn.config.autoencoder.source == "maisi"
+
+
+def test_failed_reconstruction_check_trains_an_autoencoder_instead(fae, tmp_path, monkeypatch):
+    from medimgen.runs.folders import RunDir, read_checkpoint
+
+    monkeypatch.setenv("medimgen_results", str(tmp_path / "results"))
+    _plan(CT_3D)
+    lines: list[str] = []
+    ae = _train("autoencoder", TINY, echo=lines.append)  # random weights: far below 25 dB / SSIM 0.8
+    assert ae.completed and ae.config.autoencoder.source == "trained"
+    check = ae.config.derived.foundation_check
+    assert check["adopted"] is False and check["min_psnr"] == 25.0 and check["psnr"] < 25.0
+    assert any("training an autoencoder instead" in line for line in lines)
+    state = read_checkpoint(RunDir(ae.run_dir).best)
+    assert state["modules"]["autoencoder"]["encoder.blocks.0.conv.weight"].shape[0] == \
+        ae.config.autoencoder.channels[0] != 64
+
+
+def test_missing_weights_file_is_one_line(fae, tmp_path, monkeypatch):
+    monkeypatch.setenv("medimgen_results", str(tmp_path / "results"))
+    _plan(CT_3D)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    with pytest.raises(MedimgenError) as e:
+        _train("autoencoder", TINY)
+    msg = str(e.value)
+    assert "\n" not in msg and "nv-generate-ct_autoencoder_v1.pt" in msg and "weights download maisi-vae" in msg
