@@ -13,10 +13,11 @@ reports for the same step, because it is the same sequence of allocations:
   autocast is CUDA's own; PyTorch's autograd cannot run their backward without a GPU).
 - backward as it really runs, including activation checkpointing's recomputation (the whole
   forward of a checkpointed block is alive during its backward), gradients of activations
-  next to the saved tensors, AMP weight casts, and foreach AdamW's temporaries (the same
-  `torch._foreach_*` calls as torch.optim.AdamW(foreach=True), which CUDA uses by default),
+  next to the saved tensors, AMP weight casts, AdamW's moments and foreach temporaries (counted, not run: one
+  sqrt(v) per parameter, as torch.optim.AdamW(foreach=True), which CUDA uses by default, allocates them),
   gradient clipping, the EMA copy, the frozen autoencoder (LDM) and perceptual network.
 - attention through torch's scaled-dot-product attention (no N^2 matrix), as built.
+- the networks are built on the meta device and then made fake (their initialisation runs no fake op).
 
 One steady-state step is run: AdamW's moments and the EMA copy already allocated (as from the
 second step on) and, with accumulation, two micro-batches (the second runs next to the first's
@@ -209,6 +210,24 @@ def _nbytes(p: torch.Tensor) -> int:
     return p.numel() * p.element_size()
 
 
+def _clip_grad_norm(tracker: "LiveBytes", n: int) -> None:
+    """The allocations of torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True) for ``n`` float32
+    gradients (torch/nn/utils/clip_grad.py), counted, not run: one norm per gradient, their stack and its norm
+    (then the norms and the stack are freed), total + eps, its reciprocal and the coefficient (the first two freed),
+    the clamped coefficient; the gradients are scaled in place."""
+    if n == 0:  # torch.tensor(0.0), and nothing to scale
+        tracker.live -= tracker.allocate([4])
+        return
+    norms = tracker.allocate([4] * n + [4 * n])
+    total = tracker.allocate([4])
+    tracker.live -= norms
+    temporaries = tracker.allocate([4, 4])
+    coef = tracker.allocate([4])
+    tracker.live -= temporaries
+    clamped = tracker.allocate([4])
+    tracker.live -= total + coef + clamped
+
+
 class _Phase:
     """One optimiser (params, AdamW state, clipping) as the training loop runs it.
 
@@ -227,10 +246,10 @@ class _Phase:
         return [_nbytes(p) for p in self.params] * 2
 
     def step(self, tracker: "LiveBytes") -> None:
+        grads = [p for p in self.params if p.grad is not None]
         if self.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.train.grad_clip,
-                                           foreach=True)
-        denom = tracker.allocate([_nbytes(p) for p in self.params if p.grad is not None])  # torch._foreach_sqrt(v)
+            _clip_grad_norm(tracker, len(grads))
+        denom = tracker.allocate([_nbytes(p) for p in grads])  # torch._foreach_sqrt(v)
         tracker.live -= denom
         for p in self.params:
             p.grad = None

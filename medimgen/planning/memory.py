@@ -3,13 +3,14 @@
 The peak of each model (DDPM UNet; autoencoder + discriminator + perceptual network; LDM UNet
 on latents with the frozen autoencoder) is what ``torch.cuda.max_memory_allocated`` reports
 during training. It is simulated op by op on the CPU (planning/cuda_sim.py: a training step
-on fake tensors with CUDA's autocast policy, activation checkpointing, AdamW, EMA). A step at
-micro-batch 2 and one at 3 make the same allocations in the same order, each of a fixed size or one
-proportional to the micro-batch, so the live bytes after every allocation, and their peak, follow
-for any micro-batch >= 2 from those two runs (micro-batch 1 is simulated as it is: with a batch
-dimension of size 1 some backward ops allocate differently). Each result is kept in this process
-and on disk (planning/sim_cache.py), keyed by everything that decides it, so the fitter's smaller
-micro-batches, `medimgen memory` and `plan --explain` of an unchanged config simulate nothing.
+on fake tensors with CUDA's autocast policy, activation checkpointing, AdamW, EMA). The micro-batch a model is
+planned with is simulated as it is (when it fits, nothing else is). Steps at two micro-batches >= 2 make the same
+allocations in the same order, each of a fixed size or one proportional to the micro-batch, so the live bytes after
+every allocation, and their peak, follow for any micro-batch >= 2 from those two runs: the fitter's second
+candidate is simulated too and its further ones cost nothing (micro-batch 1 is always simulated as it is: with a
+batch dimension of size 1 some backward ops allocate differently). Each result is kept in this process
+and on disk (planning/sim_cache.py), keyed by everything that decides it, so `medimgen memory` and `plan --explain`
+of an unchanged config simulate nothing.
 ``CUDA_OVERHEAD`` covers what the simulation cannot see (cuDNN workspaces), calibrated on an H100 (tests/test_memory.py checks six measured runs).
 
 The fitter keeps the planned effective batch and applies, in order of cost: AMP, activation
