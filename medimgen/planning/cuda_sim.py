@@ -148,6 +148,11 @@ def cuda_autocast_policy():
                 _active["lib"] = None
 
 
+def _blocks(nbytes: int) -> int:
+    """What CUDA's caching allocator takes for ``nbytes``: whole 512 B blocks, at least one."""
+    return max(BLOCK, math.ceil(nbytes / BLOCK) * BLOCK)
+
+
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages alive now and at the peak, counted as CUDA's allocator counts them."""
 
@@ -166,7 +171,7 @@ class LiveBytes(TorchDispatchMode):
             key = id(storage)
             if key in self._seen:
                 continue
-            n = max(BLOCK, math.ceil(storage.nbytes() / BLOCK) * BLOCK)
+            n = _blocks(storage.nbytes())
             self._seen.add(key)
             self.live += n
             self.peak = max(self.peak, self.live)
@@ -181,7 +186,7 @@ class LiveBytes(TorchDispatchMode):
         """Count new storages of ``sizes`` bytes, one after the other, as ``track`` would; returns their blocks."""
         total = 0
         for nbytes in sizes:
-            n = max(BLOCK, math.ceil(nbytes / BLOCK) * BLOCK)
+            n = _blocks(nbytes)
             total += n
             self.live += n
             self.trace.append(self.live)
@@ -198,7 +203,9 @@ class LiveBytes(TorchDispatchMode):
 @dataclass(frozen=True)
 class Simulated:
     trace: tuple[int, ...]  # live bytes after each allocation of the step
-    static_bytes: int  # live bytes between steps (weights, optimiser moments, EMA, frozen networks)
+    # live bytes between steps (weights, optimiser moments, EMA, frozen networks, and what a loss keeps of its last
+    # micro-batch, the autoencoder's reconstruction, counted as at micro-batch 2 when the step ran a larger one)
+    static_bytes: int
     params: int  # trainable parameters
 
     @property
@@ -476,6 +483,7 @@ def _autoencoder_parts(cfg: GenerationConfig):
         return cfg.losses.adversarial_weight * d
 
     trained = [ae] + ([disc] if disc is not None else [])
+    generator.kept = keep
     phases = {"generator": ([ae], generator)}
     if disc is not None:
         phases["discriminator"] = ([disc], discriminator)
@@ -520,6 +528,10 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
             opt.step(tracker)
         # the EMA update (torch._foreach_lerp_ in place) allocates nothing
         static = tracker.live
+        if train.batch_size > 2:  # what a loss keeps of the last micro-batch, as at micro-batch 2 (see Simulated)
+            for t in (t for _, fn in phases.values() for t in getattr(fn, "kept", {}).values()):
+                n = t.untyped_storage().nbytes()
+                static += _blocks(n * 2 // train.batch_size) - _blocks(n)
         trace = tuple(tracker.trace)
     return Simulated(trace=trace, static_bytes=static, params=params)
 

@@ -201,8 +201,7 @@ def _lines(one, b1: int, two, b2: int) -> _Profile | None:
         one, b1, two, b2 = two, b2, one, b1
     k = b2 - b1
     start = [k * x + (2 - b1) * (y - x) for x, y in zip(one.trace, two.trace)]  # k x the bytes at micro-batch 2
-    static = (k * one.static_bytes + (2 - b1) * (two.static_bytes - one.static_bytes)) // k
-    return _Profile(envelope(start, [a + y - x for a, x, y in zip(start, one.trace, two.trace)]), 2, static,
+    return _Profile(envelope(start, [a + y - x for a, x, y in zip(start, one.trace, two.trace)]), 2, one.static_bytes,
                     one.params, k)
 
 
