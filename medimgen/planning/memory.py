@@ -176,11 +176,12 @@ def _profile(cfg: GenerationConfig, model: str, batch: int) -> _Profile:
     sim = simulate(_at(sim_cfg, model, batch), model)
     profile = _Profile(((sim.peak_bytes, 0),), batch, sim.static_bytes, sim.params)
     _keep((base, "at", batch), profile)
-    if batch >= 2:
-        other = next((k[2] for k in _profiles if k[:2] == (base, "trace") and k[2] != batch), None)
-        _profiles[(base, "trace", batch)] = sim
-        if other is not None:
-            lines = _lines(_profiles[(base, "trace", other)], other, sim, batch)
+    if batch >= 2:  # the first trace of this key waits for a second one (then both are dropped)
+        other = next((k[2] for k in _profiles if k[:2] == (base, "trace")), None)
+        if other is None:
+            _profiles[(base, "trace", batch)] = sim
+        else:
+            lines = _lines(_profiles.pop((base, "trace", other)), other, sim, batch)
             if lines is not None:
                 _keep((base, "lines"), lines)
     return profile
