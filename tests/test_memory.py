@@ -122,8 +122,95 @@ def test_emulated_autocast_casts_like_cuda_autocast(build, monkeypatch):
     assert plain_cpu != [d for _, d in emulated]  # the emulation changes what CPU autocast does (group_norm, ...)
 
 
+def test_adamw_and_ema_are_counted_as_their_foreach_calls_allocate():
+    """AdamW's moments, its step's temporaries and the EMA copy are counted, not run (cuda_sim._Phase): the same
+    live bytes after every allocation as the tensors torch.optim.AdamW(foreach=True) makes (its
+    _multi_tensor_adam calls, run here on fake tensors; the real optimiser reads the step count with .item()).
+    Gradient clipping has a test of its own."""
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from medimgen.planning.cuda_sim import LiveBytes, _Phase
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 40, 3), torch.nn.GroupNorm(4, 40), torch.nn.Conv2d(40, 5, 1))
+        net(torch.randn(2, 3, 9, 9)).sum().backward()
+        net[1].bias.grad = None  # a parameter without a gradient gets no temporary
+        params = list(net.parameters())
+        made = LiveBytes()
+        with made:
+            made.track(params)  # as simulate tracks the networks it builds
+            m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+            ema = [p.detach().clone() for p in params]
+            keep = [i for i, p in enumerate(params) if p.grad is not None]
+            grads = [params[i].grad for i in keep]
+            weights = [params[i].detach() for i in keep]
+            torch._foreach_mul_(weights, 1 - 1e-4 * 0.01)
+            torch._foreach_lerp_([m[i] for i in keep], grads, 0.1)
+            torch._foreach_mul_([v[i] for i in keep], 0.999)
+            torch._foreach_addcmul_([v[i] for i in keep], grads, grads, 0.001)
+            denom = torch._foreach_sqrt([v[i] for i in keep])
+            torch._foreach_add_(denom, 1e-8)
+            torch._foreach_addcdiv_(weights, [m[i] for i in keep], denom, -1e-4)
+            del denom
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 0.001)
+        counted = LiveBytes()
+        with counted:
+            counted.track(params)
+            phase = _Phase([net], SimpleNamespace(grad_clip=None))
+            counted.allocate(phase.state_sizes() + [p.numel() * p.element_size() for p in params])
+            phase.step(counted)
+    assert len(made.trace) == len(params) + 3 * len(params) + len(params) - 1
+    assert counted.trace == made.trace and counted.live == made.live
+
+
+def test_gradient_clipping_is_counted_as_torch_allocates():
+    """cuda_sim._clip_grad_norm counts what torch.nn.utils.clip_grad_norm_(foreach=True) allocates, in order."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from medimgen.planning.cuda_sim import LiveBytes, _clip_grad_norm
+
+    for n in (1, 3, 200):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            params = [torch.nn.Parameter(torch.randn(7, 5)) for _ in range(n)]
+            for p in params:
+                p.grad = torch.randn(7, 5)
+            grads = [p.grad for p in params]
+            made, counted = LiveBytes(), LiveBytes()
+            with made:
+                made.track(grads)
+                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            counted.track(grads)
+            _clip_grad_norm(counted, n)
+        assert counted.trace == made.trace and counted.live == made.live, n
+
+
+def test_networks_built_on_meta_hold_what_a_fake_build_holds():
+    """cuda_sim._built (a network made on the meta device, then fake) holds the tensors of the same sizes, dtypes
+    and storages as building it under the fake mode (parameters, buffers, MONAI's plain tensor attributes)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from medimgen.planning.cuda_sim import LiveBytes, _built, _tensors
+
+    ucfg = UNetConfig(channels=(32, 64), strides=((2, 2),), attention_levels=(False, True), num_res_blocks=1,
+                      num_head_channels=32, norm_num_groups=32)
+
+    def held(make_net):
+        tracker = LiveBytes()
+        with FakeTensorMode(allow_non_fake_inputs=True), tracker:
+            net = make_net()
+            tensors = _tensors(net)
+            assert all(isinstance(t, FakeTensor) and t.device.type == "cpu" for t in tensors)
+            tracker.track(tensors)
+            return tracker.live, [(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
+
+    build = lambda: build_unet(ucfg, 2, 1)
+    assert held(lambda: _built(build)) == held(build)
+
+
 def test_2d_ddpm_estimate_grows_with_batch_as_simulated(h100_config):
-    """Every micro-batch >= 2 follows from the simulations at 2 and 3 (checked against a direct one)."""
+    """Every micro-batch >= 2 follows from two simulated ones (checked against a direct one)."""
     from medimgen.planning.cuda_sim import simulate
 
     cfg = h100_config.get("2d")

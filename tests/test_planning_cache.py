@@ -80,14 +80,18 @@ def test_an_edit_re_simulates_only_the_models_it_touches(tiny, runs, monkeypatch
 
 
 def test_larger_micro_batches_share_the_pair_and_match_a_direct_simulation(tiny, runs, monkeypatch):
-    """Micro-batch 3 and up are extrapolated from the simulations at 2 and 3 (the fitter's candidates cost
-    nothing more), within 0.5 % of simulating that micro-batch itself."""
-    peaks = {b: mem.estimate(tiny.with_train("ddpm", batch_size=b), "ddpm").peak_bytes for b in (12, 6, 3)}
-    assert runs == [("ddpm", 2), ("ddpm", 3)]
-    for b in (6, 12):
+    """The first micro-batch asked for is simulated as it is (the planned one: if it fits, nothing else is); a
+    second one gives, with the first, every micro-batch >= 2 (the fitter's further candidates cost nothing), within
+    0.5 % of simulating that micro-batch itself; the next command reads them back."""
+    peaks = {b: mem.estimate(tiny.with_train("ddpm", batch_size=b), "ddpm").peak_bytes for b in (12, 6, 3, 2)}
+    assert runs == [("ddpm", 12), ("ddpm", 6)]
+    for b in (2, 3):
         direct = cuda_sim.simulate(tiny.with_train("ddpm", batch_size=b), "ddpm").peak_bytes * mem.CUDA_OVERHEAD
         assert abs(peaks[b] - direct) / direct < 0.005, (b, peaks[b], direct)
-    assert peaks[3] < peaks[6] < peaks[12]
+    assert peaks[2] < peaks[3] < peaks[6] < peaks[12]
+    _next_command(monkeypatch)
+    assert mem.estimate(tiny.with_train("ddpm", batch_size=4), "ddpm").peak_bytes > peaks[3]
+    assert len(runs) == 4  # (the two direct simulations above)
 
 
 def test_corrupt_or_foreign_entries_are_ignored_and_rewritten(tiny, runs, monkeypatch):

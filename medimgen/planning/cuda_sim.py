@@ -13,10 +13,11 @@ reports for the same step, because it is the same sequence of allocations:
   autocast is CUDA's own; PyTorch's autograd cannot run their backward without a GPU).
 - backward as it really runs, including activation checkpointing's recomputation (the whole
   forward of a checkpointed block is alive during its backward), gradients of activations
-  next to the saved tensors, AMP weight casts, and foreach AdamW's temporaries (the same
-  `torch._foreach_*` calls as torch.optim.AdamW(foreach=True), which CUDA uses by default),
+  next to the saved tensors, AMP weight casts, AdamW's moments and foreach temporaries (counted, not run: one
+  sqrt(v) per parameter, as torch.optim.AdamW(foreach=True), which CUDA uses by default, allocates them),
   gradient clipping, the EMA copy, the frozen autoencoder (LDM) and perceptual network.
 - attention through torch's scaled-dot-product attention (no N^2 matrix), as built.
+- the networks are built on the meta device and then made fake (their initialisation runs no fake op).
 
 One steady-state step is run: AdamW's moments and the EMA copy already allocated (as from the
 second step on) and, with accumulation, two micro-batches (the second runs next to the first's
@@ -147,6 +148,11 @@ def cuda_autocast_policy():
                 _active["lib"] = None
 
 
+def _blocks(nbytes: int) -> int:
+    """What CUDA's caching allocator takes for ``nbytes``: whole 512 B blocks, at least one."""
+    return max(BLOCK, math.ceil(nbytes / BLOCK) * BLOCK)
+
+
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages alive now and at the peak, counted as CUDA's allocator counts them."""
 
@@ -165,7 +171,7 @@ class LiveBytes(TorchDispatchMode):
             key = id(storage)
             if key in self._seen:
                 continue
-            n = max(BLOCK, math.ceil(storage.nbytes() / BLOCK) * BLOCK)
+            n = _blocks(storage.nbytes())
             self._seen.add(key)
             self.live += n
             self.peak = max(self.peak, self.live)
@@ -175,6 +181,17 @@ class LiveBytes(TorchDispatchMode):
     def _free(self, key: int, n: int) -> None:
         self._seen.discard(key)
         self.live -= n
+
+    def allocate(self, sizes) -> int:
+        """Count new storages of ``sizes`` bytes, one after the other, as ``track`` would; returns their blocks."""
+        total = 0
+        for nbytes in sizes:
+            n = _blocks(nbytes)
+            total += n
+            self.live += n
+            self.trace.append(self.live)
+        self.peak = max(self.peak, self.live)
+        return total
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -186,7 +203,9 @@ class LiveBytes(TorchDispatchMode):
 @dataclass(frozen=True)
 class Simulated:
     trace: tuple[int, ...]  # live bytes after each allocation of the step
-    static_bytes: int  # live bytes between steps (weights, optimiser moments, EMA, frozen networks)
+    # live bytes between steps (weights, optimiser moments, EMA, frozen networks, and what a loss keeps of its last
+    # micro-batch, the autoencoder's reconstruction, counted as at micro-batch 2 when the step ran a larger one)
+    static_bytes: int
     params: int  # trainable parameters
 
     @property
@@ -194,43 +213,51 @@ class Simulated:
         return max(self.trace)
 
 
-def _adamw_step(params: list, state: dict, lr: float, weight_decay: float) -> None:
-    """The memory of torch.optim.AdamW(foreach=True).step() (torch/optim/adam.py, _multi_tensor_adam):
-    one temporary per parameter for sqrt(v) next to the moments ``state`` (see _Phase.init_state)."""
-    keep = [i for i, p in enumerate(params) if p.grad is not None]
-    params = [params[i] for i in keep]
-    if not params:
+def _nbytes(p: torch.Tensor) -> int:
+    return p.numel() * p.element_size()
+
+
+def _clip_grad_norm(tracker: "LiveBytes", n: int) -> None:
+    """The allocations of torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True) for ``n`` float32
+    gradients (torch/nn/utils/clip_grad.py), counted, not run: one norm per gradient, their stack and its norm
+    (then the norms and the stack are freed), total + eps, its reciprocal and the coefficient (the first two freed),
+    the clamped coefficient; the gradients are scaled in place."""
+    if n == 0:  # torch.tensor(0.0), and nothing to scale
+        tracker.live -= tracker.allocate([4])
         return
-    grads = [p.grad for p in params]
-    params = [p.detach() for p in params]  # torch.optim steps under no_grad
-    if weight_decay:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    m, v = [state["m"][i] for i in keep], [state["v"][i] for i in keep]
-    torch._foreach_lerp_(m, grads, 0.1)
-    torch._foreach_mul_(v, 0.999)
-    torch._foreach_addcmul_(v, grads, grads, 0.001)
-    denom = torch._foreach_sqrt(v)
-    torch._foreach_add_(denom, 1e-8)
-    torch._foreach_addcdiv_(params, m, denom, -lr)
-    del denom
+    norms = tracker.allocate([4] * n + [4 * n])
+    total = tracker.allocate([4])
+    tracker.live -= norms
+    temporaries = tracker.allocate([4, 4])
+    coef = tracker.allocate([4])
+    tracker.live -= temporaries
+    clamped = tracker.allocate([4])
+    tracker.live -= total + coef + clamped
 
 
 class _Phase:
-    """One optimiser (params, AdamW state, clipping) as the training loop runs it."""
+    """One optimiser (params, AdamW state, clipping) as the training loop runs it.
+
+    AdamW's own memory is counted, not run: torch.optim.AdamW(foreach=True).step() (torch/optim/adam.py,
+    _multi_tensor_adam) updates the parameters and its two moments in place and allocates one temporary per
+    parameter with a gradient (sqrt of the second moment), all alive together until the update is done; the
+    moments are one copy each of every trained parameter, kept between steps (tests/test_memory.py checks
+    both against torch's own AdamW on fake tensors)."""
 
     def __init__(self, modules, train):
         self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
-        self.state: dict = {}
         self.train = train
 
-    def init_state(self) -> None:
-        self.state = {"m": [torch.zeros_like(p) for p in self.params], "v": [torch.zeros_like(p) for p in self.params]}
+    def state_sizes(self) -> list[int]:
+        """Bytes of AdamW's moments (exp_avg, exp_avg_sq: zeros_like each parameter)."""
+        return [_nbytes(p) for p in self.params] * 2
 
-    def step(self) -> None:
+    def step(self, tracker: "LiveBytes") -> None:
+        grads = [p for p in self.params if p.grad is not None]
         if self.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.train.grad_clip,
-                                           foreach=True)
-        _adamw_step(self.params, self.state, self.train.learning_rate, self.train.weight_decay)
+            _clip_grad_norm(tracker, len(grads))
+        denom = tracker.allocate([_nbytes(p) for p in grads])  # torch._foreach_sqrt(v)
+        tracker.live -= denom
         for p in self.params:
             p.grad = None
 
@@ -247,6 +274,47 @@ def _frozen(modules):
             p.requires_grad_(True)
 
 
+def _built(make):
+    """``make()``'s network built on the meta device (its initialisation dispatches no fake op and allocates
+    nothing the tracker sees), its parameters and buffers then turned into fake tensors of the simulated device:
+    the same shapes, dtypes and storages as building it under the fake mode, at a fraction of the cost."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+    with _disable_current_modes(), torch.device("meta"):
+        net = make()
+    if mode is None:  # pragma: no cover - always called under simulate's fake mode
+        raise RuntimeError("_built needs an active FakeTensorMode")
+    cpu = torch.device("cpu")
+    fake = {}
+
+    def converted(t, param: bool):
+        if id(t) not in fake:
+            meta = t.detach().to("meta")  # (lpips makes some buffers on the CPU whatever the default device)
+            f = mode.fake_tensor_converter.from_meta_and_device(mode, meta, cpu)
+            fake[id(t)] = torch.nn.Parameter(f, t.requires_grad) if param else f
+        return fake[id(t)]
+
+    with _disable_current_modes():
+        for sub in net.modules():
+            for name, p in sub._parameters.items():
+                if p is not None:
+                    sub._parameters[name] = converted(p, True)
+            for name, b in sub._buffers.items():
+                if b is not None:
+                    sub._buffers[name] = converted(b, False)
+            for name, t in list(vars(sub).items()):  # plain tensor attributes (MONAI attention's empty causal_mask)
+                if isinstance(t, torch.Tensor):
+                    setattr(sub, name, converted(t, False))
+    return net
+
+
+def _tensors(module) -> list:
+    """The tensors a module holds: parameters, buffers and plain tensor attributes (alive as long as it is)."""
+    return [*module.parameters(), *module.buffers(),
+            *(t for sub in module.modules() for t in vars(sub).values() if isinstance(t, torch.Tensor))]
+
+
 def _diffusion_parts(cfg: GenerationConfig, model: str):
     from medimgen.models.diffusion import noised, training_scheduler
     from medimgen.models.networks import autoencoder_for, unet_for
@@ -254,11 +322,11 @@ def _diffusion_parts(cfg: GenerationConfig, model: str):
     scheduler = training_scheduler(sched_cfg, cfg.data.spatial_dims)
     frozen = None
     if cfg.space_of(model) == "latent":
-        frozen = autoencoder_for(cfg)
+        frozen = _built(lambda: autoencoder_for(cfg))
         for p in frozen.parameters():
             p.requires_grad_(False)
         frozen.eval()
-    unet = unet_for(cfg, model)
+    unet = _built(lambda: unet_for(cfg, model))
 
     def loss(batch):
         x = batch["image"]
@@ -281,15 +349,15 @@ def _controlnet_parts(cfg: GenerationConfig):
     base = cfg.controlnet_base()
     sched_cfg = cfg.scheduler_for(base)
     scheduler = training_scheduler(sched_cfg)
-    unet = unet_for(cfg, base)
+    unet = _built(lambda: unet_for(cfg, base))
     if cfg.controlnet.activation_checkpointing:
         enable_unet_checkpointing(unet)
     latent = cfg.space_of(base) == "latent"
-    frozen = [unet] + ([autoencoder_for(cfg)] if latent else [])
+    frozen = [unet] + ([_built(lambda: autoencoder_for(cfg))] if latent else [])
     for m in frozen:
         for p in m.parameters():
             p.requires_grad_(False)
-    controlnet = build_controlnet(cfg)
+    controlnet = _built(lambda: build_controlnet(cfg))
     values = cfg.data.label_values  # none (a dataset without labels): the background channel only
 
     def loss(batch):
@@ -309,6 +377,10 @@ def _controlnet_parts(cfg: GenerationConfig):
     return [controlnet], frozen, {"diffusion": ([controlnet], loss)}, ema
 
 
+def _perceptual_on(cfg: GenerationConfig) -> bool:
+    return cfg.losses.perceptual_network != "none" and cfg.losses.perceptual_weight > 0
+
+
 def _perceptual(cfg: GenerationConfig):
     """MONAI's PerceptualLoss as training builds it, with random backbone weights (sizes only)."""
     from monai.losses import PerceptualLoss
@@ -317,8 +389,6 @@ def _perceptual(cfg: GenerationConfig):
     from medimgen.models.losses import PerChannel
 
     network = cfg.losses.perceptual_network
-    if network == "none" or cfg.losses.perceptual_weight <= 0:
-        return None
     loss = PerceptualLoss.__new__(PerceptualLoss)
     nn.Module.__init__(loss)
     loss.spatial_dims = cfg.data.spatial_dims
@@ -376,11 +446,11 @@ def _autoencoder_parts(cfg: GenerationConfig):
     from medimgen.models.networks import autoencoder_for, build_discriminator
 
     nd, ch = cfg.data.spatial_dims, cfg.data.in_channels
-    ae = autoencoder_for(cfg)
+    ae = _built(lambda: autoencoder_for(cfg))
     adversarial = cfg.losses.adversarial_weight > 0
-    disc = build_discriminator(cfg.discriminator, nd, ch) if adversarial else None
+    disc = _built(lambda: build_discriminator(cfg.discriminator, nd, ch)) if adversarial else None
     joint = label_channels(cfg) > 0
-    perceptual = _perceptual(cfg)
+    perceptual = _built(lambda: _perceptual(cfg)) if _perceptual_on(cfg) else None
     adv = PatchAdversarialLoss(criterion="least_squares")
     keep: dict = {}
     rec = F.mse_loss if cfg.losses.reconstruction == "l2" else F.l1_loss
@@ -413,6 +483,7 @@ def _autoencoder_parts(cfg: GenerationConfig):
         return cfg.losses.adversarial_weight * d
 
     trained = [ae] + ([disc] if disc is not None else [])
+    generator.kept = keep
     phases = {"generator": ([ae], generator)}
     if disc is not None:
         phases["discriminator"] = ([disc], discriminator)
@@ -435,13 +506,13 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
                                            _controlnet_parts(cfg) if kind(model).steers else
                                            _diffusion_parts(cfg, model))
         for m in [*trained, *frozen]:
-            tracker.track([*m.parameters(), *m.buffers()])
+            tracker.track(_tensors(m))
             m.train() if m in trained else m.eval()
-        ema = [p.detach().clone() for m in ema_of for p in m.parameters()]
         optimisers = {name: _Phase(mods, train) for name, (mods, _) in phases.items()}
         params = sum(p.numel() for m in trained for p in m.parameters())
-        for opt in optimisers.values():  # the steady state: AdamW's moments exist from the previous step
-            opt.init_state()
+        # the steady state: AdamW's moments exist from the previous step, next to the EMA copy (counted, not made)
+        tracker.allocate([n for opt in optimisers.values() for n in opt.state_sizes()]
+                         + [_nbytes(p) for m in ema_of for p in m.parameters()])
         tracker.trace.clear()
         for _ in range(min(accum, 2)):  # with accumulation, the second micro-batch runs next to the first's gradients
             batch = {"image": torch.randn(shape), "label": torch.zeros(shape[:1] + (1,) + shape[2:], dtype=torch.int16)}
@@ -454,10 +525,13 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
                 del loss
             del batch
         for opt in optimisers.values():
-            opt.step()
-        if ema:
-            torch._foreach_lerp_(ema, [p.detach() for m in ema_of for p in m.parameters()], 0.001)
+            opt.step(tracker)
+        # the EMA update (torch._foreach_lerp_ in place) allocates nothing
         static = tracker.live
+        if train.batch_size > 2:  # what a loss keeps of the last micro-batch, as at micro-batch 2 (see Simulated)
+            for t in (t for _, fn in phases.values() for t in getattr(fn, "kept", {}).values()):
+                n = t.untyped_storage().nbytes()
+                static += _blocks(n * 2 // train.batch_size) - _blocks(n)
         trace = tuple(tracker.trace)
     return Simulated(trace=trace, static_bytes=static, params=params)
 

@@ -3,13 +3,14 @@
 The peak of each model (DDPM UNet; autoencoder + discriminator + perceptual network; LDM UNet
 on latents with the frozen autoencoder) is what ``torch.cuda.max_memory_allocated`` reports
 during training. It is simulated op by op on the CPU (planning/cuda_sim.py: a training step
-on fake tensors with CUDA's autocast policy, activation checkpointing, AdamW, EMA). A step at
-micro-batch 2 and one at 3 make the same allocations in the same order, each of a fixed size or one
-proportional to the micro-batch, so the live bytes after every allocation, and their peak, follow
-for any micro-batch >= 2 from those two runs (micro-batch 1 is simulated as it is: with a batch
-dimension of size 1 some backward ops allocate differently). Each result is kept in this process
-and on disk (planning/sim_cache.py), keyed by everything that decides it, so the fitter's smaller
-micro-batches, `medimgen memory` and `plan --explain` of an unchanged config simulate nothing.
+on fake tensors with CUDA's autocast policy, activation checkpointing, AdamW, EMA). The micro-batch a model is
+planned with is simulated as it is (when it fits, nothing else is). Steps at two micro-batches >= 2 make the same
+allocations in the same order, each of a fixed size or one proportional to the micro-batch, so the live bytes after
+every allocation, and their peak, follow for any micro-batch >= 2 from those two runs: the fitter's second
+candidate is simulated too and its further ones cost nothing (micro-batch 1 is always simulated as it is: with a
+batch dimension of size 1 some backward ops allocate differently). Each result is kept in this process
+and on disk (planning/sim_cache.py), keyed by everything that decides it, so `medimgen memory` and `plan --explain`
+of an unchanged config simulate nothing.
 ``CUDA_OVERHEAD`` covers what the simulation cannot see (cuDNN workspaces), calibrated on an H100 (tests/test_memory.py checks six measured runs).
 
 The fitter keeps the planned effective batch and applies, in order of cost: AMP, activation
@@ -104,17 +105,18 @@ def usable_bytes(target_bytes: float) -> float:
 @dataclass(frozen=True)
 class _Profile:
     """A model's simulated step reduced to what decides its peak: the live bytes after allocation i at micro-batch
-    ``batch`` are a_i + (batch - origin) * d_i (see the module doc), and ``lines`` keeps the (a_i, d_i) on the
-    upper envelope of those lines for batch >= origin, so their maximum is the full trace's, exactly. A step
+    ``batch`` are (a_i + (batch - origin) * d_i) / scale (see the module doc), and ``lines`` keeps the (a_i, d_i) on
+    the upper envelope of those lines for batch >= origin, so their maximum is the full trace's, exactly. A step
     simulated at one micro-batch alone is one line of slope 0 (valid at that micro-batch only)."""
-    lines: tuple[tuple[int, int], ...] | None
+    lines: tuple[tuple[int, int], ...]
     origin: int
     static_bytes: int
     params: int
+    scale: int = 1
 
     def peak_bytes(self, batch: int) -> float:
         a, d = (np.asarray(v, dtype=np.float64) for v in zip(*self.lines))
-        return float((a + (batch - self.origin) * d).max())
+        return float((a + (batch - self.origin) * d).max()) / self.scale
 
 
 def envelope(one: Sequence[int], two: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -162,16 +164,30 @@ def _sim_key(cfg: GenerationConfig, model: str):
 
 def _profile(cfg: GenerationConfig, model: str, batch: int) -> _Profile:
     """What decides ``model``'s peak at micro-batch ``batch``: from this process, else from the disk cache, else
-    simulated. Micro-batch 1 and 2 are simulated as they are (at 1 some backward ops allocate differently:
-    a size-1 batch dimension makes more tensors contiguous); any larger one is extrapolated from the pair 2 and 3,
-    which every micro-batch >= 2 shares (so the fitter's smaller micro-batches cost nothing)."""
+    simulated. The first micro-batch asked for is simulated as it is (the planned one: if it fits, the fitter needs
+    no other); a second one >= 2 is simulated too and the two traces give every micro-batch >= 2 (each allocation
+    is of a fixed size or one proportional to the micro-batch, in the same order), so the fitter's further
+    candidates cost nothing. Micro-batch 1 is always simulated as it is (a size-1 batch dimension makes some
+    backward ops allocate differently)."""
     base, sim_cfg = _sim_key(cfg, model)
-    if batch <= 2:
-        profile = _cached((base, "at", batch), lambda: _single(sim_cfg, model, batch))
-    else:
-        profile = _cached((base, "from", 2), lambda: _pair(sim_cfg, model))
-    if profile.lines is None:  # pragma: no cover - the pair allocated differently: simulate this micro-batch
-        profile = _cached((base, "at", batch), lambda: _single(sim_cfg, model, batch))
+    found = _cached((base, "at", batch))
+    if found is None and batch >= 2:
+        found = _cached((base, "lines"))
+    if found is not None:
+        return found
+    from medimgen.planning.cuda_sim import simulate
+
+    sim = simulate(_at(sim_cfg, model, batch), model)
+    profile = _Profile(((sim.peak_bytes, 0),), batch, sim.static_bytes, sim.params)
+    _keep((base, "at", batch), profile)
+    if batch >= 2:  # the first trace of this key waits for a second one (then both are dropped)
+        other = next((k[2] for k in _profiles if k[:2] == (base, "trace")), None)
+        if other is None:
+            _profiles[(base, "trace", batch)] = sim
+        else:
+            lines = _lines(_profiles.pop((base, "trace", other)), other, sim, batch)
+            if lines is not None:
+                _keep((base, "lines"), lines)
     return profile
 
 
@@ -180,49 +196,56 @@ def _at(cfg: GenerationConfig, model: str, batch: int) -> GenerationConfig:
                                                                                batch_size=batch)})
 
 
-def _single(sim_cfg: GenerationConfig, model: str, batch: int) -> _Profile:
-    from medimgen.planning.cuda_sim import simulate
+def _lines(one, b1: int, two, b2: int) -> _Profile | None:
+    """Every micro-batch >= 2 from steps simulated at ``b1`` and ``b2``: allocation i holds
+    one_i + (batch - b1) * (two_i - one_i) / (b2 - b1) bytes, kept as integer lines from micro-batch 2 scaled by
+    b2 - b1. None when the two steps allocate differently (then every micro-batch is simulated as it is)."""
+    if len(one.trace) != len(two.trace):  # pragma: no cover - no network here allocates differently
+        return None
+    if b1 > b2:
+        one, b1, two, b2 = two, b2, one, b1
+    k = b2 - b1
+    start = [k * x + (2 - b1) * (y - x) for x, y in zip(one.trace, two.trace)]  # k x the bytes at micro-batch 2
+    return _Profile(envelope(start, [a + y - x for a, x, y in zip(start, one.trace, two.trace)]), 2, one.static_bytes,
+                    one.params, k)
 
-    sim = simulate(_at(sim_cfg, model, batch), model)
-    return _Profile(((sim.peak_bytes, 0),), batch, sim.static_bytes, sim.params)
 
-
-def _pair(sim_cfg: GenerationConfig, model: str) -> _Profile:
-    from medimgen.planning.cuda_sim import simulate
-
-    two, three = (simulate(_at(sim_cfg, model, b), model) for b in (2, 3))
-    lines = envelope(two.trace, three.trace) if len(two.trace) == len(three.trace) else None
-    return _Profile(lines, 2, two.static_bytes, two.params)
-
-
-def _cached(key, compute) -> _Profile:
-    """``compute()`` once per key: kept in this process and on disk (planning/sim_cache.py)."""
+def _cached(key) -> _Profile | None:
+    """The profile kept for ``key`` in this process, else on disk (planning/sim_cache.py), else None."""
     if key in _profiles:
         return _profiles[key]
     from medimgen.planning import sim_cache
 
     stored = sim_cache.load(key)
     profile = _profile_from(stored) if stored is not None else None
-    if profile is None:
-        profile = compute()
-        sim_cache.store(key, dataclasses.asdict(profile))
-    _profiles[key] = profile
+    if profile is not None:
+        _profiles[key] = profile
     return profile
+
+
+def _keep(key, profile: _Profile) -> None:
+    """Keep ``profile`` in this process and on disk."""
+    from medimgen.planning import sim_cache
+
+    _profiles[key] = profile
+    sim_cache.store(key, dataclasses.asdict(profile))
 
 
 def _profile_from(stored: dict) -> _Profile | None:
     """A stored profile, or None when it is not one (a damaged or foreign file)."""
     try:
-        lines = stored["lines"]
-        lines = None if lines is None else tuple((int(a), int(d)) for a, d in lines)
-        if lines is not None and not lines:
+        lines = tuple((int(a), int(d)) for a, d in stored["lines"])
+        scale = int(stored.get("scale", 1))
+        if not lines or scale < 1:
             return None
-        return _Profile(lines, int(stored["origin"]), int(stored["static_bytes"]), int(stored["params"]))
+        return _Profile(lines, int(stored["origin"]), int(stored["static_bytes"]), int(stored["params"]), scale)
     except (KeyError, TypeError, ValueError):
         return None
 
 
-_profiles: dict = {}  # a few hundred bytes each; planning and tuning ask for the same configs many times
+# profiles (a few hundred bytes each; planning and tuning ask for the same configs many times) and the traces of
+# this process's simulations (to pair a second micro-batch with)
+_profiles: dict = {}
 
 
 # ------------------------------------------------------------------------------------ fitting

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 CACHE_ENV = "MEDIMGEN_CACHE_DIR"
-FORMAT = 1  # bump when the stored payload changes meaning
+FORMAT = 2  # bump when the stored payload changes meaning
 # the modules whose code decides a simulated peak (networks built, steps run, how bytes are counted)
 _SOURCES = ("medimgen.planning.cuda_sim", "medimgen.models.networks", "medimgen.models.diffusion",
             "medimgen.models.labels", "medimgen.models.losses")
