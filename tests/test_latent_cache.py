@@ -23,11 +23,15 @@ def _state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
-def _caches(dim: str) -> set[Path]:
+def _cache_root(dim: str) -> Path:
     from medimgen.nnunet.plans import DatasetPlans
     from medimgen.training.latents import cache_root
 
-    root = cache_root(DatasetPlans.from_id(ANISO_3D), dim)
+    return cache_root(DatasetPlans.from_id(ANISO_3D), dim)
+
+
+def _caches(dim: str) -> set[Path]:
+    root = _cache_root(dim)
     return {p for p in root.iterdir() if not p.name.startswith(".")} if root.is_dir() else set()
 
 
@@ -38,6 +42,9 @@ def test_cached_ldm_trains_samples_and_resumes_exactly(dim, workspace, tmp_path,
     flow = request.getfixturevalue(f"flow_{dim}")
     ae = flow["autoencoder"].run_dir
     sets = tiny_overrides(workspace["config"].get(dim)) + ["train_ldm.cache_latents=true", "tracking.log_models=false"]
+    import shutil
+
+    shutil.rmtree(_cache_root(dim), ignore_errors=True)  # the flow's LDM (planned cache_latents) made this one
     before = _caches(dim)
     full = train("ldm", ANISO_3D, "train-val-test", dim, overrides=sets, echo=lambda *_: None,
                  setup=RunSetup(run_root=tmp_path / "a", upstream_run=ae))
@@ -227,3 +234,18 @@ def _config():
     from medimgen.core.paths import config_path
 
     return load_config(config_path(ANISO_3D))
+
+
+def test_memory_simulation_counts_the_cached_path():
+    """With the cache the LDM's training step makes no encoder pass (its batch is the cached mu/sigma at latent
+    size): a lower predicted peak than encoding each batch, the frozen autoencoder's weights still counted."""
+    from medimgen.config import load_config
+    from medimgen.models.networks import autoencoder_for
+    from medimgen.planning import memory as mem
+
+    cfg = load_config(Path(__file__).parent / "data" / "Dataset501_config_8GB.yaml").get("2d")
+    encoded = mem.estimate(cfg, "ldm")
+    cached = mem.estimate(cfg.with_train("ldm", cache_latents=True), "ldm")
+    ae_bytes = 4 * sum(p.numel() for p in autoencoder_for(cfg).parameters())
+    assert cached.peak_gb < encoded.peak_gb
+    assert cached.peak_gb * 2**30 > ae_bytes  # the autoencoder stays on the device (validation, plots)
