@@ -23,19 +23,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import demo_dataset, device_name  # noqa: E402
 
-TINY = ["autoencoder.channels=[8,16,16]", "autoencoder.norm_num_groups=8", "autoencoder.num_res_blocks=1",
-        "ldm_unet.channels=[16,32,32]", "ldm_unet.norm_num_groups=8", "ldm_unet.num_head_channels=8",
-        "ldm_unet.num_res_blocks=1"]
+def tiny(cfg) -> list[str]:
+    """Small networks with the planned number of levels."""
+    ae, ldm = len(cfg.autoencoder.strides), len(cfg.ldm_unet.channels)
+    return [f"autoencoder.channels=[{','.join(['8'] + ['16'] * ae)}]", "autoencoder.norm_num_groups=8",
+            "autoencoder.num_res_blocks=1", f"ldm_unet.channels=[{','.join(['16'] + ['32'] * (ldm - 1))}]",
+            "ldm_unet.norm_num_groups=8", "ldm_unet.num_head_channels=8", "ldm_unet.num_res_blocks=1"]
 
 
-def _overrides(model: str, iterations: int, tiny: bool, out: Path) -> list[str]:
+def _overrides(model: str, iterations: int, small: list[str], out: Path) -> list[str]:
     sets = ["data.num_workers=0", f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", "losses.perceptual_network=none", "tracking.log_models=false",
             f"train_{model}.epochs=3", f"train_{model}.iterations_per_epoch={iterations}",
             f"train_{model}.val_interval=100", f"train_{model}.val_plot_interval=100", f"train_{model}.eval_samples=0", f"train_{model}.batch_size=2",
             f"train_{model}.grad_accumulation_steps=1"]
-    if tiny:
-        sets += TINY
-    return sets
+    return sets + small
 
 
 def main() -> None:
@@ -49,15 +50,19 @@ def main() -> None:
     from medimgen.training.api import RunSetup, train
 
     dataset = demo_dataset(args.workspace)
+    from medimgen.config import load_config
+    from medimgen.core.paths import config_path
+
+    small = tiny(load_config(config_path(dataset)).get(args.dim)) if args.tiny else []
     quiet = lambda *_: None  # noqa: E731
     out = Path(tempfile.mkdtemp(prefix="bench_latent_cache_"))
     ae = train("autoencoder", dataset, "train-val-test", args.dim, echo=quiet, overrides=_overrides(
-        "autoencoder", 1, args.tiny, out), setup=RunSetup(run_root=out / "autoencoder", score=False))
+        "autoencoder", 1, small, out), setup=RunSetup(run_root=out / "autoencoder", score=False))
     rows = []
     for cached in (False, True):
         t0 = time.time()
         result = train("ldm", dataset, "train-val-test", args.dim, echo=quiet,
-                       overrides=_overrides("ldm", args.iterations, args.tiny, out) + [
+                       overrides=_overrides("ldm", args.iterations, small, out) + [
                            f"train_ldm.cache_latents={str(cached).lower()}"],
                        setup=RunSetup(run_root=out / f"ldm_{cached}", upstream_run=ae.run_dir, score=False))
         total = time.time() - t0

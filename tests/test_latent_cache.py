@@ -249,3 +249,21 @@ def test_memory_simulation_counts_the_cached_path():
     ae_bytes = 4 * sum(p.numel() for p in autoencoder_for(cfg).parameters())
     assert cached.peak_gb < encoded.peak_gb
     assert cached.peak_gb * 2**30 > ae_bytes  # the autoencoder stays on the device (validation, plots)
+
+
+def test_controlnet_on_the_ldm_trains_on_a_cache_with_labels(flow_2d, workspace, tmp_path):
+    """A ControlNet steering the (cached) LDM trains on the cache too; its cache also keeps the label maps it is
+    conditioned on, so it is not the LDM's."""
+    sets = tiny_overrides(workspace["config"].get("2d")) + ["train_controlnet.cache_latents=true",
+                                                              "tracking.log_models=false"]
+    before = _caches("2d")
+    result = train("controlnet", ANISO_3D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None,
+                   setup=RunSetup(run_root=tmp_path / "cn", upstream_run=flow_2d["ldm"].run_dir))
+    assert result.completed and result.config.controlnet.base == "ldm"
+    new = [p for p in _caches("2d") - before if json.loads((p / "manifest.json").read_text())["ingredients"]["with_labels"]]
+    assert len(new) == 1
+    with np.load(new[0] / "c00000.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["label", "mu", "sigma"]
+        assert all(n >= s for n, s in zip(z["label"].shape[-2:], result.config.data.image_size))  # at image size
+    history = json.loads((result.run_dir / "loss_dict.json").read_text())
+    assert all(v == v for v in history["train_loss"])
