@@ -267,3 +267,44 @@ def test_controlnet_on_the_ldm_trains_on_a_cache_with_labels(flow_2d, workspace,
         assert all(n >= s for n, s in zip(z["label"].shape[-2:], result.config.data.image_size))  # at image size
     history = json.loads((result.run_dir / "loss_dict.json").read_text())
     assert all(v == v for v in history["train_loss"])
+
+
+def _prepare_worker(rank: int, world: int, port: int, cfg, ae_dir: str, ids: list, out: str) -> None:
+    from medimgen.core import distributed
+    from medimgen.nnunet.plans import DatasetPlans
+    from medimgen.runs.folders import RunDir, load_autoencoder
+    from medimgen.training import latents
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    ae, _, _ = load_autoencoder(RunDir(Path(ae_dir)))
+    messages: list[str] = []
+    with distributed.joined(torch.device("cpu")):
+        cases = latents.prepare(cfg, DatasetPlans.from_id(ANISO_3D), ids, ae, torch.device("cpu"),
+                                echo=messages.append)
+    torch.save({"mu": [c["mu"] for c in cases], "messages": messages}, Path(out) / f"rank{rank}.pt")
+
+
+def test_two_ranks_build_the_cache_once_and_both_read_it(flow_2d, workspace, tmp_path):
+    """Several ranks (DDP): rank 0 builds the cache, the other waits at the barrier and reads the same folder."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from medimgen.data.cases import open_cases
+    from medimgen.nnunet.plans import DatasetPlans
+
+    _, cfg = _autoencoder_and_config(flow_2d, workspace, "2d")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, intensity_range=(-1.0, 0.625)))  # a new key
+    ids = open_cases(DatasetPlans.from_id(ANISO_3D).preprocessed_folder("2d")).identifiers[:2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_prepare_worker, args=(2, port, cfg, str(flow_2d["autoencoder"].run_dir), ids, str(tmp_path)),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [sum(m.startswith("encoding") for m in r["messages"]) for r in ranks] == [1, 0]
+    assert len(ranks[0]["mu"]) == len(ranks[1]["mu"]) == 2
+    for a, b in zip(ranks[0]["mu"], ranks[1]["mu"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
