@@ -121,6 +121,11 @@ def test_cache_stores_mu_and_sigma_and_steps_draw_z(flow_2d, workspace):
     assert not torch.allclose(z1, z2)
     draws = torch.stack([task.targets(epoch1) for _ in range(400)])
     torch.testing.assert_close(draws.mean(0) / 2.0, epoch1["mu"], atol=4 * float(sigma.max()) / 20, rtol=0)
+    # without the cache (cache_latents false) the same slice's batch is encoded: a z around the same mu
+    task.cfg = cfg
+    encoded = task.targets({"image": image[None], "label": label[None]}) / 2.0
+    assert encoded.shape == ref_mu.shape
+    assert (encoded - ref_mu).abs().max() <= 6 * float(sigma.max())
 
 
 def test_cache_rebuilt_when_the_autoencoder_or_the_data_change(flow_2d, workspace):
