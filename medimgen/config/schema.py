@@ -251,6 +251,13 @@ class TrainConfig:
     eval_steps: Optional[int] = doc("sampling steps per quality check (null: the scheduler's num_inference_steps)",
                                     None, ge=1)
     seed: int = doc("random seed", 12345, ge=0, le=2**32 - 1)
+    cache_latents: bool = doc(
+        "latent-space kinds (the LDM, a ControlNet on an LDM) only: train on latents encoded once per training case "
+        "by the frozen autoencoder (its posterior's mean and std, stored beside the nnU-Net-preprocessed data in "
+        "medimgen_latents/; z = mean + std * noise drawn every step) instead of encoding every augmented batch; "
+        "augmentation is then latent flips ('nnunet' only) and crops. Planned true when the cache fits a quarter "
+        "of the free disk and of the available RAM and training draws more samples than the cache encodes "
+        "(`plan --explain` says why); false: the image-space path; ignored by image-space kinds", False)
 
 
 @dataclass(frozen=True)

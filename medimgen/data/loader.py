@@ -98,7 +98,7 @@ def crop_size(cfg: GenerationConfig) -> tuple[int, ...]:
     return tuple(cfg.data.crop_size) or tuple(cfg.data.image_size)
 
 
-def _maybe_resize(cfg: GenerationConfig) -> list:
+def maybe_resize(cfg: GenerationConfig) -> list:
     return [ResizeTo(cfg.data.image_size)] if crop_size(cfg) != tuple(cfg.data.image_size) else []
 
 
@@ -126,7 +126,7 @@ def training_transforms(cfg: GenerationConfig, plans: DatasetPlans):
     mode = data.augmentation
     dummy_2d = data.spatial_dims == 3 and is_anisotropic(data.spacing)
     if mode == "none":
-        return ComposeTransforms([ToModelRange(imap), *_maybe_resize(cfg)])
+        return ComposeTransforms([ToModelRange(imap), *maybe_resize(cfg)])
     if mode == "mild":
         spatial_size = size[1:] if dummy_2d else size
         rot = math.radians(MILD_ROTATION_DEG)
@@ -139,7 +139,7 @@ def training_transforms(cfg: GenerationConfig, plans: DatasetPlans):
         if dummy_2d:
             ts.append(Convert2DTo3DTransform())
         ts.append(ToModelRange(imap))
-        return ComposeTransforms(ts + _maybe_resize(cfg))
+        return ComposeTransforms(ts + maybe_resize(cfg))
     # nnU-Net's segmentation augmentation, unchanged, with the range mapping before label clean-up
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -152,7 +152,7 @@ def training_transforms(cfg: GenerationConfig, plans: DatasetPlans):
     idx = next(i for i, t in enumerate(ts) if type(t).__name__.startswith("RemoveLabel"))
     ts.insert(idx, ToModelRange(imap))
     del ts[idx + 1]  # keep -1 as the padding marker in the label
-    return ComposeTransforms(ts + _maybe_resize(cfg))
+    return ComposeTransforms(ts + maybe_resize(cfg))
 
 
 def _as_batch(raw: dict) -> dict:
@@ -233,14 +233,12 @@ def center_bbox(shape, size):
 
 def validation_samples(cfg: GenerationConfig, plans: DatasetPlans, identifiers: list[str]) -> Iterator[dict]:
     """Deterministic, un-augmented samples: (image (C,*size) model range, label (1,*size), key)."""
-    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
-
     folder = plans.preprocessed_folder("2d" if cfg.data.spatial_dims == 2 else "3d")
     check_cases(folder, identifiers)
     ds = open_cases(folder, identifiers)
     imap = IntensityMap.from_config(cfg.data)
     size = crop_size(cfg)
-    resize = _maybe_resize(cfg)
+    resize = maybe_resize(cfg)
     for ident in identifiers:
         data, seg, _ = load_case(ds, ident)
         if cfg.data.spatial_dims == 2:
@@ -250,16 +248,27 @@ def validation_samples(cfg: GenerationConfig, plans: DatasetPlans, identifiers: 
         else:
             items = [(data, seg, ident)]
         for d, s, key in items:
-            bbox = center_bbox(d.shape[1:], size)
-            d = crop_and_pad_nd(d, [[0, d.shape[0]]] + bbox, 0)
-            s = crop_and_pad_nd(s, [[0, s.shape[0]]] + bbox, -1)
-            image = imap.to_model(torch.from_numpy(np.ascontiguousarray(d)).float(), channel_axis=0)
-            label = torch.from_numpy(np.ascontiguousarray(s)).to(torch.int16)
-            image[:, label[0] < 0] = torch.as_tensor(imap.background())[:, None]
-            if resize:
-                out = resize[0](image=image, segmentation=label)
-                image, label = out["image"], out["segmentation"]
+            image, label = centred_sample(d, s, size, imap, resize)
             yield {"image": image, "label": label, "key": key}
+
+
+def centred_sample(data: np.ndarray, seg: np.ndarray, size, imap: IntensityMap, resize: list
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image (C, *spatial) and its seg centre-cropped/padded to ``size`` native voxels: the image in the model
+    range (padding: the background value), the label int16 (padding: -1), both resampled by ``resize`` (a
+    ResizeTo or nothing)."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+
+    bbox = center_bbox(data.shape[1:], size)
+    d = crop_and_pad_nd(data, [[0, data.shape[0]]] + bbox, 0)
+    s = crop_and_pad_nd(seg, [[0, seg.shape[0]]] + bbox, -1)
+    image = imap.to_model(torch.from_numpy(np.ascontiguousarray(d)).float(), channel_axis=0)
+    label = torch.from_numpy(np.ascontiguousarray(s)).to(torch.int16)
+    image[:, label[0] < 0] = torch.as_tensor(imap.background())[:, None]
+    if resize:
+        out = resize[0](image=image, segmentation=label)
+        image, label = out["image"], out["segmentation"]
+    return image, label
 
 
 def validation_batches(cfg: GenerationConfig, plans: DatasetPlans, identifiers: list[str], batch_size: int) -> Iterator[dict]:

@@ -18,6 +18,7 @@ from medimgen.models.labels import real_labels
 from medimgen.planning.foundation import (FOUNDATION_RANGE, choose, forced_sources, foundation_bounds,
                                          is_source_override, overridden)
 from medimgen.planning.heuristics import plan_generation
+from medimgen.planning.latent_cache import plan_cache
 from medimgen.planning.intensity_stats import case_statistics, intensity_bounds, intensity_statistics
 from medimgen.planning.memory import detect_gpu_memory_gb, fit_to_memory
 from medimgen.core.paths import CONFIG_NAME
@@ -41,17 +42,21 @@ class PlanResult:
         from medimgen.planning.memory import explain
 
         return "\n".join([*(explain(cfg, dim) for dim, cfg in self.config.configs.items()),
-                          *explain_costs(self.config)])
+                          *explain_costs(self.config, self.path.parent)])
 
 
-def explain_costs(config: MedimgenConfig) -> list[str]:
-    """The disk and quality-check tables of `plan --explain`, every dimensionality."""
+def explain_costs(config: MedimgenConfig, folder: Path) -> list[str]:
+    """The disk, latent-cache and quality-check tables of `plan --explain`, every dimensionality (``folder``: the
+    dataset's preprocessed folder)."""
     from medimgen.planning.disk import explain_disk
+    from medimgen.planning.latent_cache import explain_cache, samples_per_case
     from medimgen.planning.quality_budget import explain_quality
 
+    samples = {dim: config.dataset.num_training * samples_per_case(config, dim) for dim in config.configs}
     return [*(f"{dim} autoencoder: {cfg.derived.autoencoder_choice}" for dim, cfg in config.configs.items()
               if cfg.derived.autoencoder_choice),
-            *(explain_disk(cfg, dim) for dim, cfg in config.configs.items()),
+            *(explain_disk(cfg, dim, cache_samples=samples[dim]) for dim, cfg in config.configs.items()),
+            *(explain_cache(config, dim, folder) for dim in config.configs),
             *(explain_quality(cfg, dim) for dim, cfg in config.configs.items())]
 
 
@@ -66,7 +71,8 @@ def explain_existing(dataset_id: int | str, plans_identifier: str) -> str | None
     report = check_memory(dataset_id, None, None, plans_identifier)
     cfg = load_config(report.path)
     return "\n".join([f"{report.path} exists: explaining it as it stands (--force, --set or --gpu-memory re-plan)",
-                      report.table, *(f"does not fit: {line}" for line in report.misfits), *explain_costs(cfg),
+                      report.table, *(f"does not fit: {line}" for line in report.misfits),
+                      *explain_costs(cfg, report.path.parent),
                       *weights_notes({}, cfg, offline=False)])
 
 
@@ -173,7 +179,9 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overri
         configs = {dim: c if weights_present(c.losses.perceptual_network) else
                    dataclasses.replace(c, losses=dataclasses.replace(c.losses, perceptual_network="none"))
                    for dim, c in configs.items()}
-    cfg = apply_overrides(MedimgenConfig(dataset=info, configs=configs, medimgen_version=__version__), list(overrides))
+    # the latent cache where it pays and fits (planning.latent_cache), before the overrides: --set may turn it off
+    planned_cfg = plan_cache(MedimgenConfig(dataset=info, configs=configs, medimgen_version=__version__), plans.folder)
+    cfg = apply_overrides(planned_cfg, list(overrides))
     fitted = {dim: fit_to_memory(c, target) for dim, c in cfg.configs.items()}
     result = MedimgenConfig(dataset=cfg.dataset, configs=fitted, medimgen_version=cfg.medimgen_version)
     if notes is not None:

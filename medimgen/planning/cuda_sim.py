@@ -15,7 +15,8 @@ reports for the same step, because it is the same sequence of allocations:
   forward of a checkpointed block is alive during its backward), gradients of activations
   next to the saved tensors, AMP weight casts, AdamW's moments and foreach temporaries (counted, not run: one
   sqrt(v) per parameter, as torch.optim.AdamW(foreach=True), which CUDA uses by default, allocates them),
-  gradient clipping, the EMA copy, the frozen autoencoder (LDM) and perceptual network.
+  gradient clipping, the EMA copy, the frozen autoencoder (LDM; with ``cache_latents`` no encoder pass: the
+  batch holds the latent cache's mu and sigma) and perceptual network.
 - attention through torch's scaled-dot-product attention (no N^2 matrix), as built.
 - the networks are built on the meta device and then made fake (their initialisation runs no fake op).
 
@@ -330,7 +331,9 @@ def _diffusion_parts(cfg: GenerationConfig, model: str):
 
     def loss(batch):
         x = batch["image"]
-        if frozen is not None:
+        if "mu" in batch:  # the latent cache: z drawn from cached mu/sigma, no encoder pass
+            x = (batch["mu"] + batch["sigma"] * torch.randn_like(batch["sigma"])) * 1.0
+        elif frozen is not None:
             with torch.no_grad():
                 x = frozen.encode_stage_2_inputs(x) * 1.0
         noisy, t, target = noised(scheduler, sched_cfg.prediction_type, x)
@@ -362,7 +365,9 @@ def _controlnet_parts(cfg: GenerationConfig):
 
     def loss(batch):
         x = batch["image"]
-        if latent:
+        if "mu" in batch:  # the latent cache: z drawn from cached mu/sigma, no encoder pass
+            x = (batch["mu"] + batch["sigma"] * torch.randn_like(batch["sigma"])) * 1.0
+        elif latent:
             with torch.no_grad():
                 x = frozen[1].encode_stage_2_inputs(x) * 1.0
         noise = torch.randn_like(x)
@@ -500,6 +505,11 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
     from medimgen.models.labels import network_channels
 
     shape = (train.batch_size, network_channels(cfg), *cfg.data.image_size)
+    cached = train.cache_latents and cfg.space_of(model) == "latent"
+    if cached:
+        from medimgen.models.networks import latent_size
+
+        latent = (train.batch_size, cfg.autoencoder.latent_channels, *latent_size(cfg))
     tracker = LiveBytes()
     with FakeTensorMode(allow_non_fake_inputs=True), cuda_autocast_policy(), tracker:
         trained, frozen, phases, ema_of = (_autoencoder_parts(cfg) if kind(model).encoder else
@@ -516,6 +526,8 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
         tracker.trace.clear()
         for _ in range(min(accum, 2)):  # with accumulation, the second micro-batch runs next to the first's gradients
             batch = {"image": torch.randn(shape), "label": torch.zeros(shape[:1] + (1,) + shape[2:], dtype=torch.int16)}
+            if cached:  # the latent cache's batch: mu and sigma at latent size (the image tensor is not made)
+                batch = {"label": batch["label"], "image": None, "mu": torch.randn(latent), "sigma": torch.rand(latent)}
             for name, (mods, loss_fn) in phases.items():
                 others = [m for other, (ms, _) in phases.items() if other != name for m in ms]
                 with _frozen(others):

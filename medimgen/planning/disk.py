@@ -13,6 +13,9 @@ nothing is allocated) and from what each file holds (training/loop.py):
 - plots: one GIF (3D) / PNG (2D) per plotted epoch, at most one byte per shown voxel (a ControlNet
   shows each sample next to its label map).
 - samples: a float32 NIfTI per channel (gzip barely compresses generated noise-like values).
+- the latent cache of a kind with ``cache_latents`` (LDM, ControlNet on an LDM): mean and std per training sample,
+  float32 at latent size (a ControlNet's: + its label map, a byte a voxel), beside the preprocessed data, once per
+  autoencoder (``latent_cache_bytes``; tests/test_latent_cache.py checks it against a built cache).
 
 ``tests/test_training.py::test_disk_estimate_matches_a_trained_run`` checks best.pt, last.pt
 and the registered model within ``TOLERANCE`` of a real run.
@@ -177,8 +180,17 @@ def estimate_disk(cfg: GenerationConfig, model: str) -> DiskEstimate:
     return DiskEstimate(model, trained.params, best, last, registered, plots, sample, mlflow_ckpt)
 
 
-def explain_disk(cfg: GenerationConfig, dim: str, num_samples: int = 100) -> str:
-    """The disk table of ``medimgen plan --explain``."""
+def latent_cache_bytes(cfg: GenerationConfig, cache_samples: int) -> dict[str, int]:
+    """{model: bytes of its latent cache} of the kinds training on one (``train_*.cache_latents``) for
+    ``cache_samples`` training samples (cases; 2D: slices): written once beside the preprocessed data and shared
+    by every run with the same autoencoder (planning.latent_cache)."""
+    from medimgen.planning.latent_cache import cache_bytes, latent_models
+
+    return {m: cache_bytes(cfg, m, cache_samples) for m in latent_models(cfg) if cfg.train_for(m).cache_latents}
+
+
+def explain_disk(cfg: GenerationConfig, dim: str, num_samples: int = 100, cache_samples: int = 0) -> str:
+    """The disk table of ``medimgen plan --explain`` (``cache_samples``: training samples a latent cache holds)."""
     rows = [estimate_disk(cfg, m) for m in sorted(names(), key=lambda m: not kind(m).encoder)]  # encoders first
     lines = [f"{dim}: disk per run (MB; best.pt = sampling weights, last.pt = resume state, registered = one MLflow "
              f"model version{', checkpoints also copied to MLflow' if cfg.tracking.log_checkpoints else ''})",
@@ -192,4 +204,7 @@ def explain_disk(cfg: GenerationConfig, dim: str, num_samples: int = 100) -> str
     samples = sum(num_samples * e.sample for e in rows)
     lines.append(f"  total {dim}: {total / MB:.1f} MB for the {len(rows)} runs (+ {samples / MB:.1f} MB for {num_samples} "
                  f"samples of each generator); each further registered version adds its 'registered' size")
+    for model, size in latent_cache_bytes(cfg, cache_samples).items():
+        lines.append(f"  + {model} latent cache: {size / MB:.1f} MB beside the preprocessed data ({cache_samples} "
+                     f"samples; once per autoencoder)")
     return "\n".join(lines)

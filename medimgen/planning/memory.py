@@ -1,7 +1,8 @@
 """Predict the peak GPU memory of a training step and fit every planned config into the GPU.
 
 The peak of each model (DDPM UNet; autoencoder + discriminator + perceptual network; LDM UNet
-on latents with the frozen autoencoder) is what ``torch.cuda.max_memory_allocated`` reports
+on latents with the frozen autoencoder; with ``cache_latents`` the step reads cached latents: no encoder pass,
+the autoencoder's weights stay for plots and validation) is what ``torch.cuda.max_memory_allocated`` reports
 during training. It is simulated op by op on the CPU (planning/cuda_sim.py: a training step
 on fake tensors with CUDA's autocast policy, activation checkpointing, AdamW, EMA). The micro-batch a model is
 planned with is simulated as it is (when it fits, nothing else is). Steps at two micro-batches >= 2 make the same
@@ -150,7 +151,8 @@ def _sim_key(cfg: GenerationConfig, model: str):
     key_train = TrainConfig(
         epochs=1, batch_size=1, grad_accumulation_steps=min(2, max(1, train.grad_accumulation_steps)),
         amp="off" if train.amp == "off" else "auto", ema_decay=0.999 if train.ema_decay and not kind(model).encoder
-        else None, grad_clip=1.0 if train.grad_clip else None, weight_decay=0.01 if train.weight_decay else 0.0)
+        else None, grad_clip=1.0 if train.grad_clip else None, weight_decay=0.01 if train.weight_decay else 0.0,
+        cache_latents=train.cache_latents and cfg.space_of(model) == "latent")
     nets = (cfg.autoencoder, cfg.discriminator, cfg.losses) if kind(model).encoder else (
         cfg.unet_for(model), cfg.scheduler_for(model), cfg.autoencoder if cfg.space_of(model) == "latent" else None,
         (cfg.network_for(model), len(cfg.data.label_values)) if kind(model).steers else None)

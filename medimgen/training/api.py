@@ -206,8 +206,8 @@ class _Job:
         self.device, self.setup, self.echo = device, setup, echo
         self.main = distributed.is_main()  # several ranks: rank 0 writes the run files and tracks
         self.cfg = self._record_world(cfg)  # sets self.tcfg: what each rank runs
-        self.batches = TrainBatches(cfg, plans, split.train, self.tcfg.batch_size,
-                                    seed=distributed.rank_seed(self.tcfg.seed))
+        self.cached: list[dict] | None = None  # the latent cache's cases (training.latents), when the run uses it
+        self.batches = None
         self.tracker = setup.tracker or Tracker(enabled=self.main)
         self.trainer: Trainer | None = None
         self.foundation_metrics: dict = {}  # a foundation autoencoder's reconstruction check (training.foundation)
@@ -218,6 +218,8 @@ class _Job:
 
     def execute(self, resume: bool, progress: bool, stop_after_epoch: int | None) -> TrainResult:
         try:
+            self.batches = self._train_batches(self.cfg, self.tcfg.batch_size, distributed.rank_seed(self.tcfg.seed),
+                                               progress)
             if not resume and kind(self.model).encoder and self.cfg.autoencoder.source != "trained":
                 from medimgen.training.foundation import adopt
 
@@ -247,7 +249,8 @@ class _Job:
             self.tracker.end("KILLED")
             raise
         finally:
-            self.batches.close()
+            if self.batches is not None:
+                self.batches.close()
             if self.tracker.run_id:
                 self.tracker.end("FINISHED")
 
@@ -270,6 +273,20 @@ class _Job:
         if self.foundation_tags:
             self.tracker.set_tags(self.foundation_tags)
             self.tracker.log_metrics(self.foundation_metrics, step=0)
+
+    def _train_batches(self, cfg: GenerationConfig, batch_size: int, seed: int, progress: bool = False):
+        """nnU-Net's augmented image batches, or (cache_latents) batches of the latent cache, built once per dataset
+        state and autoencoder (training.latents; rank 0 builds it, every rank reads it)."""
+        from medimgen.training import latents
+
+        if not latents.uses_cache(cfg, self.model):
+            return TrainBatches(cfg, self.plans, self.split.train, batch_size, seed=seed)
+        if self.cached is None:
+            self.cached = latents.prepare(cfg, self.plans, self.split.train, self.task.frozen_autoencoder,
+                                          self.device, with_labels=kind(self.model).steers,
+                                          progress=progress and self.main,
+                                          echo=_echo_for(cfg, self.run, self.echo) if self.main else (lambda m: None))
+        return latents.CachedBatches(self.cached, cfg, batch_size)
 
     def _record_world(self, cfg: GenerationConfig) -> GenerationConfig:
         """The planned effective batch on this many ranks (distributed.split_batch): each rank's micro-batch,
@@ -331,8 +348,7 @@ class _Job:
         """A memory re-fit in the first steps: new batches, the change recorded in config.yaml and MLflow."""
         self.cfg = self._record_world(refit.config)
         self.batches.close()
-        self.batches = TrainBatches(self.cfg, self.plans, self.split.train, self.cfg.train_for(self.model).batch_size,
-                                    seed=self.tcfg.seed)
+        self.batches = self._train_batches(self.cfg, self.cfg.train_for(self.model).batch_size, self.tcfg.seed)
         save_generation_config(self.cfg, self.run.config)
         self.trainer.config_yaml = render_generation_config(self.cfg)
         self.tracker.set_tags({"memory.refit": f"{refit.reason}: {'; '.join(refit.changes)}"})

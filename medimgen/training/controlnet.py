@@ -31,6 +31,7 @@ from medimgen.models.labels import condition_channels, join
 from medimgen.models.networks import build_controlnet, enable_unet_checkpointing
 from medimgen.runs.folders import RunDir, TrainedModel, link_upstream
 from medimgen.training.ddpm import PLOT_SEED, VAL_SEED
+from medimgen.training.latents import sample_latents
 from medimgen.training.outputs import PLOT_EXAMPLES, plot_images, plot_progress
 
 
@@ -81,10 +82,17 @@ class ControlNetTask:
     # -- data
     def latents(self, batch: dict) -> torch.Tensor:
         """What the base model generates from a batch (images, + a joint model's one-hot labels; LDM: latents)."""
+        if "mu" in batch:  # a batch of the latent cache (training.latents): z drawn from the case's mu and sigma
+            return sample_latents({k: batch[k].to(self.device) for k in ("mu", "sigma")}) * self.base.scale_factor
         x = join(batch["image"].to(self.device), batch["label"], self.cfg)
         if self.latent:
             x = self.base.autoencoder.encode_stage_2_inputs(x) * self.base.scale_factor
         return x
+
+    @property
+    def frozen_autoencoder(self) -> nn.Module | None:
+        """What the latent cache (medimgen.training.latents) encodes with: an LDM base's autoencoder."""
+        return self.base.autoencoder if self.latent else None
 
     def condition(self, batch: dict) -> torch.Tensor:
         return condition_channels(batch["label"].to(self.device), self.cfg.data.label_values)

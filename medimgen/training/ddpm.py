@@ -60,9 +60,13 @@ class DiffusionTask:
         pred = unet(noisy, timesteps=t)
         return F.mse_loss(pred.float(), target.float())
 
+    def targets(self, batch: dict) -> torch.Tensor:
+        """What the UNet learns to generate from a training batch (LDM: latents)."""
+        return self.encode(self.inputs(batch))
+
     def loss(self, phase: str, batch: dict, state: dict):
         with torch.no_grad():
-            x = self.encode(self.inputs(batch))
+            x = self.targets(batch)
         loss = self._diffusion_loss(self.unet, x)
         return loss, {"loss": loss.item()}
 

@@ -1,6 +1,7 @@
 """Latent diffusion: the diffusion task on the latents of a trained autoencoder of the same dataset/split.
 
-The autoencoder is the best checkpoint (weights only; else last) of the autoencoder run with the same
+A run with ``train_ldm.cache_latents`` trains on latents encoded once per case (medimgen.training.latents: their
+mean and std cached, z drawn every step); validation encodes its cases as before. The autoencoder is the best checkpoint (weights only; else last) of the autoencoder run with the same
 dataset, dimensionality and split/fold, built from that run's own saved config. The latent
 scale factor (1 / std of latents over a sample of training batches) is computed once, stored in the run's config
 (``derived.latent_scale_factor``, its one place), and reused on resume and at sampling. The checkpoint refers to
@@ -19,6 +20,7 @@ from medimgen.models.diffusion import latent_decoder
 from medimgen.core.errors import MedimgenError
 from medimgen.runs.folders import RunDir, link_upstream, load_autoencoder
 from medimgen.training.ddpm import DiffusionTask
+from medimgen.training.latents import sample_latents
 
 SCALE_BATCHES = 8
 
@@ -51,10 +53,25 @@ class LatentDiffusionTask(DiffusionTask):
     def in_channels(self) -> int:
         return self.latent_channels
 
+    @property
+    def frozen_autoencoder(self) -> torch.nn.Module:
+        """What the latent cache (medimgen.training.latents) encodes with."""
+        return self.autoencoder
+
+    def _unscaled(self, batch: dict) -> torch.Tensor:
+        """Latents of a batch: drawn from a cached batch's mu/sigma (training.latents), else encoded."""
+        if "mu" in batch:
+            return sample_latents({k: batch[k].to(self.device) for k in ("mu", "sigma")})
+        return self.autoencoder.encode_stage_2_inputs(self.inputs(batch))
+
+    def targets(self, batch: dict) -> torch.Tensor:
+        if self.scale_factor is None:
+            raise RuntimeError("compute_scale_factor must run before training")
+        return self._unscaled(batch) * self.scale_factor
+
     @torch.no_grad()
     def compute_scale_factor(self, batches) -> float:
-        latents = [self.autoencoder.encode_stage_2_inputs(self.inputs(next(batches))).float()
-                   for _ in range(SCALE_BATCHES)]
+        latents = [self._unscaled(next(batches)).float() for _ in range(SCALE_BATCHES)]
         std = torch.cat([z.flatten() for z in latents]).std().item()
         self.scale_factor = 1.0 / max(std, 1e-8)
         return self.scale_factor

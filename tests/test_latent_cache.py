@@ -1,0 +1,315 @@
+"""The latent cache (#28): the LDM (and a ControlNet on it) trains on latents encoded once per case, their posterior's
+mean and std stored beside the preprocessed data, z drawn per step; rebuilt when the autoencoder or the data change;
+planned by the disk/RAM rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medimgen.training.api import RunSetup, train
+from tests.conftest import ANISO_3D
+from tests.training_helpers import tiny_overrides
+
+
+def _state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+
+
+def _cache_root(dim: str) -> Path:
+    from medimgen.nnunet.plans import DatasetPlans
+    from medimgen.training.latents import cache_root
+
+    return cache_root(DatasetPlans.from_id(ANISO_3D), dim)
+
+
+def _caches(dim: str) -> set[Path]:
+    root = _cache_root(dim)
+    return {p for p in root.iterdir() if not p.name.startswith(".")} if root.is_dir() else set()
+
+
+@pytest.mark.parametrize("dim", ["2d", "3d"])
+def test_cached_ldm_trains_samples_and_resumes_exactly(dim, workspace, tmp_path, request):
+    """Stop after epoch 1, continue with -c: identical to an uninterrupted run, both on the cache, which the three
+    runs (same autoencoder, same cases) build once; the run samples (plots at its end, and a sampler)."""
+    flow = request.getfixturevalue(f"flow_{dim}")
+    ae = flow["autoencoder"].run_dir
+    sets = tiny_overrides(workspace["config"].get(dim)) + ["train_ldm.cache_latents=true", "tracking.log_models=false"]
+    import shutil
+
+    shutil.rmtree(_cache_root(dim), ignore_errors=True)  # the flow's LDM (planned cache_latents) made this one
+    before = _caches(dim)
+    full = train("ldm", ANISO_3D, "train-val-test", dim, overrides=sets, echo=lambda *_: None,
+                 setup=RunSetup(run_root=tmp_path / "a", upstream_run=ae))
+    built = _caches(dim) - before
+    assert len(built) == 1  # this autoencoder's cache, new
+    manifest = json.loads((next(iter(built)) / "manifest.json").read_text())
+    first = train("ldm", ANISO_3D, "train-val-test", dim, overrides=sets, echo=lambda *_: None, stop_after_epoch=1,
+                  setup=RunSetup(run_root=tmp_path / "b", upstream_run=ae))
+    assert not first.completed and _state(first.run_dir)["epoch"] == 1
+    resumed = train("ldm", ANISO_3D, "train-val-test", dim, resume=True, echo=lambda *_: None,
+                    setup=RunSetup(run_root=tmp_path / "b"))
+    assert resumed.completed and resumed.config.train_ldm.cache_latents
+    assert _caches(dim) - before == built  # not rebuilt: nothing changed
+    assert json.loads((next(iter(built)) / "manifest.json").read_text())["created"] == manifest["created"]
+    a, b = _state(full.run_dir), _state(resumed.run_dir)
+    for k, v in a["modules"]["unet"].items():
+        torch.testing.assert_close(b["modules"]["unet"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert a["history"]["train_loss"] == pytest.approx(b["history"]["train_loss"], rel=1e-5)
+    assert a["history"]["val_loss"] == pytest.approx(b["history"]["val_loss"], rel=1e-5)
+    assert resumed.config.derived.latent_scale_factor == pytest.approx(full.config.derived.latent_scale_factor)
+    assert (resumed.run_dir / "plots" / ("epoch_0002.png" if dim == "2d" else "epoch_0002.gif")).is_file()
+    from medimgen.generation.sampler import from_run
+
+    images = from_run(resumed.run_dir).sample(2, seed=1, steps=2)
+    assert images.shape[:2] == (2, resumed.config.data.in_channels) and np.isfinite(images).all()
+
+
+def _autoencoder_and_config(flow, workspace, dim):
+    from medimgen.config import apply_overrides
+    from medimgen.runs.folders import RunDir, load_autoencoder
+
+    ae, ae_cfg, _ = load_autoencoder(RunDir(flow["autoencoder"].run_dir))
+    cfg = apply_overrides(workspace["config"].get(dim), tiny_overrides(workspace["config"].get(dim)))
+    return ae, dataclasses.replace(cfg, autoencoder=ae_cfg.autoencoder)
+
+
+def test_cache_stores_mu_and_sigma_and_steps_draw_z(flow_2d, workspace):
+    """The cache holds the posterior's mean (what the encoder's mean is for the centred case) and std, no sample;
+    the LDM's targets draw a new z for the same cached case every step, around mu."""
+    from medimgen.data.cases import load_case, open_cases
+    from medimgen.data.intensity import IntensityMap
+    from medimgen.data.loader import centred_sample
+    from medimgen.models.labels import join
+    from medimgen.nnunet.plans import DatasetPlans
+    from medimgen.training import latents
+
+    ae, cfg = _autoencoder_and_config(flow_2d, workspace, "2d")
+    plans = DatasetPlans.from_id(ANISO_3D)
+    ids = open_cases(plans.preprocessed_folder("2d")).identifiers[:2]
+    folder = latents.build(cfg, plans, ids, ae, torch.device("cpu"), echo=lambda *_: None)
+    with np.load(folder / "c00000.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["mu", "sigma"]
+        mu, sigma = z["mu"], z["sigma"]
+    data, seg, _ = load_case(open_cases(plans.preprocessed_folder("2d"), ids), ids[0])
+    assert mu.shape[0] == data.shape[1]  # every slice of the case
+    zs = data.shape[1] // 2
+    native, resize = latents.region(cfg, data.shape[2:])
+    image, label = centred_sample(data[:, zs], seg[:, zs], native, IntensityMap.from_config(cfg.data), resize)
+    with torch.no_grad():
+        ref_mu, ref_sigma = ae.encode(join(image[None], label[None], cfg))
+    np.testing.assert_allclose(mu[zs], ref_mu[0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sigma[zs], ref_sigma[0].numpy(), rtol=1e-4, atol=1e-5)
+    assert (sigma > 0).all()
+
+    from medimgen.training.ldm import LatentDiffusionTask
+
+    task = LatentDiffusionTask.__new__(LatentDiffusionTask)  # only the latent draw: no UNet needed
+    task.autoencoder, task.device, task.scale_factor = ae, torch.device("cpu"), 2.0
+    one_slice = [{"key": ids[0], "mu": torch.from_numpy(mu[zs:zs + 1]), "sigma": torch.from_numpy(sigma[zs:zs + 1])}]
+    batches = latents.CachedBatches(one_slice, cfg, batch_size=1)
+    epoch1, epoch2 = next(batches), next(batches)  # the same case and slice (flips are off: 'mild')
+    torch.testing.assert_close(epoch1["mu"], epoch2["mu"])
+    z1, z2 = task.targets(epoch1), task.targets(epoch2)
+    assert not torch.allclose(z1, z2)
+    draws = torch.stack([task.targets(epoch1) for _ in range(400)])
+    torch.testing.assert_close(draws.mean(0) / 2.0, epoch1["mu"], atol=4 * float(sigma.max()) / 20, rtol=0)
+    # without the cache (cache_latents false) the same slice's batch is encoded: a z around the same mu
+    task.cfg = cfg
+    encoded = task.targets({"image": image[None], "label": label[None]}) / 2.0
+    assert encoded.shape == ref_mu.shape
+    assert (encoded - ref_mu).abs().max() <= 6 * float(sigma.max())
+
+
+def test_cache_rebuilt_when_the_autoencoder_or_the_data_change(flow_2d, workspace):
+    from medimgen.data.cases import open_cases
+    from medimgen.nnunet.plans import DatasetPlans
+    from medimgen.planning.disk import latent_cache_bytes
+    from medimgen.training import latents
+
+    ae, cfg = _autoencoder_and_config(flow_2d, workspace, "2d")
+    plans = DatasetPlans.from_id(ANISO_3D)
+    pre = plans.preprocessed_folder("2d")
+    ids = open_cases(pre).identifiers[:2]
+    quiet = {"echo": lambda *_: None}
+    first = latents.build(cfg, plans, ids, ae, torch.device("cpu"), **quiet)
+    stamp = (first / "manifest.json").stat().st_mtime_ns
+    assert latents.build(cfg, plans, ids, ae, torch.device("cpu"), **quiet) == first  # unchanged: reused
+    assert (first / "manifest.json").stat().st_mtime_ns == stamp
+    # the disk estimate of the cache (per slice of the cases) matches what was written
+    manifest = json.loads((first / "manifest.json").read_text())
+    slices = sum(c["shape"][0] for c in manifest["cases"])
+    on = cfg.with_train("ldm", cache_latents=True)
+    assert latent_cache_bytes(on, slices)["ldm"] == pytest.approx(manifest["bytes"], rel=0.05)
+    # another autoencoder (one weight changed): a new cache with other latents
+    p = next(ae.encoder.parameters())
+    kept = p.detach().clone()
+    with torch.no_grad():
+        p.add_(0.5)
+    try:
+        second = latents.build(cfg, plans, ids, ae, torch.device("cpu"), **quiet)
+    finally:
+        with torch.no_grad():
+            p.copy_(kept)
+    assert second != first
+    with np.load(first / "c00000.npz") as a, np.load(second / "c00000.npz") as b:
+        assert not np.allclose(a["mu"], b["mu"])
+    # preprocessing rewritten (a case file's identity changes): rebuilt
+    case = next(pre.glob(f"{ids[0]}.*"))
+    st = case.stat()
+    os.utime(case, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    try:
+        third = latents.build(cfg, plans, ids, ae, torch.device("cpu"), **quiet)
+    finally:
+        os.utime(case, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert third not in (first, second)
+    assert latents.build(cfg, plans, ids, ae, torch.device("cpu"), **quiet) == first  # back as it was
+    # another intensity mapping decides other latents too
+    shifted = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, intensity_range=(-1.0, 0.5)))
+    assert latents.build(shifted, plans, ids, ae, torch.device("cpu"), **quiet) not in (first, second, third)
+
+
+def test_concurrent_builds_make_one_cache(flow_2d, workspace):
+    """Two processes (here threads) building the same cache: one builds, the other waits and reads it; no scratch
+    folder is left."""
+    from medimgen.data.cases import open_cases
+    from medimgen.nnunet.plans import DatasetPlans
+    from medimgen.training import latents
+
+    ae, cfg = _autoencoder_and_config(flow_2d, workspace, "2d")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, intensity_range=(-1.0, 0.75)))  # a new key
+    plans = DatasetPlans.from_id(ANISO_3D)
+    ids = open_cases(plans.preprocessed_folder("2d")).identifiers[:2]
+    messages: list[str] = []
+    out: list[Path] = []
+    workers = [threading.Thread(target=lambda: out.append(latents.build(cfg, plans, ids, ae, torch.device("cpu"),
+                                                                        echo=messages.append))) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(out) == 2 and out[0] == out[1] and (out[0] / "manifest.json").is_file()
+    assert sum(m.startswith("encoding") for m in messages) == 1
+    assert not [p for p in out[0].parent.iterdir() if ".building-" in p.name]
+
+
+def test_planner_turns_the_cache_on_and_off_by_disk_and_ram(workspace):
+    from medimgen.planning.latent_cache import DISK_SHARE, cache_bytes, decide, plan_cache
+
+    from medimgen.models.networks import latent_size
+
+    cfg = workspace["config"].get("3d")
+    size = cache_bytes(cfg, "ldm", 100)
+    assert size == 100 * 2 * 4 * cfg.autoencoder.latent_channels * int(np.prod(latent_size(cfg)))  # mu + sigma, f32
+    plenty = 1e12
+    assert decide(cfg, "ldm", 100, plenty, plenty).on
+    no_disk = decide(cfg, "ldm", 100, size / DISK_SHARE * 0.9, plenty)
+    assert not no_disk.on and "free disk" in no_disk.reason
+    no_ram = decide(cfg, "ldm", 100, plenty, size * 2)
+    assert not no_ram.on and "available RAM" in no_ram.reason
+    assert decide(cfg, "ldm", 100, size / DISK_SHARE * 1.1, size / DISK_SHARE * 1.1).on
+    few = cfg.with_train("ldm", epochs=1, iterations_per_epoch=1, batch_size=2)
+    assert not decide(few, "ldm", 100, plenty, plenty).on  # training draws fewer samples than it would encode
+    # a ControlNet's cache also keeps its label maps
+    assert cache_bytes(cfg, "controlnet", 1) == cache_bytes(cfg, "ldm", 1) + int(np.prod(cfg.data.image_size))
+    # the dataset's planned config (plan_dataset; this machine: the tiny dataset's cache fits) and its explanation
+    config = _config()
+    assert all(c.train_ldm.cache_latents and c.train_controlnet.cache_latents for c in config.configs.values())
+    folder = Path(os.environ["nnUNet_preprocessed"]) / config.dataset.name
+    from medimgen.planning.api import explain_costs
+
+    text = "\n".join(explain_costs(config, folder))
+    assert "latent cache" in text and "  ldm         on: " in text and "+ ldm latent cache:" in text
+    # turned off by hand: the explanation says so, the plan keeps it
+    hand = dataclasses.replace(config, configs={d: c.with_train("ldm", cache_latents=False)
+                                                for d, c in config.configs.items()})
+    assert "the config says false" in "\n".join(explain_costs(hand, folder))
+    assert all(c.train_ldm.cache_latents for c in plan_cache(hand, folder).configs.values())  # the rule says on
+
+
+def _config():
+    from medimgen.config import load_config
+    from medimgen.core.paths import config_path
+
+    return load_config(config_path(ANISO_3D))
+
+
+def test_memory_simulation_counts_the_cached_path():
+    """With the cache the LDM's training step makes no encoder pass (its batch is the cached mu/sigma at latent
+    size): a lower predicted peak than encoding each batch, the frozen autoencoder's weights still counted."""
+    from medimgen.config import load_config
+    from medimgen.models.networks import autoencoder_for
+    from medimgen.planning import memory as mem
+
+    cfg = load_config(Path(__file__).parent / "data" / "Dataset501_config_8GB.yaml").get("2d")
+    encoded = mem.estimate(cfg, "ldm")
+    cached = mem.estimate(cfg.with_train("ldm", cache_latents=True), "ldm")
+    ae_bytes = 4 * sum(p.numel() for p in autoencoder_for(cfg).parameters())
+    assert cached.peak_gb < encoded.peak_gb
+    assert cached.peak_gb * 2**30 > ae_bytes  # the autoencoder stays on the device (validation, plots)
+
+
+def test_controlnet_on_the_ldm_trains_on_a_cache_with_labels(flow_2d, workspace, tmp_path):
+    """A ControlNet steering the (cached) LDM trains on the cache too; its cache also keeps the label maps it is
+    conditioned on, so it is not the LDM's."""
+    sets = tiny_overrides(workspace["config"].get("2d")) + ["train_controlnet.cache_latents=true",
+                                                              "tracking.log_models=false"]
+    before = _caches("2d")
+    result = train("controlnet", ANISO_3D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None,
+                   setup=RunSetup(run_root=tmp_path / "cn", upstream_run=flow_2d["ldm"].run_dir))
+    assert result.completed and result.config.controlnet.base == "ldm"
+    new = [p for p in _caches("2d") - before if json.loads((p / "manifest.json").read_text())["ingredients"]["with_labels"]]
+    assert len(new) == 1
+    with np.load(new[0] / "c00000.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["label", "mu", "sigma"]
+        assert all(n >= s for n, s in zip(z["label"].shape[-2:], result.config.data.image_size))  # at image size
+    history = json.loads((result.run_dir / "loss_dict.json").read_text())
+    assert all(v == v for v in history["train_loss"])
+
+
+def _prepare_worker(rank: int, world: int, port: int, cfg, ae_dir: str, ids: list, out: str) -> None:
+    from medimgen.core import distributed
+    from medimgen.nnunet.plans import DatasetPlans
+    from medimgen.runs.folders import RunDir, load_autoencoder
+    from medimgen.training import latents
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    ae, _, _ = load_autoencoder(RunDir(Path(ae_dir)))
+    messages: list[str] = []
+    with distributed.joined(torch.device("cpu")):
+        cases = latents.prepare(cfg, DatasetPlans.from_id(ANISO_3D), ids, ae, torch.device("cpu"),
+                                echo=messages.append)
+    torch.save({"mu": [c["mu"] for c in cases], "messages": messages}, Path(out) / f"rank{rank}.pt")
+
+
+def test_two_ranks_build_the_cache_once_and_both_read_it(flow_2d, workspace, tmp_path):
+    """Several ranks (DDP): rank 0 builds the cache, the other waits at the barrier and reads the same folder."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from medimgen.data.cases import open_cases
+    from medimgen.nnunet.plans import DatasetPlans
+
+    _, cfg = _autoencoder_and_config(flow_2d, workspace, "2d")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, intensity_range=(-1.0, 0.625)))  # a new key
+    ids = open_cases(DatasetPlans.from_id(ANISO_3D).preprocessed_folder("2d")).identifiers[:2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_prepare_worker, args=(2, port, cfg, str(flow_2d["autoencoder"].run_dir), ids, str(tmp_path)),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [sum(m.startswith("encoding") for m in r["messages"]) for r in ranks] == [1, 0]
+    assert len(ranks[0]["mu"]) == len(ranks[1]["mu"]) == 2
+    for a, b in zip(ranks[0]["mu"], ranks[1]["mu"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
