@@ -174,22 +174,23 @@ def train_curve(model: str, dataset: int, dim: str, cfg, sets: list[str], steps:
     """Train ``model`` with ``sets`` up to max(steps); score at each of ``steps``; rows with train seconds."""
     rows: list[dict] = []
     clock = {"scoring": 0.0, "ends": []}  # wall time at the end of each epoch, scoring excluded
+    now = time.process_time if args.cpu_clock else time.time  # CPU seconds: fair on a shared, loaded machine
 
     def on_epoch(epoch: int, metrics: dict):
         ends = clock["ends"]
-        ends.append(time.time() - clock["scoring"])
+        ends.append(now() - clock["scoring"])
         step = epoch * chunk
         if step not in steps:
             return
         # training seconds: from the first epoch's end, plus that epoch counted as long as the mean of the others
         # (run set-up, MLflow and the loader's start are not training)
         per_epoch = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else None
-        s0 = time.time()
+        s0 = now()
         torch.manual_seed(0)
         m = TrainedModel.from_run(run_root, "last")
         row = {"step": step, "train_seconds": None if per_epoch is None else round(ends[-1] - ends[0] + per_epoch, 2),
                **score(m, real, real_labels, args.samples, args.sample_steps, extractor)}
-        clock["scoring"] += time.time() - s0
+        clock["scoring"] += now() - s0
         rows.append(row)
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
@@ -470,6 +471,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--controlnet-steps", type=int, default=0, help="> 0: the ControlNet follow-the-mask Dice (2D DDPM "
                     "base, needs --fid-epochs > 0: the same nnU-Net segments)")
     ap.add_argument("--set", action="append", default=[], help="extra override for both sides (repeatable)")
+    ap.add_argument("--cpu-clock", action="store_true", help="training seconds as this process's CPU seconds (with "
+                    "OMP_NUM_THREADS=1: what a step costs, whatever else loads a shared machine) instead of wall time")
     ap.add_argument("--controlnet-on", type=Path, default=None, help="only the follow-the-mask Dice: train the "
                     "ControlNet (--controlnet-steps) on this trained 2D DDPM run folder (needs the dataset's nnU-Net)")
     ap.add_argument("--merge", default=None, help="no training: merge result JSONs of separately run sides "
