@@ -40,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -169,6 +170,34 @@ def score(model: TrainedModel, real: torch.Tensor, real_labels: torch.Tensor, nu
     return out
 
 
+HELDOUT_SEED, HELDOUT_DRAWS = 7, 8
+
+
+def heldout_loss(model: TrainedModel, dataset: int | str, draws: int = HELDOUT_DRAWS) -> float:
+    """The DDPM objective on the held-out cases (val + test split, three slices per 2D case): MSE of the sampling
+    weights' prediction, ``draws`` draws of noise and timesteps from a fixed seed, so every model of the dataset
+    sees the same noisy inputs. Comparable between configs with the same schedule and prediction type (the 2D DDPM
+    tutorial and the plan share linear_beta 1e-4..0.02, epsilon); a learning signal that needs no sampling and
+    moves long before the samples leave noise."""
+    import torch.nn.functional as F
+
+    from medimgen.models.diffusion import noised, training_scheduler
+    from medimgen.models.labels import join
+
+    cfg = model.cfg
+    parts = [real_cases(cfg, str(dataset), subset=s) for s in ("val", "test")]
+    x = join(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), cfg)
+    sched = training_scheduler(cfg.scheduler_for(model.kind), cfg.data.spatial_dims)
+    gen = torch.Generator().manual_seed(HELDOUT_SEED)
+    unet = model.unet.eval()
+    with torch.no_grad():
+        losses = []
+        for _ in range(draws):
+            noisy, t, target = noised(sched, cfg.scheduler_for(model.kind).prediction_type, x, gen)
+            losses.append(F.mse_loss(unet(noisy, timesteps=t).float(), target.float()).item())
+    return float(np.mean(losses))
+
+
 def train_curve(model: str, dataset: int, dim: str, cfg, sets: list[str], steps: list[int], chunk: int,
                 run_root: Path, real, real_labels, args, extractor, log, autoencoder_run: Path | None = None) -> list[dict]:
     """Train ``model`` with ``sets`` up to max(steps); score at each of ``steps``; rows with train seconds."""
@@ -190,6 +219,8 @@ def train_curve(model: str, dataset: int, dim: str, cfg, sets: list[str], steps:
         m = TrainedModel.from_run(run_root, "last")
         row = {"step": step, "train_seconds": None if per_epoch is None else round(ends[-1] - ends[0] + per_epoch, 2),
                **score(m, real, real_labels, args.samples, args.sample_steps, extractor)}
+        if kind(model).generator and kind(model).space == "image":
+            row["heldout_loss"] = heldout_loss(m, dataset)
         clock["scoring"] += now() - s0
         rows.append(row)
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -376,7 +407,7 @@ def equal_time(curves: dict, model: str) -> tuple[float, dict]:
     return t, picked
 
 
-KEYS = ("mmd_stats", "ms_ssim_generated", "ms_ssim_gap", "label_fraction_error", "psnr", "ssim", "label_dice")
+KEYS = ("heldout_loss", "mmd_stats", "ms_ssim_generated", "ms_ssim_gap", "label_fraction_error", "psnr", "ssim", "label_dice")
 
 
 def tables(results: dict) -> str:
