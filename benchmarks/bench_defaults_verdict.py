@@ -1,13 +1,15 @@
 """The CPU verdict of bench_defaults.py: held-out DDPM objective of both configs against steps and CPU seconds.
 
     python benchmarks/bench_defaults_verdict.py --points points.json --probes p1.json,p2.json,... \
-        --out benchmarks/bench_defaults_cpu_verdict.json --png benchmarks/bench_defaults_cpu_verdict.png
+        [--ablation a.json,b.json] --out benchmarks/bench_defaults_cpu_verdict.json \
+        --png benchmarks/bench_defaults_cpu_verdict.png
 
 ``points.json``: [{"side", "seed", "step", "heldout_loss", "mmd_stats", "source"}, ...], each the
 ``heldout_loss`` (bench_defaults.heldout_loss) and image-statistics MMD of one side's run at one step (the bench's
 rows, or a run folder's checkpoint scored afterwards). ``--probes``: bench_defaults result JSONs of short
 ``--cpu-clock`` runs of each side in the same conditions; their CPU seconds per step turn steps into CPU seconds.
-Writes the points, the per-step costs and the comparisons at equal steps and equal CPU time.
+``--ablation``: result JSONs of planned runs with one tutorial value each (their overrides and rows are kept).
+Writes the points, the per-step costs and the ablation rows; plots held-out loss against steps and CPU seconds.
 """
 
 from __future__ import annotations
@@ -47,12 +49,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--probes", required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--png", type=Path, required=True)
+    ap.add_argument("--ablation", default="", help="bench_defaults result JSONs of planned runs with one --set each")
     args = ap.parse_args(argv)
     points = json.loads(args.points.read_text())
     cost = per_step([Path(p) for p in args.probes.split(",")])
     for p in points:
         p["cpu_seconds"] = round(p["step"] * cost[p["side"]], 1)
-    out = {"cpu_seconds_per_step": cost, "points": points}
+    out = {"cpu_seconds_per_step": cost, "points": points, "ablation": [
+        {"overrides": [o for o in r["args"]["set"]], "rows": r["dims"]["2d"]["planned"]["ddpm"]["rows"]}
+        for r in (json.loads(Path(f).read_text()) for f in args.ablation.split(",") if f)]}
     args.out.write_text(json.dumps(out, indent=1))
 
     import matplotlib
