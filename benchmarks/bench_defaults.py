@@ -51,7 +51,8 @@ from medimgen.config import apply_overrides, load_config  # noqa: E402
 from medimgen.config.kinds import kind  # noqa: E402
 from medimgen.core.errors import MedimgenError  # noqa: E402
 from medimgen.core.requests import SampleOptions  # noqa: E402
-from medimgen.evaluation.api import generation_scores, label_sanity_scores, real_cases, score_model  # noqa: E402
+from medimgen.evaluation.api import real_cases, score_model  # noqa: E402
+from medimgen.evaluation.scorer import Reference  # noqa: E402
 from medimgen.evaluation.statistics import statistics_mmd  # noqa: E402
 from medimgen.generation.sampler import Sampler  # noqa: E402
 from medimgen.runs.folders import TrainedModel  # noqa: E402
@@ -152,26 +153,56 @@ def budget(cfg, model: str, steps: int, chunk: int, warmup_fraction: float | Non
 
 def score(model: TrainedModel, real: torch.Tensor, real_labels: torch.Tensor, num_samples: int, sample_steps: int,
           extractor=None) -> dict:
-    """THE scoring call of this benchmark (switch it to medimgen.evaluation.scorer once that is merged). A generator:
-    ``num_samples`` samples of the weights medimgen samples with (EMA once ready), fixed seed, the config's sampler
-    at ``sample_steps`` steps; image-statistics MMD, MS-SSIM diversity (+ FID / feature MMD with ``extractor``)
-    against ``real``, and for a joint image+label model the label checks plus ``label_fraction_error`` (mean over
-    labels of |generated - real| volume fraction). An autoencoder: medimgen's reconstruction scores (+ label Dice)."""
+    """THE scoring call of this benchmark: medimgen's one scorer (evaluation.api.score_model -> evaluation.scorer),
+    i.e. what a training run and `medimgen evaluate` report. A generator: ``num_samples`` samples of the weights
+    medimgen samples with (EMA once ready), seed ``SAMPLE_SEED``, the config's sampler at ``sample_steps`` steps;
+    image-statistics MMD, MS-SSIM diversity (+ FID / feature MMD with ``extractor``) against ``real``, and for a
+    joint image+label model the label checks plus ``label_fraction_error`` (mean over labels of |generated - real|
+    volume fraction). An autoencoder: the scorer's reconstruction scores (+ label Dice)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if not kind(model.kind).generator:
-        return score_model(model, real, 0, None, SampleOptions(device=dev), real_labels)
-    sampler = Sampler.of(model).to(dev)
-    name, n = sampler.schedule(None, sample_steps)
-    generated, labels = sampler.sample_model_range(num_samples, SAMPLE_SEED, name, n, labels=True)
-    out = {"mmd_stats": statistics_mmd(generated, real, tuple(model.cfg.data.intensity_range))}
-    out.update(generation_scores(generated, real, extractor, dev))
-    if labels is not None:
-        checks = label_sanity_scores(generated, labels, real_labels, model.cfg)
-        names = [k.split(".")[1] for k in checks if k.endswith(".generated_mean")]
-        out["label_fraction_error"] = sum(abs(checks[f"label_fraction.{n}.generated_mean"]
-                                              - checks[f"label_fraction.{n}.real_mean"]) for n in names) / len(names)
-        out.update(checks)
+    options = SampleOptions(seed=SAMPLE_SEED, steps=sample_steps, device=dev)
+    ref = Reference(real, value_range=tuple(model.cfg.data.intensity_range))
+    out = score_model(model, ref, num_samples, extractor, options, real_labels)
+    names = [k.split(".")[1] for k in out if k.startswith("label_fraction.") and k.endswith(".generated_mean")]
+    if names:
+        out["label_fraction_error"] = sum(abs(out[f"label_fraction.{n}.generated_mean"]
+                                              - out[f"label_fraction.{n}.real_mean"]) for n in names) / len(names)
     return out
+
+
+HELDOUT_SEED, HELDOUT_DRAWS = 7, 8
+
+
+def heldout_loss(model: TrainedModel, dataset: int | str, draws: int = HELDOUT_DRAWS) -> float:
+    """The DDPM objective on the held-out cases (val + test split, three slices per 2D case): MSE of the sampling
+    weights' prediction, ``draws`` draws of noise and timesteps from a fixed seed, so every model of the dataset
+    sees the same noisy inputs. Comparable between configs with the same schedule and prediction type (the 2D DDPM
+    tutorial and the plan share linear_beta 1e-4..0.02, epsilon); a learning signal that needs no sampling and
+    moves long before the samples leave noise."""
+    import torch.nn.functional as F
+
+    from medimgen.models.diffusion import noised, training_scheduler
+    from medimgen.models.labels import join
+
+    cfg = model.cfg
+    parts = []
+    for subset in ("val", "test"):
+        try:
+            parts.append(real_cases(cfg, str(dataset), subset=subset))
+        except MedimgenError:  # a tiny split without such cases
+            continue
+    if not parts:
+        return float("nan")
+    x = join(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), cfg)
+    sched = training_scheduler(cfg.scheduler_for(model.kind), cfg.data.spatial_dims)
+    gen = torch.Generator().manual_seed(HELDOUT_SEED)
+    unet = model.unet.eval()
+    with torch.no_grad():
+        losses = []
+        for _ in range(draws):
+            noisy, t, target = noised(sched, cfg.scheduler_for(model.kind).prediction_type, x, gen)
+            losses.append(F.mse_loss(unet(noisy, timesteps=t).float(), target.float()).item())
+    return float(np.mean(losses))
 
 
 def train_curve(model: str, dataset: int, dim: str, cfg, sets: list[str], steps: list[int], chunk: int,
@@ -179,28 +210,31 @@ def train_curve(model: str, dataset: int, dim: str, cfg, sets: list[str], steps:
     """Train ``model`` with ``sets`` up to max(steps); score at each of ``steps``; rows with train seconds."""
     rows: list[dict] = []
     clock = {"scoring": 0.0, "ends": []}  # wall time at the end of each epoch, scoring excluded
+    now = time.process_time if args.cpu_clock else time.time  # CPU seconds: fair on a shared, loaded machine
 
     def on_epoch(epoch: int, metrics: dict):
         ends = clock["ends"]
-        ends.append(time.time() - clock["scoring"])
+        ends.append(now() - clock["scoring"])
         step = epoch * chunk
         if step not in steps:
             return
         # training seconds: from the first epoch's end, plus that epoch counted as long as the mean of the others
         # (run set-up, MLflow and the loader's start are not training)
         per_epoch = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else None
-        s0 = time.time()
+        s0 = now()
         torch.manual_seed(0)
         m = TrainedModel.from_run(run_root, "last")
         row = {"step": step, "train_seconds": None if per_epoch is None else round(ends[-1] - ends[0] + per_epoch, 2),
                **score(m, real, real_labels, args.samples, args.sample_steps, extractor)}
-        clock["scoring"] += time.time() - s0
+        if kind(model).generator and kind(model).space == "image":
+            row["heldout_loss"] = heldout_loss(m, dataset)
+        clock["scoring"] += now() - s0
         rows.append(row)
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     train(model, dataset, "train-val-test", dim, overrides=sets, echo=lambda *_: None,
           setup=RunSetup(run_root=run_root, on_epoch=on_epoch, run_name=f"bench_defaults_{run_root.name}",
-                         autoencoder_run=autoencoder_run))
+                         upstream_run=autoencoder_run, score=False))
     ends = clock["ends"]
     per_epoch = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else float("nan")
     for r in rows:  # a row scored after the first epoch: one mean epoch
@@ -257,18 +291,19 @@ def check_depth(cfg, model: str, side: str) -> None:
 
 
 def follow_mask(args, dataset: int, dim: str, base, base_run: Path, log) -> dict:
-    """The ControlNet check MAISI reports: a ControlNet (planned settings, reduced like the rest) trained
-    ``--controlnet-steps`` on top of the planned side's trained DDPM generates one image per real label map of the
-    test split; the dataset's nnU-Net (the FID encoder's model) segments them; mean Dice per label against the maps
-    they were conditioned on. References: the same nnU-Net on the real test images (its ceiling here) and the
-    generated images against another case's map (what ignoring the mask scores)."""
+    """The ControlNet check MAISI reports, by medimgen's scorer (evaluation.scorer.follow_mask, what ControlNet runs
+    and `medimgen evaluate` log as quality/follow_mask_dice): a ControlNet (planned settings, reduced like the rest)
+    trained ``--controlnet-steps`` on top of the planned side's trained DDPM generates one image per real label map
+    of the test split; the dataset's nnU-Net (the FID encoder's model) segments them; mean Dice per label against
+    the maps they were conditioned on. References: the same nnU-Net on the real test images (its ceiling here) and
+    the generated images against another case's map (what ignoring the mask scores)."""
     from medimgen.data.intensity import IntensityMap
-    from medimgen.evaluation.features import NnUNetSegmenter, find_nnunet_model
-    from medimgen.models.labels import dice_per_label
+    from medimgen.evaluation.features import build_segmenter, find_nnunet_model
+    from medimgen.evaluation.scorer import MaskFollowing, follow_mask as dice
     from medimgen.nnunet.plans import DatasetPlans
 
-    found = find_nnunet_model(DatasetPlans.from_id(dataset).name, base.data.spatial_dims)
-    if found is None:
+    name = DatasetPlans.from_id(dataset).name
+    if find_nnunet_model(name, base.data.spatial_dims) is None:
         return {"skipped": "no trained nnU-Net of the dataset (give --fid-epochs > 0)"}
     steps = args.controlnet_steps
     chunk = max(1, steps // 4) if steps % 4 == 0 else 1
@@ -283,23 +318,25 @@ def follow_mask(args, dataset: int, dim: str, base, base_run: Path, log) -> dict
     run_root = Path(args.workspace) / "runs" / f"{dim}_controlnet_planned_{int(time.time())}"
     t0 = time.time()
     train("controlnet", dataset, "train-val-test", dim, overrides=sets, echo=lambda *_: None,
-          setup=RunSetup(run_root=run_root, autoencoder_run=base_run, run_name=f"bench_defaults_{run_root.name}"))
+          setup=RunSetup(run_root=run_root, upstream_run=base_run, score=False, run_name=f"bench_defaults_{run_root.name}"))
     seconds = time.time() - t0
     sampler = Sampler.of(TrainedModel.from_run(run_root, "last"))
-    name, n = sampler.schedule(None, args.sample_steps)
-    generated = sampler.sample_model_range(len(maps), SAMPLE_SEED, name, n, condition=maps)
-    seg = NnUNetSegmenter(found[0], found[1], intensity_map=IntensityMap.from_config(run_cfg.data))
-    values, names = run_cfg.data.label_values, run_cfg.data.label_names
-    pred_gen, pred_real = seg.segment(generated), seg.segment(real[: len(maps)])
+    generated = sampler.sample_model_range(len(maps), SampleOptions(seed=SAMPLE_SEED, steps=args.sample_steps),
+                                           condition=maps)
+    seg = build_segmenter("nnunet", name, run_cfg.data.spatial_dims, IntensityMap.from_config(run_cfg.data),
+                          run_cfg.data.plans_identifier)
+    values = [int(v) for v in run_cfg.data.label_values]
+    names = list(run_cfg.data.label_names or [str(v) for v in values])
 
-    def mean_dice(pred, ref) -> dict:
-        per = [dice_per_label(p, r, values) for p, r in zip(pred, ref)]
-        return {nm: float(np.nanmean([d[int(v)] for d in per])) for nm, v in zip(names, values)}
+    def per_label(images, against) -> dict:
+        scores = dice(images, MaskFollowing(seg, against, values, names))
+        return {n: scores[f"follow_mask_dice.{n}"] for n in names} | {"mean": scores["follow_mask_dice"]}
 
     out = {"steps": steps, "train_seconds": round(seconds, 1), "num_maps": len(maps), "segmenter": seg.name,
-           "dice_generated_vs_condition": mean_dice(pred_gen, maps),
-           "dice_generated_vs_other_map": mean_dice(pred_gen, maps.roll(1, 0)),
-           "dice_real_vs_label": mean_dice(pred_real, real_labels[: len(maps)].clamp(min=0))}
+           "base_run": str(base_run),
+           "dice_generated_vs_condition": per_label(generated, maps),
+           "dice_generated_vs_other_map": per_label(generated, maps.roll(1, 0)),
+           "dice_real_vs_label": per_label(real[: len(maps)], real_labels[: len(maps)].long().clamp(min=0))}
     log(json.dumps(out))
     return out
 
@@ -377,7 +414,7 @@ def equal_time(curves: dict, model: str) -> tuple[float, dict]:
     return t, picked
 
 
-KEYS = ("mmd_stats", "ms_ssim_generated", "ms_ssim_gap", "label_fraction_error", "psnr", "ssim", "label_dice")
+KEYS = ("heldout_loss", "mmd_stats", "ms_ssim_generated", "ms_ssim_gap", "label_fraction_error", "psnr", "ssim", "label_dice")
 
 
 def tables(results: dict) -> str:
@@ -423,7 +460,8 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, repeats: list[tuple[str, dict]] = ()) -> None:
+    """MMD against steps and against training seconds; ``repeats``: (label, results) of other seeds, drawn fainter."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -432,16 +470,19 @@ def plot(results: dict, path: Path) -> None:
     panels = [(dim, m) for dim, curves in results["dims"].items() for m in MODELS[dim] if m != "autoencoder"]
     fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.6 * len(panels)), squeeze=False)
     for (dim, model), row in zip(panels, axes):
-        for side, style in zip(CONFIGS, ("o-", "s--")):
-            if side not in results["dims"][dim]:
-                continue
-            rows = results["dims"][dim][side][model]["rows"]
-            for ax, x in zip(row, ("step", "train_seconds")):
-                ax.plot([r[x] for r in rows], [r["mmd_stats"] for r in rows], style, label=side)
-                ax.set_xlabel("optimiser steps" if x == "step" else "training seconds")
-                ax.set_ylabel("image-statistics MMD (lower is better)")
-                ax.set_title(f"{dim} {model}")
-                ax.legend()
+        for (label, res), alpha in zip([("", results), *repeats], [1.0] + [0.45] * len(repeats)):
+            for side, style, color in zip(CONFIGS, ("o-", "s--"), ("C0", "C1")):
+                if side not in res["dims"].get(dim, {}):
+                    continue
+                rows = res["dims"][dim][side][model]["rows"]
+                for ax, x in zip(row, ("step", "train_seconds")):
+                    ax.plot([r[x] for r in rows], [r["mmd_stats"] for r in rows], style, color=color, alpha=alpha,
+                            label=f"{side} {label}".strip())
+        for ax, x in zip(row, ("step", "train_seconds")):
+            ax.set_xlabel("optimiser steps" if x == "step" else "training seconds")
+            ax.set_ylabel("image-statistics MMD (lower is better)")
+            ax.set_title(f"{dim} {model}")
+            ax.legend(fontsize=7)
     fig.suptitle(f"planned vs MONAI tutorial, {results['device']}, {results['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -468,6 +509,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--controlnet-steps", type=int, default=0, help="> 0: the ControlNet follow-the-mask Dice (2D DDPM "
                     "base, needs --fid-epochs > 0: the same nnU-Net segments)")
     ap.add_argument("--set", action="append", default=[], help="extra override for both sides (repeatable)")
+    ap.add_argument("--cpu-clock", action="store_true", help="training seconds as this process's CPU seconds (with "
+                    "OMP_NUM_THREADS=1: what a step costs, whatever else loads a shared machine) instead of wall time")
+    ap.add_argument("--controlnet-on", type=Path, default=None, help="only the follow-the-mask Dice: train the "
+                    "ControlNet (--controlnet-steps) on this trained 2D DDPM run folder (needs the dataset's nnU-Net)")
+    ap.add_argument("--merge", default=None, help="no training: merge result JSONs of separately run sides "
+                    "(comma-separated; the same seed) into --out / --png and print the tables")
+    ap.add_argument("--repeat", default=None, help="with --merge: merged JSONs of other seeds, drawn fainter in --png")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -485,8 +533,45 @@ def main(argv=None) -> dict:
         sys.exit(f"error: {e}")
 
 
+def merge(files: list[Path]) -> dict:
+    """One result of several JSONs of the same comparison run side by side (``--configs`` one side each)."""
+    merged: dict = {}
+    for f in files:
+        res = json.loads(Path(f).read_text())
+        if not merged:
+            merged = {**res, "dims": {}, "merged_from": []}
+        merged["merged_from"].append(str(f))
+        for dim, curves in res["dims"].items():
+            into = merged["dims"].setdefault(dim, {})
+            for key, value in curves.items():
+                if key in CONFIGS and key in into:
+                    raise MedimgenError(f"{f}: {dim} {key} is already in an earlier file")
+                into.setdefault(key, value)
+    return merged
+
+
 def _run(args) -> dict:
+    if args.merge:
+        results = merge([Path(f) for f in args.merge.split(",")])
+        print(tables(results))
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
+        if args.png:
+            repeats = [(f"(seed file {i + 2})", json.loads(Path(f).read_text()))
+                       for i, f in enumerate((args.repeat or "").split(",")) if f]
+            plot(results, args.png, repeats)
+        return results
     dataset = prepare(args)
+    if args.controlnet_on:
+        from medimgen.nnunet.plans import DatasetPlans
+
+        base = load_config(DatasetPlans.from_id(dataset).folder / "medimgen_config.yaml").get("2d")
+        out = {"device": device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "args": {k: str(v) for k, v in vars(args).items()},
+               "follow_mask": follow_mask(args, dataset, "2d", base, args.controlnet_on, print)}
+        if args.out:
+            args.out.write_text(json.dumps(out, indent=1))
+        return out
     results = {"device": device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "tutorials": TUTORIALS, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "dims": {}}

@@ -470,18 +470,22 @@ _weights_option = click.option("--weights", default=None, type=click.Path(exists
               help="Which real cases of the split to compare with.")
 @_extractor_option
 @_weights_option
+@click.option("--segmenter", default=None,
+              help="ControlNet: the nnU-Net that segments its images for the follow-the-mask Dice: auto (the "
+                   "dataset's trained nnU-Net, if any), nnunet, nnunet:/path/to/model_folder, none (default: the "
+                   "model's controlnet.segmenter).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="JSON file (default: evaluation_<kind>_<dim>_<real>.json in the run folder).")
 @click.option("--no-mlflow", is_flag=True, help="Do not log an evaluation run to MLflow.")
 @_with(_model_options + _sampling_options + [_progress_option])
 @friendly_errors
-def evaluate_cmd(dataset_id, model_type, num_samples, real, extractor, weights, output, no_mlflow, **kw):
+def evaluate_cmd(dataset_id, model_type, num_samples, real, extractor, weights, segmenter, output, no_mlflow, **kw):
     """Score a trained model: FID/MMD (named extractor), MS-SSIM diversity vs real, reconstruction metrics."""
     from medimgen.evaluation.api import evaluate
 
     ref, options = _requests(kw, dataset_id, model_type, dim_given=False)
     report = evaluate(ref, real=real, num_samples=num_samples, extractor=extractor, weights=weights, options=options,
-                      output=output, track=not no_mlflow)
+                      output=output, track=not no_mlflow, segmenter=segmenter)
     click.echo(f"{report['kind']} {report['dim']} of {report['dataset']} vs {report['real']['images']} real "
                f"{real} image(s); features: {report['feature_extractor'] or 'none'}")
     for k, v in report["scores"].items():

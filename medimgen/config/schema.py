@@ -189,6 +189,12 @@ class ControlNetConfig:
         "DDPM base)", default_factory=tuple)
     activation_checkpointing: bool = doc("recompute the ControlNet's and the frozen UNet's block activations in "
                                          "backward to save memory", False)
+    segmenter: str = doc(
+        "nnU-Net that segments the ControlNet's generated images for its follow-the-mask Dice "
+        "(quality/follow_mask_dice: Dice between each conditioning map and the segmentation of the image made for "
+        "it): 'auto' the dataset's trained nnU-Net of this dimensionality in nnUNet_results when there is one (e.g. "
+        "from `medimgen train-feature-nnunet`), 'nnunet:/path/to/model_folder[/fold_X]' a named one, 'none' no Dice",
+        "auto", pattern=(r"^(auto|none|nnunet|nnunet:.+)$", "auto, none, nnunet or nnunet:/path/to/model_folder"))
 
 
 @dataclass(frozen=True)

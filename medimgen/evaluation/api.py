@@ -7,6 +7,8 @@ on disk), and the Fréchet distance of reconstructions to the originals (rFID).
 Joint image+label models (``data.generate_labels``): the autoencoder's label reconstruction Dice
 (``label_dice``, per label and mean), and sanity checks of generated pairs (``labels_valid``, per-label volume
 fractions generated vs real, fraction of each label inside the generated image's foreground).
+ControlNets: the same scores of images generated for the real label maps, and with a segmenter (``--segmenter``,
+a trained nnU-Net) the follow-the-mask Dice (``follow_mask_dice``, evaluation.scorer).
 
 Real images are the un-augmented, centre-cropped preprocessed cases of a split subset
 (``val``, ``test``, ``train`` or ``all``), exactly as the validation loop sees them; 2D
@@ -25,9 +27,9 @@ from medimgen.config.kinds import kind as model_kind
 from medimgen.config.schema import GenerationConfig
 from medimgen.core.devices import resolve_device
 from medimgen.core.errors import MedimgenError
-from medimgen.evaluation.features import FeatureExtractor, build_extractor
+from medimgen.evaluation.features import FeatureExtractor, build_extractor, build_segmenter
 from medimgen.evaluation.metrics import reconstruction_metrics
-from medimgen.evaluation.scorer import Reference, feature_scores, quality_metrics, score
+from medimgen.evaluation.scorer import MaskFollowing, Reference, feature_scores, quality_metrics, score
 from medimgen.core.requests import ModelRef, SampleOptions
 from medimgen.models.labels import dice_per_label, join, label_channels, split
 from medimgen.runs.folders import TrainedModel
@@ -188,10 +190,12 @@ def label_sanity_scores(images: torch.Tensor, labels: torch.Tensor, real_labels:
 
 def score_model(model: TrainedModel, real: "torch.Tensor | Reference", num_samples: int,
                 extractor: FeatureExtractor | None, options: SampleOptions = SampleOptions(),
-                real_labels: torch.Tensor | None = None, details: dict | None = None) -> dict[str, float]:
+                real_labels: torch.Tensor | None = None, details: dict | None = None,
+                segmenter=None) -> dict[str, float]:
     """Reconstruction scores of an autoencoder (with label Dice for a joint one: needs ``real_labels``), or the
     scorer's scores of ``num_samples`` images of a DDPM/LDM/ControlNet (a ControlNet generates them for the real
-    label maps, in turn); ``real`` a :class:`Reference` adds the memorisation score (its closest pairs go into
+    label maps, in turn, and with a ``segmenter`` (features.build_segmenter) adds the follow-the-mask Dice);
+    ``real`` a :class:`Reference` adds the memorisation score (its closest pairs go into
     ``details['memorisation']``)."""
     dev = resolve_device(options.device)
     ref = real if isinstance(real, Reference) else Reference(real)
@@ -211,7 +215,11 @@ def score_model(model: TrainedModel, real: "torch.Tensor | Reference", num_sampl
             raise MedimgenError("scoring a ControlNet needs the real label maps it generates images for")
         condition = real_labels[torch.arange(num_samples) % len(real_labels)].clamp(min=0)
     generated, labels = sampler.sample_model_range(num_samples, options, labels=True, condition=condition)
-    scores, mem = score(generated, ref, extractor, dev)
+    masks = None
+    if condition is not None and segmenter is not None:
+        values = [int(v) for v in model.cfg.data.label_values]
+        masks = MaskFollowing(segmenter, condition, values, model.cfg.data.label_names or [str(v) for v in values])
+    scores, mem = score(generated, ref, extractor, dev, masks=masks)
     if mem is not None and details is not None:
         details["memorisation"] = {"threshold": mem.threshold, "fraction": mem.fraction, "closest_pairs": mem.pairs}
     if labels is not None:
@@ -254,8 +262,10 @@ def _log_to_mlflow(report: dict, json_path: Path, parent_run_id: str | None) -> 
 
 def evaluate(ref: ModelRef, real: str = "test", num_samples: int = 16, extractor: str = "auto",
              weights: str | Path | None = None, options: SampleOptions = SampleOptions(),
-             output: str | Path | None = None, track: bool = True) -> dict:
-    """Evaluate the trained model ``ref`` names; returns the report (also written as JSON and logged to MLflow)."""
+             output: str | Path | None = None, track: bool = True, segmenter: str | None = None) -> dict:
+    """Evaluate the trained model ``ref`` names; returns the report (also written as JSON and logged to MLflow).
+    ``segmenter`` (a ControlNet's follow-the-mask Dice; None: the model's ``controlnet.segmenter``): auto, none,
+    nnunet or nnunet:/path/to/model_folder."""
     from medimgen.data.intensity import IntensityMap
 
     from medimgen.core.atomic import check_output_folder
@@ -269,16 +279,21 @@ def evaluate(ref: ModelRef, real: str = "test", num_samples: int = 16, extractor
     images, labels, ids = real_cases(model.cfg, model.dataset, real, ref.splitting, ref.fold)
     feats = build_extractor(extractor, weights, model.dataset, model.cfg.data.spatial_dims,
                             IntensityMap.from_config(model.cfg.data), model.cfg.data.plans_identifier)
+    seg = None
+    if model_kind(model.kind).steers:
+        seg = build_segmenter(segmenter or model.cfg.controlnet.segmenter, model.dataset, model.cfg.data.spatial_dims,
+                              IntensityMap.from_config(model.cfg.data), model.cfg.data.plans_identifier)
     against = reference(model.cfg, model.dataset, images, ref.splitting, ref.fold,
                         memorise=not model_kind(model.kind).encoder)
     details: dict = {}
-    scores = score_model(model, against, num_samples, feats, options, labels, details)
+    scores = score_model(model, against, num_samples, feats, options, labels, details, seg)
     num_generated = 0 if model_kind(model.kind).encoder else num_samples
     report = {
         "model": model.source, "kind": model.kind, "dataset": model.dataset, "dim": model.dim,
         "mlflow_model_run_id": model.mlflow_run_id, "seed": options.seed, "num_generated": num_generated,
         "real": {"subset": real, "splitting": ref.splitting, "fold": ref.fold, "cases": len(ids), "images": len(images)},
         "feature_extractor": feats.name if feats is not None else None,
+        "segmenter": seg.name if seg is not None else None,
         "scores": scores, "objectives": objective_values(scores, model.kind), **details,
         "notes": _notes(scores, model.kind, extractor, feats, len(images), num_samples),
     }

@@ -207,6 +207,40 @@ def find_nnunet_model(dataset: str, spatial_dims: int, plans_identifier: str = "
     return None
 
 
+def nnunet_model(name: str, dataset: str | None, spatial_dims: int, plans_identifier: str = "nnUNetPlans",
+                 option: str = "--extractor ") -> tuple[Path, str]:
+    """(model folder, fold) that ``name`` gives: 'nnunet' the dataset's trained nnU-Net of this dimensionality,
+    'nnunet:/path/to/model_folder[/fold_X]' a named one (fold 0 unless named); one line when there is none."""
+    if name.startswith("nnunet:"):
+        folder, fold = Path(name.split(":", 1)[1]), "0"
+        if folder.name.startswith("fold_"):
+            folder, fold = folder.parent, folder.name[5:]
+        return folder, fold
+    found = find_nnunet_model(dataset or "", spatial_dims, plans_identifier)
+    if found is None:
+        raise MedimgenError(f"no trained nnU-Net ({NNUNET_CONFIGURATION[spatial_dims]}, checkpoint_final.pth) "
+                            f"for {dataset} in nnUNet_results: train one (medimgen train-feature-nnunet), pass "
+                            f"{option}nnunet:/path/to/model_folder, or choose another")
+    return found
+
+
+def build_segmenter(name: str = "auto", dataset: str | None = None, spatial_dims: int = 3, intensity_map=None,
+                    plans_identifier: str = "nnUNetPlans") -> "NnUNetSegmenter | None":
+    """The nnU-Net that segments generated images for the follow-the-mask Dice (config ``controlnet.segmenter``):
+    'auto' the dataset's trained one if there is one (else None), 'nnunet' / 'nnunet:/path' as
+    :func:`nnunet_model` (one line when absent), 'none' None."""
+    if name == "none":
+        return None
+    if name == "auto":
+        if find_nnunet_model(dataset or "", spatial_dims, plans_identifier) is None:
+            return None
+        name = "nnunet"
+    if name != "nnunet" and not name.startswith("nnunet:"):
+        raise MedimgenError(f"segmenter {name!r}: choose auto, none, nnunet or nnunet:/path/to/model_folder")
+    folder, fold = nnunet_model(name, dataset, spatial_dims, plans_identifier, "controlnet.segmenter=")
+    return NnUNetSegmenter(folder, fold, intensity_map=intensity_map)
+
+
 def torchvision_weights_path(arch: str, weights_path: Path | str | None = None) -> Path:
     import torchvision.models as tvm
 
@@ -330,17 +364,7 @@ def build_extractor(name: str = "auto", weights: Path | str | None = None, datas
                 continue
         return None
     if name == "nnunet" or name.startswith("nnunet:"):
-        if name.startswith("nnunet:"):
-            folder, fold = Path(name.split(":", 1)[1]), "0"
-            if folder.name.startswith("fold_"):
-                folder, fold = folder.parent, folder.name[5:]
-        else:
-            found = find_nnunet_model(dataset or "", spatial_dims, plans_identifier)
-            if found is None:
-                raise MedimgenError(f"no trained nnU-Net ({NNUNET_CONFIGURATION[spatial_dims]}, checkpoint_final.pth) "
-                                    f"for {dataset} in nnUNet_results: train one, pass --extractor nnunet:/path/to/"
-                                    f"model_folder, or choose another extractor")
-            folder, fold = found
+        folder, fold = nnunet_model(name, dataset, spatial_dims, plans_identifier)
         return NnUNetEncoderFeatures(folder, fold, intensity_map=intensity_map)
     if name in HUB_NETWORKS:
         return HubFeatures(name, weights)

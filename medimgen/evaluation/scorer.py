@@ -12,9 +12,15 @@ scores:
   of held-out real cases: ``memorised_fraction`` is the share of samples closer to a training case than the 95th
   percentile of the held-out cases (about 0.05 or less for a generator that does not copy; near 1 for one that
   returns training cases). The closest pairs, with case ids, are in :attr:`Memorisation.pairs`.
+- the follow-the-mask Dice of a ControlNet (the check MAISI reports), when its conditioning maps and a segmenter (a
+  trained nnU-Net, config ``controlnet.segmenter``) are given: the segmenter labels each generated image, and
+  ``follow_mask_dice.<label>`` is the mean Dice between those segmentations and the maps the images were made for
+  (``follow_mask_dice``: the mean over labels). An image that ignores its map scores what the segmenter finds by
+  chance; the ceiling is the segmenter's own Dice on real images.
 
 :func:`quality_metrics` names the scores as a training run, `evaluate` and trials log them in MLflow:
-``quality/mmd_stats``, ``quality/fid_<extractor>``, ``quality/ms_ssim`` (diversity), ``quality/memorised_fraction``;
+``quality/mmd_stats``, ``quality/fid_<extractor>``, ``quality/ms_ssim`` (diversity), ``quality/memorised_fraction``,
+``quality/follow_mask_dice`` (and ``quality/follow_mask_dice_<label>``) of a ControlNet;
 autoencoders ``quality/psnr``, ``quality/ssim`` (and ``quality/label_dice`` where joint).
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from medimgen.core.errors import MedimgenError
@@ -97,9 +104,41 @@ def memorisation(generated: torch.Tensor, train: torch.Tensor, heldout: torch.Te
     return Memorisation(float(memorised.double().mean()), threshold, nearest.tolist(), held.tolist(), pairs)
 
 
+@dataclass
+class MaskFollowing:
+    """What the follow-the-mask Dice needs: ``segmenter`` (``.segment(images) -> (N, 1, *spatial)`` label values,
+    evaluation.features.NnUNetSegmenter), the conditioning ``maps`` (N, 1, *spatial) of the N generated images, and
+    the dataset's label values and names."""
+
+    segmenter: object
+    maps: torch.Tensor
+    values: Sequence[int]
+    names: Sequence[str]
+
+
+def follow_mask(generated: torch.Tensor, masks: MaskFollowing, batch_size: int = 8) -> dict[str, float]:
+    """``follow_mask_dice.<label>``: mean Dice (over the images showing the label in the map or the segmentation)
+    between the segmenter's labels of each generated image and its conditioning map; ``follow_mask_dice``: their
+    mean over labels."""
+    from medimgen.models.labels import dice_per_label
+
+    if len(generated) != len(masks.maps):
+        raise MedimgenError(f"{len(generated)} generated images for {len(masks.maps)} conditioning maps")
+    predicted = masks.segmenter.segment(generated, batch_size)
+    per_image = [dice_per_label(p, m, masks.values) for p, m in zip(predicted, masks.maps.long())]
+    out = {}
+    for name, v in zip(masks.names, masks.values):
+        found = [d[int(v)] for d in per_image if not np.isnan(d[int(v)])]
+        out[f"follow_mask_dice.{name}"] = float(np.mean(found)) if found else float("nan")
+    finite = [x for x in out.values() if not np.isnan(x)]
+    out["follow_mask_dice"] = float(np.mean(finite)) if finite else float("nan")
+    return out
+
+
 def score(generated: torch.Tensor, reference: Reference, extractor=None, device: torch.device | str = "cpu",
-          batch_size: int = 8) -> tuple[dict[str, float], Memorisation | None]:
-    """(named scores, the memorisation details or None) of ``generated`` against ``reference`` (see the module)."""
+          batch_size: int = 8, masks: MaskFollowing | None = None) -> tuple[dict[str, float], Memorisation | None]:
+    """(named scores, the memorisation details or None) of ``generated`` against ``reference`` (see the module);
+    ``masks``: a ControlNet's maps and a segmenter, for the follow-the-mask Dice."""
     real = reference.real
     if tuple(generated.shape[1:]) != tuple(real.shape[1:]):
         raise MedimgenError(f"generated images {tuple(generated.shape[1:])} and real images {tuple(real.shape[1:])} "
@@ -110,6 +149,8 @@ def score(generated: torch.Tensor, reference: Reference, extractor=None, device:
         scores["mmd_stats"] = statistics_mmd(generated, real, reference.value_range)
     if extractor is not None:
         scores.update(feature_scores("", generated, real, extractor, device, batch_size))
+    if masks is not None:
+        scores.update(follow_mask(generated, masks, batch_size))
     mem = None
     if reference.train is not None and reference.heldout is not None and len(reference.heldout):
         mem = memorisation(generated, reference.train, reference.heldout, reference.train_ids)

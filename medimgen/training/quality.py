@@ -5,7 +5,9 @@ evaluation.api.score_model), and the results land on the run itself under ``qual
 Generators (DDPM, LDM, ControlNet) sample ``eval_samples`` images with ``eval_steps`` steps and are compared with the
 validation cases (with the training cases too when there are fewer than 2 of those): ``quality/mmd_stats``,
 ``quality/ms_ssim`` (diversity), ``quality/ms_ssim_gap``, ``quality/memorised_fraction`` (held out: the validation
-cases; the test cases stay untouched), ``quality/fid_<extractor>`` where an extractor has weights on this machine.
+cases; the test cases stay untouched), ``quality/fid_<extractor>`` where an extractor has weights on this machine;
+a ControlNet with a segmenter (``controlnet.segmenter``: a trained nnU-Net) also ``quality/follow_mask_dice`` (and
+per label ``quality/follow_mask_dice_<label>``). A named segmenter that is absent stops the run before training.
 Autoencoders reconstruct the validation cases: ``quality/psnr``, ``quality/ssim``, ... (``quality/label_dice`` when
 joint). The closest generated/training pairs of the last check are in the run folder's quality.json.
 """
@@ -41,6 +43,7 @@ class QualityCheck:
         self.train = cfg.train_for(model)
         self._reference = None
         self._extractor: object = False  # not looked up yet
+        self.segmenter = self._segmenter() if kind(model).steers and self.train.eval_samples else None
 
     def due(self, epoch: int) -> bool:
         t = self.train
@@ -75,6 +78,15 @@ class QualityCheck:
                                               IntensityMap.from_config(self.cfg.data), self.cfg.data.plans_identifier)
         return self._extractor
 
+    def _segmenter(self):
+        """The follow-the-mask Dice's nnU-Net (``controlnet.segmenter``), or None; one line when a named one is
+        absent (checked when the run is set up, not after its training)."""
+        from medimgen.data.intensity import IntensityMap
+        from medimgen.evaluation.features import build_segmenter
+
+        return build_segmenter(self.cfg.controlnet.segmenter, self.dataset, self.cfg.data.spatial_dims,
+                               IntensityMap.from_config(self.cfg.data), self.cfg.data.plans_identifier)
+
     def __call__(self, epoch: int) -> dict[str, float]:
         from medimgen.core.atomic import write_json_atomic
         from medimgen.core.requests import SampleOptions
@@ -90,7 +102,8 @@ class QualityCheck:
         options = SampleOptions(seed=epoch, steps=self.train.eval_steps, device=str(self.device),
                                 progress=self.progress)
         details: dict = {}
-        scores = score_model(model, ref, self.train.eval_samples, self._features(), options, labels, details)
+        scores = score_model(model, ref, self.train.eval_samples, self._features(), options, labels, details,
+                             self.segmenter)
         metrics = quality_metrics(scores)
         metrics["quality/seconds"] = time.time() - t0
         write_json_atomic(self.run_root / QUALITY_JSON,
