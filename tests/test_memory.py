@@ -314,7 +314,7 @@ def test_downscaled_plan_loads_batches_at_generated_size(planned_3d, nnunet_env)
     from medimgen.data.cases import open_cases
     from medimgen.data.loader import TrainBatches, validation_batches
     from medimgen.nnunet.plans import DatasetPlans
-    from tests.conftest import ANISO_3D, plan_once
+    from tests.conftest import ANISO_3D
 
     cfg = mem._downscale(planned_3d, 2.0)
     assert tuple(cfg.data.crop_size) == tuple(planned_3d.data.image_size)
