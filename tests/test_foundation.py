@@ -221,6 +221,30 @@ def test_failed_reconstruction_check_trains_an_autoencoder_instead(fae, tmp_path
         ae.config.autoencoder.channels[0] != 64
 
 
+def test_interrupted_check_leaves_no_checkpoint_that_passes_for_adopted(fae, tmp_path, monkeypatch):
+    """The check reads last.pt; if it is interrupted (out of memory, Ctrl-C), no checkpoint stays behind that a
+    resumed run or the LDM would take for an adopted, checked autoencoder."""
+    import medimgen.training.foundation as foundation_training
+    from medimgen.runs.folders import RunDir
+
+    monkeypatch.setenv("medimgen_results", str(tmp_path / "results"))
+    _plan(CT_3D)
+    seen = []
+
+    def interrupted(job, epochs, progress):
+        seen.append(job.run.last.is_file())  # the check really had a checkpoint to read
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(foundation_training, "reconstruction_check", interrupted)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _train("autoencoder", TINY)
+    assert seen == [True]
+    runs = [p for p in (tmp_path / "results").rglob("config.yaml")]
+    assert runs, "the run folder was made"
+    run = RunDir(runs[0].parent)
+    assert not run.last.exists() and not run.best.exists() and not run.is_trained()
+
+
 def test_missing_weights_file_is_one_line(fae, tmp_path, monkeypatch):
     monkeypatch.setenv("medimgen_results", str(tmp_path / "results"))
     _plan(CT_3D)

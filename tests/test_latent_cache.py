@@ -72,6 +72,29 @@ def test_cached_ldm_trains_samples_and_resumes_exactly(dim, workspace, tmp_path,
     assert images.shape[:2] == (2, resumed.config.data.in_channels) and np.isfinite(images).all()
 
 
+def test_uncached_ldm_still_encodes_every_batch_and_resumes_exactly(flow_2d, workspace, tmp_path):
+    """`train_ldm.cache_latents=false` (what a user sets to keep nnU-Net's full augmentation): the LDM encodes the
+    loader's batches every step, builds no cache, and resumes exactly (the planner turns the cache on for the test
+    datasets, so the flows no longer run this path)."""
+    import shutil
+
+    ae = flow_2d["autoencoder"].run_dir
+    sets = tiny_overrides(workspace["config"].get("2d")) + ["train_ldm.cache_latents=false", "tracking.log_models=false"]
+    shutil.rmtree(_cache_root("2d"), ignore_errors=True)
+    full = train("ldm", ANISO_3D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None,
+                 setup=RunSetup(run_root=tmp_path / "a", upstream_run=ae))
+    first = train("ldm", ANISO_3D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None, stop_after_epoch=1,
+                  setup=RunSetup(run_root=tmp_path / "b", upstream_run=ae))
+    resumed = train("ldm", ANISO_3D, "train-val-test", "2d", resume=True, echo=lambda *_: None,
+                    setup=RunSetup(run_root=tmp_path / "b"))
+    assert not first.completed and resumed.completed and not resumed.config.train_ldm.cache_latents
+    assert not _caches("2d")  # nothing cached
+    a, b = _state(full.run_dir), _state(resumed.run_dir)
+    for k, v in a["modules"]["unet"].items():
+        torch.testing.assert_close(b["modules"]["unet"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert a["history"]["train_loss"] == pytest.approx(b["history"]["train_loss"], rel=1e-5)
+
+
 def _autoencoder_and_config(flow, workspace, dim):
     from medimgen.config import apply_overrides
     from medimgen.runs.folders import RunDir, load_autoencoder
@@ -313,3 +336,26 @@ def test_two_ranks_build_the_cache_once_and_both_read_it(flow_2d, workspace, tmp
     assert len(ranks[0]["mu"]) == len(ranks[1]["mu"]) == 2
     for a, b in zip(ranks[0]["mu"], ranks[1]["mu"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_cache_file_is_one_line(tmp_path, damage):
+    """A cache file cut short (a full disk, a killed copy) or overwritten is a one-line error naming the cache,
+    not a zipfile/zlib traceback."""
+    import json
+
+    import numpy as np
+
+    from medimgen.core.errors import MedimgenError
+    from medimgen.training import latents
+
+    good = tmp_path / "good.npz"
+    np.savez_compressed(good, mu=np.zeros((4, 8, 8), np.float32), sigma=np.ones((4, 8, 8), np.float32))
+    data = good.read_bytes()
+    (tmp_path / "case_0.npz").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"PK\x03\x04" + b"x" * 64)
+    (tmp_path / latents.MANIFEST).write_text(json.dumps(
+        {"format": latents.FORMAT, "cases": [{"case": "case_0", "file": "case_0.npz"}]}))
+    with pytest.raises(MedimgenError, match="latent cache .* is unreadable"):
+        latents.load(tmp_path)
+    good.rename(tmp_path / "case_0.npz")  # the same manifest with an intact file loads
+    assert latents.load(tmp_path)[0]["mu"].shape == (4, 8, 8)

@@ -52,6 +52,26 @@ def test_scorer_names_and_quality_metrics(real_2d):
     assert q["quality/memorised_fraction"] == 1.0 and "quality/ms_ssim" in q and "quality/mmd_stats" in q
 
 
+def test_scores_do_not_depend_on_the_model_range(real_2d):
+    """A config working in [0, 1] (a foundation autoencoder's) scores the same images as a [-1, 1] one: the scorer
+    maps both onto [-1, 1] before the statistics MMD, MS-SSIM and feature extractors."""
+    import dataclasses
+
+    from medimgen.evaluation.scorer import Reference, score
+
+    ref = real_2d
+    g = torch.Generator().manual_seed(1)
+    generated = (ref.train[:4] + 0.2 * torch.randn(ref.train[:4].shape, generator=g)).clamp(-1, 1)
+    unit, _ = score(generated, Reference(ref.heldout))
+    half = Reference((ref.heldout + 1) / 2, value_range=(0.0, 1.0))
+    shifted, _ = score((generated + 1) / 2, half)
+    for key in ("mmd_stats", "ms_ssim_generated", "ms_ssim_real"):
+        assert shifted[key] == pytest.approx(unit[key], rel=1e-4, abs=1e-5), key
+    # read as if they were [-1, 1] images, the same [0, 1] images score differently: the range matters
+    wrong, _ = score((generated + 1) / 2, dataclasses.replace(half, value_range=(-1.0, 1.0)))
+    assert wrong["mmd_stats"] != pytest.approx(unit["mmd_stats"], rel=1e-2)
+
+
 def _quality_keys(run) -> set[str]:
     return {k for k in run.data.metrics if k.startswith("quality/")}
 

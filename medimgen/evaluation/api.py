@@ -78,7 +78,7 @@ def reference(cfg: GenerationConfig, dataset: str, real: torch.Tensor, splitting
     """What generated images are scored against: ``real``, and (``memorise``) the split's training cases and its
     ``heldout`` cases ('heldout': val and test; training runs use 'val' alone) for the memorisation score; a split
     without such cases scores no memorisation."""
-    ref = Reference(real)
+    ref = Reference(real, value_range=tuple(cfg.data.intensity_range))
     if not memorise:
         return ref
     try:

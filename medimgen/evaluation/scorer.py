@@ -135,6 +135,18 @@ def follow_mask(generated: torch.Tensor, masks: MaskFollowing, batch_size: int =
     return out
 
 
+UNIT_RANGE = (-1.0, 1.0)
+
+
+def to_unit_range(images: torch.Tensor, value_range: Sequence[float]) -> torch.Tensor:
+    """``images`` of the model range ``value_range`` mapped linearly onto [-1, 1] (the range the statistics, MS-SSIM
+    and feature extractors are calibrated for)."""
+    lo, hi = float(value_range[0]), float(value_range[1])
+    if (lo, hi) == UNIT_RANGE:
+        return images
+    return (images - lo) * (2.0 / (hi - lo)) - 1.0
+
+
 def score(generated: torch.Tensor, reference: Reference, extractor=None, device: torch.device | str = "cpu",
           batch_size: int = 8, masks: MaskFollowing | None = None) -> tuple[dict[str, float], Memorisation | None]:
     """(named scores, the memorisation details or None) of ``generated`` against ``reference`` (see the module);
@@ -143,12 +155,15 @@ def score(generated: torch.Tensor, reference: Reference, extractor=None, device:
     if tuple(generated.shape[1:]) != tuple(real.shape[1:]):
         raise MedimgenError(f"generated images {tuple(generated.shape[1:])} and real images {tuple(real.shape[1:])} "
                             f"differ in shape")
-    g, r = mean_pairwise_ms_ssim(generated), mean_pairwise_ms_ssim(real)
+    # image scores on [-1, 1], whatever range the model works in (a foundation autoencoder's is [0, 1]), so they
+    # compare across configs; memorisation (NCC) and the segmenter take the images as they are
+    gen_unit, real_unit = to_unit_range(generated, reference.value_range), to_unit_range(real, reference.value_range)
+    g, r = mean_pairwise_ms_ssim(gen_unit), mean_pairwise_ms_ssim(real_unit)
     scores = {"ms_ssim_generated": g, "ms_ssim_real": r, "ms_ssim_gap": abs(g - r)}
     if len(generated) >= 2 and len(real) >= 2:
-        scores["mmd_stats"] = statistics_mmd(generated, real, reference.value_range)
+        scores["mmd_stats"] = statistics_mmd(gen_unit, real_unit, UNIT_RANGE)
     if extractor is not None:
-        scores.update(feature_scores("", generated, real, extractor, device, batch_size))
+        scores.update(feature_scores("", gen_unit, real_unit, extractor, device, batch_size))
     if masks is not None:
         scores.update(follow_mask(generated, masks, batch_size))
     mem = None

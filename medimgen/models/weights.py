@@ -162,7 +162,7 @@ def missing_weights(network: str) -> list[Path]:
 
         path = weights_path(FOUNDATION_WEIGHTS[network])
         return [] if path.is_file() else [path]
-    raise MedimgenError(f"unknown network {network!r}: choose one of {', '.join([*TORCHVISION, *HUB_WEIGHTS])}")
+    raise MedimgenError(f"unknown network {network!r}: choose one of {', '.join([*TORCHVISION, *HUB_WEIGHTS, *FOUNDATION_WEIGHTS])}")
 
 
 def weights_present(network: str) -> bool:
@@ -436,8 +436,9 @@ def _install(entry: WeightFile, part: Path) -> None:
     part.unlink()
 
 
-def download_file(entry: WeightFile, mirror: str | None = None, progress: bool | None = None) -> Path:
-    """Fetch one entry into place: ``<dest>.part`` (resumed if present), verified, renamed at the end."""
+def download_file(entry: WeightFile, mirror: str | None = None, progress: bool | None = None) -> tuple[Path, str]:
+    """Fetch one entry into place: ``<dest>.part`` (resumed if present), verified, renamed at the end; (its path,
+    how it was verified)."""
     url = _mirrored(entry.url, mirror)
     if entry.sha256_header and not entry.sha256:
         digest = stated_sha256(url, entry.sha256_header)

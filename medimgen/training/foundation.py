@@ -64,9 +64,14 @@ def adopt(job: "_Job", progress: bool) -> bool:
     for k, v in val.items():
         trainer.history[f"val_{k}"].append(v)
     trainer.best_val = val["loss"]
-    write_checkpoint(trainer.state(epochs), run.last)
-    write_checkpoint(trainer.sampling_state(epochs), run.best)
-    quality = reconstruction_check(job, epochs, progress)
+    try:  # the check reads last.pt; an interrupted check leaves no checkpoint that would pass for an adopted run
+        write_checkpoint(trainer.state(epochs), run.last)
+        write_checkpoint(trainer.sampling_state(epochs), run.best)
+        quality = reconstruction_check(job, epochs, progress)
+    except BaseException:
+        for path in (run.best, run.last, run.root / QUALITY_JSON):
+            path.unlink(missing_ok=True)
+        raise
     psnr, ssim = quality.get("quality/psnr", float("nan")), quality.get("quality/ssim", float("nan"))
     adopted = psnr >= min_psnr and ssim >= min_ssim
     record = {"source": source, "psnr": round(psnr, 4), "ssim": round(ssim, 4), "min_psnr": min_psnr,

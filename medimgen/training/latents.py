@@ -38,6 +38,8 @@ import os
 import shutil
 import time
 import uuid
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -241,7 +243,7 @@ def load(folder: Path) -> list[dict]:
             with np.load(folder / c["file"], allow_pickle=False) as z:
                 out.append({"key": c["case"], **{k: torch.from_numpy(z[k].copy()) for k in z.files}})
         return out
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise MedimgenError(f"the latent cache {folder} is unreadable ({type(e).__name__}: {e}): delete it and "
                             f"train again (it is rebuilt)") from None
 
