@@ -285,7 +285,7 @@ class _Job:
             self.cached = latents.prepare(cfg, self.plans, self.split.train, self.task.frozen_autoencoder,
                                           self.device, with_labels=kind(self.model).steers,
                                           progress=progress and self.main,
-                                          echo=_echo_for(cfg, self.run, self.echo) if self.main else (lambda m: None))
+                                          echo=self.run_echo())
         return latents.CachedBatches(self.cached, cfg, batch_size)
 
     def _record_world(self, cfg: GenerationConfig) -> GenerationConfig:
@@ -320,7 +320,7 @@ class _Job:
 
     def _make_trainer(self, progress: bool, stop_after_epoch: int | None) -> Trainer:
         val_ids = self.split.val or self.split.train[:1]
-        run_echo = _echo_for(self.cfg, self.run, self.echo) if self.main else (lambda msg: None)
+        run_echo = self.run_echo()
         guard = MemoryGuard(self.cfg, self.model, self.device, run_echo, lambda m: self.tracker.log_metrics(m, step=0)) \
             if distributed.world_size() == 1 else None  # a re-fit would have to reach every rank: not with several
         return Trainer(
@@ -333,16 +333,20 @@ class _Job:
             config_yaml=render_generation_config(self.cfg),
         )
 
+    def splitting_and_fold(self) -> tuple[str, int]:
+        """The (splitting, fold) this run's split was made from ('train-val-test', 0 or '5-fold', k)."""
+        if self.split.name == "train-val-test":
+            return "train-val-test", 0
+        return "5-fold", int(self.split.name.rsplit("_", 1)[1])
+
     def _quality_check(self, progress: bool):
         """The run's own quality checks (training.quality), on rank 0, unless the setup says no."""
         from medimgen.training.quality import QualityCheck
 
         if not (self.setup.score and self.main):
             return None
-        splitting, fold = ("train-val-test", 0) if self.split.name == "train-val-test" else \
-            ("5-fold", int(self.split.name.rsplit("_", 1)[1]))
-        return QualityCheck(self.model, self.cfg, self.plans.name, splitting, fold, self.run.root, self.device,
-                            _echo_for(self.cfg, self.run, self.echo), progress)
+        return QualityCheck(self.model, self.cfg, self.plans.name, *self.splitting_and_fold(), self.run.root,
+                            self.device, self.run_echo(), progress)
 
     def _on_refit(self, refit) -> TrainBatches:
         """A memory re-fit in the first steps: new batches, the change recorded in config.yaml and MLflow."""

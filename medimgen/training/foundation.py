@@ -36,9 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def reconstruction_check(job: "_Job", epochs: int, progress: bool) -> dict:
     """The quality/* metrics of the run's last.pt on the validation cases (an autoencoder's quality check)."""
     cfg = job.cfg.with_train(job.model, eval_samples=max(1, job.cfg.train_for(job.model).eval_samples))
-    splitting, fold = ("train-val-test", 0) if job.split.name == "train-val-test" else \
-        ("5-fold", int(job.split.name.rsplit("_", 1)[1]))
-    check = QualityCheck(job.model, cfg, job.plans.name, splitting, fold, job.run.root, job.device,
+    check = QualityCheck(job.model, cfg, job.plans.name, *job.splitting_and_fold(), job.run.root, job.device,
                          lambda msg: None, progress)
     return check(epochs)
 
