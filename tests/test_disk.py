@@ -137,3 +137,41 @@ def test_plan_explain_reports_disk(workspace, nnunet_env):
     assert r.exit_code == 0, r.output
     assert "disk per run" in r.output and "last.pt" in r.output and "total 3d:" in r.output and "total 2d:" in r.output
     assert "quality checks per run" in r.output and "% of training" in r.output  # scoring's planned share
+
+
+def test_plan_counts_the_disk_tables_networks_so_explain_needs_no_monai(workspace, tmp_path, monkeypatch):
+    """`plan` counts every planned network's tensors for the disk table while MONAI is imported for the simulation
+    (planning.api._warm_disk_table); a later process (`plan --explain`, `memory`) reads them from the cache and
+    never imports MONAI (~4 s CPU). Without the counts in the cache it would have to."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from medimgen.planning.api import _warm_disk_table
+
+    cfg = workspace["config"]
+    cfg_file = tmp_path / "medimgen_config.yaml"
+    from medimgen.config import save_config
+
+    save_config(cfg, cfg_file)
+    probe = ("import sys, json; from medimgen.config import load_config; from medimgen.planning.api import "
+             "explain_costs; from pathlib import Path; p = Path(sys.argv[1]); "
+             "lines = explain_costs(load_config(p), p.parent); "
+             "print(json.dumps({'monai': 'monai' in sys.modules, 'disk': any('disk per run' in l for l in lines)}))")
+
+    def explain_in_fresh_process(cache: Path) -> dict:
+        env = {**os.environ, "MEDIMGEN_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", probe, str(cfg_file)], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    cold = explain_in_fresh_process(tmp_path / "cold")
+    assert cold == {"monai": True, "disk": True}  # nothing counted yet: the networks are built
+    import medimgen.planning.disk as disk
+
+    monkeypatch.setenv("MEDIMGEN_CACHE_DIR", str(tmp_path / "warm"))
+    monkeypatch.setattr(disk, "_built", {})  # as in a fresh `plan` process: this one counted them for other tests
+    _warm_disk_table(cfg)
+    assert explain_in_fresh_process(tmp_path / "warm") == {"monai": False, "disk": True}

@@ -60,6 +60,17 @@ def explain_costs(config: MedimgenConfig, folder: Path) -> list[str]:
             *(explain_quality(cfg, dim) for dim, cfg in config.configs.items())]
 
 
+def _warm_disk_table(config: MedimgenConfig) -> None:
+    """Count the planned networks' tensors for the disk table now, while MONAI is imported for the simulation
+    anyway (~0.4 s): they are kept with the simulations (planning/sim_cache.py), so the first `plan --explain` and
+    `memory` after `plan` read them instead of importing MONAI (~4 s CPU)."""
+    from medimgen.planning.disk import estimate_disk
+
+    for cfg in config.configs.values():
+        for model in names():
+            estimate_disk(cfg, model)
+
+
 def explain_existing(dataset_id: int | str, plans_identifier: str) -> str | None:
     """`plan --explain` alone on a planned dataset: the tables of the config as it stands, no re-planning (None:
     not planned yet, or planned from other nnU-Net plans: plan it)."""
@@ -226,6 +237,7 @@ def plan_dataset(
         shutil.copy2(path, backup)
     replaced = path.exists()
     save_config(cfg, path, HEADER.format(name=plans.name, plans=plans_identifier, version=__version__))
+    _warm_disk_table(cfg)
     return PlanResult(path=path, config=cfg, backup=backup, replaced=replaced, notes=tuple(notes))
 
 
