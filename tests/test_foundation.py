@@ -163,6 +163,7 @@ def test_adopted_autoencoder_then_ldm_trains_and_samples_a_nifti(fae, tmp_path, 
     run = MlflowClient().get_run(ae.mlflow_run_id).data  # logged like an autoencoder run's checks
     assert {"quality/psnr", "quality/ssim", "val_loss"} <= set(run.metrics)
     assert run.tags["medimgen.foundation_check"] == "adopted"
+    assert ae.mlflow_url and "workflowType=machine_learning" in ae.mlflow_url  # the runs view, as a trained run
     # the run holds the published weights (here: the file this test wrote), read like any autoencoder run
     net, cfg, _ = load_autoencoder(RunDir(ae.run_dir))
     published = torch.load(fae["weights"], weights_only=True)

@@ -239,12 +239,8 @@ class _Job:
                 self._log_foundation_check()
             result = self.trainer.fit()
             self._finish(result["completed"])
-            from medimgen.runs.tracking import runs_view_url
-
-            url = runs_view_url(self.tracker.experiment_id, self.cfg.tracking.tracking_uri) \
-                if self.tracker.run_id and self.tracker.experiment_id else None
             return TrainResult(self.run.root, result["completed"], result["epoch"], self.tracker.run_id, self.cfg,
-                               distributed.rank(), url)
+                               distributed.rank(), self._runs_view_url())
         except BaseException:
             self.tracker.end("KILLED")
             raise
@@ -267,7 +263,15 @@ class _Job:
             for path in sorted(self.run.plots.glob("*.png")) + sorted(self.run.plots.glob("*.gif")):
                 self.tracker.log_artifact(path, "plots")
         self._finish(True)
-        return TrainResult(self.run.root, True, epoch, self.tracker.run_id, self.cfg, distributed.rank())
+        return TrainResult(self.run.root, True, epoch, self.tracker.run_id, self.cfg, distributed.rank(),
+                           self._runs_view_url())
+
+    def _runs_view_url(self) -> str | None:
+        """The MLflow runs view of this run's experiment (None: not tracked)."""
+        from medimgen.runs.tracking import runs_view_url
+
+        return runs_view_url(self.tracker.experiment_id, self.cfg.tracking.tracking_uri) \
+            if self.tracker.run_id and self.tracker.experiment_id else None
 
     def _log_foundation_check(self) -> None:
         if self.foundation_tags:
