@@ -73,6 +73,14 @@ def _strides(planned, n: int, dims: int) -> str:
     return _l([_l(s) for s in (list(planned[:n]) + [[2] * dims] * n)[:n]])
 
 
+def _plain_adam(section: str, lr: float, batch: int) -> list[str]:
+    """The tutorials' optimisation: Adam at ``lr``, batch ``batch``, no accumulation, weight decay, EMA, clipping or
+    schedule."""
+    return [f"{section}.learning_rate={lr:g}", f"{section}.batch_size={batch}", f"{section}.grad_accumulation_steps=1",
+            f"{section}.weight_decay=0.0", f"{section}.ema_decay=null", f"{section}.grad_clip=null",
+            f"{section}.lr_schedule=constant"]
+
+
 def hand_overrides(cfg, model: str) -> list[str]:
     """The MONAI tutorial's values for ``model`` as medimgen config overrides (strides: the plan's first ones, since
     the tutorials' data differ; their own are 2 per level transition)."""
@@ -84,9 +92,7 @@ def hand_overrides(cfg, model: str) -> list[str]:
                 "ddpm_scheduler.num_train_timesteps=1000", "ddpm_scheduler.schedule=linear_beta",
                 "ddpm_scheduler.beta_start=0.0001", "ddpm_scheduler.beta_end=0.02", "ddpm_scheduler.prediction_type=epsilon",
                 # Adam(lr=2.5e-5), batch_size=64, no EMA, no clipping
-                "train_ddpm.learning_rate=2.5e-5", "train_ddpm.batch_size=64", "train_ddpm.grad_accumulation_steps=1",
-                "train_ddpm.weight_decay=0.0", "train_ddpm.ema_decay=null", "train_ddpm.grad_clip=null",
-                "train_ddpm.lr_schedule=constant"]
+                *_plain_adam("train_ddpm", 2.5e-5, 64)]
     if model == "autoencoder":  # generation/3d_ldm/3d_ldm_tutorial.ipynb, cells 9, 14, 16, 17, 19
         return [f"autoencoder.channels={_l([32, 64, 64])}", f"autoencoder.strides={_strides(cfg.autoencoder.strides, 2, cfg.data.spatial_dims)}",
                 "autoencoder.latent_channels=3", "autoencoder.num_res_blocks=1", "autoencoder.norm_num_groups=16",
@@ -95,19 +101,14 @@ def hand_overrides(cfg, model: str) -> list[str]:
                 "losses.reconstruction=l1", "losses.kl_weight=1e-6", "losses.perceptual_weight=0.001",
                 "losses.adversarial_weight=0.01", "losses.perceptual_network=squeeze", "losses.perceptual_fake_3d=true",
                 "losses.perceptual_fake_3d_ratio=0.2",
-                "train_autoencoder.learning_rate=1e-4", "train_autoencoder.disc_learning_rate=1e-4",
-                "train_autoencoder.batch_size=2", "train_autoencoder.grad_accumulation_steps=1",
-                "train_autoencoder.weight_decay=0.0", "train_autoencoder.ema_decay=null",
-                "train_autoencoder.grad_clip=null", "train_autoencoder.lr_schedule=constant"]
+                "train_autoencoder.disc_learning_rate=1e-4", *_plain_adam("train_autoencoder", 1e-4, 2)]
     if model == "ldm":  # generation/3d_ldm/3d_ldm_tutorial.ipynb, cells 25 and 30
         return [f"ldm_unet.channels={_l([32, 64, 64])}", f"ldm_unet.strides={_strides(cfg.ldm_unet.strides, 2, cfg.data.spatial_dims)}",
                 f"ldm_unet.attention_levels={_l([False, True, True])}", "ldm_unet.num_res_blocks=1",
                 "ldm_unet.num_head_channels=64", "ldm_unet.norm_num_groups=32",
                 "ldm_scheduler.num_train_timesteps=1000", "ldm_scheduler.schedule=scaled_linear_beta",
                 "ldm_scheduler.beta_start=0.0015", "ldm_scheduler.beta_end=0.0195", "ldm_scheduler.prediction_type=epsilon",
-                "train_ldm.learning_rate=1e-4", "train_ldm.batch_size=2", "train_ldm.grad_accumulation_steps=1",
-                "train_ldm.weight_decay=0.0", "train_ldm.ema_decay=null", "train_ldm.grad_clip=null",
-                "train_ldm.lr_schedule=constant"]
+                *_plain_adam("train_ldm", 1e-4, 2)]
     raise ValueError(model)
 
 
