@@ -102,9 +102,14 @@ def free_space(folder: Path) -> tuple[float | None, float | None]:
     return disk, float(ram) if ram is not None else None
 
 
+def cached_samples(config: MedimgenConfig, dim: str) -> int:
+    """Training samples a latent cache of ``dim`` holds (cases; 2D: their slices)."""
+    return config.dataset.num_training * samples_per_case(config, dim)
+
+
 def decisions(config: MedimgenConfig, dim: str, folder: Path) -> list[CacheDecision]:
     cfg = config.configs[dim]
-    samples = config.dataset.num_training * samples_per_case(config, dim)
+    samples = cached_samples(config, dim)
     disk, ram = free_space(folder)
     return [decide(cfg, m, samples, disk, ram) for m in latent_models(cfg)]
 
