@@ -14,10 +14,9 @@ from medimgen.config.io import apply_overrides, is_user_edited, load_config, sav
 from medimgen.config.kinds import kind, names
 from medimgen.config.schema import DatasetInfo, MedimgenConfig
 from medimgen.core.errors import MedimgenError
-from medimgen.models.labels import real_labels
 from medimgen.planning.foundation import (FOUNDATION_RANGE, choose, forced_sources, foundation_bounds,
                                          is_source_override, overridden)
-from medimgen.planning.heuristics import plan_generation
+from medimgen.planning.heuristics import joint_by_default, plan_generation
 from medimgen.planning.latent_cache import plan_cache
 from medimgen.planning.intensity_stats import case_statistics, intensity_bounds, intensity_statistics
 from medimgen.planning.memory import detect_gpu_memory_gb, fit_to_memory
@@ -163,7 +162,7 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overri
     choices = {}
     for dim in dims:
         labels = overridden(overrides, "data.generate_labels", dim)
-        joint = bool(real_labels(plans.dataset_json)) if labels is None else labels is True
+        joint = joint_by_default(plans) if labels is None else labels is True
         force = forced.get(dim, forced.get("*") if dim == "3d" else None)
         choices[dim] = choose(plans, dim, joint, force)
     for dim in dims:

@@ -162,6 +162,11 @@ def _samples_per_epoch(plans: DatasetPlans, dims: int) -> int:
     return n_train_cases * max(1, int(round(float(depth) / 8)))
 
 
+def joint_by_default(plans: DatasetPlans) -> bool:
+    """Whether the plan generates labels with images (data.generate_labels): a dataset with real labels."""
+    return bool(real_labels(plans.dataset_json))
+
+
 def _data_config(plans: DatasetPlans, dim: str, cm, lv: _Levels, intensity_low, intensity_high,
                  intensity_stats, intensity_range=(-1.0, 1.0)) -> DataConfig:
     median = [float(v) for v in cm.median_image_size_in_voxels]
@@ -189,7 +194,7 @@ def _data_config(plans: DatasetPlans, dim: str, cm, lv: _Levels, intensity_low, 
         intensity_case_std=tuple(intensity_stats.case_std) if intensity_stats else (),
         intensity_background=tuple(intensity_stats.background) if intensity_stats else (),
         data_size=tuple(min(int(round(m)), s) for m, s in zip(median, lv.image_size)),
-        generate_labels=bool(labels),
+        generate_labels=joint_by_default(plans),
         label_values=tuple(labels.values()),
         label_names=tuple(labels),
     )
