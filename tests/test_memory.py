@@ -309,6 +309,39 @@ def test_fitter_3gb_vs_80gb(big_dataset, nnunet_env):
     assert small.memory.target_gb == 3 and large.memory.target_gb == 80
 
 
+def test_fitter_leaves_a_size_at_its_first_misfit(planned_3d, monkeypatch, tmp_path):
+    """A size where one model does not fit is left before the models after it are simulated; the plan is the one
+    fitting every model at every size would give (each model's cheapest settings at the first size where all fit)."""
+    from medimgen.config.kinds import names
+    from medimgen.planning import cuda_sim
+
+    cfg = apply_overrides(planned_3d, [f"data.image_size={[2 * s for s in planned_3d.data.image_size]}".replace(" ", "")])
+    # a target the DDPM cannot meet at this size even at its cheapest settings, but meets one size down
+    cheapest = lambda c: mem.fit_model(c, "ddpm", 0.0)[0]
+    here, below = (mem.estimate(cheapest(c), "ddpm").peak_bytes for c in (cfg, mem._downscale(cfg, mem.DOWNSCALE_STEP)))
+    assert below < here
+    target_gb = ((here + below) / 2 + mem.CONTEXT_BYTES) / mem.USABLE / mem.GIB
+    monkeypatch.setenv("MEDIMGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(mem, "_profiles", {})
+    simulated = []  # (image size, model) of every simulation, in order
+    real = cuda_sim.simulate
+    monkeypatch.setattr(cuda_sim, "simulate", lambda c, m: simulated.append((tuple(c.data.image_size), m)) or real(c, m))
+    fitted = mem.fit_to_memory(cfg, target_gb)
+    assert fitted.derived.memory_fitted
+    sizes = list(dict.fromkeys(size for size, _ in simulated))
+    assert len(sizes) >= 2 and sizes[-1] == tuple(fitted.data.image_size)
+    order = list(names())
+    for size in sizes[:-1]:  # a left size: only the models up to the first that did not fit were simulated
+        models = list(dict.fromkeys(m for s, m in simulated if s == size))
+        assert models == order[:len(models)] and len(models) < len(order)
+    assert {m for s, m in simulated if s == sizes[-1]} == set(order)
+    # the same plan as fitting each model on its own at the chosen size
+    at = mem._downscale(cfg, mem.DOWNSCALE_STEP ** (len(sizes) - 1))
+    for m in order:
+        alone = mem.fit_model(at, m, target_gb * mem.GIB)[0]
+        assert (alone.train_for(m), alone.network_for(m)) == (fitted.train_for(m), fitted.network_for(m))
+
+
 def test_downscaled_plan_loads_batches_at_generated_size(planned_3d, nnunet_env):
     """The last resort (coarser spacing) crops native voxels and resamples them to image_size."""
     from medimgen.data.cases import open_cases

@@ -285,11 +285,11 @@ def fit_model(cfg: GenerationConfig, model: str, target: float, ratio: float = 1
     return cfg, False
 
 
-def _parameter_bound(cfg: GenerationConfig, target: float) -> bool:
-    """True when some model cannot fit whatever the image size: its weights, moments, EMA and frozen networks
-    plus the gradients and AdamW's temporary (4 + 4 bytes per trained parameter) alone exceed the target."""
+def _parameter_bound(cfg: GenerationConfig, target: float, models) -> bool:
+    """True when one of ``models`` cannot fit whatever the image size: its weights, moments, EMA and frozen
+    networks plus the gradients and AdamW's temporary (4 + 4 bytes per trained parameter) alone exceed the target."""
     return any(((e := estimate(cfg, m)).static_bytes + 8 * e.params) * CUDA_OVERHEAD > usable_bytes(target)
-               for m in names())
+               for m in models)
 
 
 def _downscale(cfg: GenerationConfig, factor: float) -> GenerationConfig:
@@ -313,19 +313,27 @@ def _downscale(cfg: GenerationConfig, factor: float) -> GenerationConfig:
 
 
 def fit_to_memory(cfg: GenerationConfig, target_gb: float) -> GenerationConfig:
-    """``cfg`` adjusted so every model's predicted training peak fits ``target_gb`` (see module doc)."""
+    """``cfg`` adjusted so every model's predicted training peak fits ``target_gb`` (see module doc).
+
+    At each image size the models are fitted in order; the first one that does not fit ends that size (the models
+    after it are refitted at the next, smaller size anyway, so simulating them here would be wasted), unless this
+    is the last size tried: the smallest one, or a model that cannot fit whatever the size (its parameters alone,
+    see ``_parameter_bound``; only the models fitted so far are checked). Then every model gets its best settings."""
     target = float(target_gb) * GIB
     fitted = cfg
     factor = 1.0
     while True:
-        ok = True
+        last = all(s <= d for s, d in zip(fitted.data.image_size, fitted.data.size_divisor))
+        ok, tried = True, []
         for model in names():
             fitted, ok_model = fit_model(fitted, model, target)
+            tried.append(model)
             ok = ok and ok_model
-        if ok:
-            break
-        smallest = all(s <= d for s, d in zip(fitted.data.image_size, fitted.data.size_divisor))
-        if smallest or _parameter_bound(fitted, target):  # a smaller image would not help
+            if not ok and not last:
+                last = _parameter_bound(fitted, target, tried)  # a smaller image would not help
+                if not last:
+                    break
+        if ok or last:
             break
         factor *= DOWNSCALE_STEP
         fitted = _downscale(cfg, factor)  # refit from the plan's own settings at the smaller size
