@@ -75,6 +75,11 @@ def test_plan_3d_anisotropic_multichannel(nnunet_env):
     assert cfg["2d"]["data"]["nnunet_configuration"] == "2d"
     assert cfg["2d"]["data"]["spacing"] == pytest.approx(nn2["spacing"])
     assert cfg["2d"]["autoencoder"]["strides"] == nn2["architecture"]["arch_kwargs"]["strides"][1:4]
+    # the 2D DDPM is 4x nnU-Net's 2d encoder, at most 256 wide (MONAI's 2D DDPM tutorial; benchmarks/README.md)
+    features2 = nn2["architecture"]["arch_kwargs"]["features_per_stage"]
+    channels2 = cfg["2d"]["ddpm_unet"]["channels"]
+    assert channels2 == [min(256, 4 * f) for f in features2[: len(channels2)]]
+    assert all(ch % cfg["2d"]["ddpm_unet"]["norm_num_groups"] == 0 for ch in channels2)
     # the YAML documents the heuristics in comments and loads into the typed config
     text = (nnunet_env["nnUNet_preprocessed"] / name / "medimgen_config.yaml").read_text()
     assert "# per-axis downsampling of each level transition" in text
@@ -190,3 +195,5 @@ def test_heuristic_rules():
     epochs, iters = h.epochs_for("ddpm", 100, 2)
     assert iters == 50 and epochs == math.ceil(h.TARGET_STEPS["ddpm"] / 50)
     assert h.norm_groups([32, 48]) == 16
+    assert h.ddpm_widths([32, 64, 128, 256], 2) == (128, 256, 256, 256)
+    assert h.ddpm_widths([32, 64, 128, 256], 3) == (32, 64, 128, 256)

@@ -165,7 +165,7 @@ class DiscriminatorConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    channels: tuple[int, ...] = doc("filters per level, from nnU-Net's features_per_stage", ge=1)
+    channels: tuple[int, ...] = doc("filters per level, from nnU-Net's features_per_stage (2D DDPM: 4x, at most 256)", ge=1)
     strides: tuple[tuple[int, ...], ...] = doc("per-axis downsampling between levels, from nnU-Net's pooling strides")
     attention_levels: tuple[bool, ...] = doc(
         "self-attention where a level has at most 32^2 (2D) / 16^3 (3D) positions, never at the first level")

@@ -36,6 +36,12 @@ AE_DOWNSAMPLINGS = {2: 3, 3: 2}  # seed: 2-3 downsamplings at most, else details
 AE_BASE_CHANNELS = 32  # seed: few filters (e.g. 32) reconstruct well enough
 LATENT_CHANNELS = {2: 4, 3: 3}
 MAX_DDPM_LEVELS = 4
+# the DDPM UNet's widths: nnU-Net's encoder features (a segmenter's) times DDPM_WIDTH, at most DDPM_MAX_CHANNELS.
+# 2D: 4x, capped at 256, is MONAI's 2D DDPM tutorial's 128-256-256 on the real-anatomy benchmark, where the plan's
+# own 32-64-128 learned ~4x slower per step and ~2x slower per CPU second (benchmarks/README.md, "Ablation").
+# 3D: not measured; kept at nnU-Net's widths (the 3D DDPM is the memory-bound model, a wider one is generated smaller).
+DDPM_WIDTH = {2: 4, 3: 1}
+DDPM_MAX_CHANNELS = 256
 MAX_LDM_LEVELS = 3
 ATTENTION_MAX_POSITIONS = {2: 32 * 32, 3: 16 * 16 * 16}
 TARGET_STEPS = {"autoencoder": 50_000, "ddpm": 100_000, "ldm": 100_000, "controlnet": 50_000}
@@ -61,6 +67,13 @@ def unet_levels(features: Sequence[int], nnunet_strides: Sequence[Sequence[int]]
     if not channels:  # latent already smaller than nnU-Net's bottleneck: one level at the deepest width
         channels = [int(features[-1])]
     return tuple(channels), tuple(strides)
+
+
+def ddpm_widths(channels: Sequence[int], dims: int) -> tuple[int, ...]:
+    """The DDPM UNet's channels per level from nnU-Net's features of those levels (see DDPM_WIDTH)."""
+    if DDPM_WIDTH[dims] == 1:
+        return tuple(int(c) for c in channels)
+    return tuple(min(DDPM_MAX_CHANNELS, DDPM_WIDTH[dims] * int(c)) for c in channels)
 
 
 def attention_levels(size: Sequence[int], strides: Sequence[Sequence[int]], dims: int) -> tuple[bool, ...]:
@@ -142,6 +155,7 @@ def _levels(cm, autoencoder_source: str = "trained") -> _Levels:
         ae_strides = tuple(tuple(s) for s in architecture(autoencoder_source).strides)
     ae_factor = total_stride(ae_strides, dims)
     ddpm_channels, ddpm_strides = unet_levels(features, nn_strides, 0, MAX_DDPM_LEVELS)
+    ddpm_channels = ddpm_widths(ddpm_channels, dims)
     ldm_channels, ldm_strides = unet_levels(features, nn_strides, len(trained), MAX_LDM_LEVELS)
     divisor = total_stride(ddpm_strides, dims)
     for ae in (ae_strides, trained):
