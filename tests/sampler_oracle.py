@@ -45,17 +45,18 @@ class FiniteDataDenoiser(nn.Module):
         d2 = ((xd[:, None] - a.view(-1, 1, *view[1:]) * data[None]) ** 2).flatten(2).sum(-1)  # (B, K)
         w = torch.softmax(-d2 / (2 * s.view(-1, 1) ** 2), dim=1)
         x0 = torch.einsum("bk,k...->b...", w, data)
-        a, s = a.view(view), s.view(view)
-        eps = (xd - a * x0) / s
+        return self._target(xd, x0, a.view(view), s.view(view)).to(x.dtype)
+
+    def _target(self, x: torch.Tensor, x0: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to predict, given E[x0 | x_t] = ``x0``."""
+        eps = (x - a * x0) / s
         if self.rflow:
-            out = x0 - eps
-        elif self.cfg.prediction_type == "epsilon":
-            out = eps
-        elif self.cfg.prediction_type == "v_prediction":
-            out = a * eps - s * x0
-        else:
-            out = x0
-        return out.to(x.dtype)
+            return x0 - eps
+        if self.cfg.prediction_type == "epsilon":
+            return eps
+        if self.cfg.prediction_type == "v_prediction":
+            return a * eps - s * x0
+        return x0
 
 
 def smooth_images(k: int, channels: int, size: tuple[int, ...], low: float = -1.0, high: float = 1.0,
@@ -100,13 +101,4 @@ class GaussianDenoiser(FiniteDataDenoiser):
                 for c in self._coefficients(timesteps.to("cpu").reshape(-1)))
         mean, v = self.mean.to(x.device), self.std ** 2
         x0 = mean + a * v * (xd - a * mean) / (a * a * v + s * s)
-        eps = (xd - a * x0) / s
-        if self.rflow:
-            out = x0 - eps
-        elif self.cfg.prediction_type == "epsilon":
-            out = eps
-        elif self.cfg.prediction_type == "v_prediction":
-            out = a * eps - s * x0
-        else:
-            out = x0
-        return out.to(x.dtype)
+        return self._target(xd, x0, a, s).to(x.dtype)
