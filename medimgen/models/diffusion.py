@@ -78,21 +78,29 @@ def sampling_plan(cfg: SchedulerConfig, sampler: str | None = None, steps: int |
     return name, n
 
 
-def _ddpm_sampler(cfg: SchedulerConfig, steps: int, spatial_size):
+def _clip_args(clip: tuple[float, float] | None) -> dict:
+    """MONAI's x0 clipping: every step's predicted clean sample clamped to ``clip`` (the data's range), or none.
+    MONAI's own defaults differ (DDPM and DDIM clip to [-1, 1]), so both samplers are told."""
+    if clip is None:
+        return {"clip_sample": False}
+    return {"clip_sample": True, "clip_sample_min": float(clip[0]), "clip_sample_max": float(clip[1])}
+
+
+def _ddpm_sampler(cfg: SchedulerConfig, steps: int, spatial_size, clip):
     from monai.networks.schedulers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
-                         prediction_type=cfg.prediction_type, **_schedule_args(cfg))
+                         prediction_type=cfg.prediction_type, **_clip_args(clip), **_schedule_args(cfg))
 
 
-def _ddim_sampler(cfg: SchedulerConfig, steps: int, spatial_size):
+def _ddim_sampler(cfg: SchedulerConfig, steps: int, spatial_size, clip):
     from monai.networks.schedulers import DDIMScheduler
 
     return DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
-                         prediction_type=cfg.prediction_type, clip_sample=False, **_schedule_args(cfg))
+                         prediction_type=cfg.prediction_type, **_clip_args(clip), **_schedule_args(cfg))
 
 
-def _rflow_sampler(cfg: SchedulerConfig, steps: int, spatial_size):
+def _rflow_sampler(cfg: SchedulerConfig, steps: int, spatial_size, clip):  # MONAI's rflow step has no x0 clipping
     if spatial_size is None:
         raise ValueError("rectified flow needs the sampled spatial size")
     return _rflow(cfg, len(spatial_size))
@@ -102,12 +110,16 @@ _SAMPLERS = {"ddpm": _ddpm_sampler, "ddim": _ddim_sampler, "rflow": _rflow_sampl
 
 
 def sampling_scheduler(cfg: SchedulerConfig, sampler: str | None = None, steps: int | None = None,
-                       spatial_size: tuple[int, ...] | None = None):
+                       spatial_size: tuple[int, ...] | None = None, clip: tuple[float, float] | None = None):
     """DDPM (all training timesteps), DDIM or rectified flow (``steps``, default cfg.num_inference_steps) for
     sampling (:func:`sampling_plan`). ``spatial_size``: the sampled (latent) size, which rectified flow's timestep
-    shift depends on."""
+    shift depends on. ``clip``: the range the data lies in (an image-space model's intensity range): DDPM and DDIM
+    clamp each step's predicted clean sample to it, as Ho et al. do; None (latents, which have no fixed range): no
+    clamping. Without it an epsilon error that a partly trained network keeps at high noise (divided by
+    sqrt(alphas_cumprod), about 0.006 at the last timestep of the linear schedule) leaves DDIM samples far outside
+    the range (benchmarks/README.md, "Sampler check")."""
     name, steps = sampling_plan(cfg, sampler, steps)
-    sched = _SAMPLERS[name](cfg, steps, spatial_size)
+    sched = _SAMPLERS[name](cfg, steps, spatial_size, clip)
     if spatial_size is not None and is_rflow(sched):
         sched.set_timesteps(steps, input_img_size_numel=math.prod(spatial_size))
     else:
@@ -198,7 +210,8 @@ def generate(cfg: GenerationConfig, model: str, network: torch.nn.Module, n: int
     for a joint model (``data.generate_labels``: a DDPM's one-hot channels or the LDM's decoded logits, see
     medimgen.models.labels), None for an image-only model."""
     shape = sample_shape(cfg, model, n)
-    scheduler = sampling_scheduler(cfg.scheduler_for(model), sampler, steps, shape[2:])
+    clip = None if cfg.space_of(model) == "latent" else tuple(cfg.data.intensity_range)  # what training data spans
+    scheduler = sampling_scheduler(cfg.scheduler_for(model), sampler, steps, shape[2:], clip)
     x = sample(network, scheduler, shape, seed, device, decode, progress, controlnet, condition)
     images, label = split(x, cfg, logits=cfg.space_of(model) == "latent")
     lo, hi = cfg.data.intensity_range
