@@ -85,6 +85,50 @@ def test_plan_picks_the_foundation_autoencoder_for_ct_with_its_intensity_window(
     assert joint.autoencoder.source == "trained" and "encodes images only" in joint.derived.autoencoder_choice
 
 
+def test_ct_window_is_maisis_window_of_the_hu_nnunet_kept_and_maps_back(fae):
+    """The values entering the foundation autoencoder are MAISI's window of the raw HU ((HU + 1000) / 2000 in
+    [0, 1]) for every voxel nnU-Net's CT clip kept, the clipped ones the window of the clip bound; decoded values
+    map back to HU (the window's), and to nnU-Net's space within its clip (what evaluation features read)."""
+    import nibabel as nib
+    import numpy as np
+
+    from medimgen.data.cases import load_case, open_cases
+    from medimgen.data.intensity import IntensityMap
+    from medimgen.data.loader import centred_sample
+    from medimgen.nnunet.plans import DatasetPlans
+
+    cfg = _plan(CT_3D).config.get("3d")
+    assert cfg.autoencoder.source == "maisi" and "nnU-Net clipped this CT" in cfg.derived.autoencoder_choice
+    plans = DatasetPlans.from_id(CT_3D)
+    fg = plans.foreground_intensity_properties[0]
+    p_lo, p_hi = fg["percentile_00_5"], fg["percentile_99_5"]
+    imap = IntensityMap.from_config(cfg.data)
+    raw = fae["roots"]["nnUNet_raw"] / plans.name / "imagesTr"
+    for case in ("case_000", "case_001"):
+        hu = np.asarray(nib.load(str(raw / f"{case}_0000.nii.gz")).get_fdata(), dtype=np.float64)
+        data, seg, _ = load_case(open_cases(plans.preprocessed_folder("3d"), [case]), case)
+        assert sorted(data.shape[1:]) == sorted(hu.shape)  # 1 mm, nothing cropped: the same voxels, reordered
+        image, _ = centred_sample(data, seg, data.shape[1:], imap, [])  # as the loader and the latent cache feed it
+        entering = np.sort(image.numpy().ravel().astype(np.float64))
+        window = np.sort(np.clip((np.clip(hu, p_lo, p_hi) + 1000.0) / 2000.0, 0.0, 1.0).ravel())
+        np.testing.assert_allclose(entering, window, atol=1e-5)
+        kept = (hu > p_lo) & (hu < p_hi)
+        assert kept.sum() > 50  # the comparison covers real HU values, not only clipped ones
+        np.testing.assert_allclose(np.sort(np.clip((hu[kept] + 1000.0) / 2000.0, 0, 1)),
+                                   entering[(entering > (p_lo + 1000) / 2000 + 1e-6)
+                                            & (entering < (p_hi + 1000) / 2000 - 1e-6)], atol=1e-5)
+        # round trip: back to the HU nnU-Net kept, and to nnU-Net's own normalised values
+        np.testing.assert_allclose(np.sort(imap.to_original(image).numpy().ravel()),
+                                   np.sort(np.clip(hu, p_lo, p_hi).ravel()), atol=0.05)
+        np.testing.assert_allclose(imap.to_normalized(image).numpy(), data, atol=1e-4)
+    # a decoded value anywhere in the window maps back to HU in the window, to nnU-Net's space within its clip
+    decoded = torch.tensor([0.0, 0.25, 1.0]).reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(imap.to_original(decoded).ravel().numpy(), [-1000.0, -500.0, 1000.0], atol=0.05)
+    norm = imap.to_normalized(decoded).ravel().numpy()
+    np.testing.assert_allclose(norm[[0, 2]], [(p_lo - fg["mean"]) / fg["std"], (p_hi - fg["mean"]) / fg["std"]],
+                               atol=1e-4)
+
+
 def test_plan_picks_it_for_mr_and_trains_without_weights_or_for_another_modality(fae, monkeypatch, tmp_path):
     from medimgen.nnunet.plans import DatasetPlans
 

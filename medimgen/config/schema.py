@@ -90,6 +90,13 @@ class DataConfig:
         "per channel original value of samples at intensity_range[0], the value training gives voxels outside "
         "nnU-Net's nonzero mask: their raw value 0 (CT channels: the lower bound mapped back, exact); empty when "
         "the cases have no such voxels (the lower bound then maps back like any other value)", default_factory=tuple)
+    intensity_clip_low: tuple[float, ...] = doc(
+        "per channel, the lowest nnU-Net-normalised value nnU-Net's own preprocessing gives (CT: its 0.5th-percentile "
+        "clip); samples mapped back to nnU-Net's space (evaluation features) are clamped to it. Set where the model's "
+        "range reaches beyond nnU-Net's (a foundation autoencoder's HU window); empty: no clamp", default_factory=tuple)
+    intensity_clip_high: tuple[float, ...] = doc(
+        "per channel, the highest nnU-Net-normalised value nnU-Net's preprocessing gives (CT: its 99.5th-percentile "
+        "clip), as intensity_clip_low", default_factory=tuple)
     oversample_foreground_percent: float = doc("fraction of samples centred on foreground, as nnU-Net does", 0.33, ge=0, le=1)
     augmentation: Literal["none", "mild", "nnunet"] = doc(
         "nnU-Net augmentation strength: 'mild' (no large rotations; they hurt generation), 'nnunet' (segmentation defaults), 'none'", "mild")

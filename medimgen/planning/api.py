@@ -15,7 +15,7 @@ from medimgen.config.kinds import kind, names
 from medimgen.config.schema import DatasetInfo, MedimgenConfig
 from medimgen.core.errors import MedimgenError
 from medimgen.planning.foundation import (FOUNDATION_RANGE, choose, forced_sources, foundation_bounds,
-                                         is_source_override, overridden)
+                                         is_source_override, nnunet_clip, overridden)
 from medimgen.planning.heuristics import joint_by_default, plan_generation
 from medimgen.planning.latent_cache import plan_cache
 from medimgen.planning.intensity_stats import case_statistics, intensity_bounds, intensity_statistics
@@ -178,6 +178,10 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overri
                                        intensity_range=(-1.0, 1.0) if source == "trained" else FOUNDATION_RANGE)
         configs[dim] = dataclasses.replace(configs[dim], derived=dataclasses.replace(
             configs[dim].derived, autoencoder_choice=why))
+        if source != "trained":  # the window reaches beyond nnU-Net's CT clip: map samples back within it
+            clip_low, clip_high = nnunet_clip(plans, dim, low, high)
+            configs[dim] = dataclasses.replace(configs[dim], data=dataclasses.replace(
+                configs[dim].data, intensity_clip_low=tuple(clip_low), intensity_clip_high=tuple(clip_high)))
     # the planner applied the source (architecture, sizes, intensities); the override itself is kept out of the
     # others so that an unprefixed one does not reach the 2d config, which stays trained
     overrides = [o for o in overrides if not is_source_override(o)]
