@@ -266,6 +266,45 @@ def test_failed_reconstruction_check_trains_an_autoencoder_instead(fae, tmp_path
         ae.config.autoencoder.channels[0] != 64
 
 
+def test_failed_check_replans_the_ldm_for_the_trained_latent_and_writes_the_config(fae, tmp_path, monkeypatch):
+    """The fallback re-plans what followed the MAISI latent (the planner's own function, source forced to trained):
+    autoencoder, LDM/ControlNet sections, intensity mapping; the dataset's config is rewritten (one line says so),
+    and the training batches are built after the choice, with the fallback's mapping."""
+    import medimgen.training.api as training_api
+    from medimgen.config import load_config
+    from medimgen.core.paths import CONFIG_NAME
+    from medimgen.nnunet.plans import DatasetPlans
+
+    monkeypatch.setenv("medimgen_results", str(tmp_path / "results"))
+    before = _plan(CT_3D).config.get("3d")
+    assert before.autoencoder.source == "maisi" and before.data.intensity_range == (0.0, 1.0)
+    seen_ranges = []
+
+    class SpiedBatches(training_api.TrainBatches):  # the real loader; records the mapping it was built with
+        def __init__(self, cfg, *a, **kw):
+            seen_ranges.append(tuple(cfg.data.intensity_range))
+            super().__init__(cfg, *a, **kw)
+
+    monkeypatch.setattr(training_api, "TrainBatches", SpiedBatches)
+    lines: list[str] = []
+    ae = _train("autoencoder", TINY, echo=lines.append)
+    assert ae.completed and ae.config.autoencoder.source == "trained"
+    assert seen_ranges and set(seen_ranges) == {(-1.0, 1.0)}  # never the foundation's [0, 1] mapping
+    said = [line for line in lines if line.startswith("re-planned 3d for the trained autoencoder")]
+    path = DatasetPlans.from_id(CT_3D).folder / CONFIG_NAME
+    assert len(said) == 1 and f"wrote {path}" in said[0] and "\n" not in said[0]
+    written = load_config(path).get("3d")
+    forced = _plan(CT_3D, IMAGE_ONLY + ["autoencoder.source=trained"]).config.get("3d")  # the planner's answer
+    for cfg in (written, ae.config):
+        assert cfg.autoencoder == forced.autoencoder and cfg.autoencoder.latent_channels != 4
+        assert cfg.ldm_unet == forced.ldm_unet and cfg.controlnet == forced.controlnet
+        assert cfg.train_ldm.batch_size == forced.train_ldm.batch_size
+        assert cfg.data.intensity_range == forced.data.intensity_range == (-1.0, 1.0)
+        assert cfg.data.intensity_low == forced.data.intensity_low and not cfg.derived.fallback_autoencoder
+        assert "failed the reconstruction check" in cfg.derived.autoencoder_choice
+    assert written.ldm_scheduler == before.ldm_scheduler and written.train_ddpm == before.train_ddpm  # others kept
+
+
 def test_interrupted_check_leaves_no_checkpoint_that_passes_for_adopted(fae, tmp_path, monkeypatch):
     """The check reads last.pt; if it is interrupted (out of memory, Ctrl-C), no checkpoint stays behind that a
     resumed run or the LDM would take for an adopted, checked autoencoder."""

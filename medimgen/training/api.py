@@ -16,6 +16,7 @@ from medimgen import __version__
 from medimgen.core import distributed
 from medimgen.config import (apply_overrides, flatten, load_config, load_generation_config, render_generation_config,
                              save_generation_config)
+from medimgen.config.io import from_dict, to_dict
 from medimgen.config.kinds import config_sections, kind, names
 from medimgen.config.schema import DIMS, GenerationConfig
 from medimgen.data.cases import open_cases
@@ -193,7 +194,11 @@ def _train_locked(lock: RunLock | None, model: str, plans: DatasetPlans, split, 
     if lock is not None:
         lock.acquire()  # creates the folder of a new run; the check again: another process may have started it
         _check_run(run, model, resume)
-    return _Job(model, plans, split, run, cfg, task, device, setup, echo).execute(resume, progress, stop_after_epoch)
+    job = _Job(model, plans, split, run, cfg, task, device, setup, echo)
+    # the config file the run was resolved from (a failed foundation check re-plans it); None: given in memory
+    job.config_file = None if setup.config is not None or resume else \
+        Path(config_path) if config_path else plans.folder / CONFIG_NAME
+    return job.execute(resume, progress, stop_after_epoch)
 
 
 class _Job:
@@ -212,23 +217,25 @@ class _Job:
         self.trainer: Trainer | None = None
         self.foundation_metrics: dict = {}  # a foundation autoencoder's reconstruction check (training.foundation)
         self.foundation_tags: dict = {}
+        self.config_file: Path | None = None  # where the run's config came from (set by _train_locked)
 
     def run_echo(self) -> Callable[[str], None]:
         return _echo_for(self.cfg, self.run, self.echo) if self.main else (lambda msg: None)
 
     def execute(self, resume: bool, progress: bool, stop_after_epoch: int | None) -> TrainResult:
         try:
-            self.batches = self._train_batches(self.cfg, self.tcfg.batch_size, distributed.rank_seed(self.tcfg.seed),
-                                               progress)
             if not resume and kind(self.model).encoder and self.cfg.autoencoder.source != "trained":
                 from medimgen.training.foundation import adopt
 
                 # rank 0 checks and writes (several ranks: the others follow its decision)
                 if distributed.broadcast(adopt(self, progress) if self.main else None):
                     return self._adopted()  # the published autoencoder, checked: a complete run
-                if not self.main:
-                    self.cfg = self.cfg.trained_fallback()
+                fallback = distributed.broadcast(to_dict(self.cfg) if self.main else None)  # rank 0 re-planned it
+                self.cfg = self._record_world(from_dict(GenerationConfig, fallback))
                 self.task = build_task(self.model, self.cfg, self.device)  # the check failed: train the fallback
+            # after the choice of autoencoder: a fallback's re-plan changes the intensity mapping the batches use
+            self.batches = self._train_batches(self.cfg, self.tcfg.batch_size, distributed.rank_seed(self.tcfg.seed),
+                                               progress)
             self._derive(resume)  # the folder: RunLock made it, the Trainer makes its checkpoints/ and plots/
             self.trainer = self._make_trainer(progress, stop_after_epoch)
             previous_run_id = self.trainer.load(self.run.last)["mlflow_run_id"] if resume else None  # before any write
