@@ -53,7 +53,7 @@ def explain_costs(config: MedimgenConfig, folder: Path) -> list[str]:
 
     return [*(f"{dim} autoencoder: {cfg.derived.autoencoder_choice}" for dim, cfg in config.configs.items()
               if cfg.derived.autoencoder_choice),
-            *(explain_disk(cfg, dim, cache_samples=cached_samples(config, dim)) for dim, cfg in config.configs.items()),
+            *(explain_disk(cfg, dim, cache_samples=cached_samples(config, dim, folder)) for dim, cfg in config.configs.items()),
             *(explain_cache(config, dim, folder) for dim in config.configs),
             *(explain_quality(cfg, dim) for dim, cfg in config.configs.items())]
 
