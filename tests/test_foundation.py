@@ -337,3 +337,21 @@ def test_missing_weights_file_is_one_line(fae, tmp_path, monkeypatch):
         _train("autoencoder", TINY)
     msg = str(e.value)
     assert "\n" not in msg and "nv-generate-ct_autoencoder_v1.pt" in msg and "weights download maisi-vae" in msg
+
+
+def test_one_question_for_a_foundation_source_and_no_private_job_members():
+    """Code asks ``autoencoder.is_foundation`` / ``is_foundation(source)`` instead of comparing with 'trained', and
+    the foundation path uses the training job's public methods."""
+    import re
+    from pathlib import Path
+
+    import medimgen
+    from medimgen.config.schema import AutoencoderConfig, is_foundation
+
+    compare = re.compile(r"""source\s*[!=]=\s*["']trained["']|["']trained["']\s*[!=]=\s*\w*source""")
+    private = re.compile(r"\bjob\._[a-z]")
+    found = [f"{p.name}:{n}" for p in Path(medimgen.__file__).parent.rglob("*.py")
+             for n, line in enumerate(p.read_text().splitlines(), 1) if compare.search(line) or private.search(line)]
+    assert not found, found
+    assert is_foundation("maisi") and not is_foundation("trained")
+    assert AutoencoderConfig(channels=(8,), strides=(), latent_channels=3, source="maisi").is_foundation

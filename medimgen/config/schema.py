@@ -124,7 +124,13 @@ class DataConfig:
 
 # Where an LDM's autoencoder comes from (``autoencoder.source``): trained on the dataset, or a published foundation
 # autoencoder adopted as it is (medimgen.models.foundation; README "Start from a foundation autoencoder").
-AUTOENCODER_SOURCES = ("trained", "maisi")
+TRAINED = "trained"
+AUTOENCODER_SOURCES = (TRAINED, "maisi")
+
+
+def is_foundation(source: str) -> bool:
+    """Whether an ``autoencoder.source`` is a published foundation autoencoder (adopted), not one trained here."""
+    return source != TRAINED
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,11 @@ class AutoencoderConfig:
     foundation_min_ssim: float = doc(
         "source 'maisi': the reconstruction check's SSIM the validation cases must reach, as foundation_min_psnr",
         0.8, le=1)
+
+    @property
+    def is_foundation(self) -> bool:
+        """A published foundation autoencoder (``source`` other than 'trained'): adopted, never trained here."""
+        return is_foundation(self.source)
 
 
 # The published architecture of each foundation source (MAISI: Project-MONAI model-zoo maisi_ct_generative
@@ -389,7 +400,7 @@ class GenerationConfig:
         check use it). A trained autoencoder's config: itself."""
         from dataclasses import replace
 
-        if self.autoencoder.source == "trained":
+        if not self.autoencoder.is_foundation:
             return self
         from medimgen.config.io import from_dict
         from medimgen.core.errors import MedimgenError
@@ -398,7 +409,7 @@ class GenerationConfig:
             raise MedimgenError("autoencoder.source is a foundation autoencoder, but derived.fallback_autoencoder is "
                                 "empty: re-plan (medimgen plan) to get the autoencoder a failed check trains")
         ae = from_dict(AutoencoderConfig, dict(self.derived.fallback_autoencoder), "derived.fallback_autoencoder")
-        ae = replace(ae, source="trained", activation_checkpointing=self.autoencoder.activation_checkpointing)
+        ae = replace(ae, source=TRAINED, activation_checkpointing=self.autoencoder.activation_checkpointing)
         return replace(self, autoencoder=ae)
 
     @property

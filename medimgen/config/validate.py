@@ -94,7 +94,7 @@ def check_foundation(cfg: GenerationConfig, where: str = "") -> None:
     from medimgen.config.schema import FOUNDATION_ARCHITECTURES
 
     ae = cfg.autoencoder
-    if ae.source == "trained":
+    if not ae.is_foundation:
         return
     key = _join(where, "autoencoder.source")
     if cfg.data.spatial_dims != 3:

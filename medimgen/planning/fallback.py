@@ -19,7 +19,7 @@ from pathlib import Path
 
 from medimgen.config.io import is_user_edited, load_config, save_config
 from medimgen.config.kinds import kind, names
-from medimgen.config.schema import GenerationConfig
+from medimgen.config.schema import TRAINED, GenerationConfig
 from medimgen.nnunet.plans import DatasetPlans
 
 # the data fields a plan sets from its autoencoder source (planning.api.build_config) and the memory fit
@@ -33,7 +33,7 @@ def trained_plan(plans: DatasetPlans, cfg: GenerationConfig) -> GenerationConfig
     from medimgen.planning.api import build_config
 
     dim = cfg.dim
-    overrides = [f"{dim}.autoencoder.source=trained",
+    overrides = [f"{dim}.autoencoder.source={TRAINED}",
                  f"{dim}.data.generate_labels={str(cfg.data.generate_labels).lower()}"]
     return build_config(plans, cfg.memory.target_gb, overrides).get(dim)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from medimgen.config.io import parse_override
-from medimgen.config.schema import AUTOENCODER_SOURCES
+from medimgen.config.schema import AUTOENCODER_SOURCES, TRAINED, is_foundation
 from medimgen.core.errors import MedimgenError
 from medimgen.models.foundation import FOUNDATIONS, foundation, modality, weights_path, weights_present
 from medimgen.nnunet.plans import DatasetPlans
@@ -89,8 +89,8 @@ def choose(plans: DatasetPlans, dim: str, generate_labels: bool, forced: str | N
     name = plans.channel_names[0] if plans.channel_names else "?"
     schemes = plans.configuration(dim).normalization_schemes
     mod = modality(name, schemes[0] if schemes else "")
-    if forced == "trained":
-        return "trained", "trained (forced by autoencoder.source=trained)"
+    if forced is not None and not is_foundation(forced):
+        return TRAINED, "trained (forced by autoencoder.source=trained)"
     blocked = _why_not(plans, dim, generate_labels, source)
     if forced:
         if blocked:
@@ -103,12 +103,12 @@ def choose(plans: DatasetPlans, dim: str, generate_labels: bool, forced: str | N
         return source, f"{source} (forced by autoencoder.source={source}" + "".join(f"; {n}" for n in notes) + \
             "); adopted after a reconstruction check, else trained"
     if blocked:
-        return "trained", f"trained ({blocked})"
+        return TRAINED, f"trained ({blocked})"
     if mod not in f.modalities:
-        return "trained", (f"trained (channel {name!r} is not a modality the {f.title} weights were trained on: "
+        return TRAINED, (f"trained (channel {name!r} is not a modality the {f.title} weights were trained on: "
                            f"{', '.join(m.upper() for m in f.modalities)})")
     if not weights_present(source):
-        return "trained", (f"trained (the {f.title} would suit this {mod.upper()} data, but its weights are not in "
+        return TRAINED, (f"trained (the {f.title} would suit this {mod.upper()} data, but its weights are not in "
                            f"{weights_path(source)}: `medimgen weights download {f.weights}`, then re-plan)")
     return source, (f"{source} ({f.title}: 3D {mod.upper()} images, one channel, weights present; `train autoencoder` "
                     f"adopts it after a reconstruction check on the validation cases, else trains one"

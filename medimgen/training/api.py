@@ -224,7 +224,7 @@ class _Job:
 
     def execute(self, resume: bool, progress: bool, stop_after_epoch: int | None) -> TrainResult:
         try:
-            if not resume and kind(self.model).encoder and self.cfg.autoencoder.source != "trained":
+            if not resume and kind(self.model).encoder and self.cfg.autoencoder.is_foundation:
                 from medimgen.training.foundation import adopt
 
                 # rank 0 checks and writes (several ranks: the others follow its decision)
@@ -237,11 +237,11 @@ class _Job:
             self.batches = self._train_batches(self.cfg, self.tcfg.batch_size, distributed.rank_seed(self.tcfg.seed),
                                                progress)
             self._derive(resume)  # the folder: RunLock made it, the Trainer makes its checkpoints/ and plots/
-            self.trainer = self._make_trainer(progress, stop_after_epoch)
+            self.trainer = self.make_trainer(progress, stop_after_epoch)
             previous_run_id = self.trainer.load(self.run.last)["mlflow_run_id"] if resume else None  # before any write
             distributed.barrier()  # every rank has read last.pt before rank 0 writes
             if self.main:
-                self._write_run_files()
+                self.write_run_files()
                 self._start_tracking(previous_run_id)
                 self._log_foundation_check()
             result = self.trainer.fit()
@@ -329,7 +329,7 @@ class _Job:
         self.task.scale_factor = scale
         self.cfg = dataclasses.replace(self.cfg, derived=dataclasses.replace(self.cfg.derived, latent_scale_factor=scale))
 
-    def _make_trainer(self, progress: bool, stop_after_epoch: int | None) -> Trainer:
+    def make_trainer(self, progress: bool, stop_after_epoch: int | None) -> Trainer:
         val_ids = self.split.val or self.split.train[:1]
         run_echo = self.run_echo()
         guard = MemoryGuard(self.cfg, self.model, self.device, run_echo, lambda m: self.tracker.log_metrics(m, step=0)) \
@@ -370,7 +370,7 @@ class _Job:
         self.tracker.log_artifacts([self.run.config], "run")
         return self.batches
 
-    def _write_run_files(self) -> None:
+    def write_run_files(self) -> None:
         save_generation_config(self.cfg, self.run.config)
         self.run.copy_nnunet_files(self.plans.folder, self.plans.plans_identifier)
         save_geometry(case_geometry(self.plans, self.cfg.dim, sorted(self.split.train)[0], self.cfg.data.spacing),

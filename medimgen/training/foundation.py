@@ -76,9 +76,9 @@ def adopt(job: "_Job", progress: bool) -> bool:
          f"the validation cases (needs PSNR >= {min_psnr:g} dB and SSIM >= {min_ssim:g})")
     load_foundation_weights(task.autoencoder, source)
     epochs = cfg.train_for(job.model).epochs  # the run is complete: a resumed one has nothing left to do
-    trainer = job._make_trainer(progress, None)
+    trainer = job.make_trainer(progress, None)
     run.make()
-    job._write_run_files()
+    job.write_run_files()
     task.autoencoder.eval()
     with torch.no_grad():
         val = task.validate(trainer.val_batches(), trainer.raw_model)
