@@ -296,7 +296,7 @@ class _Job:
             self.cached = latents.prepare(cfg, self.plans, self.split.train, self.task.frozen_autoencoder,
                                           self.device, with_labels=kind(self.model).steers,
                                           progress=progress and self.main,
-                                          echo=self.run_echo())
+                                          echo=self.run_echo(), batch_size=batch_size)
         return latents.CachedBatches(self.cached, cfg, batch_size)
 
     def _record_world(self, cfg: GenerationConfig) -> GenerationConfig:
