@@ -396,8 +396,8 @@ class GenerationConfig:
 
     def trained_fallback(self) -> "GenerationConfig":
         """A config whose autoencoder is a foundation one (``autoencoder.source``): the copy that trains the planned
-        fallback autoencoder instead (``derived.fallback_autoencoder``; memory fitting and a failed reconstruction
-        check use it). A trained autoencoder's config: itself."""
+        fallback autoencoder instead (``derived.fallback_autoencoder``; memory fitting uses it; a failed
+        reconstruction check re-plans the whole dimensionality instead: medimgen.planning.fallback). A trained autoencoder's config: itself."""
         from dataclasses import replace
 
         if not self.autoencoder.is_foundation:
