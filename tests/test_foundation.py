@@ -85,6 +85,50 @@ def test_plan_picks_the_foundation_autoencoder_for_ct_with_its_intensity_window(
     assert joint.autoencoder.source == "trained" and "encodes images only" in joint.derived.autoencoder_choice
 
 
+def test_ct_window_is_maisis_window_of_the_hu_nnunet_kept_and_maps_back(fae):
+    """The values entering the foundation autoencoder are MAISI's window of the raw HU ((HU + 1000) / 2000 in
+    [0, 1]) for every voxel nnU-Net's CT clip kept, the clipped ones the window of the clip bound; decoded values
+    map back to HU (the window's), and to nnU-Net's space within its clip (what evaluation features read)."""
+    import nibabel as nib
+    import numpy as np
+
+    from medimgen.data.cases import load_case, open_cases
+    from medimgen.data.intensity import IntensityMap
+    from medimgen.data.loader import centred_sample
+    from medimgen.nnunet.plans import DatasetPlans
+
+    cfg = _plan(CT_3D).config.get("3d")
+    assert cfg.autoencoder.source == "maisi" and "nnU-Net clipped this CT" in cfg.derived.autoencoder_choice
+    plans = DatasetPlans.from_id(CT_3D)
+    fg = plans.foreground_intensity_properties[0]
+    p_lo, p_hi = fg["percentile_00_5"], fg["percentile_99_5"]
+    imap = IntensityMap.from_config(cfg.data)
+    raw = fae["roots"]["nnUNet_raw"] / plans.name / "imagesTr"
+    for case in ("case_000", "case_001"):
+        hu = np.asarray(nib.load(str(raw / f"{case}_0000.nii.gz")).get_fdata(), dtype=np.float64)
+        data, seg, _ = load_case(open_cases(plans.preprocessed_folder("3d"), [case]), case)
+        assert sorted(data.shape[1:]) == sorted(hu.shape)  # 1 mm, nothing cropped: the same voxels, reordered
+        image, _ = centred_sample(data, seg, data.shape[1:], imap, [])  # as the loader and the latent cache feed it
+        entering = np.sort(image.numpy().ravel().astype(np.float64))
+        window = np.sort(np.clip((np.clip(hu, p_lo, p_hi) + 1000.0) / 2000.0, 0.0, 1.0).ravel())
+        np.testing.assert_allclose(entering, window, atol=1e-5)
+        kept = (hu > p_lo) & (hu < p_hi)
+        assert kept.sum() > 50  # the comparison covers real HU values, not only clipped ones
+        np.testing.assert_allclose(np.sort(np.clip((hu[kept] + 1000.0) / 2000.0, 0, 1)),
+                                   entering[(entering > (p_lo + 1000) / 2000 + 1e-6)
+                                            & (entering < (p_hi + 1000) / 2000 - 1e-6)], atol=1e-5)
+        # round trip: back to the HU nnU-Net kept, and to nnU-Net's own normalised values
+        np.testing.assert_allclose(np.sort(imap.to_original(image).numpy().ravel()),
+                                   np.sort(np.clip(hu, p_lo, p_hi).ravel()), atol=0.05)
+        np.testing.assert_allclose(imap.to_normalized(image).numpy(), data, atol=1e-4)
+    # a decoded value anywhere in the window maps back to HU in the window, to nnU-Net's space within its clip
+    decoded = torch.tensor([0.0, 0.25, 1.0]).reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(imap.to_original(decoded).ravel().numpy(), [-1000.0, -500.0, 1000.0], atol=0.05)
+    norm = imap.to_normalized(decoded).ravel().numpy()
+    np.testing.assert_allclose(norm[[0, 2]], [(p_lo - fg["mean"]) / fg["std"], (p_hi - fg["mean"]) / fg["std"]],
+                               atol=1e-4)
+
+
 def test_plan_picks_it_for_mr_and_trains_without_weights_or_for_another_modality(fae, monkeypatch, tmp_path):
     from medimgen.nnunet.plans import DatasetPlans
 
@@ -222,6 +266,45 @@ def test_failed_reconstruction_check_trains_an_autoencoder_instead(fae, tmp_path
         ae.config.autoencoder.channels[0] != 64
 
 
+def test_failed_check_replans_the_ldm_for_the_trained_latent_and_writes_the_config(fae, tmp_path, monkeypatch):
+    """The fallback re-plans what followed the MAISI latent (the planner's own function, source forced to trained):
+    autoencoder, LDM/ControlNet sections, intensity mapping; the dataset's config is rewritten (one line says so),
+    and the training batches are built after the choice, with the fallback's mapping."""
+    import medimgen.training.api as training_api
+    from medimgen.config import load_config
+    from medimgen.core.paths import CONFIG_NAME
+    from medimgen.nnunet.plans import DatasetPlans
+
+    monkeypatch.setenv("medimgen_results", str(tmp_path / "results"))
+    before = _plan(CT_3D).config.get("3d")
+    assert before.autoencoder.source == "maisi" and before.data.intensity_range == (0.0, 1.0)
+    seen_ranges = []
+
+    class SpiedBatches(training_api.TrainBatches):  # the real loader; records the mapping it was built with
+        def __init__(self, cfg, *a, **kw):
+            seen_ranges.append(tuple(cfg.data.intensity_range))
+            super().__init__(cfg, *a, **kw)
+
+    monkeypatch.setattr(training_api, "TrainBatches", SpiedBatches)
+    lines: list[str] = []
+    ae = _train("autoencoder", TINY, echo=lines.append)
+    assert ae.completed and ae.config.autoencoder.source == "trained"
+    assert seen_ranges and set(seen_ranges) == {(-1.0, 1.0)}  # never the foundation's [0, 1] mapping
+    said = [line for line in lines if line.startswith("re-planned 3d for the trained autoencoder")]
+    path = DatasetPlans.from_id(CT_3D).folder / CONFIG_NAME
+    assert len(said) == 1 and f"wrote {path}" in said[0] and "\n" not in said[0]
+    written = load_config(path).get("3d")
+    forced = _plan(CT_3D, IMAGE_ONLY + ["autoencoder.source=trained"]).config.get("3d")  # the planner's answer
+    for cfg in (written, ae.config):
+        assert cfg.autoencoder == forced.autoencoder and cfg.autoencoder.latent_channels != 4
+        assert cfg.ldm_unet == forced.ldm_unet and cfg.controlnet == forced.controlnet
+        assert cfg.train_ldm.batch_size == forced.train_ldm.batch_size
+        assert cfg.data.intensity_range == forced.data.intensity_range == (-1.0, 1.0)
+        assert cfg.data.intensity_low == forced.data.intensity_low and not cfg.derived.fallback_autoencoder
+        assert "failed the reconstruction check" in cfg.derived.autoencoder_choice
+    assert written.ldm_scheduler == before.ldm_scheduler and written.train_ddpm == before.train_ddpm  # others kept
+
+
 def test_interrupted_check_leaves_no_checkpoint_that_passes_for_adopted(fae, tmp_path, monkeypatch):
     """The check reads last.pt; if it is interrupted (out of memory, Ctrl-C), no checkpoint stays behind that a
     resumed run or the LDM would take for an adopted, checked autoencoder."""
@@ -254,3 +337,21 @@ def test_missing_weights_file_is_one_line(fae, tmp_path, monkeypatch):
         _train("autoencoder", TINY)
     msg = str(e.value)
     assert "\n" not in msg and "nv-generate-ct_autoencoder_v1.pt" in msg and "weights download maisi-vae" in msg
+
+
+def test_one_question_for_a_foundation_source_and_no_private_job_members():
+    """Code asks ``autoencoder.is_foundation`` / ``is_foundation(source)`` instead of comparing with 'trained', and
+    the foundation path uses the training job's public methods."""
+    import re
+    from pathlib import Path
+
+    import medimgen
+    from medimgen.config.schema import AutoencoderConfig, is_foundation
+
+    compare = re.compile(r"""source\s*[!=]=\s*["']trained["']|["']trained["']\s*[!=]=\s*\w*source""")
+    private = re.compile(r"\bjob\._[a-z]")
+    found = [f"{p.name}:{n}" for p in Path(medimgen.__file__).parent.rglob("*.py")
+             for n, line in enumerate(p.read_text().splitlines(), 1) if compare.search(line) or private.search(line)]
+    assert not found, found
+    assert is_foundation("maisi") and not is_foundation("trained")
+    assert AutoencoderConfig(channels=(8,), strides=(), latent_channels=3, source="maisi").is_foundation

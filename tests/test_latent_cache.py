@@ -359,3 +359,40 @@ def test_damaged_cache_file_is_one_line(tmp_path, damage):
         latents.load(tmp_path)
     good.rename(tmp_path / "case_0.npz")  # the same manifest with an intact file loads
     assert latents.load(tmp_path)[0]["mu"].shape == (4, 8, 8)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_cache_build_encodes_no_more_than_the_planned_encoder_pass(flow_2d, workspace, batch_size):
+    """Every encoder pass of the build takes at most the run's micro-batch of image-size inputs (what the LDM step
+    encodes without the cache, the pass the memory plan counts); 2D packs as many slices as fit."""
+    import math
+
+    from medimgen.data.cases import open_cases
+    from medimgen.nnunet.plans import DatasetPlans
+    from medimgen.training import latents
+
+    ae, cfg = _autoencoder_and_config(flow_2d, workspace, "2d")
+    plans = DatasetPlans.from_id(ANISO_3D)
+    ids = open_cases(plans.preprocessed_folder("2d")).identifiers[:1]
+    sizes: list[int] = []
+    real = ae.encode
+
+    def recording(x):  # the real encoder, its input size noted
+        sizes.append(x.numel() // x.shape[1])
+        return real(x)
+
+    ae.encode = recording
+    try:
+        folder = latents.build(cfg, plans, ids, ae, torch.device("cpu"), echo=lambda *_: None, batch_size=batch_size)
+    finally:
+        del ae.encode
+    limit = batch_size * math.prod(cfg.data.image_size)
+    assert sizes and max(sizes) <= limit == latents.encode_voxels(cfg, batch_size)
+    from medimgen.data.cases import load_case
+
+    data, _, _ = load_case(open_cases(plans.preprocessed_folder("2d"), ids), ids[0])
+    per_slice = math.prod(latents.region(cfg, data.shape[2:], batch_size)[0])
+    assert len(sizes) == -(-data.shape[1] // max(1, limit // per_slice))  # as many slices per pass as fit
+    # a case larger than image_size on every axis: the region stays within the pass (at least image_size)
+    big = latents.region(cfg, [4 * s for s in cfg.data.image_size], batch_size)[0]
+    assert math.prod(big) <= limit and all(b >= s for b, s in zip(big, cfg.data.image_size))

@@ -27,6 +27,13 @@ def test_a_3d_dataset_preprocessed_for_2d_only_plans_2d_and_refuses_3d_training(
     assert list(load_config(folder / "medimgen_config.yaml").configs) == ["2d"]
     note = [line for line in r.output.splitlines() if "3d not planned" in line]
     assert len(note) == 1 and preprocess in note[0] and "nnUNetPlans_3d_fullres is missing" in note[0], r.output
+    # the latent cache of the 2d config holds one latent per slice of every training case (3D is not planned)
+    from medimgen.data.cases import load_case, open_cases
+    from medimgen.planning.latent_cache import cached_samples
+
+    pre = folder / "nnUNetPlans_2d"
+    slices = sum(load_case(open_cases(pre, [i]), i)[0].shape[1] for i in open_cases(pre).identifiers)
+    assert slices > 4 and cached_samples(load_config(folder / "medimgen_config.yaml"), "2d", folder) == slices
 
     r = CliRunner().invoke(main, ["train", "ddpm", str(ONLY_2D), "train-val-test", "3d"])
     assert r.exit_code != 0 and preprocess in r.output and "Traceback" not in r.output, r.output

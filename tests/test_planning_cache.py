@@ -117,3 +117,19 @@ def test_envelope_keeps_the_maximum_at_every_batch():
         lines = mem.envelope(one, two)
         for x in range(0, 60):
             assert max(a + x * d for a, d in lines) == max(a + x * (b - a) for a, b in zip(one, two))
+
+
+def test_the_key_covers_the_foundation_network_code(monkeypatch):
+    """The simulation builds a foundation autoencoder through medimgen.models.foundation: an edit there re-simulates."""
+    import importlib.util
+
+    origin = Path(importlib.util.find_spec("medimgen.models.foundation").origin)
+    real = Path.read_bytes
+    sim_cache._versions.cache_clear()
+    try:
+        before = sim_cache._versions()
+        monkeypatch.setattr(Path, "read_bytes", lambda self: real(self) + b"\n# edited" if self == origin else real(self))
+        sim_cache._versions.cache_clear()
+        assert sim_cache._versions() != before
+    finally:
+        sim_cache._versions.cache_clear()

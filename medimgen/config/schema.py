@@ -90,6 +90,13 @@ class DataConfig:
         "per channel original value of samples at intensity_range[0], the value training gives voxels outside "
         "nnU-Net's nonzero mask: their raw value 0 (CT channels: the lower bound mapped back, exact); empty when "
         "the cases have no such voxels (the lower bound then maps back like any other value)", default_factory=tuple)
+    intensity_clip_low: tuple[float, ...] = doc(
+        "per channel, the lowest nnU-Net-normalised value nnU-Net's own preprocessing gives (CT: its 0.5th-percentile "
+        "clip); samples mapped back to nnU-Net's space (evaluation features) are clamped to it. Set where the model's "
+        "range reaches beyond nnU-Net's (a foundation autoencoder's HU window); empty: no clamp", default_factory=tuple)
+    intensity_clip_high: tuple[float, ...] = doc(
+        "per channel, the highest nnU-Net-normalised value nnU-Net's preprocessing gives (CT: its 99.5th-percentile "
+        "clip), as intensity_clip_low", default_factory=tuple)
     oversample_foreground_percent: float = doc("fraction of samples centred on foreground, as nnU-Net does", 0.33, ge=0, le=1)
     augmentation: Literal["none", "mild", "nnunet"] = doc(
         "nnU-Net augmentation strength: 'mild' (no large rotations; they hurt generation), 'nnunet' (segmentation defaults), 'none'", "mild")
@@ -117,7 +124,13 @@ class DataConfig:
 
 # Where an LDM's autoencoder comes from (``autoencoder.source``): trained on the dataset, or a published foundation
 # autoencoder adopted as it is (medimgen.models.foundation; README "Start from a foundation autoencoder").
-AUTOENCODER_SOURCES = ("trained", "maisi")
+TRAINED = "trained"
+AUTOENCODER_SOURCES = (TRAINED, "maisi")
+
+
+def is_foundation(source: str) -> bool:
+    """Whether an ``autoencoder.source`` is a published foundation autoencoder (adopted), not one trained here."""
+    return source != TRAINED
 
 
 @dataclass(frozen=True)
@@ -145,6 +158,11 @@ class AutoencoderConfig:
     foundation_min_ssim: float = doc(
         "source 'maisi': the reconstruction check's SSIM the validation cases must reach, as foundation_min_psnr",
         0.8, le=1)
+
+    @property
+    def is_foundation(self) -> bool:
+        """A published foundation autoencoder (``source`` other than 'trained'): adopted, never trained here."""
+        return is_foundation(self.source)
 
 
 # The published architecture of each foundation source (MAISI: Project-MONAI model-zoo maisi_ct_generative
@@ -378,11 +396,11 @@ class GenerationConfig:
 
     def trained_fallback(self) -> "GenerationConfig":
         """A config whose autoencoder is a foundation one (``autoencoder.source``): the copy that trains the planned
-        fallback autoencoder instead (``derived.fallback_autoencoder``; memory fitting and a failed reconstruction
-        check use it). A trained autoencoder's config: itself."""
+        fallback autoencoder instead (``derived.fallback_autoencoder``; memory fitting uses it; a failed
+        reconstruction check re-plans the whole dimensionality instead: medimgen.planning.fallback). A trained autoencoder's config: itself."""
         from dataclasses import replace
 
-        if self.autoencoder.source == "trained":
+        if not self.autoencoder.is_foundation:
             return self
         from medimgen.config.io import from_dict
         from medimgen.core.errors import MedimgenError
@@ -391,7 +409,7 @@ class GenerationConfig:
             raise MedimgenError("autoencoder.source is a foundation autoencoder, but derived.fallback_autoencoder is "
                                 "empty: re-plan (medimgen plan) to get the autoencoder a failed check trains")
         ae = from_dict(AutoencoderConfig, dict(self.derived.fallback_autoencoder), "derived.fallback_autoencoder")
-        ae = replace(ae, source="trained", activation_checkpointing=self.autoencoder.activation_checkpointing)
+        ae = replace(ae, source=TRAINED, activation_checkpointing=self.autoencoder.activation_checkpointing)
         return replace(self, autoencoder=ae)
 
     @property

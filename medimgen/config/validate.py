@@ -94,7 +94,7 @@ def check_foundation(cfg: GenerationConfig, where: str = "") -> None:
     from medimgen.config.schema import FOUNDATION_ARCHITECTURES
 
     ae = cfg.autoencoder
-    if ae.source == "trained":
+    if not ae.is_foundation:
         return
     key = _join(where, "autoencoder.source")
     if cfg.data.spatial_dims != 3:
@@ -185,7 +185,7 @@ def _check_intensity(data, where: str) -> None:
     if not lo < hi:
         raise _bad(_join(where, "data.intensity_range"), "[low, high] with low < high", data.intensity_range)
     per_channel = ("intensity_low", "intensity_high", "intensity_mean", "intensity_std", "intensity_case_mean",
-                   "intensity_case_std", "intensity_background")
+                   "intensity_case_std", "intensity_background", "intensity_clip_low", "intensity_clip_high")
     for name in per_channel:
         value = getattr(data, name)
         if value and len(value) != data.in_channels:
@@ -195,6 +195,10 @@ def _check_intensity(data, where: str) -> None:
         if not low < high:
             raise MedimgenError(f"config key '{_join(where, 'data.intensity_low')}': must be below data.intensity_high "
                                 f"on every channel, got {low:g} >= {high:g} on channel {c}")
+    if len(data.intensity_clip_low) != len(data.intensity_clip_high) or any(
+            not low < high for low, high in zip(data.intensity_clip_low, data.intensity_clip_high)):
+        raise MedimgenError(f"config key '{_join(where, 'data.intensity_clip_low')}': one value per channel below "
+                            f"data.intensity_clip_high (or both empty)")
     if data.intensity_std and any(v <= 0 for v in data.intensity_std):
         raise _bad(_join(where, "data.intensity_std"), "numbers > 0", data.intensity_std)
 

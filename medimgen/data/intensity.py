@@ -14,6 +14,10 @@ r0 gets the raw value of those voxels back (``raw_background``, 0) where the dat
 the data's floor, so nothing maps below it (the map is continuous: no jump just above r0).
 Configs from before these fields map back with the fingerprint's foreground mean/std.
 The model's own range is the only other bound (outputs are clamped to it before mapping back).
+Where the model's range reaches beyond what nnU-Net's preprocessing gives (a foundation autoencoder's HU window
+[-1000, 1000] around nnU-Net's CT clip to the foreground's 0.5/99.5 percentiles), ``to_normalized`` clamps to
+nnU-Net's range (``clip_low``/``clip_high``), so what reads nnU-Net-space images (evaluation features) sees values
+nnU-Net could have given; ``to_original`` keeps the window's HU.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class IntensityMap:
     std: tuple[float, ...]
     out_range: tuple[float, float] = (-1.0, 1.0)
     raw_background: tuple[float, ...] = ()  # original value of model values <= r0 (empty: linear)
+    clip_low: tuple[float, ...] = ()  # nnU-Net's own normalised range (CT: its percentile clip; empty: no clamp)
+    clip_high: tuple[float, ...] = ()
 
     @classmethod
     def from_config(cls, data: DataConfig) -> "IntensityMap":
@@ -46,6 +52,8 @@ class IntensityMap:
             std=tuple(data.intensity_case_std) or tuple(data.intensity_std) or (1.0,) * n,
             out_range=tuple(data.intensity_range),
             raw_background=tuple(data.intensity_background),
+            clip_low=tuple(data.intensity_clip_low),
+            clip_high=tuple(data.intensity_clip_high),
         )
 
     def _shape(self, values: Sequence[float], x, channel_axis: int):
@@ -63,10 +71,21 @@ class IntensityMap:
             out = out.clamp(r0, r1) if isinstance(out, torch.Tensor) else np.clip(out, r0, r1)
         return out
 
-    def to_normalized(self, model, channel_axis: int = 0):
+    def _linear_normalized(self, model, channel_axis: int = 0):
         lo, hi = self._shape(self.low, model, channel_axis), self._shape(self.high, model, channel_axis)
         r0, r1 = self.out_range
         return lo + (model - r0) / (r1 - r0) * (hi - lo)
+
+    def to_normalized(self, model, channel_axis: int = 0):
+        """Model values -> nnU-Net's normalised space, as nnU-Net's preprocessing gives it: within ``clip_low``/
+        ``clip_high`` where set (a foundation autoencoder's HU window reaches beyond nnU-Net's CT clip)."""
+        norm = self._linear_normalized(model, channel_axis)
+        if not self.clip_low:
+            return norm
+        lo, hi = self._shape(self.clip_low, norm, channel_axis), self._shape(self.clip_high, norm, channel_axis)
+        if isinstance(norm, torch.Tensor):
+            return torch.minimum(torch.maximum(norm, lo.to(norm.dtype)), hi.to(norm.dtype))
+        return np.clip(norm, lo, hi)
 
     def normalized_to_original(self, norm, channel_axis: int = 0):
         return norm * self._shape(self.std, norm, channel_axis) + self._shape(self.mean, norm, channel_axis)
@@ -80,7 +99,7 @@ class IntensityMap:
         map has no jump at the lower bound (a value just above it cannot come back far below the background)."""
         r0, r1 = self.out_range
         model = model.clamp(r0, r1) if isinstance(model, torch.Tensor) else np.clip(model, r0, r1)
-        out = self.normalized_to_original(self.to_normalized(model, channel_axis), channel_axis)
+        out = self.normalized_to_original(self._linear_normalized(model, channel_axis), channel_axis)
         if not self.raw_background:
             return out
         bg = self._shape(self.raw_background, model, channel_axis)

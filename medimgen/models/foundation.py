@@ -16,8 +16,9 @@ thick at every level and medimgen's tiled decoding (models.decoding) bounds deco
 
 Intensities: the published weights saw CT as Hounsfield units windowed [-1000, 1000] -> [0, 1] (clipped) and MR scaled
 by its 0th-99.5th percentiles to [0, 1] (NV-Generate-CTMR scripts/transforms.py). The planner sets the data section's
-intensity map to exactly that around the autoencoder (medimgen.planning.foundation), so samples map back to the
-data's units through the usual inverse (medimgen.data.intensity).
+intensity map to that around the autoencoder (medimgen.planning.foundation; CT: the window of the HU nnU-Net's
+preprocessing kept, i.e. clipped to the foreground's 0.5/99.5th percentiles), so samples map back to the data's
+units through the usual inverse (medimgen.data.intensity).
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def autoencoder_for(cfg: GenerationConfig) -> nn.Module:
     published foundation network (medimgen.models.foundation; weights loaded by whoever adopts it)."""
     from medimgen.models.labels import autoencoder_out_channels, network_channels
 
-    if cfg.autoencoder.source != "trained":  # a published foundation network (models.foundation), validated
+    if cfg.autoencoder.is_foundation:  # a published foundation network (models.foundation), validated
         from medimgen.config.validate import check_foundation
         from medimgen.models.foundation import build_foundation_autoencoder
 

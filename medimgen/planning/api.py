@@ -12,10 +12,10 @@ from typing import Sequence
 from medimgen import __version__
 from medimgen.config.io import apply_overrides, is_user_edited, load_config, save_config
 from medimgen.config.kinds import kind, names
-from medimgen.config.schema import DatasetInfo, MedimgenConfig
+from medimgen.config.schema import DatasetInfo, MedimgenConfig, is_foundation
 from medimgen.core.errors import MedimgenError
 from medimgen.planning.foundation import (FOUNDATION_RANGE, choose, forced_sources, foundation_bounds,
-                                         is_source_override, overridden)
+                                         is_source_override, nnunet_clip, overridden)
 from medimgen.planning.heuristics import joint_by_default, plan_generation
 from medimgen.planning.latent_cache import plan_cache
 from medimgen.planning.intensity_stats import case_statistics, intensity_bounds, intensity_statistics
@@ -53,7 +53,7 @@ def explain_costs(config: MedimgenConfig, folder: Path) -> list[str]:
 
     return [*(f"{dim} autoencoder: {cfg.derived.autoencoder_choice}" for dim, cfg in config.configs.items()
               if cfg.derived.autoencoder_choice),
-            *(explain_disk(cfg, dim, cache_samples=cached_samples(config, dim)) for dim, cfg in config.configs.items()),
+            *(explain_disk(cfg, dim, cache_samples=cached_samples(config, dim, folder)) for dim, cfg in config.configs.items()),
             *(explain_cache(config, dim, folder) for dim in config.configs),
             *(explain_quality(cfg, dim) for dim, cfg in config.configs.items())]
 
@@ -156,7 +156,7 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overri
     if notes is not None:
         notes += [f"note: {dim} not planned: {why} (then re-plan)" for dim, why in skipped.items()]
     forced = forced_sources(overrides)
-    if "2d" in forced and forced["2d"] != "trained":
+    if "2d" in forced and is_foundation(forced["2d"]):
         raise MedimgenError(f"autoencoder.source={forced['2d']} cannot be used for 2d: the published foundation "
                             f"autoencoders are 3D networks")
     choices = {}
@@ -167,7 +167,7 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overri
         choices[dim] = choose(plans, dim, joint, force)
     for dim in dims:
         source, why = choices[dim]
-        low, high = intensity_bounds(plans, dim) if source == "trained" else foundation_bounds(plans, dim)
+        low, high = intensity_bounds(plans, dim) if not is_foundation(source) else foundation_bounds(plans, dim)
         cm = plans.configuration(dim)
         key = (tuple(cm.normalization_schemes), tuple(cm.use_mask_for_norm))
         if key not in raw_stats:
@@ -175,9 +175,13 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overri
             raw_stats[key] = case_statistics(plans, dim) if needs_raw else []
         stats = intensity_statistics(plans, dim, low, cases=raw_stats[key])
         configs[dim] = plan_generation(plans, dim, low, high, target, intensity_stats=stats, autoencoder_source=source,
-                                       intensity_range=(-1.0, 1.0) if source == "trained" else FOUNDATION_RANGE)
+                                       intensity_range=(-1.0, 1.0) if not is_foundation(source) else FOUNDATION_RANGE)
         configs[dim] = dataclasses.replace(configs[dim], derived=dataclasses.replace(
             configs[dim].derived, autoencoder_choice=why))
+        if is_foundation(source):  # the window reaches beyond nnU-Net's CT clip: map samples back within it
+            clip_low, clip_high = nnunet_clip(plans, dim, low, high)
+            configs[dim] = dataclasses.replace(configs[dim], data=dataclasses.replace(
+                configs[dim].data, intensity_clip_low=tuple(clip_low), intensity_clip_high=tuple(clip_high)))
     # the planner applied the source (architecture, sizes, intensities); the override itself is kept out of the
     # others so that an unprefixed one does not reach the 2d config, which stays trained
     overrides = [o for o in overrides if not is_source_override(o)]

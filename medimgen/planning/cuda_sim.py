@@ -15,8 +15,9 @@ reports for the same step, because it is the same sequence of allocations:
   forward of a checkpointed block is alive during its backward), gradients of activations
   next to the saved tensors, AMP weight casts, AdamW's moments and foreach temporaries (counted, not run: one
   sqrt(v) per parameter, as torch.optim.AdamW(foreach=True), which CUDA uses by default, allocates them),
-  gradient clipping, the EMA copy, the frozen autoencoder (LDM; with ``cache_latents`` no encoder pass: the
-  batch holds the latent cache's mu and sigma) and perceptual network.
+  gradient clipping, the EMA copy, the frozen autoencoder (LDM; with ``cache_latents`` no encoder pass in the
+  step: the batch holds the latent cache's mu and sigma; the cache build's encoder pass, a micro-batch at image size
+  in float32, is counted before it) and perceptual network.
 - attention through torch's scaled-dot-product attention (no N^2 matrix), as built.
 - the networks are built on the meta device and then made fake (their initialisation runs no fake op).
 
@@ -524,6 +525,12 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
         tracker.allocate([n for opt in optimisers.values() for n in opt.state_sizes()]
                          + [_nbytes(p) for m in ema_of for p in m.parameters()])
         tracker.trace.clear()
+        if cached:  # the cache build's encoder pass (training.latents.encode_voxels: the micro-batch at image
+            # size, float32, no grad), before the first step, next to the networks (counted here next to the moments)
+            encoder = next((m for m in frozen if hasattr(m, "encode_stage_2_inputs")), None)
+            if encoder is not None:
+                with torch.no_grad():
+                    encoder.encode(torch.randn(shape))
         for _ in range(min(accum, 2)):  # with accumulation, the second micro-batch runs next to the first's gradients
             batch = {"image": torch.randn(shape), "label": torch.zeros(shape[:1] + (1,) + shape[2:], dtype=torch.int16)}
             if cached:  # the latent cache's batch: mu and sigma at latent size (the image tensor is not made)

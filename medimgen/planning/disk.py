@@ -100,7 +100,7 @@ def _networks(cfg: GenerationConfig, model: str) -> tuple[Tensors, Tensors, Tens
     ae = ("autoencoder", cfg.autoencoder, nd, c)
 
     def build_ae():  # a foundation autoencoder (autoencoder.source) is its published network, not a planned one
-        if cfg.autoencoder.source == "trained":
+        if not cfg.autoencoder.is_foundation:
             return build_autoencoder(cfg.autoencoder, nd, c)
         from medimgen.models.foundation import build_foundation_autoencoder
 
@@ -119,7 +119,7 @@ def _networks(cfg: GenerationConfig, model: str) -> tuple[Tensors, Tensors, Tens
                         tuple(cfg.data.label_values), *channels), lambda: build_controlnet(cfg))
         return net, NONE, bundled
     if kind(model).encoder:
-        adopted = cfg.autoencoder.source != "trained"  # adopted as published: no discriminator trained
+        adopted = cfg.autoencoder.is_foundation  # adopted as published: no discriminator trained
         disc = _tensors(("discriminator", cfg.discriminator, nd, c), lambda: build_discriminator(
             cfg.discriminator, nd, c)) if cfg.losses.adversarial_weight > 0 and not adopted else NONE
         return _tensors(ae, build_ae), disc, NONE
@@ -160,7 +160,7 @@ def estimate_disk(cfg: GenerationConfig, model: str) -> DiskEstimate:
     ema = bool(train.ema_decay) and not encoder
     trained = sampling + others
     adam = Tensors(2 * trained.trainable_bytes + 4 * trained.trainable_count, 3 * trained.trainable_count, 0, 0, 0)
-    if encoder and cfg.autoencoder.source != "trained":  # adopted, never stepped: AdamW holds no moments
+    if encoder and cfg.autoencoder.is_foundation:  # adopted, never stepped: AdamW holds no moments
         adam = NONE
     ema_copy = Tensors(sampling.bytes + 8, sampling.count + 1, 0, 0, 0) if ema else NONE
     best = _torch_file(sampling, TORCH_FIXED_BYTES["best"])

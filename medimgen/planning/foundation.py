@@ -10,7 +10,10 @@ Whether it suits the data is decided once more on the data itself: `medimgen tra
 reconstruction check and otherwise trains the planned fallback (training.foundation).
 
 Intensities as the published weights saw them, into ``data.intensity_range`` [0, 1]: CT, the HU window [-1000, 1000]
-(exact through nnU-Net's CT normalisation: the fingerprint's mean/std); MR (any per-image normalisation), the
+applied to HU = normalised * std + mean (nnU-Net's CTNormalization z-scored with the fingerprint's foreground mean/std,
+exact); nnU-Net clipped the HU to the foreground's 0.5/99.5th percentiles before, a loss no mapping of its
+preprocessed data undoes: the VAE sees the window of the clipped HU (``plan --explain`` prints the sub-range), and
+samples mapped back to nnU-Net's space are clamped to that clip (``data.intensity_clip_low/high``); MR (any per-image normalisation), the
 0th-99.5th percentiles (MAISI scales each image by its own; medimgen's bounds are dataset-wide, from the same
 sample of preprocessed voxels as the usual 0.5/99.5 bounds, so one mapping holds for every image and for samples).
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from medimgen.config.io import parse_override
-from medimgen.config.schema import AUTOENCODER_SOURCES
+from medimgen.config.schema import AUTOENCODER_SOURCES, TRAINED, is_foundation
 from medimgen.core.errors import MedimgenError
 from medimgen.models.foundation import FOUNDATIONS, foundation, modality, weights_path, weights_present
 from medimgen.nnunet.plans import DatasetPlans
@@ -86,8 +89,8 @@ def choose(plans: DatasetPlans, dim: str, generate_labels: bool, forced: str | N
     name = plans.channel_names[0] if plans.channel_names else "?"
     schemes = plans.configuration(dim).normalization_schemes
     mod = modality(name, schemes[0] if schemes else "")
-    if forced == "trained":
-        return "trained", "trained (forced by autoencoder.source=trained)"
+    if forced is not None and not is_foundation(forced):
+        return TRAINED, "trained (forced by autoencoder.source=trained)"
     blocked = _why_not(plans, dim, generate_labels, source)
     if forced:
         if blocked:
@@ -100,15 +103,16 @@ def choose(plans: DatasetPlans, dim: str, generate_labels: bool, forced: str | N
         return source, f"{source} (forced by autoencoder.source={source}" + "".join(f"; {n}" for n in notes) + \
             "); adopted after a reconstruction check, else trained"
     if blocked:
-        return "trained", f"trained ({blocked})"
+        return TRAINED, f"trained ({blocked})"
     if mod not in f.modalities:
-        return "trained", (f"trained (channel {name!r} is not a modality the {f.title} weights were trained on: "
+        return TRAINED, (f"trained (channel {name!r} is not a modality the {f.title} weights were trained on: "
                            f"{', '.join(m.upper() for m in f.modalities)})")
     if not weights_present(source):
-        return "trained", (f"trained (the {f.title} would suit this {mod.upper()} data, but its weights are not in "
+        return TRAINED, (f"trained (the {f.title} would suit this {mod.upper()} data, but its weights are not in "
                            f"{weights_path(source)}: `medimgen weights download {f.weights}`, then re-plan)")
     return source, (f"{source} ({f.title}: 3D {mod.upper()} images, one channel, weights present; `train autoencoder` "
-                    f"adopts it after a reconstruction check on the validation cases, else trains one)")
+                    f"adopts it after a reconstruction check on the validation cases, else trains one"
+                    f"{ct_clip_note(plans, dim)})")
 
 
 def foundation_bounds(plans: DatasetPlans, dim: str) -> tuple[list[float], list[float]]:
@@ -119,7 +123,33 @@ def foundation_bounds(plans: DatasetPlans, dim: str) -> tuple[list[float], list[
     low, high = intensity_bounds(plans, dim, percentiles=MR_PERCENTILES)
     fg = plans.foreground_intensity_properties
     for c, scheme in enumerate(plans.configuration(dim).normalization_schemes):
-        if scheme == "CTNormalization":
+        if scheme == "CTNormalization":  # HU = norm * std + mean (nnU-Net z-scored clipped HU with these)
             mean, std = fg[c]["mean"], max(fg[c]["std"], 1e-8)
             low[c], high[c] = ((v - mean) / std for v in CT_WINDOW_HU)
     return low, high
+
+
+def nnunet_clip(plans: DatasetPlans, dim: str, low, high) -> tuple[list[float], list[float]]:
+    """Per channel, the normalised range nnU-Net's preprocessing gives (``data.intensity_clip_low/high``): CT its
+    percentile clip; other channels the planned bounds (the model's range never maps beyond them)."""
+    from medimgen.planning.intensity_stats import ct_clip
+
+    lo, hi = [float(v) for v in low], [float(v) for v in high]
+    fg = plans.foreground_intensity_properties
+    for c, scheme in enumerate(plans.configuration(dim).normalization_schemes):
+        if scheme == "CTNormalization":
+            lo[c], hi[c] = ct_clip(fg[c])
+    return lo, hi
+
+
+def ct_clip_note(plans: DatasetPlans, dim: str) -> str:
+    """One clause on what nnU-Net's CT clip leaves of MAISI's HU window (empty: no CT channel)."""
+    fg = plans.foreground_intensity_properties
+    w0, w1 = CT_WINDOW_HU
+    for c, scheme in enumerate(plans.configuration(dim).normalization_schemes):
+        if scheme == "CTNormalization":
+            a, b = fg[c]["percentile_00_5"], fg[c]["percentile_99_5"]
+            m0, m1 = ((min(max(v, w0), w1) - w0) / (w1 - w0) for v in (a, b))
+            return (f"; nnU-Net clipped this CT to its foreground's 0.5-99.5th percentiles [{a:.0f}, {b:.0f}] HU, "
+                    f"so the VAE sees MAISI's window of those HU: [{m0:.3f}, {m1:.3f}] of [0, 1]")
+    return ""

@@ -25,6 +25,8 @@ from medimgen.config.schema import (
     TrackingConfig,
     TrainConfig,
     UNetConfig,
+    TRAINED,
+    is_foundation,
 )
 from medimgen.config.io import to_dict
 from medimgen.models.networks import total_stride
@@ -140,7 +142,7 @@ class _Levels:
     trained_ae_strides: tuple  # the strides a trained autoencoder gets (the same as ae_strides unless a foundation)
 
 
-def _levels(cm, autoencoder_source: str = "trained") -> _Levels:
+def _levels(cm, autoencoder_source: str = TRAINED) -> _Levels:
     """A foundation autoencoder (``autoencoder_source``) brings its own strides; the image size is then divisible by
     a trained autoencoder's levels too, so falling back to training one (training.foundation) keeps the size."""
     arch = cm.network_arch_init_kwargs
@@ -149,7 +151,7 @@ def _levels(cm, autoencoder_source: str = "trained") -> _Levels:
     features = list(arch["features_per_stage"])
     trained = autoencoder_strides(nn_strides, dims)
     ae_strides = trained
-    if autoencoder_source != "trained":
+    if is_foundation(autoencoder_source):
         from medimgen.models.foundation import architecture
 
         ae_strides = tuple(tuple(s) for s in architecture(autoencoder_source).strides)
@@ -221,8 +223,8 @@ def trained_autoencoder(lv: _Levels) -> AutoencoderConfig:
                              attention_levels=(False,) * len(ae_channels), norm_num_groups=norm_groups(ae_channels))
 
 
-def _networks(lv: _Levels, autoencoder_source: str = "trained") -> dict:
-    if autoencoder_source == "trained":
+def _networks(lv: _Levels, autoencoder_source: str = TRAINED) -> dict:
+    if not is_foundation(autoencoder_source):
         autoencoder = trained_autoencoder(lv)
     else:
         from medimgen.models.foundation import architecture
@@ -235,7 +237,7 @@ def _networks(lv: _Levels, autoencoder_source: str = "trained") -> dict:
                              attention_levels=attention_levels(lv.image_size, lv.ddpm_strides, lv.dims)),
         # a foundation autoencoder may give way to its trained fallback: empty strides follow whichever one the LDM has
         controlnet=ControlNetConfig(conditioning_channels=tuple(16 * 2 ** min(i, 2) for i in range(len(lv.ae_strides) + 1)),
-                                    conditioning_strides=lv.ae_strides if autoencoder_source == "trained" else ()),
+                                    conditioning_strides=lv.ae_strides if not is_foundation(autoencoder_source) else ()),
         ldm_unet=UNetConfig(channels=lv.ldm_channels, strides=lv.ldm_strides, norm_num_groups=norm_groups(lv.ldm_channels),
                             attention_levels=attention_levels(lv.latent_size, lv.ldm_strides, lv.dims)),
     )
@@ -265,7 +267,7 @@ def plan_generation(
     intensity_high: Sequence[float],
     target_gb: float = 8.0,
     intensity_stats=None,
-    autoencoder_source: str = "trained",
+    autoencoder_source: str = TRAINED,
     intensity_range: Sequence[float] = (-1.0, 1.0),
 ) -> GenerationConfig:
     """The complete generation config for ``dim`` ('2d' or '3d') of a preprocessed dataset.
@@ -292,6 +294,6 @@ def plan_generation(
         **training,
         tracking=TrackingConfig(),
         memory=MemoryConfig(target_gb=float(target_gb)),
-        derived=DerivedConfig(fallback_autoencoder={} if autoencoder_source == "trained" else
+        derived=DerivedConfig(fallback_autoencoder={} if not is_foundation(autoencoder_source) else
                               to_dict(trained_autoencoder(lv))),
     )

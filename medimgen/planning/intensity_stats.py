@@ -30,6 +30,13 @@ SAMPLE_CASES = 16
 SAMPLE_VOXELS = 200_000
 
 
+def ct_clip(fg: dict) -> tuple[float, float]:
+    """nnU-Net's CTNormalization clip (the foreground's 0.5th/99.5th HU percentiles) in its normalised units, from
+    one channel's fingerprint properties (mean, std, percentile_00_5, percentile_99_5)."""
+    mean, std = fg["mean"], max(fg["std"], 1e-8)
+    return (fg["percentile_00_5"] - mean) / std, (fg["percentile_99_5"] - mean) / std
+
+
 def intensity_bounds(plans: DatasetPlans, dim: str, seed: int = 0,
                      percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[list[float], list[float]]:
     """Per channel (low, high) in nnU-Net-normalised units: CT's clip bounds, else ``percentiles`` of the
@@ -40,9 +47,7 @@ def intensity_bounds(plans: DatasetPlans, dim: str, seed: int = 0,
     high: list[float | None] = [None] * plans.num_channels
     for c, scheme in enumerate(cm.normalization_schemes):
         if scheme == "CTNormalization":
-            mean, std = fg[c]["mean"], max(fg[c]["std"], 1e-8)
-            low[c] = (fg[c]["percentile_00_5"] - mean) / std
-            high[c] = (fg[c]["percentile_99_5"] - mean) / std
+            low[c], high[c] = ct_clip(fg[c])
     missing = [c for c in range(plans.num_channels) if low[c] is None]
     if missing:
         rng = np.random.default_rng(seed)

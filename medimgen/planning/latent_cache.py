@@ -10,12 +10,14 @@ It is planned on when it pays and fits:
   ``RAM_SHARE`` of the available host memory (training holds it in memory; several ranks each hold a copy).
 
 Sizes use the planned image size (cases larger than it are cached up to training.latents.MAX_EXTENT times larger,
-smaller ones padded), and dataset.json's training cases (the cache encodes those of the training split).
+smaller ones padded), and dataset.json's training cases (the cache encodes those of the training split); a 2D cache
+one latent per slice of each (the slices nnU-Net's 2d configuration cuts, from its fingerprint).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -45,11 +47,18 @@ def latent_models(cfg: GenerationConfig) -> list[str]:
     return [m for m in names() if cfg.space_of(m) == "latent"]
 
 
-def samples_per_case(config: MedimgenConfig, dim: str) -> int:
-    """Cached samples per case: 1 for 3D; for 2D the slices of a case (the 3D median depth; 1 for 2D data)."""
-    if dim != "2d" or "3d" not in config.configs:
-        return 1
-    return max(1, int(config.configs["3d"].data.median_image_size[0]))
+def training_slices(config: MedimgenConfig, folder: Path) -> int | None:
+    """Slices of all training cases as nnU-Net's 2D configuration cuts them (None: no readable fingerprint).
+
+    nnU-Net's 2d preprocessing resamples in-plane only: a case has as many slices as its cropped shape has along
+    the axis transpose_forward puts first (dataset_fingerprint.json ``shapes_after_crop``, one per training case),
+    whether or not the 3D configuration was planned (2D data: 1 each)."""
+    try:
+        shapes = json.loads((Path(folder) / "dataset_fingerprint.json").read_text())["shapes_after_crop"]
+        axis = int(config.dataset.transpose_forward[0]) if config.dataset.transpose_forward else 0
+        return sum(max(1, int(shape[axis])) for shape in shapes)
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def cache_bytes(cfg: GenerationConfig, model: str, samples: int) -> int:
@@ -102,14 +111,21 @@ def free_space(folder: Path) -> tuple[float | None, float | None]:
     return disk, float(ram) if ram is not None else None
 
 
-def cached_samples(config: MedimgenConfig, dim: str) -> int:
-    """Training samples a latent cache of ``dim`` holds (cases; 2D: their slices)."""
-    return config.dataset.num_training * samples_per_case(config, dim)
+def cached_samples(config: MedimgenConfig, dim: str, folder: Path) -> int:
+    """Training samples a latent cache of ``dim`` holds: the cases; 2D, one per slice of every case
+    (:func:`training_slices`; without a fingerprint, the 3D median depth per case where 3D is planned, else 1)."""
+    if dim != "2d":
+        return config.dataset.num_training
+    slices = training_slices(config, folder)
+    if slices is not None:
+        return slices
+    depth = config.configs["3d"].data.median_image_size[0] if "3d" in config.configs else 1
+    return config.dataset.num_training * max(1, int(depth))
 
 
 def decisions(config: MedimgenConfig, dim: str, folder: Path) -> list[CacheDecision]:
     cfg = config.configs[dim]
-    samples = cached_samples(config, dim)
+    samples = cached_samples(config, dim, folder)
     disk, ram = free_space(folder)
     return [decide(cfg, m, samples, disk, ram) for m in latent_models(cfg)]
 

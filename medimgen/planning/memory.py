@@ -372,7 +372,7 @@ def explain(cfg: GenerationConfig, dim: str, target_gb: float | None = None) -> 
         lines.append(f"  {m:<12}{e.params:>12,}{e.static_bytes / GIB:>11.2f}{e.activation_bytes / GIB:>11.2f}"
                      f"{e.peak_gb:>9.2f}  {'on ' if e.amp else 'off'}  {'on ' if e.checkpointing else 'off'}"
                      f"   {f'{e.micro_batch} x {e.accumulation}':<13} {'yes' if fits(e, target_gb * GIB) else 'NO'}")
-    if cfg.autoencoder.source != "trained":
+    if cfg.autoencoder.is_foundation:
         lines.append(f"  autoencoder.source={cfg.autoencoder.source}: the foundation autoencoder is adopted, not "
                      f"trained; its row is the fallback's training, the latent models' rows hold the frozen "
                      f"foundation network")

@@ -23,7 +23,7 @@ CACHE_ENV = "MEDIMGEN_CACHE_DIR"
 FORMAT = 2  # bump when the stored payload changes meaning
 # the modules whose code decides a simulated peak (networks built, steps run, how bytes are counted)
 _SOURCES = ("medimgen.planning.cuda_sim", "medimgen.models.networks", "medimgen.models.diffusion",
-            "medimgen.models.labels", "medimgen.models.losses")
+            "medimgen.models.labels", "medimgen.models.losses", "medimgen.models.foundation")
 
 
 def cache_dir() -> Path | None:

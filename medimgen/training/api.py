@@ -16,6 +16,7 @@ from medimgen import __version__
 from medimgen.core import distributed
 from medimgen.config import (apply_overrides, flatten, load_config, load_generation_config, render_generation_config,
                              save_generation_config)
+from medimgen.config.io import from_dict, to_dict
 from medimgen.config.kinds import config_sections, kind, names
 from medimgen.config.schema import DIMS, GenerationConfig
 from medimgen.data.cases import open_cases
@@ -193,7 +194,11 @@ def _train_locked(lock: RunLock | None, model: str, plans: DatasetPlans, split, 
     if lock is not None:
         lock.acquire()  # creates the folder of a new run; the check again: another process may have started it
         _check_run(run, model, resume)
-    return _Job(model, plans, split, run, cfg, task, device, setup, echo).execute(resume, progress, stop_after_epoch)
+    job = _Job(model, plans, split, run, cfg, task, device, setup, echo)
+    # the config file the run was resolved from (a failed foundation check re-plans it); None: given in memory
+    job.config_file = None if setup.config is not None or resume else \
+        Path(config_path) if config_path else plans.folder / CONFIG_NAME
+    return job.execute(resume, progress, stop_after_epoch)
 
 
 class _Job:
@@ -212,29 +217,31 @@ class _Job:
         self.trainer: Trainer | None = None
         self.foundation_metrics: dict = {}  # a foundation autoencoder's reconstruction check (training.foundation)
         self.foundation_tags: dict = {}
+        self.config_file: Path | None = None  # where the run's config came from (set by _train_locked)
 
     def run_echo(self) -> Callable[[str], None]:
         return _echo_for(self.cfg, self.run, self.echo) if self.main else (lambda msg: None)
 
     def execute(self, resume: bool, progress: bool, stop_after_epoch: int | None) -> TrainResult:
         try:
-            self.batches = self._train_batches(self.cfg, self.tcfg.batch_size, distributed.rank_seed(self.tcfg.seed),
-                                               progress)
-            if not resume and kind(self.model).encoder and self.cfg.autoencoder.source != "trained":
+            if not resume and kind(self.model).encoder and self.cfg.autoencoder.is_foundation:
                 from medimgen.training.foundation import adopt
 
                 # rank 0 checks and writes (several ranks: the others follow its decision)
                 if distributed.broadcast(adopt(self, progress) if self.main else None):
                     return self._adopted()  # the published autoencoder, checked: a complete run
-                if not self.main:
-                    self.cfg = self.cfg.trained_fallback()
+                fallback = distributed.broadcast(to_dict(self.cfg) if self.main else None)  # rank 0 re-planned it
+                self.cfg = self._record_world(from_dict(GenerationConfig, fallback))
                 self.task = build_task(self.model, self.cfg, self.device)  # the check failed: train the fallback
+            # after the choice of autoencoder: a fallback's re-plan changes the intensity mapping the batches use
+            self.batches = self._train_batches(self.cfg, self.tcfg.batch_size, distributed.rank_seed(self.tcfg.seed),
+                                               progress)
             self._derive(resume)  # the folder: RunLock made it, the Trainer makes its checkpoints/ and plots/
-            self.trainer = self._make_trainer(progress, stop_after_epoch)
+            self.trainer = self.make_trainer(progress, stop_after_epoch)
             previous_run_id = self.trainer.load(self.run.last)["mlflow_run_id"] if resume else None  # before any write
             distributed.barrier()  # every rank has read last.pt before rank 0 writes
             if self.main:
-                self._write_run_files()
+                self.write_run_files()
                 self._start_tracking(previous_run_id)
                 self._log_foundation_check()
             result = self.trainer.fit()
@@ -289,7 +296,7 @@ class _Job:
             self.cached = latents.prepare(cfg, self.plans, self.split.train, self.task.frozen_autoencoder,
                                           self.device, with_labels=kind(self.model).steers,
                                           progress=progress and self.main,
-                                          echo=self.run_echo())
+                                          echo=self.run_echo(), batch_size=batch_size)
         return latents.CachedBatches(self.cached, cfg, batch_size)
 
     def _record_world(self, cfg: GenerationConfig) -> GenerationConfig:
@@ -322,7 +329,7 @@ class _Job:
         self.task.scale_factor = scale
         self.cfg = dataclasses.replace(self.cfg, derived=dataclasses.replace(self.cfg.derived, latent_scale_factor=scale))
 
-    def _make_trainer(self, progress: bool, stop_after_epoch: int | None) -> Trainer:
+    def make_trainer(self, progress: bool, stop_after_epoch: int | None) -> Trainer:
         val_ids = self.split.val or self.split.train[:1]
         run_echo = self.run_echo()
         guard = MemoryGuard(self.cfg, self.model, self.device, run_echo, lambda m: self.tracker.log_metrics(m, step=0)) \
@@ -363,7 +370,7 @@ class _Job:
         self.tracker.log_artifacts([self.run.config], "run")
         return self.batches
 
-    def _write_run_files(self) -> None:
+    def write_run_files(self) -> None:
         save_generation_config(self.cfg, self.run.config)
         self.run.copy_nnunet_files(self.plans.folder, self.plans.plans_identifier)
         save_geometry(case_geometry(self.plans, self.cfg.dim, sorted(self.split.train)[0], self.cfg.data.spacing),

@@ -40,7 +40,7 @@ class AutoencoderTask:
         self.losses = cfg.losses
         # a foundation autoencoder (autoencoder.source) is adopted, not trained (training.foundation): no
         # discriminator, no perceptual network (nor its weights) are needed
-        self.adopted = cfg.autoencoder.source != "trained"
+        self.adopted = cfg.autoencoder.is_foundation
         self.adversarial = cfg.losses.adversarial_weight > 0 and not self.adopted
         if self.adversarial:
             self.discriminator = build_discriminator(cfg.discriminator, nd, c).to(device)

@@ -11,8 +11,10 @@ The check: PSNR and SSIM of the validation cases' reconstructions (posterior mea
 data range), by the one scorer (training.quality). At least ``autoencoder.foundation_min_psnr`` dB (25) and
 ``foundation_min_ssim`` (0.8): adopted. These defaults are medimgen's choice, not published figures: below 25 dB
 a [0, 1] image loses fine structure visibly, below SSIM 0.8 local contrast. Below either: the
-run says so, records the check in ``derived.foundation_check`` (adopted false) and an MLflow tag, and trains the
-planned fallback autoencoder (``derived.fallback_autoencoder``) in the same run folder.
+run says so, records the check in ``derived.foundation_check`` (adopted false) and an MLflow tag, re-plans the
+config for the fallback (planning.fallback: the LDM/ControlNet for its latent, its intensity mapping; the config file
+the run came from is rewritten, one line says so) and trains the planned fallback autoencoder
+(``derived.fallback_autoencoder``) in the same run folder.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from medimgen.core.atomic import write_json_atomic
 from medimgen.models.foundation import foundation, load_foundation_weights
+from medimgen.models.networks import latent_size
 from medimgen.runs.folders import write_checkpoint
 from medimgen.training.outputs import plot_losses
 from medimgen.training.quality import QUALITY_JSON, QualityCheck
@@ -41,6 +44,27 @@ def reconstruction_check(job: "_Job", epochs: int, progress: bool) -> dict:
     return check(epochs)
 
 
+def replan_for_fallback(job: "_Job", record: dict, echo) -> None:
+    """The run's config (and the config file it came from) re-planned for the trained fallback autoencoder: the
+    LDM and ControlNet sized for its latent, its intensity mapping (planning.fallback)."""
+    from medimgen.planning.fallback import save_trained_plan, trained_plan, with_trained_plan
+
+    cfg, dim = job.cfg, job.cfg.dim
+    why = (f"trained (the {foundation(cfg.autoencoder.source).title} failed the reconstruction check: PSNR "
+           f"{record['psnr']:.2f} dB, SSIM {record['ssim']:.3f}; re-planned for the trained autoencoder)")
+    fresh = trained_plan(job.plans, cfg)
+    replanned = with_trained_plan(cfg, fresh, why)
+    job.cfg = dataclasses.replace(replanned, derived=dataclasses.replace(replanned.derived, foundation_check=record))
+    ae, ldm = fresh.autoencoder, fresh.ldm_unet
+    what = (f"re-planned {dim} for the trained autoencoder (latent {ae.latent_channels} channels, "
+            f"{'x'.join(str(s) for s in fresh.data.image_size)} -> {'x'.join(str(s) for s in latent_size(fresh))}; "
+            f"ldm_unet.attention_levels {list(ldm.attention_levels)}, intensity_range {list(fresh.data.intensity_range)})")
+    if job.config_file is not None and job.config_file.is_file():
+        backup = save_trained_plan(job.config_file, job.plans, dim, fresh, why)
+        what += f": wrote {job.config_file}" + (f" (your edited file kept as {backup.name})" if backup else "")
+    echo(what)
+
+
 def adopt(job: "_Job", progress: bool) -> bool:
     """Adopt the foundation autoencoder of ``job`` (True), or prepare ``job`` to train its fallback (False)."""
     cfg, run, task = job.cfg, job.run, job.task
@@ -52,9 +76,9 @@ def adopt(job: "_Job", progress: bool) -> bool:
          f"the validation cases (needs PSNR >= {min_psnr:g} dB and SSIM >= {min_ssim:g})")
     load_foundation_weights(task.autoencoder, source)
     epochs = cfg.train_for(job.model).epochs  # the run is complete: a resumed one has nothing left to do
-    trainer = job._make_trainer(progress, None)
+    trainer = job.make_trainer(progress, None)
     run.make()
-    job._write_run_files()
+    job.write_run_files()
     task.autoencoder.eval()
     with torch.no_grad():
         val = task.validate(trainer.val_batches(), trainer.raw_model)
@@ -83,9 +107,7 @@ def adopt(job: "_Job", progress: bool) -> bool:
              f"the check is recorded in derived.foundation_check)")
         for path in (run.best, run.last, run.root / QUALITY_JSON):
             path.unlink(missing_ok=True)
-        fallback = cfg.trained_fallback()
-        job.cfg = dataclasses.replace(fallback, derived=dataclasses.replace(fallback.derived,
-                                                                            foundation_check=record))
+        replan_for_fallback(job, record, echo)
         return False
     echo(f"adopted the {f.title}: PSNR {psnr:.2f} dB, SSIM {ssim:.3f} on the validation cases")
     job.cfg = dataclasses.replace(cfg, derived=dataclasses.replace(cfg.derived, foundation_check=record))

@@ -17,7 +17,10 @@ hidden scratch folder and renamed into place when complete, under a file lock: a
 first and reads its result; a killed build leaves no cache behind. Several ranks: rank 0 builds, the others wait.
 
 Geometry: the cached region of a case is its centre, padded to at least ``data.image_size``, and, where the case
-is larger, up to ``MAX_EXTENT`` x image_size (rounded up to the autoencoder's total stride); batches take random
+is larger, up to ``MAX_EXTENT`` x image_size (rounded up to the autoencoder's total stride) and at most the run's
+micro-batch x image_size voxels in all: every encoder pass of the build (2D: as many slices as fit) is no larger than
+the one the LDM's training step makes without the cache, which the memory plan counts for the cached path too
+(planning.cuda_sim); a CUDA out-of-memory error in the build is one line naming the keys; batches take random
 crops of the latent size at whole latent voxels (= stride multiples in the image) from it. When the memory fitter
 planned a crop resampled to the image size (``data.crop_size``), the centred crop is resampled and cached as is.
 
@@ -34,6 +37,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -63,7 +67,6 @@ FORMAT = 1
 ROOT = "medimgen_latents"
 MANIFEST = "manifest.json"
 MAX_EXTENT = 2  # a case larger than image_size is cached up to this many times image_size per axis
-ENCODE_BATCH = 8  # 2D slices encoded together
 
 
 def uses_cache(cfg: GenerationConfig, model: str) -> bool:
@@ -71,13 +74,27 @@ def uses_cache(cfg: GenerationConfig, model: str) -> bool:
     return cfg.space_of(model) == "latent" and cfg.train_for(model).cache_latents
 
 
-def region(cfg: GenerationConfig, shape: Sequence[int]) -> tuple[tuple[int, ...], list]:
-    """(native voxels of a case of spatial ``shape`` that its cached latents cover, the resampling to apply)."""
+def encode_voxels(cfg: GenerationConfig, batch_size: int) -> int:
+    """Voxels one encoder pass of the cache build may take: the micro-batch of image-size inputs the LDM's training
+    step encodes without the cache, the pass the memory plan counts (planning.cuda_sim, with cache_latents too)."""
+    return max(1, int(batch_size)) * math.prod(cfg.data.image_size)
+
+
+def region(cfg: GenerationConfig, shape: Sequence[int], batch_size: int = 1) -> tuple[tuple[int, ...], list]:
+    """(native voxels of a case of spatial ``shape`` that its cached latents cover, the resampling to apply).
+
+    The region is at least image_size, up to MAX_EXTENT x image_size per axis where the case is larger, and at most
+    :func:`encode_voxels` in all (the axes furthest beyond image_size give way first, a stride at a time)."""
     size = tuple(cfg.data.image_size)
     if crop_size(cfg) != size:  # the memory fitter's coarser spacing: the planned crop, resampled to image_size
         return tuple(crop_size(cfg)), maybe_resize(cfg)
     stride = total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims)
-    return tuple(min(MAX_EXTENT * s, max(s, -(-int(n) // k) * k)) for s, n, k in zip(size, shape, stride)), []
+    ext = [min(MAX_EXTENT * s, max(s, -(-int(n) // k) * k)) for s, n, k in zip(size, shape, stride)]
+    budget = encode_voxels(cfg, batch_size)
+    while math.prod(ext) > budget:
+        a = max((i for i in range(len(ext)) if ext[i] > size[i]), key=lambda i: ext[i] / size[i])
+        ext[a] = max(size[a], ext[a] - stride[a])
+    return tuple(ext), []
 
 
 # ---------------------------------------------------------------------------------------------- the key
@@ -104,12 +121,12 @@ def files_identity(folder: Path, identifiers: Sequence[str]) -> list:
 
 
 def cache_key(cfg: GenerationConfig, autoencoder: torch.nn.Module, plans: DatasetPlans, identifiers: Sequence[str],
-              with_labels: bool) -> tuple[str, dict]:
+              with_labels: bool, batch_size: int = 1) -> tuple[str, dict]:
     """(the cache's folder name, what it was derived from) for these cases encoded by ``autoencoder``."""
     dim = cfg.dim
     data = cfg.data
     ingredients = {
-        "format": FORMAT, "max_extent": MAX_EXTENT,
+        "format": FORMAT, "max_extent": MAX_EXTENT, "encode_voxels": encode_voxels(cfg, batch_size),
         "autoencoder": weights_digest(autoencoder),
         "plans_identifier": plans.plans_identifier,
         "configuration": plans.plans_dict.get("configurations", {}).get(data.nnunet_configuration),
@@ -148,13 +165,15 @@ def _label_dtype(cfg: GenerationConfig):
 
 @torch.no_grad()
 def _encode_case(cfg: GenerationConfig, autoencoder, data: np.ndarray, seg: np.ndarray, imap: IntensityMap,
-                 device: torch.device) -> dict[str, np.ndarray]:
-    """{'mu', 'sigma', 'label'} of one case (2D: of every slice, stacked first)."""
+                 device: torch.device, batch_size: int = 1) -> dict[str, np.ndarray]:
+    """{'mu', 'sigma', 'label'} of one case (2D: of every slice, stacked first), in encoder passes of at most
+    :func:`encode_voxels` (2D: as many slices as fit)."""
     two_d = cfg.data.spatial_dims == 2
     items = [(data[:, z], seg[:, z]) for z in range(data.shape[1])] if two_d else [(data, seg)]
-    native, resize = region(cfg, items[0][0].shape[1:])
+    native, resize = region(cfg, items[0][0].shape[1:], batch_size)
     mus, sigmas, labels = [], [], []
-    step = ENCODE_BATCH if two_d else 1
+    encoded = tuple(cfg.data.image_size) if resize else native  # what enters the encoder per item
+    step = max(1, encode_voxels(cfg, batch_size) // math.prod(encoded)) if two_d else 1
     for i in range(0, len(items), step):
         pairs = [centred_sample(d, s, native, imap, resize) for d, s in items[i:i + step]]
         image = torch.stack([p[0] for p in pairs]).to(device)
@@ -171,12 +190,13 @@ def _encode_case(cfg: GenerationConfig, autoencoder, data: np.ndarray, seg: np.n
 
 def build(cfg: GenerationConfig, plans: DatasetPlans, identifiers: Sequence[str], autoencoder: torch.nn.Module,
           device: torch.device, with_labels: bool = False, progress: bool = False,
-          echo: Callable[[str], None] = print) -> Path:
-    """The cache folder of these training cases, encoded now unless a complete one with the same key exists."""
+          echo: Callable[[str], None] = print, batch_size: int = 1) -> Path:
+    """The cache folder of these training cases, encoded now unless a complete one with the same key exists
+    (``batch_size``: the run's micro-batch, which bounds each encoder pass: :func:`encode_voxels`)."""
     dim = cfg.dim
     folder_pre = plans.preprocessed_folder(dim)
     check_cases(folder_pre, list(identifiers))
-    key, ingredients = cache_key(cfg, autoencoder, plans, identifiers, with_labels)
+    key, ingredients = cache_key(cfg, autoencoder, plans, identifiers, with_labels, batch_size)
     root = cache_root(plans, dim)
     folder = root / key
     if (folder / MANIFEST).is_file():
@@ -192,7 +212,7 @@ def build(cfg: GenerationConfig, plans: DatasetPlans, identifiers: Sequence[str]
             scratch.mkdir()
             try:
                 _write(cfg, plans, identifiers, autoencoder, device, with_labels, scratch, ingredients,
-                       progress, echo, folder)
+                       progress, echo, folder, batch_size)
                 os.rename(scratch, folder)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -202,7 +222,7 @@ def build(cfg: GenerationConfig, plans: DatasetPlans, identifiers: Sequence[str]
 
 
 def _write(cfg, plans, identifiers, autoencoder, device, with_labels, scratch: Path, ingredients: dict, progress,
-           echo, final: Path) -> None:
+           echo, final: Path, batch_size: int = 1) -> None:
     from tqdm import tqdm
 
     ds = open_cases(plans.preprocessed_folder(cfg.dim), list(identifiers))
@@ -214,7 +234,13 @@ def _write(cfg, plans, identifiers, autoencoder, device, with_labels, scratch: P
     try:
         for n, ident in enumerate(tqdm(identifiers, desc="latent cache", disable=not progress, leave=False)):
             data, seg, _ = load_case(ds, ident)
-            arrays = _encode_case(cfg, autoencoder, data, seg, imap, device)
+            try:
+                arrays = _encode_case(cfg, autoencoder, data, seg, imap, device, batch_size)
+            except torch.cuda.OutOfMemoryError:
+                raise MedimgenError(f"out of GPU memory encoding case {ident} into the latent cache (encoder passes "
+                                    f"of {encode_voxels(cfg, batch_size)} voxels, the micro-batch of image_size the "
+                                    f"plan counts): lower the train_*.batch_size of this run or set "
+                                    f"train_*.cache_latents=false") from None
             if with_labels:
                 arrays["label"] = arrays["label"].astype(_label_dtype(cfg))
             else:
@@ -250,10 +276,10 @@ def load(folder: Path) -> list[dict]:
 
 def prepare(cfg: GenerationConfig, plans: DatasetPlans, identifiers: Sequence[str], autoencoder: torch.nn.Module,
             device: torch.device, with_labels: bool = False, progress: bool = False,
-            echo: Callable[[str], None] = print) -> list[dict]:
+            echo: Callable[[str], None] = print, batch_size: int = 1) -> list[dict]:
     """The training cases' cached latents on every rank: rank 0 builds (or finds) the cache, the others wait for
     it and read the folder rank 0 names."""
-    folder = build(cfg, plans, identifiers, autoencoder, device, with_labels, progress, echo) \
+    folder = build(cfg, plans, identifiers, autoencoder, device, with_labels, progress, echo, batch_size) \
         if distributed.is_main() else None
     distributed.barrier()
     folder = Path(distributed.broadcast(str(folder) if folder is not None else None))
