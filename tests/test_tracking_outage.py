@@ -178,7 +178,11 @@ def test_sigterm_ends_the_run_as_killed(workspace, nnunet_env, tmp_path):
         last = found[0]
         time.sleep(1.0)  # let it start the next epochs
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=BOUND_S + 30)
+        try:
+            _, stderr = proc.communicate(timeout=BOUND_S + 30)
+        except subprocess.TimeoutExpired:  # what it said shows why (e.g. "Exception ignored in ...: Terminated")
+            proc.kill()
+            pytest.fail(f"still running {BOUND_S + 30} s after SIGTERM; stderr: {proc.communicate()[1][-2000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
