@@ -19,6 +19,7 @@ import torch
 from medimgen.runs.tracking import HTTP_LIMITS, Tracker
 from medimgen.training.api import RunSetup, train
 from medimgen.runs.folders import RunDir
+from medimgen.training.lock import RunLock
 from tests.conftest import ANISO_3D
 from tests.training_helpers import tiny_overrides
 
@@ -158,7 +159,8 @@ def test_server_lost_mid_run(outage, workspace, mlflow_server, tmp_path, monkeyp
 
 
 def test_sigterm_ends_the_run_as_killed(workspace, nnunet_env, tmp_path):
-    """`medimgen train` gets SIGTERM mid-run: exit with one line, MLflow run KILLED, last checkpoint on disk."""
+    """`medimgen train` gets SIGTERM mid-run: exit with one line, MLflow run KILLED, last checkpoint on disk, lock
+    released."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -178,7 +180,11 @@ def test_sigterm_ends_the_run_as_killed(workspace, nnunet_env, tmp_path):
         last = found[0]
         time.sleep(1.0)  # let it start the next epochs
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=BOUND_S + 30)
+        try:
+            _, stderr = proc.communicate(timeout=BOUND_S + 30)
+        except subprocess.TimeoutExpired:  # what it said shows why (e.g. "Exception ignored in ...: Terminated")
+            proc.kill()
+            pytest.fail(f"still running {BOUND_S + 30} s after SIGTERM; stderr: {proc.communicate()[1][-2000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -189,3 +195,7 @@ def test_sigterm_ends_the_run_as_killed(workspace, nnunet_env, tmp_path):
     assert 1 <= state["epoch"] < 1000 and RunDir(last.parents[1]).loss_dict.is_file()
     run_info = MlflowClient(tracking_uri=uri).get_run(state["mlflow_run_id"]).info
     assert run_info.status == "KILLED"
+    lock = RunLock(last.parents[1])
+    assert lock.path.read_text() == ""  # released by the run itself (a killed holder would leave its PID)
+    lock.acquire()
+    lock.release()

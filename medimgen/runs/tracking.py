@@ -16,7 +16,7 @@
   the user set MLflow's own variables), and an http(s) server is probed for a few seconds
   before a run starts. If the server is unreachable or fails mid-run, one warning line says
   so, MLflow is never called again for that run, and training continues with all local outputs.
-- SIGTERM during training raises :class:`Terminated` (a KeyboardInterrupt), so the run ends
+- SIGTERM during training raises a KeyboardInterrupt (medimgen.core.interrupts), so the run ends
   as KILLED with its local outputs flushed, like Ctrl-C.
 """
 
@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +53,6 @@ _noted_default = False  # the Default-experiment note is said once per process
 
 class TrackingUnreachable(MedimgenError):
     """The MLflow tracking server did not answer the reachability check."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process was (handled like Ctrl-C: the run ends as KILLED)."""
 
 
 def resolve_uri(configured: str | None) -> str:
@@ -238,26 +232,6 @@ def start_existing_run(run_id: str):
     mark_experiment(experiment_id)
     mlflow.set_experiment(experiment_id=experiment_id)
     return mlflow.start_run(run_id=run_id)
-
-
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """While active (in the main thread, where SIGTERM has its default action), SIGTERM raises Terminated
-    instead of killing the process at once; a second SIGTERM kills as usual. Usable as a decorator."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Terminated("SIGTERM")
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class Guarded:

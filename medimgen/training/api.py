@@ -28,7 +28,8 @@ from medimgen.data.geometry import case_geometry, save_geometry
 from medimgen.core.paths import CONFIG_NAME
 from medimgen.nnunet.plans import DatasetPlans
 from medimgen.runs.folders import RunDir, log_run_model, read_checkpoint, scale_factor_of, upstream_for
-from medimgen.runs.tracking import Tracker, git_commit, sigterm_interrupts
+from medimgen.core.interrupts import sigterm_interrupts
+from medimgen.runs.tracking import Tracker, git_commit
 from medimgen.training.lock import RunLock
 from medimgen.training.loop import LoopOptions, Trainer, seed_everything
 from medimgen.training.memory_guard import MemoryGuard

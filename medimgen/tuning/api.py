@@ -43,7 +43,7 @@ from medimgen.config import apply_overrides, load_config
 from medimgen.config.io import render_yaml
 from medimgen.config.schema import MedimgenConfig
 from medimgen.core.errors import MedimgenError
-from medimgen.runs.tracking import sigterm_interrupts
+from medimgen.core.interrupts import sigterm_interrupts
 from medimgen.tuning.objective import TrialFailed, TrialObjective
 from medimgen.tuning.study_runs import StudyRuns
 from medimgen.tuning.space import load_space, override_key
