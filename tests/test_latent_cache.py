@@ -383,7 +383,7 @@ def test_cache_build_encodes_no_more_than_the_planned_encoder_pass(flow_2d, work
 
     ae.encode = recording
     try:
-        folder = latents.build(cfg, plans, ids, ae, torch.device("cpu"), echo=lambda *_: None, batch_size=batch_size)
+        latents.build(cfg, plans, ids, ae, torch.device("cpu"), echo=lambda *_: None, batch_size=batch_size)
     finally:
         del ae.encode
     limit = batch_size * math.prod(cfg.data.image_size)
