@@ -28,9 +28,12 @@ def unraisable(monkeypatch):
 
     seen = Seen()
     monkeypatch.setattr(sys, "unraisablehook", seen.hook)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the test process must have SIGTERM's default action"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    return seen
+    # the handlers of an interactive process (a background job, e.g. under nohup, starts with SIGINT ignored)
+    previous = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, signal.SIG_DFL),
+                                                    (signal.SIGINT, signal.default_int_handler))}
+    yield seen
+    for s, h in previous.items():
+        signal.signal(s, h)
 
 
 class _Finalised:
