@@ -9,6 +9,7 @@ published model's quality (random weights reconstruct nothing: the fallback test
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -303,6 +304,28 @@ def test_failed_check_replans_the_ldm_for_the_trained_latent_and_writes_the_conf
         assert cfg.data.intensity_low == forced.data.intensity_low and not cfg.derived.fallback_autoencoder
         assert "failed the reconstruction check" in cfg.derived.autoencoder_choice
     assert written.ldm_scheduler == before.ldm_scheduler and written.train_ddpm == before.train_ddpm  # others kept
+
+
+def test_fallback_fitted_at_another_geometry_takes_the_trained_plan_whole(fae):
+    """When the trained plan's memory fit generates at another size than the foundation plan's, every section was
+    sized for the other geometry: the fallback takes the trained plan whole (not its crop with the old size)."""
+    from medimgen.planning.fallback import GEOMETRY_FIELDS, with_trained_plan
+
+    cfg = _plan(CT_3D).config.get("3d")
+    forced = _plan(CT_3D, IMAGE_ONLY + ["autoencoder.source=trained"]).config.get("3d")
+    same = with_trained_plan(cfg, forced, "why")  # the same geometry: only what follows the autoencoder changes
+    assert same.data.image_size == cfg.data.image_size and same.autoencoder == forced.autoencoder
+    assert same.memory == cfg.memory and same.tracking == cfg.tracking
+    # the trained plan's fit generating at twice the spacing (as planning.memory._downscale leaves a config: it crops
+    # more native voxels than it generates; this tiny image is already at its smallest size, so made by hand)
+    d = forced.data
+    coarser = dataclasses.replace(forced, data=dataclasses.replace(
+        d, crop_size=tuple(2 * s for s in d.image_size), spacing=tuple(2 * x for x in d.spacing),
+        native_spacing=tuple(d.spacing)))
+    taken = with_trained_plan(cfg, coarser, "why")
+    assert all(getattr(taken.data, f) == getattr(coarser.data, f) for f in GEOMETRY_FIELDS)
+    assert (taken.losses, taken.discriminator, taken.ldm_unet) == (coarser.losses, coarser.discriminator, coarser.ldm_unet)
+    assert taken.derived.autoencoder_choice == "why" and not taken.derived.fallback_autoencoder
 
 
 def test_interrupted_check_leaves_no_checkpoint_that_passes_for_adopted(fae, tmp_path, monkeypatch):

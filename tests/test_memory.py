@@ -310,8 +310,9 @@ def test_fitter_3gb_vs_80gb(big_dataset, nnunet_env):
 
 
 def test_fitter_leaves_a_size_at_its_first_misfit(planned_3d, monkeypatch, tmp_path):
-    """A size where one model does not fit is left before the models after it are simulated; the plan is the one
-    fitting every model at every size would give (each model's cheapest settings at the first size where all fit)."""
+    """A size where one model does not fit is left before the models after it are simulated; for a plan that fits,
+    the result is each model's cheapest settings at the first size where all fit, as fitting every model at every
+    size gave (a plan that cannot fit at all may stop at another size: the parameter bound sees the models tried)."""
     from medimgen.config.kinds import names
     from medimgen.planning import cuda_sim
 

@@ -7,7 +7,8 @@ fallback instead, those values are wrong for the new latent: the planner itself 
 source forced to 'trained' for that dimensionality) plans them again, and these fields of its result replace the
 old ones: the autoencoder, every latent-space kind's network and training sections (attention levels for the new
 latent size, the memory fit, the latent cache), the intensity mapping and the planner's results in ``derived``.
-Every other value (hand edits, the noise process, the image-space kinds) stays as it was.
+Every other value (hand edits, the noise process, the image-space kinds) stays as it was, unless the two memory
+fits chose different image geometries: then the trained plan is taken whole.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from medimgen.nnunet.plans import DatasetPlans
 
 # the data fields a plan sets from its autoencoder source (planning.api.build_config) and the memory fit
 SOURCE_DATA_FIELDS = ("intensity_range", "intensity_low", "intensity_high", "intensity_background",
-                      "intensity_clip_low", "intensity_clip_high", "crop_size")
+                      "intensity_clip_low", "intensity_clip_high")
+# what the memory fit changes when it generates at a coarser spacing (planning.memory._downscale)
+GEOMETRY_FIELDS = ("image_size", "crop_size", "spacing", "native_spacing", "data_size")
 
 
 def trained_plan(plans: DatasetPlans, cfg: GenerationConfig) -> GenerationConfig:
@@ -40,7 +43,12 @@ def trained_plan(plans: DatasetPlans, cfg: GenerationConfig) -> GenerationConfig
 
 def with_trained_plan(cfg: GenerationConfig, fresh: GenerationConfig, why: str) -> GenerationConfig:
     """``cfg`` with the fields that follow the autoencoder taken from ``fresh`` (:func:`trained_plan`);
-    ``why``: the new derived.autoencoder_choice."""
+    ``why``: the new derived.autoencoder_choice. When the two plans' memory fits chose different image geometries
+    (the frozen foundation network counted in the LDM's fit can make one of them generate coarser), every section
+    was sized for the other geometry: ``fresh`` is taken whole."""
+    if any(getattr(cfg.data, f) != getattr(fresh.data, f) for f in GEOMETRY_FIELDS):
+        return dataclasses.replace(fresh, derived=dataclasses.replace(fresh.derived, autoencoder_choice=why,
+                                                                      fallback_autoencoder={}))
     sections = {"autoencoder": fresh.autoencoder}
     for m in names():
         if cfg.space_of(m) == "latent":
