@@ -118,14 +118,13 @@ def choose(plans: DatasetPlans, dim: str, generate_labels: bool, forced: str | N
 def foundation_bounds(plans: DatasetPlans, dim: str) -> tuple[list[float], list[float]]:
     """The nnU-Net-normalised (low, high) per channel that the model range [0, 1] maps to, as the foundation
     weights were trained: CT channels (CTNormalization) the HU window, others the MR percentiles."""
-    from medimgen.planning.intensity_stats import intensity_bounds
+    from medimgen.planning.intensity_stats import hu_normalized, intensity_bounds
 
     low, high = intensity_bounds(plans, dim, percentiles=MR_PERCENTILES)
     fg = plans.foreground_intensity_properties
     for c, scheme in enumerate(plans.configuration(dim).normalization_schemes):
         if scheme == "CTNormalization":  # HU = norm * std + mean (nnU-Net z-scored clipped HU with these)
-            mean, std = fg[c]["mean"], max(fg[c]["std"], 1e-8)
-            low[c], high[c] = ((v - mean) / std for v in CT_WINDOW_HU)
+            low[c], high[c] = (hu_normalized(fg[c], v) for v in CT_WINDOW_HU)
     return low, high
 
 

@@ -30,11 +30,15 @@ SAMPLE_CASES = 16
 SAMPLE_VOXELS = 200_000
 
 
+def hu_normalized(fg: dict, hu: float) -> float:
+    """A HU value in nnU-Net's CTNormalization units (z-scored with one channel's fingerprint mean/std)."""
+    return (hu - fg["mean"]) / max(fg["std"], 1e-8)
+
+
 def ct_clip(fg: dict) -> tuple[float, float]:
     """nnU-Net's CTNormalization clip (the foreground's 0.5th/99.5th HU percentiles) in its normalised units, from
     one channel's fingerprint properties (mean, std, percentile_00_5, percentile_99_5)."""
-    mean, std = fg["mean"], max(fg["std"], 1e-8)
-    return (fg["percentile_00_5"] - mean) / std, (fg["percentile_99_5"] - mean) / std
+    return hu_normalized(fg, fg["percentile_00_5"]), hu_normalized(fg, fg["percentile_99_5"])
 
 
 def intensity_bounds(plans: DatasetPlans, dim: str, seed: int = 0,

@@ -195,11 +195,11 @@ def _train_locked(lock: RunLock | None, model: str, plans: DatasetPlans, split, 
     if lock is not None:
         lock.acquire()  # creates the folder of a new run; the check again: another process may have started it
         _check_run(run, model, resume)
-    job = _Job(model, plans, split, run, cfg, task, device, setup, echo)
     # the config file the run was resolved from (a failed foundation check re-plans it); None: given in memory
-    job.config_file = None if setup.config is not None or resume else \
+    config_file = None if setup.config is not None or resume else \
         Path(config_path) if config_path else plans.folder / CONFIG_NAME
-    return job.execute(resume, progress, stop_after_epoch)
+    return _Job(model, plans, split, run, cfg, task, device, setup, echo, config_file).execute(
+        resume, progress, stop_after_epoch)
 
 
 class _Job:
@@ -207,9 +207,10 @@ class _Job:
     latent scale, a memory re-fit); config.yaml and MLflow follow."""
 
     def __init__(self, model: str, plans: DatasetPlans, split, run: RunDir, cfg: GenerationConfig, task,
-                 device: torch.device, setup: RunSetup, echo: Callable[[str], None]):
+                 device: torch.device, setup: RunSetup, echo: Callable[[str], None], config_file: Path | None = None):
         self.model, self.plans, self.split, self.run, self.cfg, self.task = model, plans, split, run, cfg, task
         self.device, self.setup, self.echo = device, setup, echo
+        self.config_file = config_file  # where the run's config came from (None: given in memory)
         self.main = distributed.is_main()  # several ranks: rank 0 writes the run files and tracks
         self.cfg = self._record_world(cfg)  # sets self.tcfg: what each rank runs
         self.cached: list[dict] | None = None  # the latent cache's cases (training.latents), when the run uses it
@@ -218,7 +219,6 @@ class _Job:
         self.trainer: Trainer | None = None
         self.foundation_metrics: dict = {}  # a foundation autoencoder's reconstruction check (training.foundation)
         self.foundation_tags: dict = {}
-        self.config_file: Path | None = None  # where the run's config came from (set by _train_locked)
 
     def run_echo(self) -> Callable[[str], None]:
         return _echo_for(self.cfg, self.run, self.echo) if self.main else (lambda msg: None)
