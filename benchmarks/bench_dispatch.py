@@ -4,8 +4,8 @@
 
 One forward + backward of a 2D MONAI DiffusionModelUNet (channels 32-64-128-256, attention on the last three
 levels, batch 8 of 192 x 160, no AMP) with the network built outside the timing, each route twice (the second is
-the warm figure): PyTorch's FakeTensorMode with a live-bytes dispatch mode (what planning/cuda_sim.py runs), meta
-tensors with the same mode, meta tensors without a mode, and real CPU tensors at 16 x 16, batch 1 (the framework's
+the warm figure): PyTorch's FakeTensorMode with a live-bytes dispatch mode (what planning/cuda_sim.py ran before
+2026-12-07), meta tensors with the same mode (what it runs now), meta tensors without a mode, and real CPU tensors at 16 x 16, batch 1 (the framework's
 own overhead, almost no compute). CPU seconds of this process; the peak of the live bytes printed where tracked.
 """
 

@@ -47,8 +47,8 @@ def test_estimate_reproduces_h100_measurements(h100_config, model, dim, monkeypa
 
 def _dtype_trace(build, policy):
     """(op, output dtypes) of a forward under bf16 autocast: 'cuda' = CUDA's own policy on fake CUDA tensors,
-    'emulated' = medimgen's emulation on fake CPU tensors, 'cpu' = plain CPU autocast (prim ops and batch-norm
-    statistics left out)."""
+    'emulated' = medimgen's emulation on meta tensors, 'cpu' = plain CPU autocast on fake CPU tensors (prim ops and
+    batch-norm statistics left out)."""
     from contextlib import ExitStack
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -67,7 +67,13 @@ def _dtype_trace(build, policy):
                 ops.append((str(func), dtypes[:1] if "batch_norm" in str(func) else dtypes))
             return out
 
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda" if policy == "cuda" else "cpu"), ExitStack() as stack:
+    with ExitStack() as stack:
+        if policy == "emulated":  # what the simulation runs: meta tensors
+            stack.enter_context(torch.device("meta"))
+            stack.enter_context(cuda_autocast_policy())
+        else:
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            stack.enter_context(torch.device(policy))
         fn = build()
         if policy == "cuda":  # torch.autocast refuses without a GPU; the switches underneath do not
             prev = torch.is_autocast_enabled("cuda")
@@ -75,8 +81,6 @@ def _dtype_trace(build, policy):
             torch.set_autocast_dtype("cuda", torch.bfloat16)
             stack.callback(torch.set_autocast_enabled, "cuda", prev)
         else:
-            if policy == "emulated":
-                stack.enter_context(cuda_autocast_policy())
             stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
         with Record():
             fn()
@@ -138,7 +142,7 @@ def test_adamw_and_ema_are_counted_as_their_foreach_calls_allocate():
         net(torch.randn(2, 3, 9, 9)).sum().backward()
         net[1].bias.grad = None  # a parameter without a gradient gets no temporary
         params = list(net.parameters())
-        made = LiveBytes()
+        made = LiveBytes("cpu")
         with made:
             made.track(params)  # as simulate tracks the networks it builds
             m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
@@ -155,7 +159,7 @@ def test_adamw_and_ema_are_counted_as_their_foreach_calls_allocate():
             torch._foreach_addcdiv_(weights, [m[i] for i in keep], denom, -1e-4)
             del denom
             torch._foreach_lerp_(ema, [p.detach() for p in params], 0.001)
-        counted = LiveBytes()
+        counted = LiveBytes("cpu")
         with counted:
             counted.track(params)
             phase = _Phase([net], SimpleNamespace(grad_clip=None))
@@ -177,7 +181,7 @@ def test_gradient_clipping_is_counted_as_torch_allocates():
             for p in params:
                 p.grad = torch.randn(7, 5)
             grads = [p.grad for p in params]
-            made, counted = LiveBytes(), LiveBytes()
+            made, counted = LiveBytes("cpu"), LiveBytes("cpu")
             with made:
                 made.track(grads)
                 torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
@@ -187,26 +191,31 @@ def test_gradient_clipping_is_counted_as_torch_allocates():
 
 
 def test_networks_built_on_meta_hold_what_a_fake_build_holds():
-    """cuda_sim._built (a network made on the meta device, then fake) holds the tensors of the same sizes, dtypes
-    and storages as building it under the fake mode (parameters, buffers, MONAI's plain tensor attributes)."""
+    """cuda_sim._built (a network made on the meta device, tensors made on the CPU moved to it) holds meta tensors of
+    the same sizes, dtypes and storages as building it under the fake mode (parameters, buffers, MONAI's plain
+    tensor attributes), and its build dispatches nothing to the tracker."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     from medimgen.planning.cuda_sim import LiveBytes, _built, _tensors
 
     ucfg = UNetConfig(channels=(32, 64), strides=((2, 2),), attention_levels=(False, True), num_res_blocks=1,
                       num_head_channels=32, norm_num_groups=32)
-
-    def held(make_net):
-        tracker = LiveBytes()
-        with FakeTensorMode(allow_non_fake_inputs=True), tracker:
-            net = make_net()
-            tensors = _tensors(net)
-            assert all(isinstance(t, FakeTensor) and t.device.type == "cpu" for t in tensors)
-            tracker.track(tensors)
-            return tracker.live, [(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
-
     build = lambda: build_unet(ucfg, 2, 1)
-    assert held(lambda: _built(build)) == held(build)
+
+    def held(tracker, tensors):
+        tracker.track(tensors)
+        return tracker.live, [(tuple(t.shape), t.dtype, t.requires_grad) for t in tensors]
+
+    fake = LiveBytes("cpu")
+    with FakeTensorMode(allow_non_fake_inputs=True), fake:
+        tensors = _tensors(build())
+        assert all(isinstance(t, FakeTensor) for t in tensors)
+        expected = held(fake, tensors)
+    meta = LiveBytes()
+    with torch.device("meta"), meta:
+        tensors = _tensors(_built(build))
+        assert meta.trace == [] and all(t.device.type == "meta" for t in tensors)
+        assert held(meta, tensors) == expected
 
 
 def test_2d_ddpm_estimate_grows_with_batch_as_simulated(h100_config):

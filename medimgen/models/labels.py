@@ -83,7 +83,7 @@ def condition_channels(label: torch.Tensor, values) -> torch.Tensor:
     lab = label[:, 0]
     idx = torch.zeros_like(lab, dtype=torch.long)
     for i, v in enumerate(values, start=1):
-        idx = torch.where(lab == int(v), i, idx)  # no boolean indexing: the memory simulation runs this on fake tensors
+        idx = torch.where(lab == int(v), i, idx)  # no boolean indexing: the memory simulation runs this on meta tensors
     return torch.stack([idx == i for i in range(len(values) + 1)], dim=1).float()
 
 

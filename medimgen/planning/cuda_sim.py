@@ -1,16 +1,15 @@
 """The peak CUDA memory of a training step, simulated on the CPU without computing anything.
 
-Every training step of a planned model is run for real, op by op, on PyTorch's fake tensors
-(`FakeTensorMode`: shapes, dtypes and storages, no data), and a dispatch mode keeps the
-bytes of every storage alive at each moment, rounded as CUDA's caching allocator rounds
-(512 B blocks). The peak of that running total is what `torch.cuda.max_memory_allocated`
-reports for the same step, because it is the same sequence of allocations:
+Every training step of a planned model is run for real, op by op, on meta tensors (shapes, dtypes and storages,
+no data), and a dispatch mode keeps the bytes of every storage alive at each moment, rounded as CUDA's caching
+allocator rounds (512 B blocks). The peak of that running total is what `torch.cuda.max_memory_allocated` reports
+for the same step, because it is the same sequence of allocations:
 
-- AMP as CUDA runs it: CPU autocast is switched on with the ops that CUDA autocast runs in
-  float32 (group/layer norm, softmax, upsampling, exp/log/pow, losses, ...) registered to
-  cast to float32 as CUDA does (`cuda_autocast_policy`); convolutions and matmuls run in bf16.
-  A test compares every op's output dtype with a forward on fake *CUDA* tensors (whose
-  autocast is CUDA's own; PyTorch's autograd cannot run their backward without a GPU).
+- AMP as CUDA runs it (`cuda_autocast_policy`): under ``torch.autocast("cpu")`` the autocast dispatch key is
+  included for meta tensors too, and CUDA autocast's op lists are registered on it: convolutions and matmuls run in
+  bf16, group/layer norm, softmax, upsampling, exp/log/pow and the losses in float32, with autocast's cache of
+  weight casts. A test compares every op's output dtype with a forward on fake *CUDA* tensors (whose autocast is
+  CUDA's own; PyTorch's autograd cannot run their backward without a GPU).
 - backward as it really runs, including activation checkpointing's recomputation (the whole
   forward of a checkpointed block is alive during its backward), gradients of activations
   next to the saved tensors, AMP weight casts, AdamW's moments and foreach temporaries (counted, not run: one
@@ -18,8 +17,12 @@ reports for the same step, because it is the same sequence of allocations:
   gradient clipping, the EMA copy, the frozen autoencoder (LDM; with ``cache_latents`` no encoder pass in the
   step: the batch holds the latent cache's mu and sigma; the cache build's encoder pass, a micro-batch at image size
   in float32, is counted before it) and perceptual network.
-- attention through torch's scaled-dot-product attention (no N^2 matrix), as built.
-- the networks are built on the meta device and then made fake (their initialisation runs no fake op).
+- attention through torch's scaled-dot-product attention with the kernel CPU would pick (its flash kernel: no N^2
+  matrix, as CUDA's flash and memory-efficient kernels); meta's own pick would be the math path.
+- the networks are built on the meta device outside the dispatch mode (their initialisation computes nothing).
+
+Meta tensors rather than PyTorch's FakeTensorMode: the same allocations (the peaks of the two agree within a few
+KiB on every planned model; benchmarks/README.md) at a third of the dispatch cost, which is most of `plan`'s time.
 
 One steady-state step is run: AdamW's moments and the EMA copy already allocated (as from the
 second step on) and, with accumulation, two micro-batches (the second runs next to the first's
@@ -47,68 +50,100 @@ from medimgen.config.schema import GenerationConfig
 
 BLOCK = 512  # CUDA caching allocator: every block is a multiple of 512 bytes
 
-# ops CUDA autocast runs in float32 (aten/src/ATen/autocast_mode.cpp, lists `fp32` and
-# `fp32_set_opt_dtype`); overloads that do not exist in this torch are skipped
+# CUDA autocast's op lists (aten/src/ATen/autocast_mode.h: AT_FORALL_LOWER_PRECISION_FP, AT_FORALL_FP32,
+# AT_FORALL_FP32_SET_OPT_DTYPE, AT_FORALL_PROMOTE); overloads that do not exist in this torch are skipped
+_LOWER_PRECISION = (
+    "_convolution.deprecated", "_convolution", "conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d",
+    "conv_transpose2d.input", "conv_transpose3d.input", "convolution", "prelu", "addmm", "addmv", "addr", "matmul",
+    "einsum", "mm", "mv", "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm", "chain_matmul", "linalg_multi_dot",
+    "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
+    "_scaled_dot_product_flash_attention", "scaled_dot_product_attention",
+)
 _FP32 = (
     "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
     "sinh", "tan", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "softplus", "layer_norm",
-    "native_layer_norm", "group_norm", "frobenius_norm.dim", "nuclear_norm", "cosine_similarity",
-    "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d", "hinge_embedding_loss", "kl_div",
-    "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss", "multilabel_margin_loss",
-    "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss", "binary_cross_entropy_with_logits", "dist",
-    "pdist", "cdist", "renorm", "logsumexp", "upsample_nearest1d", "upsample_nearest1d.vec", "upsample_nearest2d",
-    "upsample_nearest2d.vec", "upsample_nearest3d", "upsample_nearest3d.vec", "_upsample_nearest_exact1d",
-    "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "upsample_linear1d", "upsample_bilinear2d",
-    "upsample_bilinear2d.vec", "upsample_trilinear3d", "upsample_trilinear3d.vec", "upsample_bicubic2d",
+    "native_layer_norm", "rms_norm", "group_norm", "frobenius_norm.dim", "nuclear_norm", "nuclear_norm.dim",
+    "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d",
+    "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss",
+    "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
+    "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp", "upsample_nearest1d",
+    "upsample_nearest1d.vec", "upsample_nearest2d", "upsample_nearest2d.vec", "upsample_nearest3d",
+    "upsample_nearest3d.vec", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d",
+    "upsample_linear1d", "upsample_bilinear2d", "upsample_bilinear2d.vec", "upsample_trilinear3d",
+    "upsample_trilinear3d.vec", "upsample_bicubic2d",
 )
 _FP32_OPT_DTYPE = (
     "prod", "prod.dim_int", "softmax.int", "log_softmax.int", "cumprod", "cumsum", "linalg_vector_norm",
-    "linalg_matrix_norm", "sum", "sum.dim_IntList",
+    "linalg_matrix_norm", "linalg_matrix_norm.str_ord", "sum", "sum.dim_IntList",
 )
-# ops CUDA autocast runs in bf16/fp16 that CPU autocast leaves to their parts
-_LOWER_PRECISION = ("einsum",)
-# ops CPU autocast runs in float32 but CUDA autocast leaves alone
-_CPU_ONLY_FP32 = ("avg_pool3d", "max_pool3d", "adaptive_avg_pool3d", "reflection_pad1d", "reflection_pad2d",
-                  "replication_pad1d", "replication_pad2d", "replication_pad3d", "max_unpool2d", "max_unpool3d")
+_PROMOTE = ("addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put",
+            "tensordot", "scatter_add")
 
 _LOW = (torch.float16, torch.bfloat16)
 _lock = threading.Lock()
-_active = {"depth": 0, "lib": None}
+_active = {"depth": 0, "lib": None, "clear": None}
+_cast_cache: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its lower-precision copy), as autocast's cache
 
 
 def _no_autocast():
     return torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU))
 
 
+def _eligible(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "meta" and t.is_floating_point()
+
+
+def _cast(t, dtype):
+    """autocast's cached_cast: an eligible tensor (not float64) to ``dtype``; a float32 leaf weight's lower-precision
+    copy is kept in the cache until the outermost autocast region ends (``torch.clear_autocast_cache``)."""
+    if isinstance(t, (list, tuple)):
+        return type(t)(_cast(x, dtype) for x in t)
+    if not _eligible(t) or t.dtype in (torch.float64, dtype):
+        return t
+    cache = (dtype == torch.get_autocast_dtype("cpu") and t.dtype == torch.float32 and t.requires_grad and t.is_leaf
+             and not t._is_view() and torch.is_autocast_cache_enabled())
+    hit = _cast_cache.get(id(t)) if cache else None
+    if hit is not None and hit[0]() is t:
+        return hit[1]
+    out = t.to(dtype)
+    if cache:
+        _cast_cache[id(t)] = (weakref.ref(t), out)
+    return out
+
+
+def _lower_kernel(op):
+    def kernel(*args, **kwargs):
+        dtype = torch.get_autocast_dtype("cpu")
+        args, kwargs = [_cast(a, dtype) for a in args], {k: _cast(v, dtype) for k, v in kwargs.items()}
+        with _no_autocast():
+            return op(*args, **kwargs)
+    return kernel
+
+
 def _fp32_kernel(op):
     def kernel(*args, **kwargs):
-        up = lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in _LOW else t
+        args, kwargs = [_cast(a, torch.float32) for a in args], {k: _cast(v, torch.float32) for k, v in kwargs.items()}
         with _no_autocast():
-            return op(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+            return op(*args, **kwargs)
     return kernel
 
 
 def _opt_dtype_kernel(op):
     def kernel(*args, **kwargs):
-        low = any(isinstance(t, torch.Tensor) and t.dtype in _LOW for t in args)
-        if low and kwargs.get("dtype") is None:
+        if args and _eligible(args[0]) and kwargs.get("dtype") is None:
             kwargs = {**kwargs, "dtype": torch.float32}
         with _no_autocast():
             return op(*args, **kwargs)
     return kernel
 
 
-def _lower_kernel(op):
+def _promote_kernel(op):
     def kernel(*args, **kwargs):
         dtype = torch.get_autocast_dtype("cpu")
-        down = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
-        with _no_autocast():
-            return op(*[[down(x) for x in a] if isinstance(a, (list, tuple)) else down(a) for a in args], **kwargs)
-    return kernel
-
-
-def _plain_kernel(op):
-    def kernel(*args, **kwargs):
+        for t in tree_leaves((args, kwargs)):
+            if _eligible(t) and dtype != torch.float64:
+                dtype = torch.promote_types(dtype, t.dtype)
+        args, kwargs = [_cast(a, dtype) for a in args], {k: _cast(v, dtype) for k, v in kwargs.items()}
         with _no_autocast():
             return op(*args, **kwargs)
     return kernel
@@ -122,30 +157,60 @@ def _overload(name: str):
     return getattr(packet, overload or "default", None)
 
 
+def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+    """scaled_dot_product_attention (its composite kernel) taking the kernel CPU picks for the same shapes and
+    dtypes: its flash kernel (the output and the log-sum-exp, no N^2 matrix, as CUDA's flash and memory-efficient
+    kernels) or the math path. Meta's own choice is always the math path, which holds the N^2 scores. The choice is
+    CPU's own, made on stand-ins one token long."""
+    def stand_in(t):
+        return torch.empty((*t.shape[:-2], min(1, t.shape[-2]), t.shape[-1]), dtype=t.dtype, device="cpu") \
+            if isinstance(t, torch.Tensor) else t
+    choice = torch.ops.aten._fused_sdp_choice.default(stand_in(query), stand_in(key), stand_in(value),
+                                                      stand_in(attn_mask), dropout_p, is_causal, scale=scale,
+                                                      enable_gqa=enable_gqa)
+    if choice == int(torch.nn.attention.SDPBackend.FLASH_ATTENTION.value):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+    return torch.ops.aten._scaled_dot_product_attention_math.default(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
+
+
+def _clear_cache():
+    _cast_cache.clear()
+    _active["clear"]()
+
+
 @contextmanager
 def cuda_autocast_policy():
-    """While active, CPU autocast casts like CUDA autocast (see the module doc). It must stay
-    active through backward (activation checkpointing recomputes under autocast). Reentrant;
-    the CPU policy is restored when the outermost use ends."""
+    """While active, ``torch.autocast("cpu", ...)`` casts meta tensors as CUDA autocast casts CUDA tensors: the
+    autocast dispatch key is included for every tensor, and CUDA's op lists are registered on it (CPU autocast's
+    own kernels cast only CPU tensors, so they leave meta tensors alone), with autocast's cache of weight casts.
+    It must stay active through backward (activation checkpointing recomputes under autocast). Reentrant; the CPU
+    policy is restored when the outermost use ends."""
     with _lock:
         if _active["depth"] == 0:
             lib = torch.library.Library("aten", "IMPL")
             with warnings.catch_warnings():  # "overriding a previously registered kernel"
                 warnings.simplefilter("ignore")
-                for names, make in ((_FP32, _fp32_kernel), (_FP32_OPT_DTYPE, _opt_dtype_kernel),
-                                    (_LOWER_PRECISION, _lower_kernel), (_CPU_ONLY_FP32, _plain_kernel)):
+                for names, make in ((_LOWER_PRECISION, _lower_kernel), (_FP32, _fp32_kernel),
+                                    (_FP32_OPT_DTYPE, _opt_dtype_kernel), (_PROMOTE, _promote_kernel)):
                     for name in names:
                         op = _overload(name)
                         if op is not None:
                             lib.impl(name, make(op), "AutocastCPU")
-            _active["lib"] = lib
+                lib.impl("scaled_dot_product_attention", _attention, "CompositeImplicitAutograd")
+            _active["lib"], _active["clear"] = lib, torch.clear_autocast_cache
+            torch.clear_autocast_cache = _clear_cache  # torch.autocast's exit calls it when the outermost one ends
         _active["depth"] += 1
     try:
-        yield
+        with torch._C._IncludeDispatchKeyGuard(torch._C.DispatchKey.AutocastCPU):
+            yield
     finally:
         with _lock:
             _active["depth"] -= 1
             if _active["depth"] == 0:
+                torch.clear_autocast_cache = _active["clear"]
+                _cast_cache.clear()
                 _active["lib"]._destroy()
                 _active["lib"] = None
 
@@ -158,8 +223,9 @@ def _blocks(nbytes: int) -> int:
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages alive now and at the peak, counted as CUDA's allocator counts them."""
 
-    def __init__(self):
+    def __init__(self, device: str = "meta"):
         super().__init__()
+        self.device = device  # the simulated device's tensors (meta); tests count fake CPU tensors with "cpu"
         self.live = 0
         self.peak = 0
         self.trace: list[int] = []  # live bytes after every allocation
@@ -167,7 +233,7 @@ class LiveBytes(TorchDispatchMode):
 
     def track(self, tensors) -> None:
         for t in tree_leaves(tensors):
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            if not isinstance(t, torch.Tensor) or t.device.type != self.device:
                 continue
             storage = t.untyped_storage()
             key = id(storage)
@@ -277,37 +343,34 @@ def _frozen(modules):
 
 
 def _built(make):
-    """``make()``'s network built on the meta device (its initialisation dispatches no fake op and allocates
-    nothing the tracker sees), its parameters and buffers then turned into fake tensors of the simulated device:
-    the same shapes, dtypes and storages as building it under the fake mode, at a fraction of the cost."""
+    """``make()``'s network on the meta device (its initialisation computes nothing); tensors some networks make on
+    the CPU whatever the default device (lpips' scaling buffers) are moved to it, so the step sees meta only. The
+    build runs outside the simulation's dispatch modes (it allocates nothing on the simulated device)."""
     from torch.utils._python_dispatch import _disable_current_modes
 
-    mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
     with _disable_current_modes(), torch.device("meta"):
         net = make()
-    if mode is None:  # pragma: no cover - always called under simulate's fake mode
-        raise RuntimeError("_built needs an active FakeTensorMode")
-    cpu = torch.device("cpu")
-    fake = {}
+    moved = {}
 
-    def converted(t, param: bool):
-        if id(t) not in fake:
-            meta = t.detach().to("meta")  # (lpips makes some buffers on the CPU whatever the default device)
-            f = mode.fake_tensor_converter.from_meta_and_device(mode, meta, cpu)
-            fake[id(t)] = torch.nn.Parameter(f, t.requires_grad) if param else f
-        return fake[id(t)]
+    def meta(t, param: bool):
+        if t.device.type == "meta":
+            return t
+        if id(t) not in moved:
+            m = t.detach().to("meta")
+            moved[id(t)] = torch.nn.Parameter(m, t.requires_grad) if param else m
+        return moved[id(t)]
 
     with _disable_current_modes():
         for sub in net.modules():
             for name, p in sub._parameters.items():
                 if p is not None:
-                    sub._parameters[name] = converted(p, True)
+                    sub._parameters[name] = meta(p, True)
             for name, b in sub._buffers.items():
                 if b is not None:
-                    sub._buffers[name] = converted(b, False)
+                    sub._buffers[name] = meta(b, False)
             for name, t in list(vars(sub).items()):  # plain tensor attributes (MONAI attention's empty causal_mask)
                 if isinstance(t, torch.Tensor):
-                    setattr(sub, name, converted(t, False))
+                    setattr(sub, name, meta(t, False))
     return net
 
 
@@ -444,8 +507,20 @@ class _FeatureDistance(torch.nn.Module):
         return (fa - fb).pow(2).sum(1, keepdim=True).mean()
 
 
-def _autoencoder_parts(cfg: GenerationConfig):
+def _adversarial_loss():
+    """MONAI's PatchAdversarialLoss (least squares) with its target made on the simulated device: MONAI makes it
+    with ``Tensor.type(input.type())``, which has no meta form (on a GPU it is one 512-byte block)."""
     from monai.losses import PatchAdversarialLoss
+
+    class OnDevice(PatchAdversarialLoss):
+        def get_target_tensor(self, input, target_is_real):
+            label = self.real_label if target_is_real else self.fake_label
+            return torch.full((), label, dtype=input.dtype, device=input.device).expand_as(input)
+
+    return OnDevice(criterion="least_squares")
+
+
+def _autoencoder_parts(cfg: GenerationConfig):
 
     from medimgen.models.losses import kl_loss
     from medimgen.models.labels import label_channels
@@ -457,7 +532,7 @@ def _autoencoder_parts(cfg: GenerationConfig):
     disc = _built(lambda: build_discriminator(cfg.discriminator, nd, ch)) if adversarial else None
     joint = label_channels(cfg) > 0
     perceptual = _built(lambda: _perceptual(cfg)) if _perceptual_on(cfg) else None
-    adv = PatchAdversarialLoss(criterion="least_squares")
+    adv = _adversarial_loss()
     keep: dict = {}
     rec = F.mse_loss if cfg.losses.reconstruction == "l2" else F.l1_loss
 
@@ -497,9 +572,7 @@ def _autoencoder_parts(cfg: GenerationConfig):
 
 
 def simulate(cfg: GenerationConfig, model: str) -> Simulated:
-    """Run a training step of ``model`` for ``cfg`` on fake tensors and return its memory (see module doc)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    """Run a training step of ``model`` for ``cfg`` on meta tensors and return its memory (see module doc)."""
     train = cfg.train_for(model)
     amp = train.amp != "off"  # 'auto' is AMP on any GPU this plan targets
     accum = max(1, train.grad_accumulation_steps)
@@ -512,7 +585,7 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
 
         latent = (train.batch_size, cfg.autoencoder.latent_channels, *latent_size(cfg))
     tracker = LiveBytes()
-    with FakeTensorMode(allow_non_fake_inputs=True), cuda_autocast_policy(), tracker:
+    with torch.device("meta"), cuda_autocast_policy(), tracker:
         trained, frozen, phases, ema_of = (_autoencoder_parts(cfg) if kind(model).encoder else
                                            _controlnet_parts(cfg) if kind(model).steers else
                                            _diffusion_parts(cfg, model))
@@ -557,11 +630,9 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
 
 def peak_of(build, amp: bool = True) -> int:
     """Peak CUDA bytes of ``build()()``: ``build`` makes modules/inputs and returns a step function
-    (e.g. forward + backward), both run on fake tensors under CUDA's autocast policy."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    (e.g. forward + backward), both run on meta tensors under CUDA's autocast policy."""
     tracker = LiveBytes()
-    with FakeTensorMode(allow_non_fake_inputs=True), cuda_autocast_policy(), tracker:
+    with torch.device("meta"), cuda_autocast_policy(), tracker:
         step = build()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             out = step()

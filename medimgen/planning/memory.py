@@ -4,7 +4,7 @@ The peak of each model (DDPM UNet; autoencoder + discriminator + perceptual netw
 on latents with the frozen autoencoder; with ``cache_latents`` the step reads cached latents: no encoder pass,
 the autoencoder's weights stay for plots and validation) is what ``torch.cuda.max_memory_allocated`` reports
 during training. It is simulated op by op on the CPU (planning/cuda_sim.py: a training step
-on fake tensors with CUDA's autocast policy, activation checkpointing, AdamW, EMA). The micro-batch a model is
+on meta tensors with CUDA's autocast policy, activation checkpointing, AdamW, EMA). The micro-batch a model is
 planned with is simulated as it is (when it fits, nothing else is). Steps at two micro-batches >= 2 make the same
 allocations in the same order, each of a fixed size or one proportional to the micro-batch, so the live bytes after
 every allocation, and their peak, follow for any micro-batch >= 2 from those two runs: the fitter's second

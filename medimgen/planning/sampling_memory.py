@@ -2,7 +2,7 @@
 
 Sampling holds the UNet (and an LDM's autoencoder) and runs, under no_grad, one UNet forward per step on the
 batch of noises and then the decoder on the final latents. That is simulated with the training prediction's
-machinery (planning/cuda_sim.peak_of: the real forward on fake tensors under CUDA's autocast policy, live bytes
+machinery (planning/cuda_sim.peak_of: the real forward on meta tensors under CUDA's autocast policy, live bytes
 counted as CUDA's caching allocator counts them) times the same calibrated ``CUDA_OVERHEAD``, so the number is
 what ``torch.cuda.max_memory_allocated`` reports. When the decoding does not fit the usable memory of the target
 (planning/memory.usable_bytes), the decoder runs on latent windows (medimgen.models.decoding): the largest window, made by
@@ -74,7 +74,7 @@ def _simulate(cfg: GenerationConfig, model: str, batch: int, tile, amp: bool, un
     from medimgen.planning.cuda_sim import peak_of
 
     shape = sample_shape(cfg, model, batch)
-    # made for real before the fake tensors: MONAI reads a value of the blending weights
+    # made for real before the simulation (meta tensors hold no values): MONAI reads a value of the blending weights
     weights = None
     if tile is not None:
         from medimgen.models.decoding import window_weights
@@ -92,7 +92,7 @@ def _simulate(cfg: GenerationConfig, model: str, batch: int, tile, amp: bool, un
         def step():
             x = torch.randn(shape)
             if net is not None:  # one reverse step: the UNet's prediction next to the current sample
-                x = x + net(x, timesteps=torch.Tensor((500.0,)))
+                x = x + net(x, timesteps=torch.tensor([500.0]))
             if ae is not None:
                 x = decoder(ae, 1.0, tile, cfg.autoencoder, weights=weights)(x)
             return x
