@@ -20,6 +20,8 @@ for the same step, because it is the same sequence of allocations:
 - attention through torch's scaled-dot-product attention with the kernel CPU would pick (its flash kernel: no N^2
   matrix, as CUDA's flash and memory-efficient kernels); meta's own pick would be the math path.
 - the networks are built on the meta device outside the dispatch mode (their initialisation computes nothing).
+- the step runs without a default device, as training does: the batch is made on the meta device and a tensor
+  made without one is a CPU tensor, uncounted, as on a GPU (a scheduler's tables count once add_noise moves them).
 
 Meta tensors rather than PyTorch's FakeTensorMode: the same allocations (the peaks of the two agree within a few
 KiB on every planned model; benchmarks/README.md) at a third of the dispatch cost, which is most of `plan`'s time.
@@ -435,7 +437,7 @@ def _controlnet_parts(cfg: GenerationConfig):
             with torch.no_grad():
                 x = frozen[1].encode_stage_2_inputs(x) * 1.0
         noise = torch.randn_like(x)
-        t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],))
+        t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],), device=x.device)
         noisy = scheduler.add_noise(original_samples=x, noise=noise, timesteps=t)
         down, mid = controlnet(x=noisy, timesteps=t, controlnet_cond=condition_channels(batch["label"], values))
         pred = unet(noisy, timesteps=t, down_block_additional_residuals=down, mid_block_additional_residual=mid)
@@ -585,7 +587,8 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
 
         latent = (train.batch_size, cfg.autoencoder.latent_channels, *latent_size(cfg))
     tracker = LiveBytes()
-    with torch.device("meta"), cuda_autocast_policy(), tracker:
+    meta = torch.device("meta")
+    with cuda_autocast_policy(), tracker:
         trained, frozen, phases, ema_of = (_autoencoder_parts(cfg) if kind(model).encoder else
                                            _controlnet_parts(cfg) if kind(model).steers else
                                            _diffusion_parts(cfg, model))
@@ -603,11 +606,13 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
             encoder = next((m for m in frozen if hasattr(m, "encode_stage_2_inputs")), None)
             if encoder is not None:
                 with torch.no_grad():
-                    encoder.encode(torch.randn(shape))
+                    encoder.encode(torch.randn(shape, device=meta))
         for _ in range(min(accum, 2)):  # with accumulation, the second micro-batch runs next to the first's gradients
-            batch = {"image": torch.randn(shape), "label": torch.zeros(shape[:1] + (1,) + shape[2:], dtype=torch.int16)}
+            batch = {"image": torch.randn(shape, device=meta),
+                     "label": torch.zeros(shape[:1] + (1,) + shape[2:], dtype=torch.int16, device=meta)}
             if cached:  # the latent cache's batch: mu and sigma at latent size (the image tensor is not made)
-                batch = {"label": batch["label"], "image": None, "mu": torch.randn(latent), "sigma": torch.rand(latent)}
+                batch = {"label": batch["label"], "image": None, "mu": torch.randn(latent, device=meta),
+                         "sigma": torch.rand(latent, device=meta)}
             for name, (mods, loss_fn) in phases.items():
                 others = [m for other, (ms, _) in phases.items() if other != name for m in ms]
                 with _frozen(others):
