@@ -525,12 +525,13 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
         tracker.allocate([n for opt in optimisers.values() for n in opt.state_sizes()]
                          + [_nbytes(p) for m in ema_of for p in m.parameters()])
         tracker.trace.clear()
-        if cached:  # the cache build's encoder pass (training.latents.encode_voxels: the micro-batch at image
-            # size, float32, no grad), before the first step, next to the networks (counted here next to the moments)
+        if cached:  # the cache build's encoder pass (training.latents.tiles_per_pass: one image_size tile in 3D,
+            # the micro-batch of them in 2D; float32, no grad), before the first step, next to the networks (counted
+            # here next to the moments)
             encoder = next((m for m in frozen if hasattr(m, "encode_stage_2_inputs")), None)
             if encoder is not None:
                 with torch.no_grad():
-                    encoder.encode(torch.randn(shape))
+                    encoder.encode(torch.randn((shape[0] if cfg.data.spatial_dims == 2 else 1, *shape[1:])))
         for _ in range(min(accum, 2)):  # with accumulation, the second micro-batch runs next to the first's gradients
             batch = {"image": torch.randn(shape), "label": torch.zeros(shape[:1] + (1,) + shape[2:], dtype=torch.int16)}
             if cached:  # the latent cache's batch: mu and sigma at latent size (the image tensor is not made)
