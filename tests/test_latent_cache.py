@@ -72,6 +72,21 @@ def test_cached_ldm_trains_samples_and_resumes_exactly(dim, workspace, tmp_path,
     assert images.shape[:2] == (2, resumed.config.data.in_channels) and np.isfinite(images).all()
 
 
+def test_cached_ldm_resumes_with_another_micro_batch_on_the_same_cache(flow_2d, workspace, tmp_path):
+    """A run stopped at micro-batch 2 and resumed at micro-batch 1 (an override on resume; the memory guard's re-fit
+    changes it the same way) reads the cache it built: the key and the cached regions do not depend on it."""
+    ae = flow_2d["autoencoder"].run_dir
+    sets = tiny_overrides(workspace["config"].get("2d")) + ["train_ldm.cache_latents=true", "tracking.log_models=false"]
+    first = train("ldm", ANISO_3D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None, stop_after_epoch=1,
+                  setup=RunSetup(run_root=tmp_path / "b", upstream_run=ae))
+    assert not first.completed and first.config.train_ldm.batch_size == 2
+    built = _caches("2d")
+    resumed = train("ldm", ANISO_3D, "train-val-test", "2d", resume=True, overrides=["train_ldm.batch_size=1"],
+                    echo=lambda *_: None, setup=RunSetup(run_root=tmp_path / "b"))
+    assert resumed.completed and resumed.config.train_ldm.batch_size == 1
+    assert _caches("2d") == built  # the same key: nothing encoded again
+
+
 def test_uncached_ldm_still_encodes_every_batch_and_resumes_exactly(flow_2d, workspace, tmp_path):
     """`train_ldm.cache_latents=false` (what a user sets to keep nnU-Net's full augmentation): the LDM encodes the
     loader's batches every step, builds no cache, and resumes exactly (the planner turns the cache on for the test
@@ -373,7 +388,8 @@ def test_cache_build_encodes_no_more_than_the_planned_encoder_pass(flow_2d, work
     from medimgen.training import latents
 
     ae, cfg = _autoencoder_and_config(flow_2d, workspace, "2d")
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, intensity_range=(-1.0, 0.875)))  # a new key
+    new_key = dataclasses.replace(cfg.data, intensity_range=(-1.0, 0.75 + batch_size / 32))  # this test's own caches
+    cfg = dataclasses.replace(cfg, data=new_key)
     plans = DatasetPlans.from_id(ANISO_3D)
     ids = open_cases(plans.preprocessed_folder("2d")).identifiers[:1]
     sizes = _spy_encoder(ae)
