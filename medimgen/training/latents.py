@@ -42,7 +42,6 @@ latent of the flipped image) and, for cases larger than image_size, random crops
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -54,7 +53,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,7 +61,7 @@ import torch
 from medimgen.config.io import to_dict
 from medimgen.config.schema import GenerationConfig
 from medimgen.core import distributed
-from medimgen.core.atomic import disk_error
+from medimgen.core.atomic import disk_error, file_lock
 from medimgen.core.errors import MedimgenError
 from medimgen.data.cases import load_case, open_cases
 from medimgen.data.intensity import IntensityMap
@@ -105,8 +104,8 @@ def tiles_per_pass(cfg: GenerationConfig, batch_size: int) -> int:
 def _overlap(tile: Sequence[int], stride: Sequence[int]) -> tuple[float, ...]:
     """Per-axis overlap for MONAI's sliding window whose scan interval, ``int(tile * (1 - overlap))``, is half the
     tile rounded down to a whole stride (at least one stride): every tile starts at a stride multiple (MONAI places
-    its outputs at ``int(start * latent / tile)``, exact for a stride multiple: strides are 1 or 2 per level). The half-voxel margin keeps the
-    float product clear of the integer below."""
+    its outputs at ``int(start * latent / tile)``, exact for a stride multiple: strides are 1 or 2 per level). The
+    half-voxel margin keeps the float product clear of the integer below."""
     out = []
     for t, k in zip(tile, stride):
         interval = max(k, (t // 2) // k * k)
@@ -123,8 +122,9 @@ def encode_region(cfg: GenerationConfig, encode: Callable, x: torch.Tensor, devi
     coarser resolution). Tile starts are stride multiples (the region is a stride multiple, so is the last one)."""
     size = tuple(cfg.data.image_size)
     if tuple(x.shape[2:]) == size:
-        out = [encode(x[i:i + per_pass].to(device)) for i in range(0, x.shape[0], per_pass)]
-        return torch.cat([m.float().cpu() for m, _ in out]), torch.cat([s.float().cpu() for _, s in out])
+        out = [tuple(t.float().cpu() for t in encode(x[i:i + per_pass].to(device)))
+               for i in range(0, x.shape[0], per_pass)]
+        return torch.cat([m for m, _ in out]), torch.cat([s for _, s in out])
     from monai.inferers import sliding_window_inference
 
     stride = total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims)
@@ -185,18 +185,6 @@ def cache_root(plans: DatasetPlans, dim: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- building
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _label_dtype(cfg: GenerationConfig):
     return np.int8 if max(cfg.data.label_values or (0,)) < 128 else np.int16
 
@@ -240,7 +228,7 @@ def build(cfg: GenerationConfig, plans: DatasetPlans, identifiers: Sequence[str]
         return folder
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with _file_lock(root / f".{key}.lock"):
+        with file_lock(root / f".{key}.lock"):
             if (folder / MANIFEST).is_file():  # another process built it meanwhile
                 return folder
             if folder.exists():  # no manifest: not a cache (a hand-made or damaged folder)
