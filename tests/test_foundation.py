@@ -328,6 +328,37 @@ def test_fallback_fitted_at_another_geometry_takes_the_trained_plan_whole(fae):
     assert taken.derived.autoencoder_choice == "why" and not taken.derived.fallback_autoencoder
 
 
+def test_fallback_rewrite_waits_for_the_config_lock_that_plan_takes(fae):
+    """The fallback rewrites its section of the dataset's config under the lock `medimgen plan` holds while it
+    writes the file: while another process holds it, nothing is written; then the rewrite reads what is there."""
+    import threading
+
+    from medimgen.config import load_config
+    from medimgen.config.io import config_lock
+    from medimgen.core.paths import CONFIG_NAME
+    from medimgen.nnunet.plans import DatasetPlans
+    from medimgen.planning.fallback import save_trained_plan
+
+    result = _plan(CT_3D)
+    plans = DatasetPlans.from_id(CT_3D)
+    path = plans.folder / CONFIG_NAME
+    assert result.path == path
+    text = path.read_bytes()
+    fresh = load_config(path).get("3d")
+    writer = threading.Thread(target=save_trained_plan, args=(path, plans, "3d", fresh, "re-planned under the lock"))
+    try:
+        with config_lock(path):  # a `medimgen plan` writing the file
+            writer.start()
+            writer.join(timeout=1.0)
+            assert writer.is_alive() and path.read_bytes() == text  # waiting, nothing written
+        writer.join(timeout=30)
+        assert not writer.is_alive()
+        assert load_config(path).get("3d").derived.autoencoder_choice == "re-planned under the lock"
+    finally:
+        writer.join(timeout=30)
+        path.write_bytes(text)
+
+
 def test_interrupted_check_leaves_no_checkpoint_that_passes_for_adopted(fae, tmp_path, monkeypatch):
     """The check reads last.pt; if it is interrupted (out of memory, Ctrl-C), no checkpoint stays behind that a
     resumed run or the LDM would take for an adopted, checked autoencoder."""

@@ -72,6 +72,21 @@ def test_cached_ldm_trains_samples_and_resumes_exactly(dim, workspace, tmp_path,
     assert images.shape[:2] == (2, resumed.config.data.in_channels) and np.isfinite(images).all()
 
 
+def test_cached_ldm_resumes_with_another_micro_batch_on_the_same_cache(flow_2d, workspace, tmp_path):
+    """A run stopped at micro-batch 2 and resumed at micro-batch 1 (an override on resume; the memory guard's re-fit
+    changes it the same way) reads the cache it built: the key and the cached regions do not depend on it."""
+    ae = flow_2d["autoencoder"].run_dir
+    sets = tiny_overrides(workspace["config"].get("2d")) + ["train_ldm.cache_latents=true", "tracking.log_models=false"]
+    first = train("ldm", ANISO_3D, "train-val-test", "2d", overrides=sets, echo=lambda *_: None, stop_after_epoch=1,
+                  setup=RunSetup(run_root=tmp_path / "b", upstream_run=ae))
+    assert not first.completed and first.config.train_ldm.batch_size == 2
+    built = _caches("2d")
+    resumed = train("ldm", ANISO_3D, "train-val-test", "2d", resume=True, overrides=["train_ldm.batch_size=1"],
+                    echo=lambda *_: None, setup=RunSetup(run_root=tmp_path / "b"))
+    assert resumed.completed and resumed.config.train_ldm.batch_size == 1
+    assert _caches("2d") == built  # the same key: nothing encoded again
+
+
 def test_uncached_ldm_still_encodes_every_batch_and_resumes_exactly(flow_2d, workspace, tmp_path):
     """`train_ldm.cache_latents=false` (what a user sets to keep nnU-Net's full augmentation): the LDM encodes the
     loader's batches every step, builds no cache, and resumes exactly (the planner turns the cache on for the test
@@ -363,36 +378,194 @@ def test_damaged_cache_file_is_one_line(tmp_path, damage):
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_cache_build_encodes_no_more_than_the_planned_encoder_pass(flow_2d, workspace, batch_size):
-    """Every encoder pass of the build takes at most the run's micro-batch of image-size inputs (what the LDM step
-    encodes without the cache, the pass the memory plan counts); 2D packs as many slices as fit."""
+    """2D: every encoder pass of the build takes at most the run's micro-batch of image-size inputs (what the LDM step
+    encodes without the cache, the pass the memory plan counts), slices grouped by the micro-batch; a region larger
+    than image_size is not cut to fit the pass (it is tiled)."""
     import math
 
-    from medimgen.data.cases import open_cases
+    from medimgen.data.cases import load_case, open_cases
     from medimgen.nnunet.plans import DatasetPlans
     from medimgen.training import latents
 
     ae, cfg = _autoencoder_and_config(flow_2d, workspace, "2d")
+    new_key = dataclasses.replace(cfg.data, intensity_range=(-1.0, 0.75 + batch_size / 32))  # this test's own caches
+    cfg = dataclasses.replace(cfg, data=new_key)
     plans = DatasetPlans.from_id(ANISO_3D)
     ids = open_cases(plans.preprocessed_folder("2d")).identifiers[:1]
-    sizes: list[int] = []
-    real = ae.encode
-
-    def recording(x):  # the real encoder, its input size noted
-        sizes.append(x.numel() // x.shape[1])
-        return real(x)
-
-    ae.encode = recording
+    sizes = _spy_encoder(ae)
     try:
         latents.build(cfg, plans, ids, ae, torch.device("cpu"), echo=lambda *_: None, batch_size=batch_size)
     finally:
         del ae.encode
     limit = batch_size * math.prod(cfg.data.image_size)
-    assert sizes and max(sizes) <= limit == latents.encode_voxels(cfg, batch_size)
-    from medimgen.data.cases import load_case
-
+    assert sizes and max(sizes) <= limit and latents.tiles_per_pass(cfg, batch_size) == batch_size
     data, _, _ = load_case(open_cases(plans.preprocessed_folder("2d"), ids), ids[0])
-    per_slice = math.prod(latents.region(cfg, data.shape[2:], batch_size)[0])
-    assert len(sizes) == -(-data.shape[1] // max(1, limit // per_slice))  # as many slices per pass as fit
-    # a case larger than image_size on every axis: the region stays within the pass (at least image_size)
-    big = latents.region(cfg, [4 * s for s in cfg.data.image_size], batch_size)[0]
-    assert math.prod(big) <= limit and all(b >= s for b, s in zip(big, cfg.data.image_size))
+    assert latents.region(cfg, data.shape[2:])[0] == tuple(cfg.data.image_size)  # these slices: one input each
+    assert len(sizes) == -(-data.shape[1] // batch_size)  # the micro-batch of slices per pass
+    # a case larger than image_size on every axis: MAX_EXTENT x image_size, whatever the micro-batch
+    big = latents.region(cfg, [4 * s for s in cfg.data.image_size])[0]
+    assert big == tuple(latents.MAX_EXTENT * s for s in cfg.data.image_size)
+
+
+def _spy_encoder(ae) -> list[int]:
+    """Voxels (per channel) of every input the autoencoder's real encoder is called with, from now on (undo with
+    ``del ae.encode``)."""
+    sizes: list[int] = []
+    real = ae.encode
+
+    def recording(x):
+        sizes.append(x.numel() // x.shape[1])
+        return real(x)
+
+    ae.encode = recording
+    return sizes
+
+
+def _small_3d(workspace, key: float):
+    """A tiny random-weight autoencoder, a 3D config whose image_size is about half a case per axis (a case larger
+    than image_size; ``key``: an intensity bound that makes the cache key this test's own), the plans and a case:
+    the cache's geometry, not the latents' quality."""
+    from medimgen.config import apply_overrides
+    from medimgen.data.cases import load_case, open_cases
+    from medimgen.models.networks import autoencoder_for, total_stride
+    from medimgen.nnunet.plans import DatasetPlans
+
+    base = workspace["config"].get("3d")
+    cfg = apply_overrides(base, tiny_overrides(base))
+    plans = DatasetPlans.from_id(ANISO_3D)
+    ids = open_cases(plans.preprocessed_folder("3d")).identifiers[:1]
+    data, _, _ = load_case(open_cases(plans.preprocessed_folder("3d"), ids), ids[0])
+    stride = total_stride(cfg.autoencoder.strides, 3)
+    size = tuple(max(k, (n // 2) // k * k) for n, k in zip(data.shape[1:], stride))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size, crop_size=(),
+                                                            intensity_range=(-1.0, key)))
+    torch.manual_seed(0)
+    return autoencoder_for(cfg).eval(), cfg, plans, ids, tuple(data.shape[1:])
+
+
+def test_cache_key_and_region_do_not_depend_on_the_micro_batch(workspace):
+    """The same cache (key, region, latents) at micro-batch 1 and 4: a run whose micro-batch changes (a memory re-fit,
+    an override on resume) keeps its cache and its crop positions."""
+    from medimgen.training import latents
+
+    ae, cfg, plans, ids, shape = _small_3d(workspace, 0.9375)
+    quiet = {"echo": lambda *_: None}
+    one = latents.build(cfg, plans, ids, ae, torch.device("cpu"), batch_size=1, **quiet)
+    four = latents.build(cfg, plans, ids, ae, torch.device("cpu"), batch_size=4, **quiet)
+    assert one == four  # the same key: reused, not rebuilt
+    assert any(r > s for r, s in zip(latents.region(cfg, shape)[0], cfg.data.image_size))
+
+
+def test_3d_case_larger_than_image_size_is_cached_beyond_it_in_image_size_passes(workspace):
+    """At micro-batch 1 a 3D case larger than image_size is still cached beyond it (its random crops stay), encoded in
+    image_size tiles (no encoder call takes more voxels than image_size: the pass the plan counts), and the batches
+    take crops at several latent offsets."""
+    import math
+
+    from medimgen.models.networks import latent_size
+    from medimgen.training import latents
+
+    ae, cfg, plans, ids, _ = _small_3d(workspace, 0.96875)
+    sizes = _spy_encoder(ae)
+    try:
+        folder = latents.build(cfg, plans, ids, ae, torch.device("cpu"), batch_size=1, echo=lambda *_: None)
+    finally:
+        del ae.encode
+    assert len(sizes) > 1 and max(sizes) <= math.prod(cfg.data.image_size)
+    cases = latents.load(folder)
+    cached = tuple(cases[0]["mu"].shape[1:])
+    assert all(c >= n for c, n in zip(cached, latent_size(cfg))) and cached != latent_size(cfg)
+    batches = latents.CachedBatches(cases, cfg, batch_size=1)
+    torch.manual_seed(1)
+    offsets = {tuple(s.start for s in batches._draw().index[1:]) for _ in range(40)}
+    assert len(offsets) >= 2
+
+
+class _PatchEncoder(torch.nn.Module):
+    """A purely convolutional encoder whose kernels equal its strides (total stride 4): each latent voxel sees its
+    own 4^3 image voxels and nothing else, so the whole-region encode is defined voxel by voxel, and any tiling whose
+    tiles start at multiples of 4 gives the same latents (up to the float rounding of the blending)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.a = torch.nn.Conv3d(channels, 8, 2, 2)
+        self.b = torch.nn.Conv3d(8, 6, 2, 2)
+
+    def encode(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        return h[:, :3], torch.nn.functional.softplus(h[:, 3:])
+
+
+def _test_config(dim: str, sets: list[str]):
+    from medimgen.config import apply_overrides, load_config
+
+    return apply_overrides(load_config(Path(__file__).parent / "data" / "Dataset501_config_8GB.yaml").get(dim), sets)
+
+
+def _geometry(cfg, image_size, strides):
+    """``cfg`` with this image size and these autoencoder strides (all the tiler reads), unvalidated: the other
+    networks' strides need not divide the size."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=image_size, crop_size=()),
+                               autoencoder=dataclasses.replace(cfg.autoencoder, strides=strides))
+
+
+def test_tiled_encode_matches_the_whole_region_encode():
+    """A region larger than image_size, encoded in image_size tiles, gives the whole region's latents for an encoder
+    without attention, normalisation or receptive fields across tile starts, to float32 rounding: the blend is a
+    weighted mean of equal values (Sigma w p / Sigma w, a few ulp: 1e-6 on values of order 1); tiles off the stride
+    (MONAI's default overlap at this tile) would not match. Every encoder call takes one image_size tile."""
+    import math
+
+    from monai.inferers import sliding_window_inference
+
+    from medimgen.training import latents
+
+    cfg = _geometry(_test_config("3d", []), (24, 16, 20), ((2, 2, 2), (2, 2, 2)))  # not a multiple of 8: ddpm_unet
+    channels = cfg.data.in_channels
+    torch.manual_seed(0)
+    enc = _PatchEncoder(channels).eval()
+    x = torch.randn(1, channels, 40, 32, 36)  # up to MAX_EXTENT x image_size, stride multiples
+    sizes = _spy_encoder(enc)
+    with torch.no_grad():
+        mu, sigma = latents.encode_region(cfg, enc.encode, x, torch.device("cpu"), per_pass=1)
+        del enc.encode
+        whole_mu, whole_sigma = enc.encode(x)
+        naive = sliding_window_inference(x, (24, 16, 20), 1, enc.encode, overlap=0.25, mode="gaussian")[0]
+    assert len(sizes) > 1 and max(sizes) == math.prod(cfg.data.image_size)
+    torch.testing.assert_close(mu, whole_mu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sigma, whole_sigma, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(naive, whole_mu, rtol=1e-3, atol=1e-3)  # this test sees misaligned tiles
+    # 2D: how many inputs a pass groups (the micro-batch) does not change the values
+    cfg2 = _geometry(_test_config("2d", []), (16, 24), ((2, 2),))
+    conv = torch.nn.Conv2d(channels, 4, 3, 2, 1)
+    slices = torch.randn(5, channels, 28, 40)
+    with torch.no_grad():
+        one = latents.encode_region(cfg2, lambda t: (conv(t), conv(t).exp()), slices, torch.device("cpu"), 1)
+        three = latents.encode_region(cfg2, lambda t: (conv(t), conv(t).exp()), slices, torch.device("cpu"), 3)
+    torch.testing.assert_close(one, three, rtol=1e-5, atol=1e-6)
+
+
+def test_memory_simulation_counts_the_cache_builds_encoder_pass():
+    """The cached LDM's simulated step includes the cache build's encoder pass (one image_size tile in 3D, before the
+    first step): its peak is at least that pass's own; with a UNet this small the trace without that pass stays
+    below it."""
+    from medimgen.models.labels import network_channels
+    from medimgen.models.networks import autoencoder_for
+    from medimgen.planning.cuda_sim import peak_of, simulate
+
+    cfg = _test_config("3d", ["train_ldm.cache_latents=true", "ldm_unet.channels=[8,8]", "ldm_unet.num_res_blocks=1",
+                              "ldm_unet.attention_levels=[false,false]", "ldm_unet.strides=[[2,2,2]]",
+                              "ldm_unet.norm_num_groups=8", "ldm_unet.num_head_channels=8"])
+
+    def encoder_pass():
+        ae = autoencoder_for(cfg).eval()
+        for p in ae.parameters():
+            p.requires_grad_(False)
+        x = torch.randn(1, network_channels(cfg), *cfg.data.image_size)
+
+        def step():
+            with torch.no_grad():
+                return ae.encode(x)[0]
+        return step
+
+    assert simulate(cfg, "ldm").peak_bytes >= peak_of(encoder_pass, amp=False)

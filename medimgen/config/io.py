@@ -18,7 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from medimgen.core.atomic import write_text_atomic
+from medimgen.core.atomic import file_lock, write_text_atomic
 from medimgen.config.schema import DIMS, DatasetInfo, GenerationConfig, MedimgenConfig
 from medimgen.config.validate import check_dataset, check_field, check_generation
 from medimgen.core.errors import MedimgenError
@@ -429,6 +429,14 @@ def save_config(cfg: MedimgenConfig, path: Path | str, header: str = "") -> Path
     path = Path(path)
     write_text_atomic(path, render_yaml(cfg, header))
     return path
+
+
+def config_lock(path: Path | str):
+    """The lock every writer of a dataset's config file holds from reading it to replacing it (``medimgen plan``, a
+    foundation run's fallback rewriting its section): ``.<name>.lock`` beside the file, so that neither writes over
+    what the other wrote meanwhile."""
+    path = Path(path)
+    return file_lock(path.with_name(f".{path.name}.lock"))
 
 
 def render_generation_config(cfg: GenerationConfig) -> str:

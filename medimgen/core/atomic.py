@@ -1,4 +1,5 @@
-"""Atomic file writes: a uniquely named temporary file in the target's folder, then os.replace.
+"""Atomic file writes: a uniquely named temporary file in the target's folder, then os.replace; and a file lock
+for read-modify-write of one file by several processes (:func:`file_lock`).
 
 The temporary file gets the mode an ordinary ``open()`` would give (0666 less the umask) before the rename:
 ``mkstemp`` makes it 0600, and a renamed 0600 file would be unreadable to the group and others whatever the
@@ -171,3 +172,20 @@ def scratch_folder(path: Path | str) -> Iterator[Path]:
             except OSError:
                 pass
         raise
+
+
+@contextmanager
+def file_lock(path: Path | str) -> Iterator[None]:
+    """An exclusive OS lock (``flock``) on the lock file ``path`` for the block, waiting for another holder; the OS
+    drops it when its process ends, however it ends. Without flock (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

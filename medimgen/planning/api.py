@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medimgen import __version__
-from medimgen.config.io import apply_overrides, is_user_edited, load_config, save_config
+from medimgen.config.io import apply_overrides, config_lock, is_user_edited, load_config, save_config
 from medimgen.config.kinds import kind, names
 from medimgen.config.schema import DatasetInfo, MedimgenConfig, is_foundation
 from medimgen.core.errors import MedimgenError
@@ -202,6 +202,16 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overri
     return result
 
 
+def _refuse_edited(path: Path, force: bool) -> bool:
+    """Whether the config file at ``path`` was edited by hand; without ``force`` that is an error."""
+    edited = path.exists() and is_user_edited(path)
+    if edited and not force:
+        raise MedimgenError(
+            f"{path} was edited by hand; not overwriting it. Re-run with --force to re-plan "
+            f"(your file is kept as a backup), or use --set to change single values")
+    return edited
+
+
 def plan_dataset(
     dataset_id: int | str,
     gpu_memory_gb: float | None = None,
@@ -226,19 +236,17 @@ def plan_dataset(
         overrides = [f"{kind(m).scheduler_section}.type={noise}" for m in names(generator=True)] + list(overrides)
     plans = DatasetPlans.from_id(dataset_id, plans_identifier)
     path = plans.folder / CONFIG_NAME
-    edited = path.exists() and is_user_edited(path)
-    if edited and not force:
-        raise MedimgenError(
-            f"{path} was edited by hand; not overwriting it. Re-run with --force to re-plan "
-            f"(your file is kept as a backup), or use --set to change single values")
+    _refuse_edited(path, force)  # before the planning: fail fast
     notes: list[str] = []
     cfg = build_config(plans, gpu_memory_gb, overrides, offline, notes)
-    backup = None
-    if edited:
-        backup = path.with_name(f"{CONFIG_NAME}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
-        shutil.copy2(path, backup)
-    replaced = path.exists()
-    save_config(cfg, path, HEADER.format(name=plans.name, plans=plans_identifier, version=__version__))
+    with config_lock(path):  # a foundation run's fallback rewriting its section writes before or after this
+        edited = _refuse_edited(path, force)
+        backup = None
+        if edited:
+            backup = path.with_name(f"{CONFIG_NAME}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+            shutil.copy2(path, backup)
+        replaced = path.exists()
+        save_config(cfg, path, HEADER.format(name=plans.name, plans=plans_identifier, version=__version__))
     _warm_disk_table(cfg)
     return PlanResult(path=path, config=cfg, backup=backup, replaced=replaced, notes=tuple(notes))
 

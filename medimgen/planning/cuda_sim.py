@@ -15,8 +15,8 @@ for the same step, because it is the same sequence of allocations:
   next to the saved tensors, AMP weight casts, AdamW's moments and foreach temporaries (counted, not run: one
   sqrt(v) per parameter, as torch.optim.AdamW(foreach=True), which CUDA uses by default, allocates them),
   gradient clipping, the EMA copy, the frozen autoencoder (LDM; with ``cache_latents`` no encoder pass in the
-  step: the batch holds the latent cache's mu and sigma; the cache build's encoder pass, a micro-batch at image size
-  in float32, is counted before it) and perceptual network.
+  step: the batch holds the latent cache's mu and sigma; the cache build's encoder pass, one image-size tile in 3D
+  and a micro-batch of them in 2D, in float32, is counted before it) and perceptual network.
 - attention through torch's scaled-dot-product attention with the kernel CPU would pick (its flash kernel: no N^2
   matrix, as CUDA's flash and memory-efficient kernels); meta's own pick would be the math path.
 - the networks are built on the meta device outside the dispatch mode (their initialisation computes nothing).
@@ -601,12 +601,14 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
         tracker.allocate([n for opt in optimisers.values() for n in opt.state_sizes()]
                          + [_nbytes(p) for m in ema_of for p in m.parameters()])
         tracker.trace.clear()
-        if cached:  # the cache build's encoder pass (training.latents.encode_voxels: the micro-batch at image
-            # size, float32, no grad), before the first step, next to the networks (counted here next to the moments)
+        if cached:  # the cache build's encoder pass (training.latents.tiles_per_pass: one image_size tile in 3D,
+            # the micro-batch of them in 2D; float32, no grad), before the first step, next to the networks (counted
+            # here next to the moments)
             encoder = next((m for m in frozen if hasattr(m, "encode_stage_2_inputs")), None)
             if encoder is not None:
                 with torch.no_grad():
-                    encoder.encode(torch.randn(shape, device=meta))
+                    tiles = shape[0] if cfg.data.spatial_dims == 2 else 1
+                    encoder.encode(torch.randn((tiles, *shape[1:]), device=meta))
         for _ in range(min(accum, 2)):  # with accumulation, the second micro-batch runs next to the first's gradients
             batch = {"image": torch.randn(shape, device=meta),
                      "label": torch.zeros(shape[:1] + (1,) + shape[2:], dtype=torch.int16, device=meta)}

@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from medimgen.config.io import is_user_edited, load_config, save_config
+from medimgen.config.io import config_lock, is_user_edited, load_config, save_config
 from medimgen.config.kinds import kind, names
 from medimgen.config.schema import TRAINED, GenerationConfig
 from medimgen.nnunet.plans import DatasetPlans
@@ -64,18 +64,20 @@ def with_trained_plan(cfg: GenerationConfig, fresh: GenerationConfig, why: str) 
 
 def save_trained_plan(path: Path, plans: DatasetPlans, dim: str, fresh: GenerationConfig,
                       why: str) -> Path | None:
-    """Rewrite ``dim`` of the config file ``path`` (atomically) with :func:`with_trained_plan`; a file edited by
-    hand is first copied to a timestamped backup beside it (returned; None: no backup)."""
+    """Rewrite ``dim`` of the config file ``path`` (atomically, under the config's lock) with
+    :func:`with_trained_plan`; a file edited by hand is first copied to a timestamped backup beside it (returned;
+    None: no backup)."""
     from medimgen.planning.api import HEADER
     from medimgen import __version__
 
-    whole = load_config(path)
-    configs = dict(whole.configs)
-    configs[dim] = with_trained_plan(configs[dim], fresh, why)
-    backup = None
-    if is_user_edited(path):
-        backup = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
-        shutil.copy2(path, backup)
-    save_config(dataclasses.replace(whole, configs=configs), path,
-                HEADER.format(name=plans.name, plans=plans.plans_identifier, version=__version__))
+    with config_lock(path):  # a concurrent `medimgen plan` writes before or after, never in between
+        whole = load_config(path)
+        configs = dict(whole.configs)
+        configs[dim] = with_trained_plan(configs[dim], fresh, why)
+        backup = None
+        if is_user_edited(path):
+            backup = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+            shutil.copy2(path, backup)
+        save_config(dataclasses.replace(whole, configs=configs), path,
+                    HEADER.format(name=plans.name, plans=plans.plans_identifier, version=__version__))
     return backup

@@ -16,13 +16,22 @@ cache is rebuilt, the old one is left (delete ``medimgen_latents/`` to reclaim i
 hidden scratch folder and renamed into place when complete, under a file lock: a second process waits for the
 first and reads its result; a killed build leaves no cache behind. Several ranks: rank 0 builds, the others wait.
 
-Geometry: the cached region of a case is its centre, padded to at least ``data.image_size``, and, where the case
-is larger, up to ``MAX_EXTENT`` x image_size (rounded up to the autoencoder's total stride) and at most the run's
-micro-batch x image_size voxels in all: every encoder pass of the build (2D: as many slices as fit) is no larger than
-the one the LDM's training step makes without the cache, which the memory plan counts for the cached path too
-(planning.cuda_sim); a CUDA out-of-memory error in the build is one line naming the keys; batches take random
-crops of the latent size at whole latent voxels (= stride multiples in the image) from it. When the memory fitter
-planned a crop resampled to the image size (``data.crop_size``), the centred crop is resampled and cached as is.
+Geometry: the cached region of a case depends on its shape and the config alone (never on the run's micro-batch,
+so a run whose micro-batch changes, by hand on resume or by the memory guard's re-fit, keeps its cache and its crop
+positions): the case's centre, padded to at least ``data.image_size`` and, where the case is larger, up to
+``MAX_EXTENT`` x image_size per axis (rounded up to the autoencoder's total stride). What bounds the build's memory
+is the encoder pass, not the region: a region larger than image_size is encoded in overlapping image_size tiles
+(MONAI's sliding-window inference; tile starts at multiples of the total stride, so each tile's latents land on
+whole latent voxels; Gaussian blending of the overlaps), 3D one tile per pass, 2D up to the micro-batch of slices
+(or tiles) per pass: no pass is larger than the one the LDM's training step makes without the cache at that
+micro-batch, which the memory plan counts for the cached path too (planning.cuda_sim); a CUDA out-of-memory error in
+the build is one line naming the keys. A tiled latent is close to, not identical with, the latent of the whole
+region encoded at once: a tile's border voxels see zero padding where the whole region has image, the encoder's
+group normalisation takes a tile's statistics, and its attention (where it has any) sees one tile; the Gaussian
+weights favour each voxel's most central tile, and training without the cache encodes image_size crops as well.
+Batches take random crops of the latent size at whole latent voxels (= stride multiples in the image) from the
+cached region. When the memory fitter planned a crop resampled to the image size (``data.crop_size``), the centred
+crop is resampled and cached as is (one tile).
 
 What the cached path gives up against the image-space loader (data.loader): nnU-Net's per-step spatial and
 intensity augmentation (rotation, scaling, elastic deformation, gamma, noise, blur, contrast), its foreground
@@ -33,11 +42,9 @@ latent of the flipped image) and, for cases larger than image_size, random crops
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -46,7 +53,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +61,7 @@ import torch
 from medimgen.config.io import to_dict
 from medimgen.config.schema import GenerationConfig
 from medimgen.core import distributed
-from medimgen.core.atomic import disk_error
+from medimgen.core.atomic import disk_error, file_lock
 from medimgen.core.errors import MedimgenError
 from medimgen.data.cases import load_case, open_cases
 from medimgen.data.intensity import IntensityMap
@@ -63,7 +70,7 @@ from medimgen.models.labels import join
 from medimgen.models.networks import latent_size, total_stride
 from medimgen.nnunet.plans import DatasetPlans
 
-FORMAT = 1
+FORMAT = 2  # 2: regions independent of the micro-batch, encoded in image_size tiles
 ROOT = "medimgen_latents"
 MANIFEST = "manifest.json"
 MAX_EXTENT = 2  # a case larger than image_size is cached up to this many times image_size per axis
@@ -74,27 +81,58 @@ def uses_cache(cfg: GenerationConfig, model: str) -> bool:
     return cfg.space_of(model) == "latent" and cfg.train_for(model).cache_latents
 
 
-def encode_voxels(cfg: GenerationConfig, batch_size: int) -> int:
-    """Voxels one encoder pass of the cache build may take: the micro-batch of image-size inputs the LDM's training
-    step encodes without the cache, the pass the memory plan counts (planning.cuda_sim, with cache_latents too)."""
-    return max(1, int(batch_size)) * math.prod(cfg.data.image_size)
-
-
-def region(cfg: GenerationConfig, shape: Sequence[int], batch_size: int = 1) -> tuple[tuple[int, ...], list]:
+def region(cfg: GenerationConfig, shape: Sequence[int]) -> tuple[tuple[int, ...], list]:
     """(native voxels of a case of spatial ``shape`` that its cached latents cover, the resampling to apply).
 
-    The region is at least image_size, up to MAX_EXTENT x image_size per axis where the case is larger, and at most
-    :func:`encode_voxels` in all (the axes furthest beyond image_size give way first, a stride at a time)."""
+    The region is at least image_size and, where the case is larger, up to MAX_EXTENT x image_size per axis, rounded
+    up to the autoencoder's total stride; it depends on nothing else (the encoder pass is bounded by tiling,
+    :func:`encode_region`)."""
     size = tuple(cfg.data.image_size)
     if crop_size(cfg) != size:  # the memory fitter's coarser spacing: the planned crop, resampled to image_size
         return tuple(crop_size(cfg)), maybe_resize(cfg)
     stride = total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims)
-    ext = [min(MAX_EXTENT * s, max(s, -(-int(n) // k) * k)) for s, n, k in zip(size, shape, stride)]
-    budget = encode_voxels(cfg, batch_size)
-    while math.prod(ext) > budget:
-        a = max((i for i in range(len(ext)) if ext[i] > size[i]), key=lambda i: ext[i] / size[i])
-        ext[a] = max(size[a], ext[a] - stride[a])
-    return tuple(ext), []
+    return tuple(min(MAX_EXTENT * s, max(s, -(-int(n) // k) * k)) for s, n, k in zip(size, shape, stride)), []
+
+
+def tiles_per_pass(cfg: GenerationConfig, batch_size: int) -> int:
+    """Image_size inputs one encoder pass of the build takes: 3D one (the pass the LDM's uncached training step makes
+    at micro-batch 1), 2D the micro-batch (slices are small: a pass per slice would be slow). Only the grouping
+    depends on it, never the region or the stored values' meaning (the encoder treats each input alone in eval)."""
+    return max(1, int(batch_size)) if cfg.data.spatial_dims == 2 else 1
+
+
+def _overlap(tile: Sequence[int], stride: Sequence[int]) -> tuple[float, ...]:
+    """Per-axis overlap for MONAI's sliding window whose scan interval, ``int(tile * (1 - overlap))``, is half the
+    tile rounded down to a whole stride (at least one stride): every tile starts at a stride multiple (MONAI places
+    its outputs at ``int(start * latent / tile)``, exact for a stride multiple: strides are 1 or 2 per level). The
+    half-voxel margin keeps the float product clear of the integer below."""
+    out = []
+    for t, k in zip(tile, stride):
+        interval = max(k, (t // 2) // k * k)
+        overlap = 1 - (interval + 0.5) / t
+        out.append(max(0.0, overlap))
+    return tuple(out)
+
+
+def encode_region(cfg: GenerationConfig, encode: Callable, x: torch.Tensor, device: torch.device,
+                  per_pass: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, sigma) on the CPU of the (N, C, *region) inputs ``x`` (on the CPU): in passes of ``per_pass`` inputs
+    when the region is image_size, else in image_size tiles, ``per_pass`` tiles a pass, blended (MONAI's
+    sliding_window_inference: windows moved to ``device``, the outputs stitched on the CPU at the latent's
+    coarser resolution). Tile starts are stride multiples (the region is a stride multiple, so is the last one)."""
+    size = tuple(cfg.data.image_size)
+    if tuple(x.shape[2:]) == size:
+        out = [tuple(t.float().cpu() for t in encode(x[i:i + per_pass].to(device)))
+               for i in range(0, x.shape[0], per_pass)]
+        return torch.cat([m for m, _ in out]), torch.cat([s for _, s in out])
+    from monai.inferers import sliding_window_inference
+
+    stride = total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims)
+    mu, sigma = sliding_window_inference(x, roi_size=size, sw_batch_size=per_pass,
+                                         predictor=lambda w: tuple(t.float() for t in encode(w)),
+                                         overlap=_overlap(size, stride), mode="gaussian", sw_device=device,
+                                         device=torch.device("cpu"))
+    return mu, sigma
 
 
 # ---------------------------------------------------------------------------------------------- the key
@@ -121,12 +159,12 @@ def files_identity(folder: Path, identifiers: Sequence[str]) -> list:
 
 
 def cache_key(cfg: GenerationConfig, autoencoder: torch.nn.Module, plans: DatasetPlans, identifiers: Sequence[str],
-              with_labels: bool, batch_size: int = 1) -> tuple[str, dict]:
+              with_labels: bool) -> tuple[str, dict]:
     """(the cache's folder name, what it was derived from) for these cases encoded by ``autoencoder``."""
     dim = cfg.dim
     data = cfg.data
     ingredients = {
-        "format": FORMAT, "max_extent": MAX_EXTENT, "encode_voxels": encode_voxels(cfg, batch_size),
+        "format": FORMAT, "max_extent": MAX_EXTENT,
         "autoencoder": weights_digest(autoencoder),
         "plans_identifier": plans.plans_identifier,
         "configuration": plans.plans_dict.get("configurations", {}).get(data.nnunet_configuration),
@@ -147,18 +185,6 @@ def cache_root(plans: DatasetPlans, dim: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- building
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _label_dtype(cfg: GenerationConfig):
     return np.int8 if max(cfg.data.label_values or (0,)) < 128 else np.int16
 
@@ -166,21 +192,20 @@ def _label_dtype(cfg: GenerationConfig):
 @torch.no_grad()
 def _encode_case(cfg: GenerationConfig, autoencoder, data: np.ndarray, seg: np.ndarray, imap: IntensityMap,
                  device: torch.device, batch_size: int = 1) -> dict[str, np.ndarray]:
-    """{'mu', 'sigma', 'label'} of one case (2D: of every slice, stacked first), in encoder passes of at most
-    :func:`encode_voxels` (2D: as many slices as fit)."""
+    """{'mu', 'sigma', 'label'} of one case (2D: of every slice, stacked first), in encoder passes of
+    :func:`tiles_per_pass` image_size inputs (:func:`encode_region`)."""
     two_d = cfg.data.spatial_dims == 2
     items = [(data[:, z], seg[:, z]) for z in range(data.shape[1])] if two_d else [(data, seg)]
-    native, resize = region(cfg, items[0][0].shape[1:], batch_size)
+    native, resize = region(cfg, items[0][0].shape[1:])
+    per_pass = tiles_per_pass(cfg, batch_size)
     mus, sigmas, labels = [], [], []
-    encoded = tuple(cfg.data.image_size) if resize else native  # what enters the encoder per item
-    step = max(1, encode_voxels(cfg, batch_size) // math.prod(encoded)) if two_d else 1
-    for i in range(0, len(items), step):
-        pairs = [centred_sample(d, s, native, imap, resize) for d, s in items[i:i + step]]
-        image = torch.stack([p[0] for p in pairs]).to(device)
+    for i in range(0, len(items), per_pass):
+        pairs = [centred_sample(d, s, native, imap, resize) for d, s in items[i:i + per_pass]]
+        image = torch.stack([p[0] for p in pairs])
         label = torch.stack([p[1] for p in pairs])
-        mu, sigma = autoencoder.encode(join(image, label, cfg))
-        mus.append(mu.float().cpu())
-        sigmas.append(sigma.float().cpu())
+        mu, sigma = encode_region(cfg, autoencoder.encode, join(image, label, cfg), device, per_pass)
+        mus.append(mu)
+        sigmas.append(sigma)
         labels.append(label)
     out = {"mu": torch.cat(mus).numpy(), "sigma": torch.cat(sigmas).numpy(), "label": torch.cat(labels).numpy()}
     if not two_d:
@@ -192,18 +217,18 @@ def build(cfg: GenerationConfig, plans: DatasetPlans, identifiers: Sequence[str]
           device: torch.device, with_labels: bool = False, progress: bool = False,
           echo: Callable[[str], None] = print, batch_size: int = 1) -> Path:
     """The cache folder of these training cases, encoded now unless a complete one with the same key exists
-    (``batch_size``: the run's micro-batch, which bounds each encoder pass: :func:`encode_voxels`)."""
+    (``batch_size``: the run's micro-batch, which only groups the 2D build's passes: :func:`tiles_per_pass`)."""
     dim = cfg.dim
     folder_pre = plans.preprocessed_folder(dim)
     check_cases(folder_pre, list(identifiers))
-    key, ingredients = cache_key(cfg, autoencoder, plans, identifiers, with_labels, batch_size)
+    key, ingredients = cache_key(cfg, autoencoder, plans, identifiers, with_labels)
     root = cache_root(plans, dim)
     folder = root / key
     if (folder / MANIFEST).is_file():
         return folder
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with _file_lock(root / f".{key}.lock"):
+        with file_lock(root / f".{key}.lock"):
             if (folder / MANIFEST).is_file():  # another process built it meanwhile
                 return folder
             if folder.exists():  # no manifest: not a cache (a hand-made or damaged folder)
@@ -237,10 +262,11 @@ def _write(cfg, plans, identifiers, autoencoder, device, with_labels, scratch: P
             try:
                 arrays = _encode_case(cfg, autoencoder, data, seg, imap, device, batch_size)
             except torch.cuda.OutOfMemoryError:
-                raise MedimgenError(f"out of GPU memory encoding case {ident} into the latent cache (encoder passes "
-                                    f"of {encode_voxels(cfg, batch_size)} voxels, the micro-batch of image_size the "
-                                    f"plan counts): lower the train_*.batch_size of this run or set "
-                                    f"train_*.cache_latents=false") from None
+                n = tiles_per_pass(cfg, batch_size)
+                lower = ", or lower train_*.batch_size (2D: the slices of a pass)" if n > 1 else ""
+                raise MedimgenError(f"out of GPU memory encoding case {ident} into the latent cache ({n} input(s) of "
+                                    f"image_size {tuple(cfg.data.image_size)} a pass, which the memory plan counts): "
+                                    f"free the GPU, or plan with a lower memory.target_gb{lower}") from None
             if with_labels:
                 arrays["label"] = arrays["label"].astype(_label_dtype(cfg))
             else:
