@@ -231,6 +231,21 @@ def test_2d_ddpm_estimate_grows_with_batch_as_simulated(h100_config):
     assert 0.08 < (peaks[-1] - peaks[-2]) / 53 / mem.GIB < 0.2
 
 
+def test_ema_is_the_step_without_it_plus_the_copy(h100_config):
+    """A step with EMA is the step without it, every live count higher by the EMA copy (it exists before the step):
+    so one simulation serves both, and the estimate adds the copy to the EMA-off profile."""
+    from medimgen.planning.cuda_sim import simulate
+
+    cfg = h100_config.get("3d")
+    on, off = (simulate(apply_overrides(cfg, [f"train_ldm.ema_decay={v}"]), "ldm") for v in ("0.999", "null"))
+    assert on.ema_bytes == off.ema_bytes >= 4 * on.params
+    assert on.trace == tuple(x + on.ema_bytes for x in off.trace)
+    assert on.static_bytes == off.static_bytes + on.ema_bytes
+    mem._profiles.clear()
+    estimated = mem.estimate(apply_overrides(cfg, ["train_ldm.ema_decay=0.999"]), "ldm").peak_bytes
+    assert estimated == pytest.approx(on.peak_bytes * mem.CUDA_OVERHEAD, rel=1e-9)
+
+
 def test_checkpointing_lowers_the_estimate(h100_config):
     cfg = h100_config.get("3d")
     for model, key in (("ddpm", "ddpm_unet"), ("autoencoder", "autoencoder")):

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from medimgen.config.kinds import kind, the
+from medimgen.config.kinds import kind
 from medimgen.config.schema import GenerationConfig
 
 BLOCK = 512  # CUDA caching allocator: every block is a multiple of 512 bytes
@@ -277,6 +277,9 @@ class Simulated:
     # micro-batch, the autoencoder's reconstruction, counted as at micro-batch 2 when the step ran a larger one)
     static_bytes: int
     params: int  # trainable parameters
+    # the EMA copy of the trained weights (whether this step had one or not): allocated before the step, so a step
+    # with it is the step without it, every live count and static_bytes higher by this
+    ema_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -406,7 +409,7 @@ def _diffusion_parts(cfg: GenerationConfig, model: str):
         pred = unet(noisy, timesteps=t)
         return F.mse_loss(pred.float(), target.float())
 
-    return [unet], [frozen] if frozen is not None else [], {"diffusion": ([unet], loss)}, ([unet] if cfg.train_for(model).ema_decay else [])
+    return [unet], [frozen] if frozen is not None else [], {"diffusion": ([unet], loss)}, [unet]
 
 
 def _controlnet_parts(cfg: GenerationConfig):
@@ -444,8 +447,7 @@ def _controlnet_parts(cfg: GenerationConfig):
         target = target_for(scheduler, sched_cfg.prediction_type, x, noise, t)
         return F.mse_loss(pred.float(), target.float())
 
-    ema = [controlnet] if cfg.train_for(the("steers").name).ema_decay else []
-    return [controlnet], frozen, {"diffusion": ([controlnet], loss)}, ema
+    return [controlnet], frozen, {"diffusion": ([controlnet], loss)}, [controlnet]
 
 
 def _perceptual_on(cfg: GenerationConfig) -> bool:
@@ -523,7 +525,6 @@ def _adversarial_loss():
 
 
 def _autoencoder_parts(cfg: GenerationConfig):
-
     from medimgen.models.losses import kl_loss
     from medimgen.models.labels import label_channels
     from medimgen.models.networks import autoencoder_for, build_discriminator
@@ -589,17 +590,18 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
     tracker = LiveBytes()
     meta = torch.device("meta")
     with cuda_autocast_policy(), tracker:
-        trained, frozen, phases, ema_of = (_autoencoder_parts(cfg) if kind(model).encoder else
+        trained, frozen, phases, averaged = (_autoencoder_parts(cfg) if kind(model).encoder else
                                            _controlnet_parts(cfg) if kind(model).steers else
                                            _diffusion_parts(cfg, model))
         for m in [*trained, *frozen]:
             tracker.track(_tensors(m))
             m.train() if m in trained else m.eval()
         optimisers = {name: _Phase(mods, train) for name, (mods, _) in phases.items()}
+        ema = [_nbytes(p) for m in averaged for p in m.parameters()]  # the EMA copy of the weights, if on
         params = sum(p.numel() for m in trained for p in m.parameters())
         # the steady state: AdamW's moments exist from the previous step, next to the EMA copy (counted, not made)
         tracker.allocate([n for opt in optimisers.values() for n in opt.state_sizes()]
-                         + [_nbytes(p) for m in ema_of for p in m.parameters()])
+                         + (ema if train.ema_decay else []))
         tracker.trace.clear()
         if cached:  # the cache build's encoder pass (training.latents.tiles_per_pass: one image_size tile in 3D,
             # the micro-batch of them in 2D; float32, no grad), before the first step, next to the networks (counted
@@ -632,7 +634,7 @@ def simulate(cfg: GenerationConfig, model: str) -> Simulated:
                 n = t.untyped_storage().nbytes()
                 static += _blocks(n * 2 // train.batch_size) - _blocks(n)
         trace = tuple(tracker.trace)
-    return Simulated(trace=trace, static_bytes=static, params=params)
+    return Simulated(trace=trace, static_bytes=static, params=params, ema_bytes=sum(_blocks(n) for n in ema))
 
 
 def peak_of(build, amp: bool = True) -> int:

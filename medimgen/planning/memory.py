@@ -114,10 +114,17 @@ class _Profile:
     static_bytes: int
     params: int
     scale: int = 1
+    ema_bytes: int = 0  # the EMA copy of the trained weights, not in lines/static_bytes (see with_ema)
 
     def peak_bytes(self, batch: int) -> float:
         a, d = (np.asarray(v, dtype=np.float64) for v in zip(*self.lines))
         return float((a + (batch - self.origin) * d).max()) / self.scale
+
+    def with_ema(self) -> "_Profile":
+        """The same step next to an EMA copy of the weights: it exists before the step starts, so every live count
+        and the bytes between steps are higher by it (one simulation serves both; cuda_sim.Simulated.ema_bytes)."""
+        return dataclasses.replace(self, lines=tuple((a + self.ema_bytes * self.scale, d) for a, d in self.lines),
+                                   static_bytes=self.static_bytes + self.ema_bytes)
 
 
 def envelope(one: Sequence[int], two: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -142,7 +149,8 @@ def envelope(one: Sequence[int], two: Sequence[int]) -> tuple[tuple[int, int], .
 
 
 def _sim_key(cfg: GenerationConfig, model: str):
-    """Everything that decides a simulated step (not epochs, rates, ...), and the config it is simulated with.
+    """Everything that decides a simulated step (not epochs, rates, ...), and the config it is simulated with: without
+    EMA, which _profile adds (_Profile.with_ema).
     An adopted foundation autoencoder trains nothing: the autoencoder's step is its planned fallback's training (what
     a failed reconstruction check runs); the LDM's and ControlNet's count the frozen foundation network."""
     if kind(model).encoder:
@@ -150,8 +158,8 @@ def _sim_key(cfg: GenerationConfig, model: str):
     train = cfg.train_for(model)
     key_train = TrainConfig(
         epochs=1, batch_size=1, grad_accumulation_steps=min(2, max(1, train.grad_accumulation_steps)),
-        amp="off" if train.amp == "off" else "auto", ema_decay=0.999 if train.ema_decay and not kind(model).encoder
-        else None, grad_clip=1.0 if train.grad_clip else None, weight_decay=0.01 if train.weight_decay else 0.0,
+        amp="off" if train.amp == "off" else "auto", ema_decay=None, grad_clip=1.0 if train.grad_clip else None,
+        weight_decay=0.01 if train.weight_decay else 0.0,
         cache_latents=train.cache_latents and cfg.space_of(model) == "latent")
     nets = (cfg.autoencoder, cfg.discriminator, cfg.losses) if kind(model).encoder else (
         cfg.unet_for(model), cfg.scheduler_for(model), cfg.autoencoder if cfg.space_of(model) == "latent" else None,
@@ -171,6 +179,11 @@ def _profile(cfg: GenerationConfig, model: str, batch: int) -> _Profile:
     is of a fixed size or one proportional to the micro-batch, in the same order), so the fitter's further
     candidates cost nothing. Micro-batch 1 is always simulated as it is (a size-1 batch dimension makes some
     backward ops allocate differently)."""
+    profile = _profile_without_ema(cfg, model, batch)
+    return profile.with_ema() if cfg.train_for(model).ema_decay else profile
+
+
+def _profile_without_ema(cfg: GenerationConfig, model: str, batch: int) -> _Profile:
     base, sim_cfg = _sim_key(cfg, model)
     found = _cached((base, "at", batch))
     if found is None and batch >= 2:
@@ -180,7 +193,7 @@ def _profile(cfg: GenerationConfig, model: str, batch: int) -> _Profile:
     from medimgen.planning.cuda_sim import simulate
 
     sim = simulate(_at(sim_cfg, model, batch), model)
-    profile = _Profile(((sim.peak_bytes, 0),), batch, sim.static_bytes, sim.params)
+    profile = _Profile(((sim.peak_bytes, 0),), batch, sim.static_bytes, sim.params, 1, sim.ema_bytes)
     _keep((base, "at", batch), profile)
     if batch >= 2:  # the first trace of this key waits for a second one (then both are dropped)
         other = next((k[2] for k in _profiles if k[:2] == (base, "trace")), None)
@@ -209,7 +222,7 @@ def _lines(one, b1: int, two, b2: int) -> _Profile | None:
     k = b2 - b1
     start = [k * x + (2 - b1) * (y - x) for x, y in zip(one.trace, two.trace)]  # k x the bytes at micro-batch 2
     return _Profile(envelope(start, [a + y - x for a, x, y in zip(start, one.trace, two.trace)]), 2, one.static_bytes,
-                    one.params, k)
+                    one.params, k, one.ema_bytes)
 
 
 def _cached(key) -> _Profile | None:
@@ -240,7 +253,8 @@ def _profile_from(stored: dict) -> _Profile | None:
         scale = int(stored.get("scale", 1))
         if not lines or scale < 1:
             return None
-        return _Profile(lines, int(stored["origin"]), int(stored["static_bytes"]), int(stored["params"]), scale)
+        return _Profile(lines, int(stored["origin"]), int(stored["static_bytes"]), int(stored["params"]), scale,
+                        int(stored.get("ema_bytes", 0)))
     except (KeyError, TypeError, ValueError):
         return None
 
