@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import json
 import sys
 
@@ -11,6 +13,11 @@ import click
 from medimgen import __version__
 from medimgen.config.kinds import names
 from medimgen.core.errors import MedimgenError
+
+# Registered first, so it runs last at exit, after every other exit handler (logging, MLflow, temporary folders):
+# the half a million objects torch and MONAI import are left to the process's end instead of being swept by the
+# interpreter's final garbage collections, which took 2 of a `medimgen plan`'s 10 CPU seconds.
+atexit.register(gc.freeze)
 
 
 def friendly_errors(fn):
