@@ -81,7 +81,6 @@ _FP32_OPT_DTYPE = (
 _PROMOTE = ("addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put",
             "tensordot", "scatter_add")
 
-_LOW = (torch.float16, torch.bfloat16)
 _lock = threading.Lock()
 _active = {"depth": 0, "lib": None, "clear": None}
 _cast_cache: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its lower-precision copy), as autocast's cache
