@@ -287,9 +287,15 @@ def test_failed_check_replans_the_ldm_for_the_trained_latent_and_writes_the_conf
             super().__init__(cfg, *a, **kw)
 
     monkeypatch.setattr(training_api, "TrainBatches", SpiedBatches)
+    import medimgen.planning.api as planning_api
+
+    fitted = []  # the dimensionalities the fallback's re-plan fits (a spy on the planner's own fitter)
+    real_fit = planning_api.fit_to_memory
+    monkeypatch.setattr(planning_api, "fit_to_memory", lambda c, t: fitted.append(c.dim) or real_fit(c, t))
     lines: list[str] = []
     ae = _train("autoencoder", TINY, echo=lines.append)
     assert ae.completed and ae.config.autoencoder.source == "trained"
+    assert fitted == ["3d"]  # the 3d plan alone, not every dimensionality nnU-Net preprocessed
     assert seen_ranges and set(seen_ranges) == {(-1.0, 1.0)}  # never the foundation's [0, 1] mapping
     said = [line for line in lines if line.startswith("re-planned 3d for the trained autoencoder")]
     path = DatasetPlans.from_id(CT_3D).folder / CONFIG_NAME

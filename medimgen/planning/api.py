@@ -131,12 +131,14 @@ def preprocessed_dims(plans: DatasetPlans) -> tuple[list[str], dict[str, str]]:
 
 
 def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overrides: Sequence[str] = (),
-                 offline: bool = False, notes: list[str] | None = None) -> MedimgenConfig:
+                 offline: bool = False, notes: list[str] | None = None,
+                 only: Sequence[str] | None = None) -> MedimgenConfig:
     """Heuristics, then the user's overrides, then the memory fitter (which sees the overridden values).
 
     ``offline``: plan no perceptual loss where its pretrained weights are absent (before the overrides,
     so that an explicit --set losses.perceptual_network wins). ``notes``: gets one line per perceptual
-    network whose weights are absent (the download command)."""
+    network whose weights are absent (the download command). ``only``: plan these dimensionalities alone (of
+    those nnU-Net preprocessed)."""
     target = float(gpu_memory_gb) if gpu_memory_gb else detect_gpu_memory_gb()
     pm = plans.manager
     info = DatasetInfo(
@@ -153,6 +155,8 @@ def build_config(plans: DatasetPlans, gpu_memory_gb: float | None = None, overri
     configs = {}
     raw_stats: dict = {}  # the raw cases are read once per normalisation setting (2d and 3d usually share it)
     dims, skipped = preprocessed_dims(plans)
+    if only is not None:
+        dims = [d for d in dims if d in only]
     if notes is not None:
         notes += [f"note: {dim} not planned: {why} (then re-plan)" for dim, why in skipped.items()]
     forced = forced_sources(overrides)

@@ -38,7 +38,7 @@ def trained_plan(plans: DatasetPlans, cfg: GenerationConfig) -> GenerationConfig
     dim = cfg.dim
     overrides = [f"{dim}.autoencoder.source={TRAINED}",
                  f"{dim}.data.generate_labels={str(cfg.data.generate_labels).lower()}"]
-    return build_config(plans, cfg.memory.target_gb, overrides).get(dim)
+    return build_config(plans, cfg.memory.target_gb, overrides, only=[dim]).get(dim)
 
 
 def with_trained_plan(cfg: GenerationConfig, fresh: GenerationConfig, why: str) -> GenerationConfig:
