@@ -177,3 +177,16 @@ def test_results_live_in_derived_and_old_layouts_still_load(planned):
     assert dataclasses.replace(back, derived=cfg.derived) == cfg
     assert back.train_for("ldm") is back.train_ldm and back.unet_for("ddpm") is back.ddpm_unet
     assert back.with_train("ddpm", batch_size=3).train_ddpm.batch_size == 3
+
+
+def test_config_backups_within_one_second_never_overwrite_each_other(tmp_path):
+    """Two rewrites of a hand-edited config in the same second keep both earlier versions (`plan --force` twice)."""
+    from medimgen.config.io import back_up_config
+
+    path = tmp_path / "medimgen_config.yaml"
+    made = []
+    for text in ("first: 1\n", "second: 2\n", "third: 3\n"):
+        path.write_text(text)
+        made.append(back_up_config(path))
+    assert len(set(made)) == 3 and [p.read_text() for p in made] == ["first: 1\n", "second: 2\n", "third: 3\n"]
+    assert all(p.name.startswith("medimgen_config.yaml.") and p.name.endswith(".bak") for p in made)

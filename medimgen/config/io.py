@@ -439,6 +439,22 @@ def config_lock(path: Path | str):
     return file_lock(path.with_name(f".{path.name}.lock"))
 
 
+def back_up_config(path: Path | str) -> Path:
+    """Copy a config file to ``<name>.<YYYYmmdd-HHMMSS>.bak`` beside it (``-2``, ``-3``, ... when that name is taken:
+    two rewrites within a second never overwrite a backup) and return the copy's path."""
+    import shutil
+    import time
+
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup, n = path.with_name(f"{path.name}.{stamp}.bak"), 1
+    while backup.exists():
+        n += 1
+        backup = path.with_name(f"{path.name}.{stamp}-{n}.bak")
+    shutil.copy2(path, backup)
+    return backup
+
+
 def render_generation_config(cfg: GenerationConfig) -> str:
     """The YAML text of one run's resolved config."""
     lines: list[str] = []

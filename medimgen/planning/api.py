@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from medimgen import __version__
-from medimgen.config.io import apply_overrides, config_lock, is_user_edited, load_config, save_config
+from medimgen.config.io import (apply_overrides, back_up_config, config_lock, is_user_edited, load_config,
+                                save_config)
 from medimgen.config.kinds import kind, names
 from medimgen.config.schema import DatasetInfo, MedimgenConfig, is_foundation
 from medimgen.core.errors import MedimgenError
@@ -247,8 +246,7 @@ def plan_dataset(
         edited = _refuse_edited(path, force)
         backup = None
         if edited:
-            backup = path.with_name(f"{CONFIG_NAME}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
-            shutil.copy2(path, backup)
+            backup = back_up_config(path)
         replaced = path.exists()
         save_config(cfg, path, HEADER.format(name=plans.name, plans=plans_identifier, version=__version__))
     _warm_disk_table(cfg)

@@ -14,11 +14,9 @@ fits chose different image geometries: then the trained plan is taken whole.
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import time
 from pathlib import Path
 
-from medimgen.config.io import config_lock, is_user_edited, load_config, save_config
+from medimgen.config.io import back_up_config, config_lock, is_user_edited, load_config, save_config
 from medimgen.config.kinds import kind, names
 from medimgen.config.schema import TRAINED, GenerationConfig
 from medimgen.nnunet.plans import DatasetPlans
@@ -76,8 +74,7 @@ def save_trained_plan(path: Path, plans: DatasetPlans, dim: str, fresh: Generati
         configs[dim] = with_trained_plan(configs[dim], fresh, why)
         backup = None
         if is_user_edited(path):
-            backup = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
-            shutil.copy2(path, backup)
+            backup = back_up_config(path)
         save_config(dataclasses.replace(whole, configs=configs), path,
                     HEADER.format(name=plans.name, plans=plans.plans_identifier, version=__version__))
     return backup

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -40,7 +38,7 @@ from typing import Callable, Sequence
 from medimgen.core.atomic import write_text_atomic
 from medimgen.config.kinds import kind, the
 from medimgen.config import apply_overrides, load_config
-from medimgen.config.io import render_yaml
+from medimgen.config.io import back_up_config, render_yaml
 from medimgen.config.schema import MedimgenConfig
 from medimgen.core.errors import MedimgenError
 from medimgen.core.interrupts import sigterm_interrupts
@@ -82,8 +80,7 @@ def apply_trial(config_path: Path, dim: str, trial, study_name: str) -> tuple[Pa
     lines = [ln for ln in text.splitlines(keepends=True) if not ln.startswith("# medimgen-checksum:")]
     backup = None
     if config_path.exists():
-        backup = config_path.with_name(f"{config_path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
-        shutil.copy2(config_path, backup)
+        backup = back_up_config(config_path)
     write_text_atomic(config_path, "".join(lines))
     load_config(config_path)  # what was written must read back
     return config_path, backup
