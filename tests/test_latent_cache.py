@@ -181,11 +181,16 @@ def test_cache_rebuilt_when_the_autoencoder_or_the_data_change(flow_2d, workspac
     stamp = (first / "manifest.json").stat().st_mtime_ns
     assert latents.build(cfg, plans, ids, ae, torch.device("cpu"), **quiet) == first  # unchanged: reused
     assert (first / "manifest.json").stat().st_mtime_ns == stamp
-    # the disk estimate of the cache (per slice of the cases) matches what was written
+    # the disk estimate of the cache (per slice of the cases, at their shapes) matches what was written
+    from medimgen.data.cases import load_case
+    from medimgen.planning.latent_cache import CachedCases
+
     manifest = json.loads((first / "manifest.json").read_text())
-    slices = sum(c["shape"][0] for c in manifest["cases"])
+    shapes = [load_case(open_cases(pre, [i]), i)[0].shape[1:] for i in ids]
+    cases = CachedCases(tuple((int(s[0]), tuple(s[1:])) for s in shapes))
+    assert cases.samples == sum(c["shape"][0] for c in manifest["cases"])
     on = cfg.with_train("ldm", cache_latents=True)
-    assert latent_cache_bytes(on, slices)["ldm"] == pytest.approx(manifest["bytes"], rel=0.05)
+    assert latent_cache_bytes(on, cases)["ldm"] == pytest.approx(manifest["bytes"], rel=0.02)
     # another autoencoder (one weight changed): a new cache with other latents
     p = next(ae.encoder.parameters())
     kept = p.detach().clone()
@@ -239,24 +244,29 @@ def test_concurrent_builds_make_one_cache(flow_2d, workspace):
 
 
 def test_planner_turns_the_cache_on_and_off_by_disk_and_ram(workspace):
-    from medimgen.planning.latent_cache import DISK_SHARE, cache_bytes, decide, plan_cache
+    from medimgen.planning.latent_cache import (DISK_SHARE, NPZ_BYTES_PER_ARRAY, CachedCases, cache_bytes, decide,
+                                                plan_cache)
 
     from medimgen.models.networks import latent_size
 
     cfg = workspace["config"].get("3d")
-    size = cache_bytes(cfg, "ldm", 100)
-    assert size == 100 * 2 * 4 * cfg.autoencoder.latent_channels * int(np.prod(latent_size(cfg)))  # mu + sigma, f32
+    hundred = CachedCases(tuple((1, tuple(cfg.data.image_size)) for _ in range(100)))  # cases of image_size
+    size = cache_bytes(cfg, "ldm", hundred)
+    latent = 2 * 4 * cfg.autoencoder.latent_channels * int(np.prod(latent_size(cfg)))  # mu + sigma, f32
+    assert size == 100 * (latent + 2 * NPZ_BYTES_PER_ARRAY)
     plenty = 1e12
-    assert decide(cfg, "ldm", 100, plenty, plenty).on
-    no_disk = decide(cfg, "ldm", 100, size / DISK_SHARE * 0.9, plenty)
+    assert decide(cfg, "ldm", hundred, plenty, plenty).on
+    no_disk = decide(cfg, "ldm", hundred, size / DISK_SHARE * 0.9, plenty)
     assert not no_disk.on and "free disk" in no_disk.reason
-    no_ram = decide(cfg, "ldm", 100, plenty, size * 2)
+    no_ram = decide(cfg, "ldm", hundred, plenty, size * 2)
     assert not no_ram.on and "available RAM" in no_ram.reason
-    assert decide(cfg, "ldm", 100, size / DISK_SHARE * 1.1, size / DISK_SHARE * 1.1).on
+    assert decide(cfg, "ldm", hundred, size / DISK_SHARE * 1.1, size / DISK_SHARE * 1.1).on
     few = cfg.with_train("ldm", epochs=1, iterations_per_epoch=1, batch_size=2)
-    assert not decide(few, "ldm", 100, plenty, plenty).on  # training draws fewer samples than it would encode
-    # a ControlNet's cache also keeps its label maps
-    assert cache_bytes(cfg, "controlnet", 1) == cache_bytes(cfg, "ldm", 1) + int(np.prod(cfg.data.image_size))
+    assert not decide(few, "ldm", hundred, plenty, plenty).on  # training draws fewer samples than it would encode
+    # a ControlNet's cache also keeps its label maps (int8 here: label values below 128), a third array per case
+    one = CachedCases(((1, tuple(cfg.data.image_size)),))
+    assert cache_bytes(cfg, "controlnet", one) == \
+        cache_bytes(cfg, "ldm", one) + int(np.prod(cfg.data.image_size)) + NPZ_BYTES_PER_ARRAY
     # the dataset's planned config (plan_dataset; this machine: the tiny dataset's cache fits) and its explanation
     config = _config()
     assert all(c.train_ldm.cache_latents and c.train_controlnet.cache_latents for c in config.configs.values())
@@ -569,3 +579,94 @@ def test_memory_simulation_counts_the_cache_builds_encoder_pass():
         return step
 
     assert simulate(cfg, "ldm").peak_bytes >= peak_of(encoder_pass, amp=False)
+
+
+def _sized(workspace, dim: str, geometry: str, key: float):
+    """A tiny random-weight autoencoder and a ``dim`` config of the test dataset whose image_size is about half of
+    every case per axis ('larger': each case is cached beyond image_size), larger than every case ('smaller': padded
+    to image_size), or half of a crop_size of the smallest case ('resampled': the memory fitter's crop, resampled to
+    image_size); ``key``: an intensity bound that makes the cache key this test's own. Returns (autoencoder, cfg,
+    the dataset's config with cfg for ``dim``, plans, training cases, their preprocessed shapes)."""
+    from medimgen.config import apply_overrides
+    from medimgen.data.cases import load_case, open_cases
+    from medimgen.models.networks import autoencoder_for, total_stride
+    from medimgen.nnunet.plans import DatasetPlans
+
+    config = workspace["config"]
+    base = config.get(dim)
+    cfg = apply_overrides(base, tiny_overrides(base))
+    plans = DatasetPlans.from_id(ANISO_3D)
+    pre = plans.preprocessed_folder(dim)
+    ids = list(open_cases(pre).identifiers)
+    shapes = [tuple(load_case(open_cases(pre, [i]), i)[0].shape[1:]) for i in ids]
+    spatial = [s if dim == "3d" else s[1:] for s in shapes]
+    stride = total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims)
+    low = [min(s[a] for s in spatial) for a in range(len(stride))]
+    high = [max(s[a] for s in spatial) for a in range(len(stride))]
+    half = tuple(max(k, (n // 2) // k * k) for n, k in zip(low, stride))
+    size, crop = {"larger": (half, ()), "smaller": (tuple(-(-n // k) * k + k for n, k in zip(high, stride)), ()),
+                  "resampled": (half, tuple(low))}[geometry]
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size, crop_size=crop,
+                                                            intensity_range=(-1.0, key)))
+    torch.manual_seed(0)
+    whole = dataclasses.replace(config, configs={**config.configs, dim: cfg})
+    return autoencoder_for(cfg).eval(), cfg, whole, plans, ids, shapes
+
+
+@pytest.mark.parametrize("dim,geometry", [("3d", "larger"), ("2d", "larger"), ("3d", "smaller"),
+                                          ("2d", "resampled")])
+def test_planned_cache_size_is_what_the_build_writes(workspace, dim, geometry):
+    """The planner's cache size (per case, from nnU-Net's fingerprint and its resampling) is within 10 % of the bytes
+    a cache of all training cases writes (its manifest), for cases larger than image_size (cached up to MAX_EXTENT x
+    it: an estimate at image_size is far below), padded ones and a crop_size resampled to image_size; the LDM's cache
+    and a ControlNet's (with its label maps)."""
+    from medimgen.config.kinds import kind
+    from medimgen.planning.latent_cache import CachedCases, cache_bytes, cached_cases
+    from medimgen.training import latents
+
+    key = {"larger": 0.90625, "smaller": 0.875, "resampled": 0.84375}[geometry]
+    ae, cfg, config, plans, ids, shapes = _sized(workspace, dim, geometry, key)
+    cases = cached_cases(config, dim, plans.folder)
+    assert cases.from_fingerprint
+    # nnU-Net's preprocessed shapes, predicted from the fingerprint (2D: slices of the in-plane shape)
+    actual = [(1, s) for s in shapes] if dim == "3d" else [(s[0], s[1:]) for s in shapes]
+    assert sorted(cases.cases) == sorted(actual)
+    at_image_size = CachedCases(tuple((n, tuple(cfg.data.image_size)) for n, _ in cases.cases))
+    for model in (["ldm", "controlnet"] if geometry == "larger" else ["ldm"]):
+        folder = latents.build(cfg, plans, ids, ae, torch.device("cpu"), with_labels=kind(model).steers,
+                               echo=lambda *_: None)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        written = sum(c["bytes"] for c in manifest["cases"])
+        assert len(manifest["cases"]) == len(ids) and written == manifest["bytes"]
+        assert cache_bytes(cfg, model, cases) == pytest.approx(written, rel=0.10), model
+        old = cache_bytes(cfg, model, at_image_size)
+        if geometry == "larger":
+            assert old < 0.5 * written  # every case counted at image_size: far too low
+        else:
+            assert old == cache_bytes(cfg, model, cases)  # what the cache holds is image_size
+
+
+@pytest.mark.parametrize("dim", ["3d", "2d"])
+def test_cache_that_fits_only_at_image_size_is_planned_off(workspace, dim, tmp_path):
+    """Cases larger than image_size: with a free disk (or available RAM) that the cache counted at image_size would
+    fit and its true size does not, the rule says off, naming the budget; without a readable fingerprint the estimate
+    falls back to image_size samples and the reason says so."""
+    from medimgen.planning.latent_cache import DISK_SHARE, RAM_SHARE, CachedCases, cache_bytes, cached_cases, decide
+
+    _, cfg, config, plans, _, _ = _sized(workspace, dim, "larger", 0.90625)
+    cfg = cfg.with_train("ldm", epochs=10_000)  # training draws far more samples than the cache holds
+    cases = cached_cases(config, dim, plans.folder)
+    at_image_size = CachedCases(tuple((n, tuple(cfg.data.image_size)) for n, _ in cases.cases))
+    true, low = cache_bytes(cfg, "ldm", cases), cache_bytes(cfg, "ldm", at_image_size)
+    assert true > 2 * low
+    plenty, budget = 1e15, (low + true) / 2
+    for disk, ram, where in ((budget / DISK_SHARE, plenty, "free disk"), (plenty, budget / RAM_SHARE, "available RAM")):
+        assert decide(cfg, "ldm", at_image_size, disk, ram).on
+        d = decide(cfg, "ldm", cases, disk, ram)
+        assert not d.on and d.bytes == true and where in d.reason, d.reason
+        slices = f" ({cases.samples} slices)" if dim == "2d" else ""
+        assert d.reason.startswith(f"off: {len(cases.cases)} cases{slices}, {true / 1e6:.1f} MB is more than ")
+    fallback = cached_cases(config, dim, tmp_path)  # no dataset_fingerprint.json there
+    depth = config.get("3d").data.median_image_size[0] if dim == "2d" else 1
+    assert not fallback.from_fingerprint and fallback.samples == config.dataset.num_training * depth
+    assert "no readable dataset_fingerprint.json" in decide(cfg, "ldm", fallback, plenty, plenty).reason

@@ -27,13 +27,16 @@ def test_a_3d_dataset_preprocessed_for_2d_only_plans_2d_and_refuses_3d_training(
     assert list(load_config(folder / "medimgen_config.yaml").configs) == ["2d"]
     note = [line for line in r.output.splitlines() if "3d not planned" in line]
     assert len(note) == 1 and preprocess in note[0] and "nnUNetPlans_3d_fullres is missing" in note[0], r.output
-    # the latent cache of the 2d config holds one latent per slice of every training case (3D is not planned)
+    # the latent cache of the 2d config holds one latent per slice of every training case (3D is not planned), at
+    # the in-plane shape nnU-Net's 2d preprocessing gives it
     from medimgen.data.cases import load_case, open_cases
-    from medimgen.planning.latent_cache import cached_samples
+    from medimgen.planning.latent_cache import cached_cases
 
     pre = folder / "nnUNetPlans_2d"
-    slices = sum(load_case(open_cases(pre, [i]), i)[0].shape[1] for i in open_cases(pre).identifiers)
-    assert slices > 4 and cached_samples(load_config(folder / "medimgen_config.yaml"), "2d", folder) == slices
+    shapes = [load_case(open_cases(pre, [i]), i)[0].shape[1:] for i in open_cases(pre).identifiers]
+    cases = cached_cases(load_config(folder / "medimgen_config.yaml"), "2d", folder)
+    assert sum(s[0] for s in shapes) > 4 and cases.samples == sum(s[0] for s in shapes)
+    assert sorted(cases.cases) == sorted((s[0], tuple(s[1:])) for s in shapes)
 
     r = CliRunner().invoke(main, ["train", "ddpm", str(ONLY_2D), "train-val-test", "3d"])
     assert r.exit_code != 0 and preprocess in r.output and "Traceback" not in r.output, r.output

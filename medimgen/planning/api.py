@@ -47,12 +47,12 @@ def explain_costs(config: MedimgenConfig, folder: Path) -> list[str]:
     """The disk, latent-cache and quality-check tables of `plan --explain`, every dimensionality (``folder``: the
     dataset's preprocessed folder)."""
     from medimgen.planning.disk import explain_disk
-    from medimgen.planning.latent_cache import cached_samples, explain_cache
+    from medimgen.planning.latent_cache import cached_cases, explain_cache
     from medimgen.planning.quality_budget import explain_quality
 
     return [*(f"{dim} autoencoder: {cfg.derived.autoencoder_choice}" for dim, cfg in config.configs.items()
               if cfg.derived.autoencoder_choice),
-            *(explain_disk(cfg, dim, cache_samples=cached_samples(config, dim, folder)) for dim, cfg in config.configs.items()),
+            *(explain_disk(cfg, dim, cache=cached_cases(config, dim, folder)) for dim, cfg in config.configs.items()),
             *(explain_cache(config, dim, folder) for dim in config.configs),
             *(explain_quality(cfg, dim) for dim, cfg in config.configs.items())]
 

@@ -14,8 +14,9 @@ nothing is allocated) and from what each file holds (training/loop.py):
   shows each sample next to its label map).
 - samples: a float32 NIfTI per channel (gzip barely compresses generated noise-like values).
 - the latent cache of a kind with ``cache_latents`` (LDM, ControlNet on an LDM): mean and std per training sample,
-  float32 at latent size (a ControlNet's: + its label map, a byte a voxel), beside the preprocessed data, once per
-  autoencoder (``latent_cache_bytes``; tests/test_latent_cache.py checks it against a built cache).
+  float32 at the latent size of the region each case is cached at (a ControlNet's: + its label map), beside the
+  preprocessed data, once per autoencoder (``latent_cache_bytes``, sized per case by planning.latent_cache;
+  tests/test_latent_cache.py checks it against a built cache).
 
 ``tests/test_training.py::test_disk_estimate_matches_a_trained_run`` checks best.pt, last.pt
 and the registered model within ``TOLERANCE`` of a real run.
@@ -25,11 +26,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from medimgen.config.kinds import kind, names
 from medimgen.config.schema import GenerationConfig
+
+if TYPE_CHECKING:
+    from medimgen.planning.latent_cache import CachedCases
 
 TOLERANCE = 0.10  # relative error of best/last/registered, checked against a tiny trained run
 # torch.save (zip): per tensor one archive entry (headers + 64-byte alignment) and its pickle record
@@ -180,17 +185,20 @@ def estimate_disk(cfg: GenerationConfig, model: str) -> DiskEstimate:
     return DiskEstimate(model, trained.params, best, last, registered, plots, sample, mlflow_ckpt)
 
 
-def latent_cache_bytes(cfg: GenerationConfig, cache_samples: int) -> dict[str, int]:
-    """{model: bytes of its latent cache} of the kinds training on one (``train_*.cache_latents``) for
-    ``cache_samples`` training samples (cases; 2D: slices): written once beside the preprocessed data and shared
-    by every run with the same autoencoder (planning.latent_cache)."""
+def latent_cache_bytes(cfg: GenerationConfig, cache: CachedCases | None) -> dict[str, int]:
+    """{model: bytes of its latent cache} of the kinds training on one (``train_*.cache_latents``) for the training
+    samples ``cache`` (planning.latent_cache.cached_cases; None: none counted): written once beside the preprocessed
+    data and shared by every run with the same autoencoder (planning.latent_cache)."""
     from medimgen.planning.latent_cache import cache_bytes, latent_models
 
-    return {m: cache_bytes(cfg, m, cache_samples) for m in latent_models(cfg) if cfg.train_for(m).cache_latents}
+    if cache is None:
+        return {}
+    return {m: cache_bytes(cfg, m, cache) for m in latent_models(cfg) if cfg.train_for(m).cache_latents}
 
 
-def explain_disk(cfg: GenerationConfig, dim: str, num_samples: int = 100, cache_samples: int = 0) -> str:
-    """The disk table of ``medimgen plan --explain`` (``cache_samples``: training samples a latent cache holds)."""
+def explain_disk(cfg: GenerationConfig, dim: str, num_samples: int = 100, cache: CachedCases | None = None) -> str:
+    """The disk table of ``medimgen plan --explain`` (``cache``: the training samples a latent cache holds,
+    planning.latent_cache.cached_cases)."""
     rows = [estimate_disk(cfg, m) for m in sorted(names(), key=lambda m: not kind(m).encoder)]  # encoders first
     lines = [f"{dim}: disk per run (MB; best.pt = sampling weights, last.pt = resume state, registered = one MLflow "
              f"model version{', checkpoints also copied to MLflow' if cfg.tracking.log_checkpoints else ''})",
@@ -204,7 +212,7 @@ def explain_disk(cfg: GenerationConfig, dim: str, num_samples: int = 100, cache_
     samples = sum(num_samples * e.sample for e in rows)
     lines.append(f"  total {dim}: {total / MB:.1f} MB for the {len(rows)} runs (+ {samples / MB:.1f} MB for {num_samples} "
                  f"samples of each generator); each further registered version adds its 'registered' size")
-    for model, size in latent_cache_bytes(cfg, cache_samples).items():
-        lines.append(f"  + {model} latent cache: {size / MB:.1f} MB beside the preprocessed data ({cache_samples} "
-                     f"samples; once per autoencoder)")
+    for model, size in latent_cache_bytes(cfg, cache).items():
+        lines.append(f"  + {model} latent cache: {size / MB:.1f} MB beside the preprocessed data "
+                     f"({cache.describe(size)}; once per autoencoder)")
     return "\n".join(lines)

@@ -16,7 +16,8 @@ cache is rebuilt, the old one is left (delete ``medimgen_latents/`` to reclaim i
 hidden scratch folder and renamed into place when complete, under a file lock: a second process waits for the
 first and reads its result; a killed build leaves no cache behind. Several ranks: rank 0 builds, the others wait.
 
-Geometry: the cached region of a case depends on its shape and the config alone (never on the run's micro-batch,
+Geometry (medimgen.data.cache_region, which the planner's size estimate reads too): the cached region of a case
+depends on its shape and the config alone (never on the run's micro-batch,
 so a run whose micro-batch changes, by hand on resume or by the memory guard's re-fit, keeps its cache and its crop
 positions): the case's centre, padded to at least ``data.image_size`` and, where the case is larger, up to
 ``MAX_EXTENT`` x image_size per axis (rounded up to the autoencoder's total stride). What bounds the build's memory
@@ -65,7 +66,8 @@ from medimgen.core.atomic import disk_error, file_lock
 from medimgen.core.errors import MedimgenError
 from medimgen.data.cases import load_case, open_cases
 from medimgen.data.intensity import IntensityMap
-from medimgen.data.loader import centred_sample, check_cases, crop_size, maybe_resize
+from medimgen.data.cache_region import MAX_EXTENT, label_dtype, region
+from medimgen.data.loader import centred_sample, check_cases
 from medimgen.models.labels import join
 from medimgen.models.networks import latent_size, total_stride
 from medimgen.nnunet.plans import DatasetPlans
@@ -73,25 +75,11 @@ from medimgen.nnunet.plans import DatasetPlans
 FORMAT = 2  # 2: regions independent of the micro-batch, encoded in image_size tiles
 ROOT = "medimgen_latents"
 MANIFEST = "manifest.json"
-MAX_EXTENT = 2  # a case larger than image_size is cached up to this many times image_size per axis
 
 
 def uses_cache(cfg: GenerationConfig, model: str) -> bool:
     """Whether a run of ``model`` trains on the latent cache: a latent-space kind with cache_latents on."""
     return cfg.space_of(model) == "latent" and cfg.train_for(model).cache_latents
-
-
-def region(cfg: GenerationConfig, shape: Sequence[int]) -> tuple[tuple[int, ...], list]:
-    """(native voxels of a case of spatial ``shape`` that its cached latents cover, the resampling to apply).
-
-    The region is at least image_size and, where the case is larger, up to MAX_EXTENT x image_size per axis, rounded
-    up to the autoencoder's total stride; it depends on nothing else (the encoder pass is bounded by tiling,
-    :func:`encode_region`)."""
-    size = tuple(cfg.data.image_size)
-    if crop_size(cfg) != size:  # the memory fitter's coarser spacing: the planned crop, resampled to image_size
-        return tuple(crop_size(cfg)), maybe_resize(cfg)
-    stride = total_stride(cfg.autoencoder.strides, cfg.data.spatial_dims)
-    return tuple(min(MAX_EXTENT * s, max(s, -(-int(n) // k) * k)) for s, n, k in zip(size, shape, stride)), []
 
 
 def tiles_per_pass(cfg: GenerationConfig, batch_size: int) -> int:
@@ -185,10 +173,6 @@ def cache_root(plans: DatasetPlans, dim: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def _label_dtype(cfg: GenerationConfig):
-    return np.int8 if max(cfg.data.label_values or (0,)) < 128 else np.int16
-
-
 @torch.no_grad()
 def _encode_case(cfg: GenerationConfig, autoencoder, data: np.ndarray, seg: np.ndarray, imap: IntensityMap,
                  device: torch.device, batch_size: int = 1) -> dict[str, np.ndarray]:
@@ -268,7 +252,7 @@ def _write(cfg, plans, identifiers, autoencoder, device, with_labels, scratch: P
                                     f"image_size {tuple(cfg.data.image_size)} a pass, which the memory plan counts): "
                                     f"free the GPU, or plan with a lower memory.target_gb{lower}") from None
             if with_labels:
-                arrays["label"] = arrays["label"].astype(_label_dtype(cfg))
+                arrays["label"] = arrays["label"].astype(label_dtype(cfg))
             else:
                 del arrays["label"]
             name = f"c{n:05d}.npz"
