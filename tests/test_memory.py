@@ -246,6 +246,21 @@ def test_ema_is_the_step_without_it_plus_the_copy(h100_config):
     assert estimated == pytest.approx(on.peak_bytes * mem.CUDA_OVERHEAD, rel=1e-9)
 
 
+@pytest.mark.parametrize("model", ["ddpm", "autoencoder"])
+def test_remembered_meta_kernels_allocate_as_the_decompositions(h100_config, model, monkeypatch):
+    """The group norm and addmm meta kernels run once per signature (cuda_sim._remembered): every later call's
+    outputs have the layouts the first one gave, so the whole step's trace equals the one without memory."""
+    from medimgen.planning import cuda_sim
+
+    cfg = apply_overrides(h100_config.get("3d"), ["train_ddpm.grad_accumulation_steps=2"])
+    monkeypatch.setattr(cuda_sim, "_LAYOUTS", {})
+    remembered = cuda_sim.simulate(cfg, model)
+    assert sum(len(v) for v in cuda_sim._LAYOUTS.values()) > 3  # signatures were remembered and reused
+    monkeypatch.setattr(cuda_sim, "_REMEMBERED", ())
+    plain = cuda_sim.simulate(cfg, model)
+    assert remembered == plain
+
+
 def test_checkpointing_lowers_the_estimate(h100_config):
     cfg = h100_config.get("3d")
     for model, key in (("ddpm", "ddpm_unet"), ("autoencoder", "autoencoder")):
