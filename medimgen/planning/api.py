@@ -50,10 +50,11 @@ def explain_costs(config: MedimgenConfig, folder: Path) -> list[str]:
     from medimgen.planning.latent_cache import cached_cases, explain_cache
     from medimgen.planning.quality_budget import explain_quality
 
+    cases = {dim: cached_cases(config, dim, folder) for dim in config.configs}  # read once, for both tables
     return [*(f"{dim} autoencoder: {cfg.derived.autoencoder_choice}" for dim, cfg in config.configs.items()
               if cfg.derived.autoencoder_choice),
-            *(explain_disk(cfg, dim, cache=cached_cases(config, dim, folder)) for dim, cfg in config.configs.items()),
-            *(explain_cache(config, dim, folder) for dim in config.configs),
+            *(explain_disk(cfg, dim, cache=cases[dim]) for dim, cfg in config.configs.items()),
+            *(explain_cache(config, dim, folder, cases[dim]) for dim in config.configs),
             *(explain_quality(cfg, dim) for dim, cfg in config.configs.items())]
 
 
@@ -244,9 +245,7 @@ def plan_dataset(
     cfg = build_config(plans, gpu_memory_gb, overrides, offline, notes)
     with config_lock(path):  # a foundation run's fallback rewriting its section writes before or after this
         edited = _refuse_edited(path, force)
-        backup = None
-        if edited:
-            backup = back_up_config(path)
+        backup = back_up_config(path) if edited else None
         replaced = path.exists()
         save_config(cfg, path, HEADER.format(name=plans.name, plans=plans_identifier, version=__version__))
     _warm_disk_table(cfg)

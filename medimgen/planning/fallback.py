@@ -72,9 +72,7 @@ def save_trained_plan(path: Path, plans: DatasetPlans, dim: str, fresh: Generati
         whole = load_config(path)
         configs = dict(whole.configs)
         configs[dim] = with_trained_plan(configs[dim], fresh, why)
-        backup = None
-        if is_user_edited(path):
-            backup = back_up_config(path)
+        backup = back_up_config(path) if is_user_edited(path) else None
         save_config(dataclasses.replace(whole, configs=configs), path,
                     HEADER.format(name=plans.name, plans=plans.plans_identifier, version=__version__))
     return backup

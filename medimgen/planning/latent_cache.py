@@ -173,9 +173,10 @@ def free_space(folder: Path) -> tuple[float | None, float | None]:
     return disk, float(ram) if ram is not None else None
 
 
-def decisions(config: MedimgenConfig, dim: str, folder: Path) -> list[CacheDecision]:
+def decisions(config: MedimgenConfig, dim: str, folder: Path, cases: CachedCases | None = None) -> list[CacheDecision]:
+    """The rule for every latent kind of ``dim`` (``cases``: :func:`cached_cases`, when the caller has it)."""
     cfg = config.configs[dim]
-    cases = cached_cases(config, dim, folder)
+    cases = cases if cases is not None else cached_cases(config, dim, folder)
     disk, ram = free_space(folder)
     return [decide(cfg, m, cases, disk, ram) for m in latent_models(cfg)]
 
@@ -191,12 +192,13 @@ def plan_cache(config: MedimgenConfig, folder: Path) -> MedimgenConfig:
     return dataclasses.replace(config, configs=configs)
 
 
-def explain_cache(config: MedimgenConfig, dim: str, folder: Path) -> str:
-    """The latent-cache lines of `plan --explain`: what the config says and what the rule says now."""
+def explain_cache(config: MedimgenConfig, dim: str, folder: Path, cases: CachedCases | None = None) -> str:
+    """The latent-cache lines of `plan --explain`: what the config says and what the rule says now (``cases``: as
+    :func:`decisions`)."""
     cfg = config.configs[dim]
     lines = [f"{dim}: latent cache (train_*.cache_latents; beside the preprocessed data in {folder.name}/"
              f"medimgen_latents/)"]
-    for d in decisions(config, dim, folder):
+    for d in decisions(config, dim, folder, cases):
         value = cfg.train_for(d.model).cache_latents
         note = "" if value == d.on else f" [the config says {str(value).lower()}: set by hand or --set]"
         lines.append(f"  {d.model:<12}{d.reason}{note}")

@@ -246,11 +246,12 @@ def _write(cfg, plans, identifiers, autoencoder, device, with_labels, scratch: P
             try:
                 arrays = _encode_case(cfg, autoencoder, data, seg, imap, device, batch_size)
             except torch.cuda.OutOfMemoryError:
-                n = tiles_per_pass(cfg, batch_size)
-                lower = ", or lower train_*.batch_size (2D: the slices of a pass)" if n > 1 else ""
-                raise MedimgenError(f"out of GPU memory encoding case {ident} into the latent cache ({n} input(s) of "
-                                    f"image_size {tuple(cfg.data.image_size)} a pass, which the memory plan counts): "
-                                    f"free the GPU, or plan with a lower memory.target_gb{lower}") from None
+                per_pass = tiles_per_pass(cfg, batch_size)
+                lower = ", or lower train_*.batch_size (2D: the slices of a pass)" if per_pass > 1 else ""
+                raise MedimgenError(f"out of GPU memory encoding case {ident} into the latent cache ({per_pass} "
+                                    f"input(s) of image_size {tuple(cfg.data.image_size)} a pass, which the memory "
+                                    f"plan counts): free the GPU, or plan with a lower memory.target_gb{lower}") \
+                    from None
             if with_labels:
                 arrays["label"] = arrays["label"].astype(label_dtype(cfg))
             else:
