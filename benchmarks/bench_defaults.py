@@ -175,11 +175,13 @@ HELDOUT_SEED, HELDOUT_DRAWS = 7, 8
 
 
 def heldout_loss(model: TrainedModel, dataset: int | str, draws: int = HELDOUT_DRAWS) -> float:
-    """The DDPM objective on the held-out cases (val + test split, three slices per 2D case): MSE of the sampling
-    weights' prediction, ``draws`` draws of noise and timesteps from a fixed seed, so every model of the dataset
-    sees the same noisy inputs. Comparable between configs with the same schedule and prediction type (the 2D DDPM
-    tutorial and the plan share linear_beta 1e-4..0.02, epsilon); a learning signal that needs no sampling and
-    moves long before the samples leave noise."""
+    """The diffusion objective on the held-out cases (val + test split, three slices per 2D case): MSE of the
+    sampling weights' prediction, ``draws`` draws of noise and timesteps from a fixed seed, so every model of the
+    dataset sees the same noisy inputs. An LDM's inputs are the cases' latents under its autoencoder (mu + sigma *
+    a fixed draw, times the run's scale factor, as training draws them). Comparable between configs with the same
+    schedule and prediction type (the 2D DDPM tutorial and the plan share linear_beta 1e-4..0.02, epsilon; the 3D
+    LDM tutorial and the plan scaled_linear_beta 0.0015..0.0195, epsilon) and, for LDMs, the same autoencoder
+    (``--ldm-on``); a learning signal that needs no sampling and moves long before the samples leave noise."""
     import torch.nn.functional as F
 
     from medimgen.models.diffusion import noised, training_scheduler
@@ -199,6 +201,9 @@ def heldout_loss(model: TrainedModel, dataset: int | str, draws: int = HELDOUT_D
     gen = torch.Generator().manual_seed(HELDOUT_SEED)
     unet = model.unet.eval()
     with torch.no_grad():
+        if kind(model.kind).space == "latent":
+            mu, sigma = model.autoencoder.encode(x)
+            x = (mu + sigma * torch.randn(mu.shape, generator=gen)) * model.scale_factor
         losses = []
         for _ in range(draws):
             noisy, t, target = noised(sched, cfg.scheduler_for(model.kind).prediction_type, x, gen)
@@ -227,7 +232,7 @@ def train_curve(model: str, dataset: int, dim: str, cfg, sets: list[str], steps:
         m = TrainedModel.from_run(run_root, "last")
         row = {"step": step, "train_seconds": None if per_epoch is None else round(ends[-1] - ends[0] + per_epoch, 2),
                **score(m, real, real_labels, args.samples, args.sample_steps, extractor)}
-        if kind(model).generator and kind(model).space == "image":
+        if kind(model).generator:
             row["heldout_loss"] = heldout_loss(m, dataset)
         clock["scoring"] += now() - s0
         rows.append(row)
@@ -348,21 +353,20 @@ def compare(args, dataset: int, dim: str) -> dict:
 
     plans = DatasetPlans.from_id(dataset)
     base = load_config(plans.folder / "medimgen_config.yaml").get(dim)
-    steps = sorted({int(s) for s in args.steps.split(",") if int(s) > 0})
-    chunk = math.gcd(*steps)
-    if chunk == steps[-1] and chunk % 4 == 0:  # one scored point: epochs of a quarter, so the seconds per epoch are known
-        chunk //= 4
+    steps, chunk = _points(args.steps)
+    ae_steps, ae_chunk = _points(args.ae_steps)
     out: dict = {}
     for side in args.configs:
         out[side] = {}
-        ae_run = None
+        ae_run = args.ldm_on  # None: each side's LDM on its own autoencoder, trained first
         for model in MODELS[dim]:
+            if args.models and model not in args.models:
+                continue
             own = hand_overrides(base, model) if side == "monai_tutorial" else []
-            if kind(model).upstream == "autoencoder" and side == "monai_tutorial":
+            if kind(model).upstream == "autoencoder" and side == "monai_tutorial" and not args.ldm_on:
                 own += hand_overrides(base, "autoencoder")  # the LDM's config names its autoencoder's
             cfg = apply_overrides(base, size_overrides(base, args.size3d) + own)  # the size first: it is validated
-            n_steps = steps if kind(model).generator else [args.ae_steps]
-            c = chunk if kind(model).generator else max(1, args.ae_steps // 4) if args.ae_steps % 4 == 0 else 1
+            n_steps, c = (steps, chunk) if kind(model).generator else (ae_steps, ae_chunk)
             warm = (HAND_WARMUP_FRACTION if side == "monai_tutorial"
                     else base.losses.adversarial_warmup_epochs / max(1, base.train_autoencoder.epochs))
             sets = own + reduction(cfg, model, args.width_div, args.batch_div, args.size3d) \
@@ -380,7 +384,7 @@ def compare(args, dataset: int, dim: str) -> dict:
             rows = train_curve(model, dataset, dim, run_cfg, sets, n_steps, c, run_root, real, real_labels, args, extractor,
                                log=lambda m, s=side, mo=model: print(f"  {dim} {mo} {s}: {m}", flush=True),
                                autoencoder_run=ae_run)
-            if kind(model).upstream is None:
+            if kind(model).upstream is None and not args.ldm_on:
                 ae_run = run_root  # what a next model builds on (the LDM: this autoencoder)
             if side == "planned" and model == "ddpm" and args.controlnet_steps > 0:
                 out["follow_mask"] = follow_mask(args, dataset, dim, base, run_root,
@@ -394,6 +398,16 @@ def compare(args, dataset: int, dim: str) -> dict:
     return out
 
 
+def _points(spec: str) -> tuple[list[int], int]:
+    """(the scored steps of a comma-separated list, the epoch length): their gcd, a quarter of it for one point (so
+    the seconds per epoch are known)."""
+    steps = sorted({int(s) for s in str(spec).split(",") if int(s) > 0})
+    chunk = math.gcd(*steps)
+    if len(steps) == 1:
+        chunk = chunk // 4 if chunk % 4 == 0 else 1
+    return steps, chunk
+
+
 def _net_summary(cfg, model: str) -> str:
     net = getattr(cfg, kind(model).network_section)
     att = "".join("A" if a else "-" for a in net.attention_levels)
@@ -403,6 +417,11 @@ def _net_summary(cfg, model: str) -> str:
 
 def _sides(curves: dict) -> list[str]:
     return [s for s in CONFIGS if s in curves]
+
+
+def _models(curves: dict, dim: str) -> list[str]:
+    """The dimensionality's models the first side trained (``--models`` may leave some out)."""
+    return [m for m in MODELS[dim] if m in curves[_sides(curves)[0]]]
 
 
 def equal_time(curves: dict, model: str) -> tuple[float, dict]:
@@ -426,8 +445,8 @@ def tables(results: dict) -> str:
         ref = curves["reference"]
         lines.append(f"\n{dim}: {ref['num_real']} real images; image-statistics MMD of Gaussian noise "
                      f"{ref['mmd_stats_of_gaussian_noise']:.3f} (learned nothing), about 0 for real images")
-        for model in MODELS[dim]:
-            sides = _sides(curves)
+        sides = _sides(curves)
+        for model in _models(curves, dim):
             last = curves[sides[0]][model]["rows"]
             keys = [k for k in KEYS if k in last[-1]]
             keys += [k for k in last[-1] if k.startswith(("fid.", "mmd.")) and k not in keys]
@@ -470,7 +489,9 @@ def plot(results: dict, path: Path, repeats: list[tuple[str, dict]] = ()) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(dim, m) for dim, curves in results["dims"].items() for m in MODELS[dim] if m != "autoencoder"]
+    panels = [(dim, m) for dim, curves in results["dims"].items() for m in _models(curves, dim) if m != "autoencoder"]
+    if not panels:  # autoencoders only: no curves to draw
+        return
     fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.6 * len(panels)), squeeze=False)
     for (dim, model), row in zip(panels, axes):
         for (label, res), alpha in zip([("", results), *repeats], [1.0] + [0.45] * len(repeats)):
@@ -501,7 +522,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--dims", default="2d,3d")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="which sides to train (both for a comparison)")
     ap.add_argument("--steps", default="50,100,200", help="optimiser steps after which the DDPM/LDM is scored")
-    ap.add_argument("--ae-steps", type=int, default=100, help="3D: autoencoder steps before the LDM")
+    ap.add_argument("--ae-steps", default="100", help="3D: autoencoder steps after which it is scored (the LDM "
+                    "trains on the last)")
+    ap.add_argument("--models", default="", help="only these of a dimensionality's models (e.g. 'autoencoder')")
+    ap.add_argument("--ldm-on", type=Path, default=None, help="3D: every side's LDM trains on this trained "
+                    "autoencoder run folder (no autoencoder trained): the LDMs compared on one latent space")
     ap.add_argument("--width-div", type=int, default=4)
     ap.add_argument("--batch-div", type=int, default=8)
     ap.add_argument("--size3d", default="32,32,32", help="3D image size for both sides ('' keeps the plan's)")
@@ -526,6 +551,9 @@ def main(argv=None) -> dict:
     if not args.configs or set(args.configs) - set(CONFIGS):
         ap.error(f"--configs takes {', '.join(CONFIGS)}")
     args.size3d = [int(v) for v in args.size3d.split(",")] if args.size3d else None
+    args.models = [m for m in args.models.split(",") if m]
+    if args.ldm_on:
+        args.models = [m for m in args.models or MODELS["3d"] if m != "autoencoder"]
     args.workspace = args.workspace or tempfile.mkdtemp(prefix="bench_defaults_")
     ws = Path(args.workspace)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'mlflow.db'}")

@@ -112,6 +112,20 @@ def test_comparison_end_to_end_at_a_tiny_budget(empty_env, tmp_path, monkeypatch
     assert planned.train_ddpm.learning_rate == plan.train_ddpm.learning_rate
     assert list(planned.ddpm_unet.channels) == [max(1, c // 8) for c in plan.ddpm_unet.channels]
     assert "equal wall time" in bench_defaults.tables(results)
+    # --ldm-on: both sides' LDMs on one trained autoencoder (the planned side's), none trained again
+    ae = next(p for n, p in runs.items() if n.startswith("3d_autoencoder_planned"))
+    shared = bench_defaults.main([
+        "--workspace", str(tmp_path / "ws"), "--dataset-id", "827", "--cases", "6", "--spacing", "8", "--dims", "3d",
+        "--ldm-on", str(ae), "--steps", "2", "--width-div", "8", "--batch-div", "16", "--size3d", "32,32,32",
+        "--samples", "3", "--sample-steps", "3"])["dims"]["3d"]
+    from medimgen.runs.folders import read_checkpoint, upstream_of
+
+    for side in bench_defaults.CONFIGS:
+        assert list(shared[side]) == ["ldm"] and math.isfinite(shared[side]["ldm"]["rows"][-1]["heldout_loss"])
+    new_runs = [p for p in (tmp_path / "ws" / "runs").iterdir() if p.name not in runs]
+    assert sorted(p.name.split("_1")[0] for p in new_runs) == ["3d_ldm_monai_tutorial", "3d_ldm_planned"]
+    for run in new_runs:
+        assert upstream_of(run, read_checkpoint(run / "checkpoints" / "last.pt")["extra"]).root == ae.resolve()
 
 
 def test_nnunet_segmenter_is_nnunets_own_argmax_in_label_values(nnunet_env, tmp_path):
@@ -149,6 +163,27 @@ def test_nnunet_segmenter_is_nnunets_own_argmax_in_label_values(nnunet_env, tmp_
         padded = torch.nn.functional.pad(x, [0, (-size[1]) % div[1], 0, (-size[0]) % div[0]])
         expected = net(padded).argmax(1, keepdim=True)[..., : size[0], : size[1]]
     torch.testing.assert_close(out, torch.as_tensor([int(v) for v in lm.all_labels])[expected])
+
+
+def test_heldout_loss_of_an_ldm_is_its_objective_on_the_held_out_cases_latents(flow_3d, nnunet_env):
+    """The LDM's held-out loss: its noise prediction on the val/test cases' latents (its autoencoder, its scale
+    factor); the same inputs each call; a UNet that predicts zero scores the noise's mean square (about 1)."""
+    import torch
+
+    from medimgen.runs.folders import TrainedModel
+    from tests.conftest import ANISO_3D
+
+    model = TrainedModel.from_run(flow_3d["ldm"].run_dir, "last")
+    first = bench_defaults.heldout_loss(model, ANISO_3D)
+    assert math.isfinite(first) and first == bench_defaults.heldout_loss(model, ANISO_3D)
+    scale = model.scale_factor
+    model.scale_factor = scale * 4  # the latents' scale enters the inputs
+    assert bench_defaults.heldout_loss(model, ANISO_3D) != first
+    model.scale_factor = scale
+    with torch.no_grad():
+        for p in model.unet.out.parameters():  # MONAI's DiffusionModelUNet: the last layers
+            p.zero_()
+    assert bench_defaults.heldout_loss(model, ANISO_3D) == pytest.approx(1.0, abs=0.15)
 
 
 def test_too_small_a_crop_for_a_sides_unet_is_one_clear_line():
