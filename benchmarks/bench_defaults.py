@@ -321,7 +321,7 @@ def follow_mask(args, dataset: int, dim: str, base, base_run: Path, log) -> dict
     run_cfg = apply_overrides(base, sets)
     real, real_labels, _ = real_cases(run_cfg, str(dataset), subset="test")
     maps = real_labels[: args.samples].long().clamp(min=0)
-    run_root = Path(args.workspace) / "runs" / f"{dim}_controlnet_planned_{int(time.time())}"
+    run_root = Path(args.workspace) / "runs" / f"{dim}_controlnet_planned_{int(time.time())}_{os.getpid()}"
     t0 = time.time()
     train("controlnet", dataset, "train-val-test", dim, overrides=sets, echo=lambda *_: None,
           setup=RunSetup(run_root=run_root, upstream_run=base_run, score=False, run_name=f"bench_defaults_{run_root.name}"))
@@ -354,7 +354,7 @@ def compare(args, dataset: int, dim: str) -> dict:
     plans = DatasetPlans.from_id(dataset)
     base = load_config(plans.folder / "medimgen_config.yaml").get(dim)
     steps, chunk = _points(args.steps)
-    ae_steps, ae_chunk = _points(args.ae_steps)
+    ae_steps, ae_chunk = _points(args.ae_steps, epochs=20)
     out: dict = {}
     for side in args.configs:
         out[side] = {}
@@ -377,7 +377,7 @@ def compare(args, dataset: int, dim: str) -> dict:
             check_depth(run_cfg, model, side)
             real, real_labels, _ = real_cases(run_cfg, str(dataset), subset="all")
             extractor = feature_extractor(args, dataset, dim, run_cfg) if kind(model).generator else None
-            run_root = Path(args.workspace) / "runs" / f"{dim}_{model}_{side}_{int(time.time())}"
+            run_root = Path(args.workspace) / "runs" / f"{dim}_{model}_{side}_{int(time.time())}_{os.getpid()}"
             print(f"{dim} {model} {side}: image {list(run_cfg.data.image_size)}, "
                   f"{_net_summary(run_cfg, model)}, batch {run_cfg.train_for(model).batch_size}, "
                   f"lr {run_cfg.train_for(model).learning_rate}", flush=True)
@@ -398,13 +398,14 @@ def compare(args, dataset: int, dim: str) -> dict:
     return out
 
 
-def _points(spec: str) -> tuple[list[int], int]:
-    """(the scored steps of a comma-separated list, the epoch length): their gcd, a quarter of it for one point (so
-    the seconds per epoch are known)."""
+def _points(spec: str, epochs: int = 4) -> tuple[list[int], int]:
+    """(the scored steps of a comma-separated list, the epoch length): their gcd, made a divisor of the last point
+    over ``epochs`` where it can (so the seconds per epoch are known, and an autoencoder's adversarial warm-up, a
+    whole number of epochs, comes close to its fraction of the run)."""
     steps = sorted({int(s) for s in str(spec).split(",") if int(s) > 0})
     chunk = math.gcd(*steps)
-    if len(steps) == 1:
-        chunk = chunk // 4 if chunk % 4 == 0 else 1
+    if steps[-1] // chunk < epochs:
+        chunk = math.gcd(chunk, max(1, steps[-1] // epochs))
     return steps, chunk
 
 
