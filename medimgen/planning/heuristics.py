@@ -50,7 +50,7 @@ TARGET_STEPS = {"autoencoder": 50_000, "ddpm": 100_000, "ldm": 100_000, "control
 # Adam(W) learning rates. The LDM's was 2.5e-5 (published brain-MRI LDM settings); on the real-anatomy benchmark the
 # MONAI 3D LDM tutorial's 1e-4 made the planned LDM learn several times faster per step on one latent space (held-out
 # loss, samples and label fractions; two seeds), enough to lead the tutorial's config at equal compute too
-# (benchmarks/README.md, "3D LDM on one latent space"). ControlNet: MONAI's ControlNet tutorial rate, unchanged.
+# (benchmarks/README.md, "LDMs on one latent space"). ControlNet: MONAI's ControlNet tutorial rate, unchanged.
 LEARNING_RATES = {"autoencoder": 1e-4, "ddpm": 1e-4, "ldm": 1e-4, "controlnet": 2.5e-5}
 DISC_LEARNING_RATE = 5e-4
 EPOCH_RANGE = (50, 2000)
@@ -252,12 +252,12 @@ def _networks(lv: _Levels, autoencoder_source: str = TRAINED) -> dict:
 def _training(samples: int, batch: int) -> dict:
     def train(model: str, disc_lr: float | None = None, ema: float | None = None) -> TrainConfig:
         epochs, iterations = epochs_for(model, samples, batch)
-        lr = LEARNING_RATES[model]
         from dataclasses import replace
 
         from medimgen.planning import quality_budget
 
-        run = TrainConfig(epochs=epochs, batch_size=batch, iterations_per_epoch=iterations, learning_rate=lr,
+        run = TrainConfig(epochs=epochs, batch_size=batch, iterations_per_epoch=iterations,
+                          learning_rate=LEARNING_RATES[model],
                           disc_learning_rate=disc_lr, ema_decay=ema, val_plot_interval=max(1, epochs // PLOTS_PER_RUN))
         return replace(run, **quality_budget.plan(run, quality_budget.MAX_STEPS))  # scoring: a bounded share
 
