@@ -186,6 +186,7 @@ def heldout_loss(model: TrainedModel, dataset: int | str, draws: int = HELDOUT_D
 
     from medimgen.models.diffusion import noised, training_scheduler
     from medimgen.models.labels import join
+    from medimgen.training.latents import sample_latents
 
     cfg = model.cfg
     parts = []
@@ -203,7 +204,7 @@ def heldout_loss(model: TrainedModel, dataset: int | str, draws: int = HELDOUT_D
     with torch.no_grad():
         if kind(model.kind).space == "latent":
             mu, sigma = model.autoencoder.encode(x)
-            x = (mu + sigma * torch.randn(mu.shape, generator=gen)) * model.scale_factor
+            x = sample_latents({"mu": mu, "sigma": sigma}, gen) * model.scale_factor
         losses = []
         for _ in range(draws):
             noisy, t, target = noised(sched, cfg.scheduler_for(model.kind).prediction_type, x, gen)
