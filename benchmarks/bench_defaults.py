@@ -556,6 +556,10 @@ def main(argv=None) -> dict:
     args.models = [m for m in args.models.split(",") if m]
     if args.ldm_on:
         args.models = [m for m in args.models or MODELS["3d"] if m != "autoencoder"]
+    for dim in args.dims.split(","):
+        if dim not in MODELS or not [m for m in MODELS[dim] if not args.models or m in args.models]:
+            ap.error(f"nothing to train for --dims {dim}: it trains {', '.join(MODELS.get(dim, ())) or 'nothing'}"
+                     f"{' (--ldm-on: the LDM only)' if args.ldm_on else ''}")
     args.workspace = args.workspace or tempfile.mkdtemp(prefix="bench_defaults_")
     ws = Path(args.workspace)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'mlflow.db'}")

@@ -194,3 +194,11 @@ def test_too_small_a_crop_for_a_sides_unet_is_one_clear_line():
     with pytest.raises(bench_defaults.MedimgenError, match="deepest level would be \\[1, 1, 1\\]"):
         bench_defaults.check_depth(hand, "ldm", "monai_tutorial")
     bench_defaults.check_depth(apply_overrides(hand, ["data.image_size=[32,32,32]"]), "ldm", "monai_tutorial")
+
+
+@pytest.mark.parametrize("argv", [["--dims", "2d", "--ldm-on", "run"], ["--dims", "3d", "--models", "bogus"]])
+def test_a_selection_that_trains_nothing_is_one_clear_line(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_defaults.main(["--workspace", str(tmp_path / "ws"), *argv])
+    assert e.value.code == 2 and "nothing to train for --dims" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
